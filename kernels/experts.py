@@ -1,0 +1,66 @@
+"""The SwiGLU feed-forward block, and the one interface through which an MoE layer reaches its routed experts.
+
+An MoE layer gates its tokens, then calls `dispatch(x, indices, weights)` and later `combine(handle)`;
+between the two it computes the shared experts, which is where a remote transport hides its latency.
+`LocalExperts` is the transport whose experts live in the same process: dispatch computes, combine
+returns. Transports that send tokens to expert-group actors live in `actors/`, one file each.
+
+Glossary: a *logical* expert is one of the model's `n_routed_experts`; `indices` hold logical ids.
+"""
+from typing import Any, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    """w2(silu(w1 x) * w3 x): the dense FFN, a shared-expert block, and each routed expert."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ExpertTransport(Protocol):
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> Any:
+        """Send tokens x [T, dim] to their experts indices [T, topk] with gate weights [T, topk]."""
+
+    def combine(self, handle: Any) -> torch.Tensor:
+        """Collect the weighted sum of expert outputs, [T, dim], for the tokens of `dispatch`."""
+
+
+def run_experts(experts: "LocalExperts", x: torch.Tensor, indices: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{indices[t, k]}(x[t]) for every token t; [T, dim].
+    Each expert runs once on all of its tokens (a grouped call), in ascending expert order."""
+    y = torch.zeros_like(x)
+    counts = torch.bincount(indices.flatten(), minlength=len(experts)).tolist()
+    for i, count in enumerate(counts):
+        if count == 0:
+            continue
+        expert = experts[i]
+        if expert is None:
+            raise RuntimeError(f"token routed to expert {i}, which this process does not hold")
+        token, slot = torch.where(indices == i)
+        out = expert(x[token]) * weights[token, slot, None]
+        y.index_add_(0, token, out.to(y.dtype))
+    return y
+
+
+class LocalExperts(nn.ModuleList):
+    """Routed experts of one layer held in this process; `held` limits which (None entries elsewhere)."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, held: Optional[set[int]] = None):
+        super().__init__([MLP(dim, inter_dim) if held is None or i in held else None for i in range(n_experts)])
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return run_experts(self, x, indices, weights)
+
+    def combine(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle

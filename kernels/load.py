@@ -1,0 +1,57 @@
+"""Building a `Transformer` from a checkpoint without holding two copies of the weights.
+
+The model is built on the meta device, then each tensor is read from the memory-mapped checkpoint,
+checked against the module's shape and assigned in place. A process that holds only some routed experts
+(an expert group) or none (an attention shard) builds its transports with `make_experts` and reads only
+the tensors its modules have.
+"""
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .checkpoint import Checkpoint, hf_to_local, local_to_hf, routed_expert_of
+from .errors import CheckpointError
+from .experts import ExpertTransport
+from .model import Transformer
+from .rope import rope_inv_freq
+
+_MTP_SHARED = {"embed.weight": "embed.weight", "head.weight": "head.weight"}  # may be left out of MTP layers
+
+
+def load_model(checkpoint: Checkpoint | str | Path, dtype: torch.dtype = torch.bfloat16, with_mtp: bool = True,
+               make_experts: Optional[Callable[[int], ExpertTransport]] = None) -> Transformer:
+    """Load a DeepSeek-V3/V2 checkpoint into a `Transformer` in `dtype` (FP8 weights dequantised).
+    `with_mtp` loads the MTP module when the checkpoint has one."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    args = ckpt.args
+    n_layers = args.n_layers
+    mtp_stored = any(hf_to_local(n, n_layers).startswith("mtp.") for n in ckpt.names())
+    with torch.device("meta"):
+        model = Transformer(args, make_experts, with_mtp=with_mtp and mtp_stored and args.n_mtp_layers > 0)
+    expected = model.state_dict()
+    state = {}
+    for name in ckpt.names():
+        local = hf_to_local(name, n_layers)
+        if local not in expected:
+            if routed_expert_of(name) or local.startswith("mtp."):
+                continue  # an expert this process does not hold, or an MTP module not asked for
+            raise CheckpointError(f"{ckpt.path}: tensor {name!r} does not belong to a {args.model_type} model "
+                                  "with this config.json")
+        target = expected[local]
+        tensor = ckpt.tensor(name, target.dtype if local.endswith("gate.bias") else dtype)
+        if tensor.shape != target.shape:
+            raise CheckpointError(f"{ckpt.path}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json "
+                                  f"implies {tuple(target.shape)}")
+        state[local] = tensor
+    for local in expected:
+        if local in state:
+            continue
+        shared = local.split(".", 2)[-1] if local.startswith("mtp.") else None
+        if shared in _MTP_SHARED and _MTP_SHARED[shared] in state:
+            state[local] = state[_MTP_SHARED[shared]]  # DeepSeek's release stores copies; share one
+            continue
+        raise CheckpointError(f"{ckpt.path}: checkpoint is missing tensor {local_to_hf(local, n_layers)!r}")
+    model.load_state_dict(state, assign=True, strict=True)
+    model.inv_freq = rope_inv_freq(args)
+    return model.eval()

@@ -1,0 +1,267 @@
+"""DeepSeek-V3 / V2: MLA attention, DeepSeekMoE, and the multi-token-prediction (MTP) module.
+
+Reads top to bottom like DeepSeek-V3's reference `inference/model.py`. Two forms of MLA stand side by
+side: `naive` decompresses the latent into per-head keys and values (cheap for a long prompt), `absorbed`
+folds `wkv_b` into the query and the output so attention reads only the latent cache (cheap per decode
+step). Both read the same cache rows.
+
+Shapes: B batch rows, S new tokens per row, L cached positions, H heads, T = B*S tokens, C = latent_dim.
+"""
+from typing import Callable, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .cache import LatentCacheView
+from .experts import MLP, ExpertTransport, LocalExperts
+from .rope import apply_rotary_emb, rope_cos_sin, rope_inv_freq
+
+MLAForm = Literal["naive", "absorbed"]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.q_lora_rank = args.q_lora_rank
+        self.kv_lora_rank = args.kv_lora_rank
+        self.qk_nope_head_dim = args.qk_nope_head_dim
+        self.qk_rope_head_dim = args.qk_rope_head_dim
+        self.v_head_dim = args.v_head_dim
+        if self.q_lora_rank is None:
+            self.wq = nn.Linear(args.dim, args.n_heads * args.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(args.dim, self.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(self.q_lora_rank, args.rms_norm_eps)
+            self.wq_b = nn.Linear(self.q_lora_rank, args.n_heads * args.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(args.dim, args.kv_lora_rank + args.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps)
+        self.wkv_b = nn.Linear(args.kv_lora_rank, args.n_heads * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
+        self.wo = nn.Linear(args.n_heads * args.v_head_dim, args.dim, bias=False)
+        self.softmax_scale = args.softmax_scale
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                latent_of: Callable[[torch.Tensor], torch.Tensor], form: MLAForm) -> torch.Tensor:
+        """x [B, S, dim]; cos/sin [B, S, rope/2]; mask [B, S, L] additive; `latent_of` stores this call's
+        latent [B, S, C] and returns every position's [B, L, C]."""
+        B, S, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, S, self.n_heads, -1)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rotary_emb(q_pe, cos, sin)
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        latent = latent_of(torch.cat([self.kv_norm(kv), k_pe], dim=-1))  # [B, L, C]
+        kv, k_pe = latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)  # [H, nope + v, kv_lora_rank]
+        if form == "naive":
+            kv = torch.einsum("btc,hdc->bthd", kv, wkv_b)  # [B, L, H, nope + v]
+            k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+            scores = (torch.einsum("bshd,bthd->bsht", q_nope, k_nope) +
+                      torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
+        else:
+            q_nope = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :self.qk_nope_head_dim])
+            scores = (torch.einsum("bshc,btc->bsht", q_nope, kv) +
+                      torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
+        scores = (scores.float() + mask.unsqueeze(2)).softmax(dim=-1).type_as(x)  # [B, S, H, L]
+        if form == "naive":
+            out = torch.einsum("bsht,bthd->bshd", scores, v)
+        else:
+            out = torch.einsum("bsht,btc->bshc", scores, kv)
+            out = torch.einsum("bshc,hdc->bshd", out, wkv_b[:, -self.v_head_dim:])
+        return self.wo(out.flatten(2))
+
+
+class Gate(nn.Module):
+    """Routes each token to `n_activated_experts` of the routed experts.
+
+    Scores are softmax (V2) or sigmoid (V3) affinities. The aux-loss-free `bias` (V3's
+    `e_score_correction_bias`) is added for *selection* only; the weights come from the unbiased scores.
+    With groups, only experts in the `n_limited_groups` best groups may be chosen (node-limited routing
+    when groups map to nodes): a group scores the sum of its top-2 biased scores (`noaux_tc`) or its best
+    score (`group_limited_greedy`)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.topk = args.n_activated_experts
+        self.n_groups = args.n_expert_groups if args.topk_method != "greedy" else 1
+        self.topk_groups = args.n_limited_groups
+        self.topk_method = args.topk_method
+        self.score_func = args.score_func
+        self.norm_topk_prob = args.norm_topk_prob
+        self.route_scale = args.route_scale
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        self.bias = nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32)) \
+            if args.topk_method == "noaux_tc" else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, dim] -> (weights [T, topk] fp32, indices [T, topk])."""
+        scores = F.linear(x.float(), self.weight.float())  # [T, E]
+        scores = scores.softmax(dim=-1) if self.score_func == "softmax" else scores.sigmoid()
+        original_scores = scores
+        if self.bias is not None:
+            scores = scores + self.bias
+        if self.n_groups > 1:
+            scores = scores.view(x.size(0), self.n_groups, -1)  # [T, G, E/G]
+            if self.topk_method == "noaux_tc":
+                group_scores = scores.topk(2, dim=-1)[0].sum(dim=-1)
+            else:
+                group_scores = scores.amax(dim=-1)
+            groups = group_scores.topk(self.topk_groups, dim=-1)[1]  # [T, topk_groups]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+            scores = scores.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = scores.topk(self.topk, dim=-1)[1]
+        weights = original_scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts on every token plus gated routed experts behind a transport."""
+
+    def __init__(self, args: ModelArgs, experts: ExpertTransport):
+        super().__init__()
+        self.gate = Gate(args)
+        self.experts = experts
+        self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) \
+            if args.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.view(-1, shape[-1])
+        weights, indices = self.gate(x)
+        handle = self.experts.dispatch(x, indices, weights)
+        z = self.shared_experts(x) if self.shared_experts is not None else 0  # overlaps remote experts
+        return (self.experts.combine(handle) + z).view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs, experts: Optional[ExpertTransport]):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn = MLA(args)
+        self.ffn = MoE(args, experts) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim)
+        self.attn_norm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: Optional[LatentCacheView], positions, form: MLAForm):
+        def latent_of(latent):
+            return latent if cache is None else cache.update(self.layer_id, latent, positions)
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, latent_of, form)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MTP(nn.Module):
+    """Multi-token prediction module k: from the main model's hidden state h_i and the embedding of token
+    t_{i+k}, predicts t_{i+k+1}. h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h_i)]), then one full block and
+    the output head. `h_i` is the main model's final-normed hidden state, as DeepSeek-V3 is served."""
+
+    def __init__(self, layer_id: int, args: ModelArgs, experts: Optional[ExpertTransport]):
+        super().__init__()
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.enorm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.hnorm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False)
+        self.block = Block(layer_id, args, experts)
+        self.norm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(self, h, next_tokens, cos, sin, mask, cache, positions, form: MLAForm) -> torch.Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(self.embed(next_tokens)), self.hnorm(h)], dim=-1))
+        return self.block(x, cos, sin, mask, cache, positions, form)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x)).float()
+
+
+def local_experts_factory(args: ModelArgs) -> Callable[[int], ExpertTransport]:
+    return lambda layer_id: LocalExperts(args.n_routed_experts, args.dim, args.moe_inter_dim)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, make_experts: Optional[Callable[[int], ExpertTransport]] = None,
+                 with_mtp: bool = True):
+        """`make_experts(layer_id)` builds each MoE layer's transport; by default all experts are local."""
+        super().__init__()
+        self.args = args
+        make_experts = make_experts or local_experts_factory(args)
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(
+            Block(i, args, make_experts(i) if args.is_moe_layer(i) else None) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        n_mtp = args.n_mtp_layers if with_mtp else 0
+        self.mtp = nn.ModuleList(MTP(args.n_layers + k, args, make_experts(args.n_layers + k)) for k in range(n_mtp))
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def rope(self, positions: torch.Tensor):
+        return rope_cos_sin(self.inv_freq, positions, self.args.rope_attention_factor)
+
+    @staticmethod
+    def causal_mask(positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """[B, S, L] additive mask: a query attends to keys at its own position or before."""
+        allowed = key_positions[:, None, :] <= positions[:, :, None]
+        return torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                cache: Optional[LatentCacheView] = None, form: Optional[MLAForm] = None) -> torch.Tensor:
+        """tokens [B, S] at positions [B, S] (default 0..S-1) -> final-normed hidden states [B, S, dim].
+        With a cache, each row attends to its cached positions 0..p; without, only to this call's tokens.
+        `form` defaults to naive for a prompt from position 0 and absorbed for decoding over a cache."""
+        positions, mask, cos, sin, form = self._prepare(tokens, positions, cache, form)
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache, positions, form)
+        return self.norm(h)
+
+    def _prepare(self, tokens, positions, cache, form):
+        B, S = tokens.shape
+        if positions is None:
+            positions = torch.arange(S).expand(B, S)
+        key_positions = torch.arange(int(positions.max()) + 1).expand(B, -1) if cache is not None else positions
+        if form is None:
+            form = "naive" if cache is None or int(positions.min()) == 0 else "absorbed"
+        cos, sin = self.rope(positions)
+        return positions, self.causal_mask(positions, key_positions), cos, sin, form
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h).float()
+
+    def mtp_forward(self, h: torch.Tensor, next_tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                    cache: Optional[LatentCacheView] = None, form: Optional[MLAForm] = None, depth: int = 0):
+        """Logits [B, S, vocab] for t_{i+depth+2} from hidden states h [B, S, dim] of positions i and the
+        tokens t_{i+depth+1} [B, S]. The MTP block caches under layer id 0 of its own cache."""
+        if not len(self.mtp):
+            raise RuntimeError("this model has no MTP module (num_nextn_predict_layers is 0 or it was not loaded)")
+        positions, mask, cos, sin, form = self._prepare(next_tokens, positions, cache, form)
+        module = self.mtp[depth]
+        x = module(h, next_tokens, cos, sin, mask, None if cache is None else _MTPCacheView(cache), positions, form)
+        return module.logits(x)
+
+
+class _MTPCacheView:
+    """Maps the MTP block's layer id onto layer 0 of the separate cache the MTP module drafts with."""
+
+    def __init__(self, cache: LatentCacheView):
+        self.cache = cache
+
+    def update(self, layer_id, latent, positions):
+        return self.cache.update(0, latent, positions)

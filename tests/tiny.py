@@ -1,0 +1,51 @@
+"""Tiny random DeepSeek checkpoints written by `transformers`, the oracle every model test compares against."""
+from pathlib import Path
+
+import torch
+
+V3_LIKE = dict(  # groups, sigmoid scores, aux-loss-free bias, q_lora, first_k_dense_replace 2, ragged hidden
+    model_type="deepseek_v3", vocab_size=211, hidden_size=72, intermediate_size=88, moe_intermediate_size=24,
+    num_hidden_layers=3, num_attention_heads=4, n_routed_experts=16, n_shared_experts=1, n_group=4, topk_group=2,
+    num_experts_per_tok=4, first_k_dense_replace=2, kv_lora_rank=24, q_lora_rank=40, qk_rope_head_dim=8,
+    qk_nope_head_dim=12, v_head_dim=10, routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=512,
+    rms_norm_eps=1e-6, num_nextn_predict_layers=1,
+)
+V2_LITE_LIKE = dict(  # no q_lora, softmax scores, greedy top-k, every layer MoE
+    model_type="deepseek_v2", vocab_size=197, hidden_size=60, intermediate_size=80, moe_intermediate_size=20,
+    num_hidden_layers=2, num_attention_heads=3, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3,
+    first_k_dense_replace=0, kv_lora_rank=20, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+    v_head_dim=12, routed_scaling_factor=1.0, norm_topk_prob=False, topk_method="greedy",
+    max_position_embeddings=512, rms_norm_eps=1e-6,
+)
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 64,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def hf_model(config: dict, seed: int = 0):
+    """A transformers model with every weight random at a scale that makes routing and attention matter."""
+    import transformers
+    config = dict(config)
+    model_type = config.pop("model_type")
+    cls_cfg, cls_model = {
+        "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
+        "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
+    }[model_type]
+    torch.manual_seed(seed)
+    model = cls_model(cls_cfg(**config)).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn_like(b))
+    return model
+
+
+def write_checkpoint(path: Path, config: dict, seed: int = 0, dtype=torch.float32):
+    """Save a transformers model as a Hugging Face checkpoint; return (path, model)."""
+    model = hf_model(config, seed)
+    model.to(dtype).save_pretrained(path)
+    return Path(path), model.float()
