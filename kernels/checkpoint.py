@@ -66,7 +66,7 @@ def local_to_hf(name: str, n_layers: int) -> str:
         name = f"layers.{n_layers + int(m.group(1))}.{m.group(3)}"
         if not m.group(2):  # the MTP module's own norm/head live under shared_head in the release
             name = re.sub(r"^(layers\.\d+\.)(norm|head)\.", r"\1shared_head.\2.", name)
-    for hf, local in reversed(_SEGMENTS):
+    for hf, local in _SEGMENTS:  # same order: specific entries (ffn.gate.bias) before general (ffn)
         if local in ("norm", "head"):
             continue
         name = re.sub(rf"(^|\.){re.escape(local)}(?=\.|$)", rf"\g<1>{hf}", name)
@@ -150,11 +150,19 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no *.safetensors files")
         return {name: f.name for f in files for name in _check_safetensors(f)}
 
+    def shards(self) -> dict[str, list[str]]:
+        """Shard file -> the HF names it holds, scale tensors included."""
+        out: dict[str, list[str]] = {}
+        for name, file in self._file_of.items():
+            out.setdefault(file, []).append(name)
+        return dict(sorted(out.items()))
+
     def names(self, select: Optional[Callable[[str], bool]] = None) -> list[str]:
         """HF names of the weights (scale tensors excluded), filtered by `select`."""
         return [n for n in self._file_of if not n.endswith(SCALE_SUFFIX) and (select is None or select(n))]
 
-    def _raw(self, name: str) -> torch.Tensor:
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor as stored (FP8 stays FP8)."""
         file = self._file_of[name]
         if file not in self._handles:
             try:
@@ -167,14 +175,14 @@ class Checkpoint:
         """One weight, FP8 blocks dequantised exactly (fp8 x scale_inv), cast to `dtype` if given."""
         if name not in self._file_of:
             raise CheckpointError(f"{self.path}: checkpoint has no tensor {name!r}")
-        t = self._raw(name)
+        t = self.raw(name)
         if t.dtype == FP8_DTYPE:
             scale_name = name + SCALE_SUFFIX
             if scale_name not in self._file_of:
                 raise CheckpointError(f"{self.path}: FP8 tensor {name!r} has no {scale_name!r}")
             block = self.args.weight_block_size or (128, 128)
             try:
-                t = weight_dequant(t, self._raw(scale_name), block, torch.float32)
+                t = weight_dequant(t, self.raw(scale_name), block, torch.float32)
             except ValueError as e:
                 raise CheckpointError(f"{self.path}: {name}: {e}") from None
         return t if dtype is None else t.to(dtype)

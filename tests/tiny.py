@@ -5,14 +5,14 @@ import torch
 
 V3_LIKE = dict(  # groups, sigmoid scores, aux-loss-free bias, q_lora, first_k_dense_replace 2, ragged hidden
     model_type="deepseek_v3", vocab_size=211, hidden_size=72, intermediate_size=88, moe_intermediate_size=24,
-    num_hidden_layers=3, num_attention_heads=4, n_routed_experts=16, n_shared_experts=1, n_group=4, topk_group=2,
+    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, n_shared_experts=1, n_group=4, topk_group=2,
     num_experts_per_tok=4, first_k_dense_replace=2, kv_lora_rank=24, q_lora_rank=40, qk_rope_head_dim=8,
     qk_nope_head_dim=12, v_head_dim=10, routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=512,
     rms_norm_eps=1e-6, num_nextn_predict_layers=1,
 )
 V2_LITE_LIKE = dict(  # no q_lora, softmax scores, greedy top-k, every layer MoE
     model_type="deepseek_v2", vocab_size=197, hidden_size=60, intermediate_size=80, moe_intermediate_size=20,
-    num_hidden_layers=2, num_attention_heads=3, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3,
+    num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3,
     first_k_dense_replace=0, kv_lora_rank=20, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
     v_head_dim=12, routed_scaling_factor=1.0, norm_topk_prob=False, topk_method="greedy",
     max_position_embeddings=512, rms_norm_eps=1e-6,
@@ -49,3 +49,17 @@ def write_checkpoint(path: Path, config: dict, seed: int = 0, dtype=torch.float3
     model = hf_model(config, seed)
     model.to(dtype).save_pretrained(path)
     return Path(path), model.float()
+
+CONFIGS = {
+    "v3": V3_LIKE,
+    "v3-dense0-yarn": {**V3_LIKE, "first_k_dense_replace": 0, "rope_parameters": YARN},
+    "v2-lite": V2_LITE_LIKE,
+    "v2-grouped-yarn": {**V2_LITE_LIKE, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+                        "first_k_dense_replace": 1, "num_hidden_layers": 3, "q_lora_rank": 32,
+                        "rope_parameters": {**YARN, "mscale": 0.707, "mscale_all_dim": 0.707}},
+}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, over the whole tensor."""
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()

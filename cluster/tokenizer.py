@@ -1,0 +1,42 @@
+"""The checkpoint's tokenizer (`tokenizer.json`, Hugging Face `tokenizers` format) and its special tokens
+(`tokenizer_config.json`), read without `transformers`."""
+import json
+from pathlib import Path
+from typing import Optional
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from moeserve.kernels.errors import CheckpointError
+
+
+def _token_text(value) -> Optional[str]:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        try:
+            self._tok = _HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:
+            raise CheckpointError(f"{path / 'tokenizer.json'}: cannot load tokenizer ({e})") from None
+        config_file = path / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        self.add_bos = bool(config.get("add_bos_token", False))
+        self.bos_token_id = self._id(_token_text(config.get("bos_token")))
+        self.eos_token_id = self._id(_token_text(config.get("eos_token")))
+        self.chat_template: Optional[str] = config.get("chat_template")
+
+    @staticmethod
+    def exists(path: str | Path) -> bool:
+        return (Path(path) / "tokenizer.json").is_file()
+
+    def _id(self, token: Optional[str]) -> Optional[int]:
+        return None if token is None else self._tok.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_token_id] + ids if self.add_bos and self.bos_token_id is not None else ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

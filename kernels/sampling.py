@@ -1,0 +1,38 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, each row with its own generator."""
+from typing import Optional, Sequence
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] fp32 -> logits / temperature with everything outside the row's top-k and top-p nucleus
+    set to -inf. temperature [B] > 0; top_k [B] (0 = all); top_p [B] in (0, 1]."""
+    logits = logits / temperature[:, None]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1]).expand_as(logits)
+    k = torch.where(top_k > 0, top_k, logits.shape[-1])
+    drop = rank >= k[:, None]
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # the nucleus keeps a token while the mass before it < top_p
+    drop |= mass_before >= top_p[:, None]
+    return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int] = None,
+           top_p: Sequence[float] = None, generators: Sequence[Optional[torch.Generator]] = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. Rows with temperature 0 take the argmax."""
+    B = logits.shape[0]
+    temperature = torch.tensor(temperature, dtype=torch.float32)
+    tokens = logits.argmax(dim=-1)
+    sampled = (temperature > 0).nonzero().flatten().tolist()
+    if not sampled:
+        return tokens
+    top_k = torch.tensor(top_k if top_k is not None else [0] * B)
+    top_p = torch.tensor(top_p if top_p is not None else [1.0] * B, dtype=torch.float32)
+    idx = torch.tensor(sampled)
+    probs = filter_logits(logits[idx].float(), temperature[idx], top_k[idx], top_p[idx]).softmax(dim=-1)
+    for row, b in enumerate(sampled):
+        generator = generators[b] if generators is not None else None
+        tokens[b] = torch.multinomial(probs[row], 1, generator=generator)[0]
+    return tokens

@@ -1,0 +1,59 @@
+"""The `moeserve` command line: help on every command, JSON output equal to the library, one-line errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moeserve.actors.cli import build_parser, main
+from moeserve.kernels.generate import generate
+from moeserve.kernels.load import load_model
+
+
+def test_every_command_has_help():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"info", "generate", "quantize"} <= set(commands)
+    for name, sub in commands.items():
+        assert sub.description and len(sub.format_help()) > 200, name
+
+
+def test_console_script_help_runs():
+    out = subprocess.run([sys.executable, "-m", "moeserve.actors.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "generate" in out.stdout and "examples:" in out.stdout
+
+
+def test_generate_json_equals_the_library(checkpoints, capsys):
+    import torch
+    path, _ = checkpoints("v3")
+    assert main(["generate", "--model", str(path), "--prompt-ids", "1,2,3", "--max-tokens", "6", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = generate(load_model(path, torch.float32), [[1, 2, 3]], 6, stop_token_ids=[1])[0]
+    assert printed["token_ids"] == expected.token_ids
+    assert printed["logprobs"] == pytest.approx(expected.logprobs, rel=1e-6)
+    assert printed["prompt_token_ids"] == [1, 2, 3] and printed["finish_reason"] in ("length", "stop")
+
+
+def test_info_reports_kv_bytes(capsys):
+    assert main(["info", "--model", "tests/data/deepseek_v3_config.json", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kv_cache_bytes_per_token"]["bfloat16"] == 70_272 and info["routed_experts"] == 256
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt-ids", "1,2,5000"], "token id 5000 is outside the vocabulary [0, 211)"),
+    (["--prompt-ids", "1", "--max-tokens", "0"], "max_tokens must be at least 1"),
+    (["--prompt", "hello"], "has no tokenizer.json"),
+    (["--prompt-ids", "1", "--max-tokens", "600"], "exceed the model's context of 512"),
+])
+def test_bad_requests_are_one_line_errors(checkpoints, capsys, argv, message):
+    path, _ = checkpoints("v3")
+    assert main(["generate", "--model", str(path)] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and err.startswith("moeserve: error:")
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt-ids", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a directory" in err and "\n" not in err

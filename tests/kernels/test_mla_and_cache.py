@@ -1,0 +1,59 @@
+"""Naive and absorbed MLA agree; the latent cache holds exactly (kv_lora_rank + qk_rope_head_dim) per token per layer."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeserve.kernels.args import ModelArgs
+from moeserve.kernels.cache import LatentCache
+from moeserve.kernels.load import load_model
+from tests.tiny import rel_err
+
+V3_CONFIG = Path(__file__).parents[1] / "data" / "deepseek_v3_config.json"
+
+
+@pytest.mark.parametrize("name", ["v3-dense0-yarn", "v2-lite"])
+def test_naive_equals_absorbed_over_a_cache(checkpoints, name):
+    """Prefill 20 tokens, then decode 3 steps for 2 rows at different positions, both forms on the same cache."""
+    model = load_model(checkpoints(name)[0], dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.args.vocab_size, (2, 20), generator=g)
+    cache = LatentCache(model.args, batch=2, max_len=32, dtype=torch.float32)
+    with torch.no_grad():
+        naive = model(prompt, cache=cache.view(), form="naive")
+        absorbed = model(prompt, cache=cache.view(), form="absorbed")
+        assert rel_err(absorbed, naive) < 1e-5
+        positions = torch.tensor([[20], [20]])
+        for step in range(3):
+            token = torch.randint(0, model.args.vocab_size, (2, 1), generator=g)
+            naive = model(token, positions + step, cache=cache.view(), form="naive")
+            absorbed = model(token, positions + step, cache=cache.view(), form="absorbed")
+            assert rel_err(absorbed, naive) < 1e-5
+
+
+def test_decode_over_cache_equals_full_recompute(checkpoints):
+    model = load_model(checkpoints("v3")[0], dtype=torch.float32)
+    tokens = torch.randint(0, model.args.vocab_size, (1, 16), generator=torch.Generator().manual_seed(5))
+    cache = LatentCache(model.args, batch=1, max_len=16, dtype=torch.float32)
+    with torch.no_grad():
+        full = model(tokens)
+        model(tokens[:, :10], cache=cache.view())
+        steps = [model(tokens[:, i:i + 1], torch.tensor([[i]]), cache=cache.view()) for i in range(10, 16)]
+    assert rel_err(torch.cat(steps, dim=1), full[:, 10:]) < 1e-5
+
+
+def test_deepseek_v3_latent_cache_is_70272_bytes_per_token_in_bf16():
+    args = ModelArgs.from_file(V3_CONFIG)
+    assert args.latent_dim == 576
+    assert args.kv_cache_bytes_per_token(torch.bfloat16) == 70_272
+    assert args.kv_cache_bytes_per_token(torch.float32) == 140_544
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
+def test_allocated_cache_bytes_equal_the_formula(checkpoints, dtype):
+    args = load_model(checkpoints("v3")[0], dtype=torch.float32).args
+    cache = LatentCache(args, batch=3, max_len=50, dtype=dtype)
+    element = torch.empty((), dtype=dtype).element_size()
+    assert cache.nbytes / (3 * 50) == (args.kv_lora_rank + args.qk_rope_head_dim) * args.n_layers * element
+    assert cache.nbytes / (3 * 50) == args.kv_cache_bytes_per_token(dtype)
