@@ -111,6 +111,36 @@ class ModelArgs:
         """Bytes of latent KV cache one token occupies over all main-model layers."""
         return self.latent_dim * self.n_layers * torch.empty((), dtype=dtype).element_size()
 
+    def to_config(self) -> dict[str, Any]:
+        """The Hugging Face config.json that `from_config` reads back into these args."""
+        config = {
+            "architectures": ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"],
+            "model_type": self.model_type, "vocab_size": self.vocab_size, "hidden_size": self.dim,
+            "intermediate_size": self.inter_dim, "moe_intermediate_size": self.moe_inter_dim,
+            "num_hidden_layers": self.n_layers, "first_k_dense_replace": self.n_dense_layers,
+            "moe_layer_freq": self.moe_layer_freq, "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_heads, "n_routed_experts": self.n_routed_experts,
+            "n_shared_experts": self.n_shared_experts, "num_experts_per_tok": self.n_activated_experts,
+            "n_group": self.n_expert_groups, "topk_group": self.n_limited_groups, "topk_method": self.topk_method,
+            "scoring_func": self.score_func, "norm_topk_prob": self.norm_topk_prob,
+            "routed_scaling_factor": self.route_scale, "q_lora_rank": self.q_lora_rank,
+            "kv_lora_rank": self.kv_lora_rank, "qk_nope_head_dim": self.qk_nope_head_dim,
+            "qk_rope_head_dim": self.qk_rope_head_dim, "v_head_dim": self.v_head_dim,
+            "max_position_embeddings": self.max_seq_len, "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "num_nextn_predict_layers": self.n_mtp_layers,
+            "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id, "hidden_act": "silu", "attention_bias": False,
+        }
+        if self.rope_type == "yarn":
+            config["rope_scaling"] = {"type": "yarn", "factor": self.rope_factor, "beta_fast": self.beta_fast,
+                                      "beta_slow": self.beta_slow, "mscale": self.mscale,
+                                      "mscale_all_dim": self.mscale_all_dim,
+                                      "original_max_position_embeddings": self.original_seq_len}
+        if self.weight_block_size:
+            config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                             "weight_block_size": list(self.weight_block_size)}
+        return config
+
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelArgs":
         path = Path(path)

@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .args import ModelArgs
 from .errors import CheckpointError
@@ -192,3 +193,21 @@ class Checkpoint:
         """(HF name, tensor) for every weight `select` accepts, read lazily one at a time."""
         for name in self.names(select):
             yield name, self.tensor(name, dtype)
+
+
+def save_checkpoint(model: torch.nn.Module, args: ModelArgs, path: str | Path, dtype: torch.dtype = torch.bfloat16,
+                    skip: Callable[[str], bool] = lambda local: False) -> Path:
+    """Write `model` as a Hugging Face checkpoint (config.json + model.safetensors) under DeepSeek's names.
+    The aux-loss-free gate bias stays fp32. `skip(local_name)` leaves tensors out (shared MTP embed/head)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for local, tensor in model.state_dict().items():
+        if skip(local):
+            continue
+        keep_fp32 = local.endswith("gate.bias")
+        tensors[local_to_hf(local, args.n_layers)] = tensor.detach().to(torch.float32 if keep_fp32 else dtype).contiguous()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = {**args.to_config(), "torch_dtype": str(dtype).removeprefix("torch.")}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path

@@ -148,6 +148,8 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.view(-1, shape[-1])
         weights, indices = self.gate(x)
+        # tokens per routed expert in this call: routing statistics for bias balancing and EPLB
+        self.last_load = torch.bincount(indices.flatten(), minlength=self.gate.weight.shape[0])
         handle = self.experts.dispatch(x, indices, weights)
         z = self.shared_experts(x) if self.shared_experts is not None else 0  # overlaps remote experts
         return (self.experts.combine(handle) + z).view(shape)
