@@ -37,3 +37,53 @@ class LatentCacheView:
         kv[self.rows[:, None], positions] = latent.to(kv.dtype)
         length = int(positions.max()) + 1
         return kv[self.rows, :length]
+
+
+class PagedLatentCache:
+    """Latent rows in fixed-size blocks shared by all sequences: [layers, num_blocks * block_size + 1, C].
+    A sequence owns a block table (block ids in position order); position p lives in slot
+    table[p // block_size] * block_size + p % block_size. The one extra slot at the end absorbs the
+    writes of padding tokens, so a padded batch never touches another sequence's rows."""
+
+    def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, n_layers: int):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv = torch.zeros(n_layers, num_blocks * block_size + 1, args.latent_dim, dtype=dtype)
+        self.scratch_slot = num_blocks * block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Allocated bytes over token capacity (the scratch slot left out)."""
+        return self.kv[:, :-1].numel() * self.kv.element_size() // (self.num_blocks * self.block_size)
+
+    def view(self, block_tables: list[list[int]], positions: torch.Tensor, valid: torch.Tensor) -> "PagedCacheView":
+        """A view for a padded batch: rows' block tables, positions [B, S], valid [B, S] (False = padding)."""
+        return PagedCacheView(self, block_tables, positions, valid)
+
+
+class PagedCacheView:
+    def __init__(self, cache: PagedLatentCache, block_tables: list[list[int]], positions: torch.Tensor,
+                 valid: torch.Tensor):
+        bs = cache.block_size
+        length = int(positions.max()) + 1
+        n_blocks = max(-(-length // bs), max(len(t) for t in block_tables))
+        table = torch.full((len(block_tables), n_blocks), -1, dtype=torch.long)
+        for row, blocks in enumerate(block_tables):
+            table[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        self.kv = cache.kv
+        self.write_slots = self._slots(table, positions, bs, cache.scratch_slot).masked_fill(~valid, cache.scratch_slot)
+        self.read_slots = self._slots(table, torch.arange(length).expand(len(block_tables), -1), bs, cache.scratch_slot)
+
+    @staticmethod
+    def _slots(table: torch.Tensor, positions: torch.Tensor, bs: int, scratch: int) -> torch.Tensor:
+        block = table.gather(1, (positions // bs).clamp(max=table.shape[1] - 1))
+        return torch.where(block >= 0, block * bs + positions % bs, scratch)
+
+    def update(self, layer_id: int, latent: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        kv = self.kv[layer_id]
+        kv[self.write_slots] = latent.to(kv.dtype)
+        return kv[self.read_slots]

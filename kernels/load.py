@@ -54,4 +54,4 @@ def load_model(checkpoint: Checkpoint | str | Path, dtype: torch.dtype = torch.b
         raise CheckpointError(f"{ckpt.path}: checkpoint is missing tensor {local_to_hf(local, n_layers)!r}")
     model.load_state_dict(state, assign=True, strict=True)
     model.inv_freq = rope_inv_freq(args)
-    return model.eval()
+    return model.eval().requires_grad_(False)  # serving never needs gradients

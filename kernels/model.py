@@ -250,20 +250,11 @@ class Transformer(nn.Module):
     def mtp_forward(self, h: torch.Tensor, next_tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                     cache: Optional[LatentCacheView] = None, form: Optional[MLAForm] = None, depth: int = 0):
         """Logits [B, S, vocab] for t_{i+depth+2} from hidden states h [B, S, dim] of positions i and the
-        tokens t_{i+depth+1} [B, S]. The MTP block caches under layer id 0 of its own cache."""
+        tokens t_{i+depth+1} [B, S]. The MTP block caches under its own layer id, n_layers + depth, so a cache
+        that serves drafting has n_layers + n_mtp_layers layers."""
         if not len(self.mtp):
             raise RuntimeError("this model has no MTP module (num_nextn_predict_layers is 0 or it was not loaded)")
         positions, mask, cos, sin, form = self._prepare(next_tokens, positions, cache, form)
         module = self.mtp[depth]
-        x = module(h, next_tokens, cos, sin, mask, None if cache is None else _MTPCacheView(cache), positions, form)
+        x = module(h, next_tokens, cos, sin, mask, cache, positions, form)
         return module.logits(x)
-
-
-class _MTPCacheView:
-    """Maps the MTP block's layer id onto layer 0 of the separate cache the MTP module drafts with."""
-
-    def __init__(self, cache: LatentCacheView):
-        self.cache = cache
-
-    def update(self, layer_id, latent, positions):
-        return self.cache.update(0, latent, positions)

@@ -36,3 +36,25 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
         generator = generators[b] if generators is not None else None
         tokens[b] = torch.multinomial(probs[row], 1, generator=generator)[0]
     return tokens
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The distribution a sampled row draws from: [V] logits -> [V] probabilities after temperature,
+    top-k and top-p."""
+    return filter_logits(logits[None].float(), torch.tensor([temperature]), torch.tensor([top_k]),
+                         torch.tensor([top_p]))[0].softmax(dim=-1)
+
+
+def accept_draft(target_probs: torch.Tensor, draft_token: int, draft_probs: torch.Tensor,
+                 generator: Optional[torch.Generator]) -> tuple[bool, Optional[int]]:
+    """Speculative sampling's rule (Leviathan et al., 2023): keep the draft d ~ q with probability
+    min(1, p(d) / q(d)); otherwise draw from max(0, p - q), normalised. The kept or drawn token is
+    distributed exactly as p. Returns (accepted, replacement token when rejected)."""
+    p, q = target_probs[draft_token].item(), draft_probs[draft_token].item()
+    u = torch.rand((), generator=generator).item()
+    if q > 0 and u < min(1.0, p / q):
+        return True, None
+    residual = (target_probs - draft_probs).clamp(min=0)
+    if residual.sum() <= 0:  # p == q: any rejection is a numerical corner; fall back to p
+        residual = target_probs
+    return False, int(torch.multinomial(residual / residual.sum(), 1, generator=generator)[0])

@@ -1,7 +1,9 @@
 """Tiny random DeepSeek checkpoints written by `transformers`, the oracle every model test compares against."""
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 V3_LIKE = dict(  # groups, sigmoid scores, aux-loss-free bias, q_lora, first_k_dense_replace 2, ragged hidden
     model_type="deepseek_v3", vocab_size=211, hidden_size=72, intermediate_size=88, moe_intermediate_size=24,
@@ -63,3 +65,39 @@ CONFIGS = {
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected||, over the whole tensor."""
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def add_mtp_shard(path, ref, seed=7):
+    """Append MTP layer `num_hidden_layers` as `mtp.safetensors` and index both shards; return its weights."""
+    import transformers
+    config = ref.config
+    config._attn_implementation = "eager"
+    L, D = config.num_hidden_layers, config.hidden_size
+    torch.manual_seed(seed)
+    layer = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3DecoderLayer(config, layer_idx=L).eval()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) * p.shape[-1] ** -0.5)
+        layer.mlp.gate.e_score_correction_bias.copy_(0.05 * torch.randn(config.n_routed_experts))
+    own = {"enorm.weight": 1 + 0.1 * torch.randn(D), "hnorm.weight": 1 + 0.1 * torch.randn(D),
+           "eh_proj.weight": torch.randn(D, 2 * D) * (2 * D) ** -0.5,
+           "shared_head.norm.weight": 1 + 0.1 * torch.randn(D)}  # embed_tokens and head shared with the main model
+    tensors = {f"model.layers.{L}.{k}": v for k, v in own.items()}
+    I = config.moe_intermediate_size
+    for name, value in layer.state_dict().items():
+        if name == "mlp.experts.gate_up_proj":
+            for e in range(value.shape[0]):
+                tensors[f"model.layers.{L}.mlp.experts.{e}.gate_proj.weight"] = value[e, :I].clone()
+                tensors[f"model.layers.{L}.mlp.experts.{e}.up_proj.weight"] = value[e, I:].clone()
+        elif name == "mlp.experts.down_proj":
+            for e in range(value.shape[0]):
+                tensors[f"model.layers.{L}.mlp.experts.{e}.down_proj.weight"] = value[e].clone()
+        else:
+            tensors[f"model.layers.{L}.{name}"] = value.clone()
+    save_file(tensors, str(path / "mtp.safetensors"), metadata={"format": "pt"})
+    from safetensors import safe_open
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        weight_map = {k: "model.safetensors" for k in f.keys()}
+    weight_map.update({k: "mtp.safetensors" for k in tensors})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return layer, own

@@ -2,55 +2,16 @@
 h'_i = M [RMSNorm(Emb(t_{i+1})); RMSNorm(h_i)],  h_i^1 = TRM(h'_{1:T}),  P_{i+2} = OutHead(h_i^1),
 with transformers' own decoder layer as TRM. transformers builds no MTP module, so the test writes one into
 the checkpoint, under DeepSeek's names at layer index num_hidden_layers, in a second shard."""
-import json
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from moeserve.kernels.cache import LatentCache
 from moeserve.kernels.load import load_model
-from tests.tiny import CONFIGS, rel_err, write_checkpoint
+from tests.tiny import CONFIGS, add_mtp_shard, rel_err, write_checkpoint
 
 
 def rms_norm(x, weight, eps=1e-6):
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def add_mtp_shard(path, ref, seed=7):
-    """Append MTP layer `num_hidden_layers` as `mtp.safetensors` and index both shards; return its weights."""
-    import transformers
-    config = ref.config
-    config._attn_implementation = "eager"
-    L, D = config.num_hidden_layers, config.hidden_size
-    torch.manual_seed(seed)
-    layer = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3DecoderLayer(config, layer_idx=L).eval()
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) * p.shape[-1] ** -0.5)
-        layer.mlp.gate.e_score_correction_bias.copy_(0.05 * torch.randn(config.n_routed_experts))
-    own = {"enorm.weight": 1 + 0.1 * torch.randn(D), "hnorm.weight": 1 + 0.1 * torch.randn(D),
-           "eh_proj.weight": torch.randn(D, 2 * D) * (2 * D) ** -0.5,
-           "shared_head.norm.weight": 1 + 0.1 * torch.randn(D)}  # embed_tokens and head shared with the main model
-    tensors = {f"model.layers.{L}.{k}": v for k, v in own.items()}
-    I = config.moe_intermediate_size
-    for name, value in layer.state_dict().items():
-        if name == "mlp.experts.gate_up_proj":
-            for e in range(value.shape[0]):
-                tensors[f"model.layers.{L}.mlp.experts.{e}.gate_proj.weight"] = value[e, :I].clone()
-                tensors[f"model.layers.{L}.mlp.experts.{e}.up_proj.weight"] = value[e, I:].clone()
-        elif name == "mlp.experts.down_proj":
-            for e in range(value.shape[0]):
-                tensors[f"model.layers.{L}.mlp.experts.{e}.down_proj.weight"] = value[e].clone()
-        else:
-            tensors[f"model.layers.{L}.{name}"] = value.clone()
-    save_file(tensors, str(path / "mtp.safetensors"), metadata={"format": "pt"})
-    from safetensors import safe_open
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        weight_map = {k: "model.safetensors" for k in f.keys()}
-    weight_map.update({k: "mtp.safetensors" for k in tensors})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return layer, own
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +47,7 @@ def test_mtp_logits_match_the_papers_equations(with_mtp):
 def test_mtp_decoding_over_its_own_cache_equals_the_full_pass(with_mtp):
     model = load_model(with_mtp[0], dtype=torch.float32)
     tokens = torch.randint(0, model.args.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
-    cache = LatentCache(model.args, batch=1, max_len=20, dtype=torch.float32, n_layers=1)
+    cache = LatentCache(model.args, batch=1, max_len=20, dtype=torch.float32, n_layers=model.args.n_layers + 1)
     with torch.no_grad():
         h = model(tokens)
         full = model.mtp_forward(h[:, :-1], tokens[:, 1:])

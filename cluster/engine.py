@@ -1,0 +1,310 @@
+"""The single-process engine: continuous batching over a paged latent KV cache, with MTP speculation.
+
+One step is schedule() -> execute() -> update(): the scheduler picks decoding sequences and prefill chunks,
+the model runner computes them, and the engine samples, verifies MTP drafts, appends tokens, and retires
+finished sequences. Requests may be added between any two steps.
+
+MTP speculation: after the main model computes position i and the next token t_{i+1} is chosen, the MTP
+module drafts t_{i+2} from h_i and t_{i+1}. The next step feeds [t_{i+1}, draft] together; the main model's
+logits at i+1 verify the draft (greedy: the argmax must equal it; sampled: speculative sampling's
+accept/reject rule), so the output is exactly what decoding without MTP would produce, and an accepted
+draft yields two tokens in one step.
+"""
+from dataclasses import dataclass, field
+from typing import Optional, Sequence as Seq
+
+import torch
+
+from moeserve.kernels.cache import PagedLatentCache
+from moeserve.kernels.errors import InputError
+from moeserve.kernels.model import Transformer
+from moeserve.kernels.sampling import accept_draft, sampling_probs
+
+from .block_manager import BlockManager
+from .model_runner import ModelRunner
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Draft, Sequence
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_tokens: int = 32768            # capacity of the latent cache, in tokens
+    max_num_seqs: int = 64                  # sequences decoding at once
+    max_num_batched_tokens: int = 512       # tokens per step: decodes first, prefill chunks get the rest
+    mtp: bool = False                       # MTP speculative decoding (needs the checkpoint's MTP module)
+    prefix_caching: bool = True
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: Optional[str]
+    finish_reason: Optional[str]            # "stop", "length", or None while running
+    logprobs: Optional[list[float]] = None  # of each chosen token
+    top_logprobs: Optional[list[dict[int, float]]] = None
+    prompt_logprobs: Optional[list[Optional[float]]] = None
+    new_token_ids: list[int] = field(default_factory=list)  # since the previous output of this request
+    new_text: str = ""
+    num_cached_tokens: int = 0
+    drafts_proposed: int = 0
+    drafts_accepted: int = 0
+    decode_steps: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.drafts_accepted / self.drafts_proposed if self.drafts_proposed else 0.0
+
+
+class Engine:
+    def __init__(self, model: Transformer, config: EngineConfig = EngineConfig(), tokenizer=None):
+        self.model = model
+        self.args = model.args
+        self.config = config
+        self.tokenizer = tokenizer
+        if config.mtp and not len(model.mtp):
+            raise InputError("mtp=True needs a checkpoint with an MTP module (num_nextn_predict_layers >= 1)")
+        num_blocks = config.kv_cache_tokens // config.block_size
+        n_layers = self.args.n_layers + (1 if config.mtp else 0)
+        self.cache = PagedLatentCache(self.args, num_blocks, config.block_size, model.embed.weight.dtype, n_layers)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.cache)
+        self.requests: dict[str, Sequence] = {}
+        self._emitted: dict[str, tuple[int, int]] = {}  # request -> (tokens, text chars) already reported
+        self.num_steps = 0
+        self.num_decode_tokens = 0
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def add_request(self, prompt_token_ids: Seq[int], params: SamplingParams,
+                    request_id: Optional[str] = None) -> str:
+        """Queue a request; a request that can never be served raises InputError and changes nothing."""
+        params.validate()
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise InputError("the prompt is empty; give at least one token")
+        bad = [t for t in prompt if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {self.args.vocab_size})")
+        if len(prompt) + params.max_tokens > self.args.max_seq_len:
+            raise InputError(f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} exceed the model's "
+                             f"context of {self.args.max_seq_len} tokens")
+        capacity = self.block_manager.block_size * len(self.block_manager.blocks)
+        if len(prompt) + params.max_tokens + 1 > capacity:
+            raise InputError(f"the request needs {len(prompt) + params.max_tokens + 1} tokens of KV cache; the "
+                             f"engine holds {capacity} (raise kv_cache_tokens)")
+        if params.stop and self.tokenizer is None:
+            raise InputError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        if request_id is not None and request_id in self.requests:
+            raise InputError(f"request id {request_id!r} is already in use")
+        seq = Sequence(prompt, params, request_id)
+        self.requests[seq.request_id] = seq
+        self._emitted[seq.request_id] = (0, 0)
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (a client went away): its blocks return to the cache at once."""
+        seq = self.requests.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq)
+            self._emitted.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step -------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return an output for every request that produced tokens or finished."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        touched = []
+        if batch.decodes:
+            self._run_decodes(batch.decodes)
+            touched += batch.decodes
+        if batch.prefills:
+            self._run_prefills(batch.prefills)
+            touched += [seq for seq, _ in batch.prefills]
+        self.num_steps += 1
+        outputs = []
+        for seq in touched:
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            else:
+                self.block_manager.seal_full_blocks(seq)
+            out = self._output(seq)
+            if out.new_token_ids or out.finished:
+                outputs.append(out)
+            if out.finished:
+                self.requests.pop(seq.request_id, None)
+                self._emitted.pop(seq.request_id, None)
+        return outputs
+
+    def _run_decodes(self, seqs: list[Sequence]) -> None:
+        starts = [len(s) - 1 for s in seqs]
+        rows = [[s.token_ids[-1]] + ([s.draft.token] if s.draft else []) for s in seqs]
+        form = "absorbed"
+        h = self.runner.forward([s.block_table for s in seqs], starts, rows, form)
+        logits = self.model.logits(h)  # [B, S, V]
+        drafting = []
+        for b, seq in enumerate(seqs):
+            n = len(seq)
+            accepted, alive = self._verify_and_append(seq, logits[b])
+            seq.num_computed_tokens = n + accepted
+            seq.num_steps += 1
+            if alive and self.config.mtp:
+                drafting.append((b, seq, n - 1, 1 + accepted))
+        self._draft(drafting, h)
+
+    def _verify_and_append(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, bool]:
+        """Append this step's tokens from logits [S, V]; returns (draft accepted 0/1, still running)."""
+        draft, seq.draft = seq.draft, None
+        n_before = len(seq)
+        if draft is None:
+            alive = self._append(seq, self._sample(seq, logits[0]), logits[0])
+            self.num_decode_tokens += len(seq) - n_before
+            return 0, alive
+        seq.drafts_proposed += 1
+        p = seq.params
+        if p.greedy:
+            ok, replacement = int(logits[0].argmax()) == draft.token, int(logits[0].argmax())
+        else:
+            ok, replacement = accept_draft(sampling_probs(logits[0], p.temperature, p.top_k, p.top_p),
+                                           draft.token, draft.probs, seq.generator)
+        if not ok:
+            alive = self._append(seq, replacement, logits[0])
+            self.num_decode_tokens += len(seq) - n_before
+            return 0, alive
+        seq.drafts_accepted += 1
+        alive = self._append(seq, draft.token, logits[0]) and self._append(seq, self._sample(seq, logits[1]), logits[1])
+        self.num_decode_tokens += len(seq) - n_before
+        return 1, alive
+
+    def _run_prefills(self, items: list[tuple[Sequence, int]]) -> None:
+        starts = [seq.num_computed_tokens for seq, _ in items]
+        rows = [seq.token_ids[start:start + n] for (seq, n), start in zip(items, starts)]
+        form = "naive" if max(starts) == 0 else "absorbed"
+        h = self.runner.forward([seq.block_table for seq, _ in items], starts, rows, form)
+        drafting = []
+        for b, ((seq, n), start) in enumerate(zip(items, starts)):
+            if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens:
+                self._record_prompt_logprobs(seq, start, self.model.logits(h[b, :n]))
+            seq.num_computed_tokens = start + n
+            alive = True
+            if not seq.is_prefilling:
+                last = self.model.logits(h[b, n - 1])
+                alive = self._append(seq, self._sample(seq, last), last)
+            if alive and self.config.mtp:
+                drafting.append((b, seq, start, min(n, len(seq) - start - 1)))
+        self._draft([d for d in drafting if d[3] > 0], h)
+
+    def _record_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """logits [n, V] at positions start.. predict prompt tokens start+1..; the first token has none."""
+        if start == 0:
+            seq.prompt_logprobs.append(None)
+        logprobs = logits.log_softmax(dim=-1)
+        for j in range(logits.shape[0]):
+            target = start + j + 1
+            if target < seq.num_prompt_tokens:
+                seq.prompt_logprobs.append(logprobs[j, seq.token_ids[target]].item())
+
+    def _draft(self, drafting: list[tuple[int, Sequence, int, int]], h: torch.Tensor) -> None:
+        """Run MTP over each sequence's newly valid positions [start, start + n); draft from the last."""
+        if not drafting:
+            return
+        rows = torch.tensor([b for b, _, _, _ in drafting])
+        logits = self.runner.draft_logits([s.block_table for _, s, _, _ in drafting], [st for _, _, st, _ in drafting],
+                                          [s.token_ids[st + 1:st + 1 + n] for _, s, st, n in drafting], h[rows])
+        for r, (_, seq, _, n) in enumerate(drafting):
+            if seq.is_prefilling:
+                continue  # a middle prefill chunk: the MTP cache is filled, no draft yet
+            last, p = logits[r, n - 1], seq.params
+            if p.greedy:
+                seq.draft = Draft(int(last.argmax()))
+            else:
+                q = sampling_probs(last, p.temperature, p.top_k, p.top_p)
+                seq.draft = Draft(int(torch.multinomial(q, 1, generator=seq.generator)[0]), q)
+
+    # ---- tokens ---------------------------------------------------------------------------------------
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+        p = seq.params
+        if p.greedy:
+            return int(logits.argmax())
+        probs = sampling_probs(logits, p.temperature, p.top_k, p.top_p)
+        return int(torch.multinomial(probs, 1, generator=seq.generator)[0])
+
+    def _append(self, seq: Sequence, token: int, logits: torch.Tensor) -> bool:
+        """Append one token; record its log-probability; return False once the sequence has finished."""
+        p = seq.params
+        seq.token_ids.append(token)
+        if p.logprobs is not None:
+            logprobs = logits.float().log_softmax(dim=-1)
+            seq.logprobs.append(logprobs[token].item())
+            if p.logprobs > 0:
+                top = logprobs.topk(p.logprobs)
+                seq.top_logprobs.append(dict(zip(top.indices.tolist(), top.values.tolist())))
+        eos = self.args.eos_token_id
+        if token in p.stop_token_ids or (token == eos and not p.ignore_eos):
+            seq.finish_reason = "stop"
+        elif p.stop and self._match_stop_string(seq):
+            seq.finish_reason = "stop"
+        elif seq.num_completion_tokens >= p.max_tokens:
+            seq.finish_reason = "length"
+        return seq.finish_reason is None
+
+    def _match_stop_string(self, seq: Sequence) -> bool:
+        text = self.tokenizer.decode(seq.completion_token_ids)
+        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
+        if hits:
+            seq.stop_text_len = min(hits)
+        return bool(hits)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        tokens_sent, text_sent = self._emitted.get(seq.request_id, (0, 0))
+        completion = seq.completion_token_ids
+        text = new_text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(completion)
+            if seq.stop_text_len is not None:
+                text = text[:seq.stop_text_len]
+            # hold back a trailing partial UTF-8 character until its other bytes arrive
+            stable = len(text) if seq.finish_reason or not text.endswith("\ufffd") else len(text.rstrip("\ufffd"))
+            new_text = text[text_sent:stable]
+            text_sent = max(text_sent, stable)
+        self._emitted[seq.request_id] = (len(completion), text_sent)
+        p = seq.params
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens], token_ids=completion,
+            text=text, finish_reason=seq.finish_reason,
+            logprobs=list(seq.logprobs) if p.logprobs is not None else None,
+            top_logprobs=list(seq.top_logprobs) if p.logprobs else None,
+            prompt_logprobs=list(seq.prompt_logprobs) if p.prompt_logprobs is not None else None,
+            new_token_ids=completion[tokens_sent:], new_text=new_text or "", num_cached_tokens=seq.num_cached_tokens,
+            drafts_proposed=seq.drafts_proposed, drafts_accepted=seq.drafts_accepted, decode_steps=seq.num_steps)
+
+    # ---- reporting ------------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        used = len(bm.blocks) - bm.num_free_blocks
+        return {
+            "steps": self.num_steps,
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
+            "preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_rate": bm.prefix_hit_rate,
+            "kv_cache_usage": used / len(bm.blocks),
+            "kv_cache_bytes_per_token": self.cache.bytes_per_token,
+            "expert_load": {name: load.tolist() for name, load in self.runner.expert_load.items()},
+        }

@@ -1,0 +1,81 @@
+"""The public Python API: `LLM(model=...).generate(prompts, SamplingParams(...))`, and `stream` for servers."""
+from pathlib import Path
+from typing import Iterator, Optional, Sequence as Seq, Union
+
+import torch
+
+from moeserve.kernels.errors import InputError
+from moeserve.kernels.load import load_model
+
+from .engine import Engine, EngineConfig, RequestOutput
+from .sampling_params import SamplingParams
+from .tokenizer import Tokenizer
+
+DEMO_MODEL = Path(__file__).parent / "models" / "moeserve-demo"
+DEMO_MODEL_FP8 = Path(__file__).parent / "models" / "moeserve-demo-fp8"
+Prompt = Union[str, Seq[int]]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLM:
+    """A model in this process behind the continuous-batching engine.
+
+    `model` is a checkpoint directory (default: the demo model shipped with moeserve); `dtype` the compute
+    dtype ("float32" is fastest on CPUs); `mtp` turns on MTP speculative decoding; other keyword arguments
+    are `EngineConfig` fields (kv_cache_tokens, max_num_seqs, max_num_batched_tokens, block_size, ...)."""
+
+    def __init__(self, model: Optional[Union[str, Path]] = None, dtype: str = "float32", mtp: bool = False,
+                 **engine_config):
+        path = Path(model) if model is not None else DEMO_MODEL
+        if dtype not in _DTYPES:
+            raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.model = load_model(path, dtype=_DTYPES[dtype], with_mtp=mtp)
+        self.tokenizer = Tokenizer(path) if Tokenizer.exists(path) else None
+        self.engine = Engine(self.model, EngineConfig(mtp=mtp, **engine_config), self.tokenizer)
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputError("this model has no tokenizer.json: give prompts as token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def generate(self, prompts: Union[Prompt, Seq[Prompt]],
+                 params: Union[SamplingParams, Seq[SamplingParams], None] = None) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in the order of the prompts. A prompt is text or token ids.
+        Every request is checked before any runs, so a bad one raises InputError and nothing is queued."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        encoded = [self.encode(p) for p in prompts]
+        ids = []
+        try:
+            for tokens, p in zip(encoded, params):
+                ids.append(self.engine.add_request(tokens, p))
+        except InputError as e:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise InputError(f"prompt {len(ids)}: {e}") from None
+        finished = {}
+        while len(finished) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        return [finished[rid] for rid in ids]
+
+    def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None) -> Iterator[RequestOutput]:
+        """Yield an output each step this request produces tokens: `new_token_ids` and `new_text` are the
+        increment, the rest is the whole so far. Other requests in the engine advance meanwhile."""
+        rid = self.engine.add_request(self.encode(prompt), params or SamplingParams())
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort(rid)

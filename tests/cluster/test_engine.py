@@ -1,0 +1,194 @@
+"""The continuous-batching engine against the plain generation loop, token for token (greedy, float32)."""
+import pytest
+import torch
+
+from moeserve.cluster import LLM, Engine, EngineConfig, SamplingParams
+from moeserve.cluster.sequence import Draft
+from moeserve.kernels.errors import InputError
+from moeserve.kernels.generate import generate
+from moeserve.kernels.load import load_model
+
+GREEDY = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+
+
+def random_prompts(lengths, vocab=211, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def run_staggered(engine, prompts, params, arrivals):
+    """Add prompt i before step arrivals[i]; step until everything finishes; outputs in prompt order."""
+    ids, done, step = {}, {}, 0
+    while len(done) < len(prompts):
+        for i, at in enumerate(arrivals):
+            if at == step:
+                ids[engine.add_request(prompts[i], params)] = i
+        for out in engine.step():
+            if out.finished:
+                done[ids[out.request_id]] = out
+        step += 1
+    return [done[i] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints):
+    return load_model(checkpoints("v3")[0], dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    prompts = random_prompts([3, 41, 17, 9, 28, 60])
+    return prompts, [g.token_ids for g in generate(model, prompts, GREEDY.max_tokens)]
+
+
+def test_mixed_lengths_arriving_at_different_steps_equal_the_plain_loop(model, reference):
+    prompts, expected = reference
+    engine = Engine(model, EngineConfig(block_size=4, kv_cache_tokens=2048, max_num_batched_tokens=24))
+    outs = run_staggered(engine, prompts, GREEDY, arrivals=[0, 0, 2, 3, 3, 7])
+    assert [o.token_ids for o in outs] == expected
+    assert all(o.finish_reason == "length" for o in outs)
+
+
+def test_preemption_under_a_small_cache_loses_nothing(model, reference):
+    prompts, expected = reference
+    engine = Engine(model, EngineConfig(block_size=4, kv_cache_tokens=128, max_num_batched_tokens=64))
+    outs = run_staggered(engine, prompts, GREEDY, arrivals=[0] * len(prompts))
+    assert engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == expected
+    assert engine.block_manager.num_free_blocks == 32  # every block came back
+
+
+def test_prefix_cache_reuses_a_shared_system_prompt_without_changing_outputs(model):
+    system = random_prompts([32], seed=5)[0]
+    prompts = [system + tail for tail in random_prompts([5, 9, 3], seed=6)]
+    expected = [g.token_ids for g in generate(model, prompts, GREEDY.max_tokens)]
+    engine = Engine(model, EngineConfig(block_size=8, kv_cache_tokens=1024))
+    first = run_staggered(engine, prompts[:1], GREEDY, [0])
+    rest = run_staggered(engine, prompts[1:], GREEDY, [0, 0])
+    assert [o.token_ids for o in first + rest] == expected
+    assert [o.num_cached_tokens for o in rest] == [32, 32]
+    assert engine.stats()["prefix_cache_hit_rate"] == pytest.approx(64 / sum(map(len, prompts)))
+
+
+def test_mtp_speculation_leaves_greedy_output_unchanged(mtp_checkpoint):
+    llm = LLM(mtp_checkpoint, mtp=True, kv_cache_tokens=1024, block_size=4)
+    prompts = random_prompts([6, 30, 13])
+    expected = [g.token_ids for g in generate(llm.model, prompts, GREEDY.max_tokens)]
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == expected
+    assert all(o.drafts_proposed > 0 for o in outs)
+
+
+class OracleDrafts(Engine):
+    """Replaces every MTP draft with the correct token (or always a wrong one): exercises acceptance of
+    two tokens per step, and rejection, through the same cache bookkeeping."""
+
+    def __init__(self, model, config, truth, wrong=False):
+        super().__init__(model, config)
+        self.truth, self.wrong = truth, wrong
+
+    def _draft(self, drafting, h):
+        super()._draft(drafting, h)
+        for _, seq, _, _ in drafting:
+            if seq.draft is not None:
+                right = self.truth[tuple(seq.token_ids[:seq.num_prompt_tokens])]
+                c = seq.num_completion_tokens
+                token = right[c] if c < len(right) else 0
+                seq.draft = Draft((token + 1) % 211 if self.wrong else token)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_accepted_and_rejected_drafts_keep_the_output_exact(mtp_checkpoint, wrong):
+    model = load_model(mtp_checkpoint, dtype=torch.float32)
+    prompts = random_prompts([6, 30, 13], seed=3)
+    truth = {tuple(p): g.token_ids for p, g in zip(prompts, generate(model, prompts, GREEDY.max_tokens))}
+    engine = OracleDrafts(model, EngineConfig(mtp=True, block_size=4, kv_cache_tokens=1024), truth, wrong)
+    outs = run_staggered(engine, prompts, GREEDY, [0, 1, 1])
+    assert [o.token_ids for o in outs] == [truth[tuple(p)] for p in prompts]
+    rates = [o.acceptance_rate for o in outs]
+    assert all(r == 0 for r in rates) if wrong else all(r == 1 for r in rates)
+    if not wrong:  # two tokens per decode step, except where max_tokens cuts the pair
+        assert all(o.decode_steps <= (GREEDY.max_tokens + 1) // 2 for o in outs)
+
+
+def test_seeded_sampling_reproduces_with_and_without_company(model):
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=1234, ignore_eos=True)
+    prompt = random_prompts([12], seed=9)[0]
+    alone = run_staggered(Engine(model), [prompt], params, [0])[0].token_ids
+    crowd = run_staggered(Engine(model), random_prompts([5, 20], seed=2) + [prompt],
+                          SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=1234, ignore_eos=True),
+                          [0, 0, 1])[-1].token_ids
+    assert alone == crowd
+    other = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=99, ignore_eos=True)
+    assert run_staggered(Engine(model), [prompt], other, [0])[0].token_ids != alone
+
+
+def test_stop_token_ids_eos_and_max_tokens(model, reference):
+    prompts, expected = reference
+    target = expected[1]
+    stop_at = target[5]
+    out = run_staggered(Engine(model), [prompts[1]], SamplingParams(max_tokens=14, temperature=0,
+                                                                       stop_token_ids=[stop_at]), [0])[0]
+    assert out.token_ids == target[:target.index(stop_at) + 1] and out.finish_reason == "stop"
+    out = run_staggered(Engine(model), [prompts[1]], SamplingParams(max_tokens=3, temperature=0), [0])[0]
+    assert out.token_ids == target[:3] and out.finish_reason == "length"
+
+
+def test_logprobs_of_chosen_tokens_and_prompt_match_a_full_forward(model, reference):
+    prompts, expected = reference
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=3, prompt_logprobs=0)
+    out = run_staggered(Engine(model, EngineConfig(max_num_batched_tokens=16)), [prompts[1]], params, [0])[0]
+    full = torch.tensor([prompts[1] + out.token_ids])
+    with torch.no_grad():
+        logprobs = model.logits(model(full))[0].log_softmax(-1)
+    P = len(prompts[1])
+    chosen = [logprobs[P - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
+    assert out.logprobs == pytest.approx(chosen, abs=1e-4)
+    assert out.prompt_logprobs[0] is None
+    assert out.prompt_logprobs[1:] == pytest.approx([logprobs[j - 1, prompts[1][j]].item() for j in range(1, P)],
+                                                    abs=1e-4)
+    for top, token, lp in zip(out.top_logprobs, out.token_ids, out.logprobs):
+        assert len(top) == 3 and top[token] == pytest.approx(lp) and max(top.values()) == pytest.approx(lp)
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], SamplingParams(), "prompt is empty"),
+    ([5] * 600, SamplingParams(), "exceed the model's context of 512"),
+    ([5], SamplingParams(max_tokens=0), "max_tokens must be a positive integer"),
+    ([5], SamplingParams(temperature=-0.5), "temperature must be >= 0"),
+    ([5], SamplingParams(top_p=1.5), "top_p must be in \\(0, 1\\]"),
+    ([5], SamplingParams(top_p=0), "top_p must be in \\(0, 1\\]"),
+    ([999], SamplingParams(), "outside the vocabulary"),
+])
+def test_a_bad_request_is_refused_while_the_others_keep_running(model, reference, prompt, params, message):
+    prompts, expected = reference
+    engine = Engine(model)
+    good = engine.add_request(prompts[0], GREEDY)
+    engine.step()
+    with pytest.raises(InputError, match=message):
+        engine.add_request(prompt, params)
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outs[good].token_ids == expected[0]
+
+
+def test_streamed_increments_add_up_and_abort_frees_blocks(model, reference):
+    prompts, expected = reference
+    llm = LLM.__new__(LLM)
+    llm.model, llm.tokenizer = model, None
+    llm.engine = Engine(model, EngineConfig(block_size=4, kv_cache_tokens=512))
+    pieces = [out.new_token_ids for out in llm.stream(prompts[2], GREEDY)]
+    assert sum(pieces, []) == expected[2] and all(pieces)
+    stream = llm.stream(prompts[5], GREEDY)
+    next(stream)
+    assert llm.engine.block_manager.num_free_blocks < 128
+    stream.close()  # the client went away
+    assert llm.engine.block_manager.num_free_blocks == 128 and not llm.engine.has_unfinished()
+
+
+def test_allocated_cache_bytes_per_token_equal_the_formula(model):
+    engine = Engine(model, EngineConfig(kv_cache_tokens=256))
+    a = model.args
+    assert engine.stats()["kv_cache_bytes_per_token"] == (a.kv_lora_rank + a.qk_rope_head_dim) * a.n_layers * 4
+    assert engine.stats()["kv_cache_bytes_per_token"] == a.kv_cache_bytes_per_token(torch.float32)
