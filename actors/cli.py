@@ -7,8 +7,8 @@ import time
 EXAMPLES = """\
 examples:
   moeserve info --model ./DeepSeek-V3            # shapes, experts, KV-cache bytes per token
+  moeserve generate --prompt "def fibonacci(" --mtp   # the shipped demo model
   moeserve generate --model CKPT --prompt-ids 1,2,3 --max-tokens 16 --temperature 0 --json
-  moeserve generate --model CKPT --prompt "def fibonacci(" --max-tokens 64
   moeserve quantize --model CKPT --output CKPT-fp8  # BF16 -> FP8 e4m3, 128x128 block scales
 """
 
@@ -18,10 +18,11 @@ def _dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR",
+def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, metavar="DIR", default=None,
                    help="checkpoint directory: config.json (model_type deepseek_v3 or deepseek_v2) and "
-                        "*.safetensors, BF16/FP32 or FP8 with weight_scale_inv")
+                        "*.safetensors, BF16/FP32 or FP8 with weight_scale_inv" +
+                        ("" if required else " (default: the demo model shipped with moeserve)"))
 
 
 def cmd_info(a: argparse.Namespace) -> int:
@@ -47,35 +48,36 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    import torch
-    from moeserve.cluster.tokenizer import Tokenizer
+    from moeserve.cluster import LLM, SamplingParams
     from moeserve.kernels.errors import InputError
-    from moeserve.kernels.generate import generate
-    from moeserve.kernels.load import load_model
 
     if (a.prompt is None) == (a.prompt_ids is None):
         raise InputError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
-    tokenizer = Tokenizer(a.model) if Tokenizer.exists(a.model) else None
-    if a.prompt is not None and tokenizer is None:
-        raise InputError(f"{a.model} has no tokenizer.json; pass token ids with --prompt-ids")
-    prompt = a.prompt_ids if a.prompt_ids is not None else tokenizer.encode(a.prompt)
     if a.threads:
+        import torch
         torch.set_num_threads(a.threads)
     start = time.perf_counter()
-    model = load_model(a.model, dtype=_dtype(a.dtype), with_mtp=False)
+    llm = LLM(a.model, dtype=a.dtype, mtp=a.mtp)
     loaded = time.perf_counter()
-    stop_ids = [model.args.eos_token_id] if model.args.eos_token_id is not None and not a.ignore_eos else []
-    out = generate(model, [prompt], a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                   seed=a.seed, stop_token_ids=stop_ids)[0]
-    done = time.perf_counter()
-    text = tokenizer.decode(out.token_ids) if tokenizer else None
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                            seed=a.seed, ignore_eos=a.ignore_eos, logprobs=0)
+    prompt = a.prompt_ids if a.prompt_ids is not None else a.prompt
     if a.json:
-        print(json.dumps({"prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids, "text": text,
-                          "logprobs": out.logprobs, "finish_reason": out.finish_reason}))
-    else:
-        print(text if text is not None else " ".join(map(str, out.token_ids)))
-        print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}, load {loaded - start:.1f}s, "
-              f"generate {done - loaded:.2f}s]", file=sys.stderr)
+        out = llm.generate([prompt], params)[0]
+        print(json.dumps({"prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids, "text": out.text,
+                          "logprobs": out.logprobs, "finish_reason": out.finish_reason,
+                          "mtp": {"drafts": out.drafts_proposed, "accepted": out.drafts_accepted} if a.mtp else None}))
+        return 0
+    if a.prompt is not None:
+        print(a.prompt, end="", flush=True)
+    out = None
+    for out in llm.stream(prompt, params):  # print text as it is generated
+        print(out.new_text if out.text is not None else " ".join(map(str, out.new_token_ids)) + " ", end="", flush=True)
+    done = time.perf_counter()
+    rate = len(out.token_ids) / (done - loaded)
+    mtp = f", MTP acceptance {out.acceptance_rate:.0%}" if a.mtp else ""
+    print(f"\n[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}, load {loaded - start:.1f}s, "
+          f"{rate:.1f} tokens/s{mtp}]", file=sys.stderr)
     return 0
 
 
@@ -108,12 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("generate", help="generate from one prompt with the plain (single-request) loop",
+    p = sub.add_parser("generate", help="generate from one prompt in this process (no Ray)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Load a checkpoint, prefill the prompt into the latent KV cache and decode "
-                                   "token by token.\n\nexample:\n  moeserve generate --model CKPT --prompt-ids "
-                                   "1,2,3 --max-tokens 16 --temperature 0 --json")
-    _add_model(p)
+                       description="Load a checkpoint into the single-process engine (paged latent KV cache, "
+                                   "optional MTP speculation) and generate, streaming the text as it comes."
+                                   "\n\nexamples:\n  moeserve generate --prompt \"def fibonacci(\" --mtp\n"
+                                   "  moeserve generate --model CKPT --prompt-ids 1,2,3 --max-tokens 16 "
+                                   "--temperature 0 --json")
+    _add_model(p, required=False)
     p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
     p.add_argument("--prompt-ids", type=_token_ids, metavar="IDS", help="prompt as token ids, e.g. 1,2,3")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
@@ -122,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--mtp", action="store_true",
+                   help="speculative decoding with the checkpoint's MTP module: same output, fewer steps")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="compute dtype; FP8 weights are dequantised into it (default float32, fastest on CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

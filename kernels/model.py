@@ -115,23 +115,26 @@ class Gate(nn.Module):
         """x [T, dim] -> (weights [T, topk] fp32, indices [T, topk])."""
         scores = F.linear(x.float(), self.weight.float())  # [T, E]
         scores = scores.softmax(dim=-1) if self.score_func == "softmax" else scores.sigmoid()
-        original_scores = scores
-        if self.bias is not None:
-            scores = scores + self.bias
-        if self.n_groups > 1:
-            scores = scores.view(x.size(0), self.n_groups, -1)  # [T, G, E/G]
-            if self.topk_method == "noaux_tc":
-                group_scores = scores.topk(2, dim=-1)[0].sum(dim=-1)
-            else:
-                group_scores = scores.amax(dim=-1)
-            groups = group_scores.topk(self.topk_groups, dim=-1)[1]  # [T, topk_groups]
-            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
-            scores = scores.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
-        indices = scores.topk(self.topk, dim=-1)[1]
-        weights = original_scores.gather(1, indices)
+        biased = scores + self.bias if self.bias is not None else scores
+        indices = select_experts(biased, self.topk, self.n_groups, self.topk_groups, self.topk_method)
+        weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.route_scale, indices
+
+
+def select_experts(scores: torch.Tensor, topk: int, n_groups: int = 1, topk_groups: int = 1,
+                   method: str = "noaux_tc") -> torch.Tensor:
+    """scores [T, E] -> the top-k experts [T, topk] among the `topk_groups` best of `n_groups` groups; a group
+    scores its top-2 sum (`noaux_tc`) or its maximum (`group_limited_greedy`). With groups mapped to nodes
+    this is node-limited routing."""
+    if n_groups > 1:
+        grouped = scores.view(scores.size(0), n_groups, -1)  # [T, G, E/G]
+        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1) if method == "noaux_tc" else grouped.amax(dim=-1)
+        groups = group_scores.topk(topk_groups, dim=-1)[1]  # [T, topk_groups]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+        scores = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
+    return scores.topk(topk, dim=-1)[1]
 
 
 class MoE(nn.Module):

@@ -30,7 +30,7 @@ def test_generate_json_equals_the_library(checkpoints, capsys):
     printed = json.loads(capsys.readouterr().out)
     expected = generate(load_model(path, torch.float32), [[1, 2, 3]], 6, stop_token_ids=[1])[0]
     assert printed["token_ids"] == expected.token_ids
-    assert printed["logprobs"] == pytest.approx(expected.logprobs, rel=1e-6)
+    assert printed["logprobs"] == pytest.approx(expected.logprobs, rel=1e-5)
     assert printed["prompt_token_ids"] == [1, 2, 3] and printed["finish_reason"] in ("length", "stop")
 
 
@@ -42,7 +42,7 @@ def test_info_reports_kv_bytes(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--prompt-ids", "1,2,5000"], "token id 5000 is outside the vocabulary [0, 211)"),
-    (["--prompt-ids", "1", "--max-tokens", "0"], "max_tokens must be at least 1"),
+    (["--prompt-ids", "1", "--max-tokens", "0"], "max_tokens must be a positive integer"),
     (["--prompt", "hello"], "has no tokenizer.json"),
     (["--prompt-ids", "1", "--max-tokens", "600"], "exceed the model's context of 512"),
 ])

@@ -53,3 +53,18 @@ def test_sampling_frequencies_follow_the_distribution():
     for _ in range(3000):
         counts[sample(probs.log()[None], [1.0], generators=[g])[0]] += 1
     assert torch.allclose(counts / 3000, probs, atol=0.03)  # ~3.5 standard deviations of the 0.6 bin
+
+
+def test_speculative_acceptance_rule_leaves_the_target_distribution_unchanged():
+    """Draw d ~ q, keep it or replace it by the rule: the result must be distributed as p, whatever q is."""
+    from moeserve.kernels.sampling import accept_draft
+    p = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])  # a poor draft distribution: many rejections
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4)
+    n = 4000
+    for _ in range(n):
+        d = int(torch.multinomial(q, 1, generator=g)[0])
+        ok, replacement = accept_draft(p, d, q, g)
+        counts[d if ok else replacement] += 1
+    assert torch.allclose(counts / n, p, atol=0.03)  # binomial sd <= 0.008 per bin
