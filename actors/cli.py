@@ -89,6 +89,73 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cost(a: argparse.Namespace) -> int:
+    from moeserve.topology.cost import cost_report, load_architecture
+    from moeserve.topology.spec import load_topology
+    arch, spec = _model_and_topology(a, load_architecture, load_topology)
+    report = cost_report(arch, spec, tokens_per_device=a.tokens, hidden_override=a.hidden, seq_len=a.seq_len)
+    if a.json:
+        print(json.dumps(report))
+        return 0
+    t = report["tpot_assumptions"]
+    print(f"{arch.name} ({report['attention']}) on {spec.name}")
+    print(f"  parameters          {report['total_params'] / 1e9:.1f}B total, {report['active_params'] / 1e9:.1f}B active per token")
+    print(f"  KV cache per token  {report['kv_bytes_per_token']:,.0f} B (BF16)")
+    for name, value in report["kv_bytes_per_token_alternatives"].items():
+        print(f"      {name:<30}{value:>12,.0f} B")
+    print(f"  training compute    {report['train_gflops_per_token']:.1f} GFLOPs per token at sequence length {a.seq_len}")
+    print(f"  decode TPOT         {report['tpot_ms']:.2f} ms ({report['tokens_per_s']:.0f} tokens/s): {t['tokens_per_device']} "
+          f"tokens/device x {t['experts_per_token']} experts x hidden {t['hidden']}, FP8 dispatch + BF16 combine over "
+          f"{t['link_gbps']:g} GB/s, 2 overlapped micro-batches, {t['layers']} layers")
+    return 0
+
+
+def cmd_simulate(a: argparse.Namespace) -> int:
+    from moeserve.kernels.errors import InputError
+    from moeserve.kernels.model import select_experts
+    from moeserve.topology.cost import load_architecture
+    from moeserve.topology.simulate import plot, simulate
+    from moeserve.topology.spec import load_topology
+    arch, spec = _model_and_topology(a, load_architecture, load_topology)
+    spec = spec.scaled(a.nodes)
+    k = arch.experts_per_token
+
+    def route(scores, node_limited):  # the model's own gate selection
+        return select_experts(scores, k, a.groups if node_limited else 1, a.max_nodes)
+    print(f"simulating {arch.name} on {spec.nodes} x {spec.gpus_per_node} GPUs ({spec.name}), "
+          f"{a.tokens} tokens per GPU, {a.redundant} redundant experts, trace {a.trace} ...", file=sys.stderr)
+    try:
+        result = simulate(arch, spec, route, trace=a.trace, tokens_per_gpu=a.tokens, redundant=a.redundant,
+                          n_groups=a.groups, max_nodes=a.max_nodes, policy=a.policy)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if a.plot:
+        print(f"wrote {plot(result, a.plot)}", file=sys.stderr)
+    if a.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "expert_load"}))
+        return 0
+    b, imb = result["internode_bytes_per_token"], result["expert_imbalance"]
+    print(f"inter-node bytes per token: naive {b['naive']:,.0f}, node-limited {b['node_limited']:,.0f}, "
+          f"node-limited + dedup {b['node_limited_dedup']:,.0f} ({b['node_limited_dedup'] / b['naive']:.2f}x naive)")
+    print(f"per-GPU load max/mean: no replicas {imb['before']:.2f}")
+    for name, value in imb["policies"].items():
+        mark = "  (default)" if name == a.policy else ""
+        print(f"  {name:<16}{value:.3f}   max nodes per token {result['max_nodes_per_token']['loads_' + name]}{mark}")
+    planes = result["plane_bytes"]
+    print(f"per-plane bytes (MB): {' '.join(f'{x / 1e6:.1f}' for x in planes)}")
+    print(f"TPOT {result['tpot_ms']:.2f} ms from the simulated links (analytic, no dedup: "
+          f"{result['tpot_ms_analytic']:.2f} ms)")
+    return 0
+
+
+def _model_and_topology(a, load_architecture, load_topology):
+    from moeserve.kernels.errors import InputError
+    try:
+        return load_architecture(a.model), load_topology(a.topology)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
 def _token_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
@@ -143,6 +210,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", help="directory for the FP8 checkpoint")
     p.add_argument("--block", type=int, default=128, help="block edge for weight scales (default 128)")
     p.set_defaults(func=cmd_quantize)
+
+    models = "deepseek-v3, deepseek-v2, qwen2.5-72b, llama3.1-405b, or a config.json / checkpoint directory"
+    topologies = "h800-mpft, gb200-nvl72, cpu-local, or a topology YAML"
+    p = sub.add_parser("cost", help="KV cache, compute and decode TPOT of a model on a topology",
+                       description="The cost model: KV-cache bytes per token (MLA vs MHA/GQA/MQA, sliding window, "
+                                   "8/4-bit caches), parameters, training GFLOPs per token, and the communication-"
+                                   "bound decode TPOT of expert-parallel inference.")
+    p.add_argument("--model", required=True, help=models)
+    p.add_argument("--topology", default="h800-mpft", help=topologies + " (default h800-mpft)")
+    p.add_argument("--tokens", type=int, default=32, help="tokens per device per decode step (default 32)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size for TPOT (the paper rounds 7168 to 7000)")
+    p.add_argument("--seq-len", type=int, default=4096, help="sequence length for training FLOPs (default 4096)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_cost)
+
+    p = sub.add_parser("simulate", help="run EPLB and the dispatch planner over a routing trace at cluster scale",
+                       description="Plan a MoE layer's dispatch for every GPU's tokens with the real EPLB and "
+                                   "planner; report inter-node bytes per token (naive, node-limited, deduplicated), "
+                                   "per-GPU load balance for each EPLB policy, per-plane bytes and TPOT.")
+    p.add_argument("--model", default="deepseek-v3", help=models + " (default deepseek-v3)")
+    p.add_argument("--topology", default="h800-mpft", help=topologies + " (default h800-mpft)")
+    p.add_argument("--trace", default="zipf", help="zipf, uniform, or a .pt/.npy file of [tokens, k] expert ids")
+    p.add_argument("--nodes", type=int, default=None, help="override the topology's node count (256 = 2,048 GPUs)")
+    p.add_argument("--tokens", type=int, default=32, help="tokens per GPU (default 32)")
+    p.add_argument("--redundant", type=int, default=32, help="redundant expert slots (default 32)")
+    p.add_argument("--groups", type=int, default=8, help="expert groups of the gate (default 8)")
+    p.add_argument("--max-nodes", type=int, default=4, help="node limit M: groups a token may use (default 4)")
+    p.add_argument("--policy", default="topology_aware", choices=["topology_aware", "hierarchical", "global"],
+                   help="EPLB policy whose result is reported as 'after' (default topology_aware)")
+    p.add_argument("--plot", metavar="PNG", help="write per-plane and per-expert load as a PNG (matplotlib)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_simulate)
     return parser
 
 

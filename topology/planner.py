@@ -108,8 +108,9 @@ def _occurrence(keys: torch.Tensor) -> torch.Tensor:
 def plan_dispatch(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, placement: Placement, spec: TopologySpec,
                   hidden: int, max_nodes: Optional[int] = None) -> DispatchPlan:
     """topk_ids: [T, k] logical experts per token; src_gpu: [T] (or one int) global GPU of each token.
-    max_nodes (M): a replica on a node the token does not already visit is used only when the token cannot
-    exceed M nodes anyway (its nodes + k <= M, or M >= all nodes); None leaves only visited nodes."""
+    max_nodes (M): a replica on a node the token does not already visit is used only when that cannot make
+    the token exceed M nodes (its nodes + k <= M, or M >= all nodes) or its primaries already exceed M;
+    None keeps every token on the nodes its primaries visit."""
     T, k = topk_ids.shape
     G, N = spec.gpus_per_node, spec.nodes
     src_gpu = torch.as_tensor(src_gpu).expand(T) if torch.as_tensor(src_gpu).dim() == 0 else src_gpu
@@ -121,11 +122,17 @@ def plan_dispatch(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, placement
     cand = placement.log2phy[topk_ids]                                                    # [T, k, R]
     cand_node = placement.slot_node[cand.clamp(min=0)]
     on_visited = visits.gather(1, cand_node.view(T, -1)).view_as(cand)
-    free_to_roam = (visits.sum(1) + k <= max_nodes) | (max_nodes >= N) if max_nodes else torch.zeros(T, dtype=torch.bool)
+    n_visits = visits.sum(1)
+    # free to use any replica: the limit cannot be broken (nodes + k <= M, or M covers every node), or the
+    # routing broke it already (an unrestricted gate), where balance is all that is left to gain
+    free_to_roam = (n_visits + k <= max_nodes) | (max_nodes >= N) | (n_visits > max_nodes) if max_nodes \
+        else torch.zeros(T, dtype=torch.bool)
     usable = (cand >= 0) & (on_visited | free_to_roam[:, None, None])
     n_usable = usable.sum(-1)                                                             # [T, k] >= 1
-    # spread each expert's tokens round-robin over its usable replicas, sources starting at different ones
-    turn = (_occurrence(topk_ids.flatten()).view(T, k) + src_gpu[:, None]) % n_usable
+    # each source spreads an expert's tokens round-robin over its usable replicas, starting at a replica of
+    # its own, so sources planning independently still share the replicas out evenly
+    E = placement.log2phy.shape[0]
+    turn = (_occurrence((src_gpu[:, None] * E + topk_ids).flatten()).view(T, k) + src_gpu[:, None]) % n_usable
     pick = (usable.cumsum(-1) == (turn + 1)[..., None]) & usable
     slot = cand.gather(2, pick.float().argmax(-1, keepdim=True))[..., 0]                # [T, k]
     gpu = placement.slot_gpu[slot]

@@ -58,8 +58,12 @@ def load_trace(path: str | Path) -> torch.Tensor:
 
 
 def _no_replica_placement(arch: Architecture, spec: TopologySpec, n_groups: int) -> Placement:
-    E = arch.routed_experts
-    return Placement(torch.arange(E), E // spec.num_gpus, spec.gpus_per_node, n_groups)
+    """Every expert once, in order; with more GPUs than experts, every expert the same number of times."""
+    E, G = arch.routed_experts, spec.num_gpus
+    copies = max(1, G // E)
+    if (E * copies) % G:
+        raise ValueError(f"{E} experts cannot be spread evenly over {G} GPUs")
+    return Placement(torch.arange(E * copies) % E, E * copies // G, spec.gpus_per_node, n_groups)
 
 
 def _gpu_imbalance(plan, num_gpus: int) -> float:
@@ -75,8 +79,9 @@ def simulate(arch: Architecture, spec: TopologySpec, route: Route, trace: str = 
     E, num_gpus = arch.routed_experts, spec.num_gpus
     if not E:
         raise ValueError(f"{arch.name} has no routed experts: nothing to dispatch")
-    if (E + redundant) % num_gpus or E % num_gpus:
-        raise ValueError(f"{E} experts + {redundant} redundant slots must split evenly over {num_gpus} GPUs")
+    if (E + redundant) % num_gpus:
+        raise ValueError(f"{E} experts + {redundant} redundant slots must split evenly over {num_gpus} GPUs "
+                         f"(choose --redundant so that the sum is a multiple of {num_gpus})")
     T = tokens_per_gpu * num_gpus
     src = torch.arange(num_gpus).repeat_interleave(tokens_per_gpu)
     if trace in ("zipf", "uniform"):
