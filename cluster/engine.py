@@ -24,7 +24,7 @@ from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Draft, Sequence
+from .sequence import Draft, Sequence, SequenceStatus
 
 
 @dataclass
@@ -63,6 +63,45 @@ class RequestOutput:
         return self.drafts_accepted / self.drafts_proposed if self.drafts_proposed else 0.0
 
 
+def check_request(args, prompt: list[int], params: SamplingParams, cache_tokens: int, has_tokenizer: bool) -> None:
+    """Every reason a request can never be served, as an InputError naming it."""
+    params.validate()
+    if not prompt:
+        raise InputError("the prompt is empty; give at least one token")
+    bad = [t for t in prompt if not 0 <= t < args.vocab_size]
+    if bad:
+        raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {args.vocab_size})")
+    if len(prompt) + params.max_tokens > args.max_seq_len:
+        raise InputError(f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} exceed the model's "
+                         f"context of {args.max_seq_len} tokens")
+    if len(prompt) + params.max_tokens + 1 > cache_tokens:
+        raise InputError(f"the request needs {len(prompt) + params.max_tokens + 1} tokens of KV cache; the "
+                         f"engine holds {cache_tokens} (raise kv_cache_tokens)")
+    if params.stop and not has_tokenizer:
+        raise InputError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+
+
+@dataclass
+class PrefilledSequence:
+    """A prompt computed by a prefill shard, on its way to a decode shard: its latent KV (all cache layers,
+    positions 0..P-1, nothing else), the first generated token, and the sampler's state."""
+    request_id: str
+    token_ids: list[int]                 # prompt + the first generated token
+    num_prompt_tokens: int
+    params: SamplingParams
+    latent: torch.Tensor                 # [cache layers, P, kv_lora_rank + qk_rope_head_dim]
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float]]
+    prompt_logprobs: list[Optional[float]]
+    draft: Optional[Draft]
+    generator_state: Optional[torch.Tensor]
+    num_cached_tokens: int = 0
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.latent.numel() * self.latent.element_size()
+
+
 class Engine:
     def __init__(self, model: Transformer, config: EngineConfig = EngineConfig(), tokenizer=None):
         self.model = model
@@ -87,22 +126,9 @@ class Engine:
     def add_request(self, prompt_token_ids: Seq[int], params: SamplingParams,
                     request_id: Optional[str] = None) -> str:
         """Queue a request; a request that can never be served raises InputError and changes nothing."""
-        params.validate()
         prompt = list(prompt_token_ids)
-        if not prompt:
-            raise InputError("the prompt is empty; give at least one token")
-        bad = [t for t in prompt if not 0 <= t < self.args.vocab_size]
-        if bad:
-            raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {self.args.vocab_size})")
-        if len(prompt) + params.max_tokens > self.args.max_seq_len:
-            raise InputError(f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} exceed the model's "
-                             f"context of {self.args.max_seq_len} tokens")
-        capacity = self.block_manager.block_size * len(self.block_manager.blocks)
-        if len(prompt) + params.max_tokens + 1 > capacity:
-            raise InputError(f"the request needs {len(prompt) + params.max_tokens + 1} tokens of KV cache; the "
-                             f"engine holds {capacity} (raise kv_cache_tokens)")
-        if params.stop and self.tokenizer is None:
-            raise InputError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        check_request(self.args, prompt, params, self.block_manager.block_size * len(self.block_manager.blocks),
+                      has_tokenizer=self.tokenizer is not None)
         if request_id is not None and request_id in self.requests:
             raise InputError(f"request id {request_id!r} is already in use")
         seq = Sequence(prompt, params, request_id)
@@ -292,6 +318,56 @@ class Engine:
             prompt_logprobs=list(seq.prompt_logprobs) if p.prompt_logprobs is not None else None,
             new_token_ids=completion[tokens_sent:], new_text=new_text or "", num_cached_tokens=seq.num_cached_tokens,
             drafts_proposed=seq.drafts_proposed, drafts_accepted=seq.drafts_accepted, decode_steps=seq.num_steps)
+
+    # ---- prefill/decode disaggregation ---------------------------------------------------------------------
+
+    def prefilled(self) -> list[Sequence]:
+        """Running sequences whose prompt is computed and which have their first token."""
+        return [s for s in self.scheduler.running if not s.is_prefilling and s.finish_reason is None]
+
+    def take_prefilled(self, seq: Sequence) -> PrefilledSequence:
+        """Remove a prefilled sequence from this engine, with its latent KV, to continue on another engine."""
+        P = seq.num_computed_tokens
+        latent = self.cache.kv[:, self._slots(seq.block_table, P)].clone()
+        out = PrefilledSequence(
+            request_id=seq.request_id, token_ids=list(seq.token_ids), num_prompt_tokens=seq.num_prompt_tokens,
+            params=seq.params, latent=latent, logprobs=list(seq.logprobs), top_logprobs=list(seq.top_logprobs),
+            prompt_logprobs=list(seq.prompt_logprobs), draft=seq.draft,
+            generator_state=seq.generator.get_state() if seq.generator is not None else None,
+            num_cached_tokens=seq.num_cached_tokens)
+        self.abort(seq.request_id)
+        return out
+
+    def add_prefilled(self, pre: PrefilledSequence) -> str:
+        """Continue a sequence prefilled elsewhere: its latents go into this cache, and it joins the running
+        batch at once; with no room it waits and is recomputed here from its tokens."""
+        if pre.request_id in self.requests:
+            raise InputError(f"request id {pre.request_id!r} is already in use")
+        seq = Sequence(pre.token_ids, pre.params, pre.request_id)
+        seq.num_prompt_tokens = pre.num_prompt_tokens
+        seq.logprobs, seq.top_logprobs = list(pre.logprobs), list(pre.top_logprobs)
+        seq.prompt_logprobs, seq.num_cached_tokens = list(pre.prompt_logprobs), pre.num_cached_tokens
+        if pre.generator_state is not None:
+            seq.generator.set_state(pre.generator_state)
+        self.requests[seq.request_id] = seq
+        self._emitted[seq.request_id] = (0, 0)
+        P = pre.latent.shape[1]
+        layers_match = pre.latent.shape[0] == self.cache.kv.shape[0]
+        if layers_match and self.block_manager.can_allocate(seq) and len(self.scheduler.running) < self.config.max_num_seqs:
+            self.block_manager.allocate(seq, use_prefix_cache=False)
+            self.cache.kv[:, self._slots(seq.block_table, P)] = pre.latent.to(self.cache.kv.dtype)
+            seq.num_computed_tokens = seq.prefill_target = P
+            seq.draft = pre.draft
+            seq.status = SequenceStatus.RUNNING
+            self.scheduler.running.append(seq)
+        else:
+            self.scheduler.add(seq)  # recomputed from its tokens when room frees up
+        return seq.request_id
+
+    def _slots(self, block_table: list[int], n: int) -> torch.Tensor:
+        bs = self.cache.block_size
+        positions = torch.arange(n)
+        return torch.tensor(block_table, dtype=torch.long)[positions // bs] * bs + positions % bs
 
     # ---- reporting ------------------------------------------------------------------------------------
 

@@ -35,21 +35,26 @@ class ExpertTransport(Protocol):
         """Collect the weighted sum of expert outputs, [T, dim], for the tokens of `dispatch`."""
 
 
-def run_experts(experts: "LocalExperts", x: torch.Tensor, indices: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{indices[t, k]}(x[t]) for every token t; [T, dim].
-    Each expert runs once on all of its tokens (a grouped call), in ascending expert order."""
+def run_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{indices[t, k]}(x[t]) for every token t; [T, dim]."""
+    T, k = indices.shape
+    return run_assignments(experts, x, torch.arange(T).repeat_interleave(k), indices.flatten(), weights.flatten())
+
+
+def run_assignments(experts, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+    """y[r] = sum over assignments (r, e, w) of w * expert_e(x[r]); x [N, dim], the rest [A]. `experts` maps
+    a logical expert id to its module (a list or a dict). Each expert runs once on all of its rows (a grouped
+    call), in ascending expert order, so the sum's order does not depend on how tokens were batched."""
     y = torch.zeros_like(x)
-    counts = torch.bincount(indices.flatten(), minlength=len(experts)).tolist()
-    for i, count in enumerate(counts):
-        if count == 0:
-            continue
-        expert = experts[i]
+    order = torch.sort(expert_ids, stable=True).indices
+    ids, counts = torch.unique_consecutive(expert_ids[order], return_counts=True)
+    for e, chunk in zip(ids.tolist(), torch.split(order, counts.tolist())):
+        expert = experts[e]
         if expert is None:
-            raise RuntimeError(f"token routed to expert {i}, which this process does not hold")
-        token, slot = torch.where(indices == i)
-        out = expert(x[token]) * weights[token, slot, None]
-        y.index_add_(0, token, out.to(y.dtype))
+            raise RuntimeError(f"token routed to expert {e}, which this process does not hold")
+        token = rows[chunk]
+        y.index_add_(0, token, (expert(x[token]) * weights[chunk, None]).to(y.dtype))
     return y
 
 

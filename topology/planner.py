@@ -86,6 +86,8 @@ class DispatchPlan:
     bytes_per_plane: torch.Tensor      # [planes] inter-node bytes, both directions
     link_load: dict                    # link -> [endpoints] bytes: nic_tx/nic_rx [nodes, planes], nvlink_tx/rx [gpus]
     time_us: dict                      # estimated dispatch and combine time from the spec
+    plane: torch.Tensor                # [T] the plane each token's inter-node sends use
+    relay_local: torch.Tensor          # [T] in-node index of the relay GPU on every target node
 
     @property
     def max_nodes_per_token(self) -> int:
@@ -106,8 +108,10 @@ def _occurrence(keys: torch.Tensor) -> torch.Tensor:
 
 
 def plan_dispatch(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, placement: Placement, spec: TopologySpec,
-                  hidden: int, max_nodes: Optional[int] = None) -> DispatchPlan:
+                  hidden: int, max_nodes: Optional[int] = None, dispatch_bytes: Optional[int] = None,
+                  combine_bytes: Optional[int] = None) -> DispatchPlan:
     """topk_ids: [T, k] logical experts per token; src_gpu: [T] (or one int) global GPU of each token.
+    dispatch_bytes / combine_bytes: one token's payload each way (default FP8 with scales / BF16).
     max_nodes (M): a replica on a node the token does not already visit is used only when that cannot make
     the token exceed M nodes (its nodes + k <= M, or M >= all nodes) or its primaries already exceed M;
     None keeps every token on the nodes its primaries visit."""
@@ -163,7 +167,8 @@ def plan_dispatch(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, placement
     detour_tokens = torch.unique(pair_token[detour[pair_token]])
 
     # -- bytes and link loads -----------------------------------------------------------------------------
-    d, c = fp8_dispatch_bytes(hidden), bf16_combine_bytes(hidden)
+    d = dispatch_bytes if dispatch_bytes is not None else fp8_dispatch_bytes(hidden)  # per token, one way
+    c = combine_bytes if combine_bytes is not None else bf16_combine_bytes(hidden)
     per_send = d + c
     nic_tx = torch.zeros(N, spec.planes)
     nic_rx = torch.zeros(N, spec.planes)
@@ -206,4 +211,5 @@ def plan_dispatch(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, placement
     return DispatchPlan(
         expert_slot=slot, expert_gpu=gpu, nodes_per_token=nodes_hit.sum(1), inter_node_sends=n_inter,
         naive_sends=int(remote.sum()), bytes=bytes_, bytes_per_plane=bytes_per_plane,
-        link_load={"nic_tx": nic_tx, "nic_rx": nic_rx, "nvlink_tx": nv_tx, "nvlink_rx": nv_rx}, time_us=time_us)
+        link_load={"nic_tx": nic_tx, "nic_rx": nic_rx, "nvlink_tx": nv_tx, "nvlink_rx": nv_rx}, time_us=time_us,
+        plane=plane, relay_local=relay_local)

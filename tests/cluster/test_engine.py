@@ -192,3 +192,28 @@ def test_allocated_cache_bytes_per_token_equal_the_formula(model):
     a = model.args
     assert engine.stats()["kv_cache_bytes_per_token"] == (a.kv_lora_rank + a.qk_rope_head_dim) * a.n_layers * 4
     assert engine.stats()["kv_cache_bytes_per_token"] == a.kv_cache_bytes_per_token(torch.float32)
+
+
+@pytest.mark.parametrize("mtp", [False, True])
+def test_prefill_on_one_engine_and_decode_on_another_equals_one_engine(mtp_checkpoint, mtp):
+    """Only the latent KV (and the first token) moves; the decode engine continues exactly."""
+    model = load_model(mtp_checkpoint, dtype=torch.float32)
+    prompts = random_prompts([7, 33, 18], seed=11)
+    expected = [g.token_ids for g in generate(model, prompts, GREEDY.max_tokens)]
+    config = EngineConfig(mtp=mtp, block_size=4, kv_cache_tokens=512)
+    prefill, decode = Engine(model, config), Engine(model, config)
+    for p in prompts:
+        prefill.add_request(p, GREEDY)
+    moved = []
+    while prefill.has_unfinished():
+        prefill.step()
+        moved += [prefill.take_prefilled(s) for s in prefill.prefilled()]
+    a = model.args
+    for pre, p in zip(moved, prompts):
+        assert pre.kv_bytes == len(p) * (a.n_layers + mtp) * (a.kv_lora_rank + a.qk_rope_head_dim) * 4
+        decode.add_prefilled(pre)
+    assert prefill.block_manager.num_free_blocks == 128
+    outs = {}
+    while decode.has_unfinished():
+        outs.update({o.request_id: o for o in decode.step() if o.finished})
+    assert [outs[pre.request_id].token_ids for pre in moved] == expected

@@ -1,0 +1,245 @@
+"""Launching the disaggregated cluster on Ray: expert groups placed by EPLB on the topology's GPU slots,
+prefill and decode attention shards beside them, and a driver-side `generate` that runs a request through
+prefill -> latent KV hand-off -> decode.
+
+Nodes: topology node i is the Ray node offering the custom resource `moeserve-node-i` (set with
+`ray start --resources='{"moeserve-node-0": 100}'`, or by the Helm chart). A local cluster started here
+declares every node's resource on this one machine, which then plays all the nodes.
+"""
+import itertools
+import logging
+import os
+import secrets
+import socket
+import tempfile
+import time
+from typing import Optional, Sequence as Seq, Union
+
+import ray
+import torch
+
+from moeserve.cluster.config import ClusterConfig
+from moeserve.cluster.engine import PrefilledSequence, RequestOutput, check_request
+from moeserve.cluster.sampling_params import SamplingParams
+from moeserve.cluster.tokenizer import Tokenizer
+from moeserve.kernels.args import ModelArgs
+from moeserve.kernels.errors import InputError
+from moeserve.topology.eplb import rebalance_experts
+
+from .attention_shard import AttentionShardWorker
+from .expert_group import ExpertGroupWorker
+
+Prompt = Union[str, Seq[int]]
+
+
+def node_resource(node: int) -> str:
+    return f"moeserve-node-{node}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def moe_layer_ids(args: ModelArgs, mtp: bool) -> list[int]:
+    layers = [i for i in range(args.n_layers) if args.is_moe_layer(i)]
+    return layers + ([args.n_layers] if mtp and args.n_mtp_layers else [])
+
+
+class Cluster:
+    """`with Cluster(ClusterConfig()) as c: c.generate(["def f("], SamplingParams(max_tokens=16))`."""
+
+    def __init__(self, config: Optional[ClusterConfig] = None):
+        self.config = config or ClusterConfig()
+        self.args = ModelArgs.from_file(self.config.model)
+        self.tokenizer = Tokenizer(self.config.model) if Tokenizer.exists(self.config.model) else None
+        self.started_ray = False
+        self.groups, self.prefill_shards, self.decode_shards = [], [], []
+        self.where: dict[str, dict] = {}
+        self.kv_transfer_bytes = 0
+        self._prefill_turn = itertools.count()
+        self._ids = itertools.count()
+
+    def __enter__(self) -> "Cluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- start --------------------------------------------------------------------------------------------
+
+    def _init_ray(self) -> None:
+        spec, rc = self.config.topology_spec, self.config.ray
+        if ray.is_initialized():
+            return
+        if rc.address:
+            ray.init(address=rc.address, logging_level=logging.WARNING, log_to_driver=False)
+            return
+        temp_dir = rc.temp_dir or tempfile.mkdtemp(prefix="moeserve-ray-")
+        os.environ.setdefault("RAY_TMPDIR", temp_dir)
+        # token auth on, with a fresh token handed to Ray's processes through the environment rather than a
+        # file in the user's home; a cluster joined by address brings its own token (RAY_AUTH_TOKEN)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        # a private single-machine cluster: loopback only, no dashboard unless asked, every node's resource here
+        ray.init(_temp_dir=temp_dir, _node_ip_address="127.0.0.1", include_dashboard=rc.dashboard,
+                 resources={node_resource(i): 1000 for i in range(spec.nodes)}, logging_level=logging.WARNING,
+                 log_to_driver=False, num_cpus=max(2, os.cpu_count() or 2))
+        self.started_ray = True
+
+    def placement(self) -> dict[int, list[int]]:
+        """Initial EPLB placement (uniform load): MoE layer id -> phy2log over all expert slots."""
+        spec, cfg = self.config.topology_spec, self.config
+        layers = moe_layer_ids(self.args, cfg.mtp)
+        E = self.args.n_routed_experts
+        weight = torch.ones(len(layers), E)
+        phy2log, _, _ = rebalance_experts(weight, E + cfg.redundant_experts, self.args.n_expert_groups, spec.nodes,
+                                          spec.num_gpus)
+        return {layer: phy2log[i].tolist() for i, layer in enumerate(layers)}
+
+    def start(self) -> "Cluster":
+        cfg, spec = self.config, self.config.topology_spec
+        if cfg.expert_groups != spec.num_gpus:
+            raise InputError(f"expert_groups ({cfg.expert_groups}) must equal the topology's GPU slots "
+                             f"({spec.num_gpus}): each group is one slot")
+        if (self.args.n_routed_experts + cfg.redundant_experts) % spec.num_gpus:
+            raise InputError(f"{self.args.n_routed_experts} experts + {cfg.redundant_experts} redundant slots do "
+                             f"not split evenly over {spec.num_gpus} expert groups")
+        self._init_ray()
+        phy2log = self.placement()
+        slots = len(next(iter(phy2log.values()))) // spec.num_gpus
+        threads = cfg.ray.threads_per_actor
+        for g in range(spec.num_gpus):
+            experts = {layer: p[g * slots:(g + 1) * slots] for layer, p in phy2log.items()}
+            actor = ray.remote(ExpertGroupWorker).options(
+                num_cpus=0, max_concurrency=16, resources={node_resource(g // spec.gpus_per_node): 1},
+                name=None).remote(g, cfg.model, cfg.dtype, experts, threads)
+            self.groups.append(actor)
+        for g, actor in enumerate(self.groups):
+            node = g // spec.gpus_per_node
+            actor.set_peers.remote({h: self.groups[h] for h in range(node * spec.gpus_per_node,
+                                                                     (node + 1) * spec.gpus_per_node)})
+        config = cfg.model_dump()
+        for role, count, pool in (("prefill", cfg.prefill_shards, self.prefill_shards),
+                                  ("decode", cfg.decode_shards, self.decode_shards)):
+            for i in range(count):
+                slot = (len(self.prefill_shards) + len(self.decode_shards)) % spec.num_gpus
+                actor = ray.remote(AttentionShardWorker).options(
+                    num_cpus=0, max_concurrency=256, resources={node_resource(slot // spec.gpus_per_node): 1},
+                ).remote(role, i, config, phy2log, self.groups, slot)
+                pool.append(actor)
+        names = [f"expert-group-{g}" for g in range(len(self.groups))] + \
+            [f"prefill-{i}" for i in range(len(self.prefill_shards))] + \
+            [f"decode-{i}" for i in range(len(self.decode_shards))]
+        reports = ray.get([a.ready.remote() for a in self.groups + self.prefill_shards + self.decode_shards])
+        for name, report in zip(names, reports):
+            slot = report.get("gpu_slot", report.get("group"))
+            self.where[name] = {**report, "topology_node": slot // spec.gpus_per_node,
+                                "gpu": slot % spec.gpus_per_node}
+        return self
+
+    # ---- requests -----------------------------------------------------------------------------------------
+
+    def generate(self, prompts: Union[Prompt, Seq[Prompt]],
+                 params: Union[SamplingParams, Seq[SamplingParams], None] = None) -> list[RequestOutput]:
+        """Same contract as `LLM.generate`: every request is checked first; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        encoded = []
+        cache_tokens = self.config.engine.kv_cache_tokens
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            tokens = self._encode(prompt)
+            try:
+                check_request(self.args, tokens, p, cache_tokens, has_tokenizer=self.tokenizer is not None)
+            except InputError as e:
+                raise InputError(f"prompt {i}: {e}") from None
+            encoded.append((f"req-{next(self._ids)}", tokens, p))
+        batches: dict[int, list] = {}
+        for request in encoded:  # prompts spread over the prefill shards in turn
+            batches.setdefault(next(self._prefill_turn) % len(self.prefill_shards), []).append(request)
+        prefill_refs = [(self.prefill_shards[s], self.prefill_shards[s].prefill.remote(b)) for s, b in batches.items()]
+        results: dict[str, object] = {}
+        loads = ray.get([d.load.remote() for d in self.decode_shards])
+        waits = []
+        for _, ref in prefill_refs:
+            for item in ray.get(ref):
+                if isinstance(item, PrefilledSequence):
+                    target = min(range(len(self.decode_shards)), key=lambda d: loads[d])
+                    loads[target] += 1
+                    self.kv_transfer_bytes += item.kv_bytes
+                    self.decode_shards[target].submit.remote(item)
+                    waits.append((item.request_id, self.decode_shards[target].wait.remote(item.request_id)))
+                else:
+                    results[item.request_id] = item
+        for rid, ref in waits:
+            results[rid] = ray.get(ref)
+        outs = [results[rid] for rid, _, _ in encoded]
+        if self.tokenizer is not None:
+            for out in outs:
+                out.text = self.tokenizer.decode(out.token_ids)
+        return outs
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputError("this model has no tokenizer.json: give prompts as token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    # ---- reporting and teardown ---------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        shards = ray.get([s.stats.remote() for s in self.prefill_shards + self.decode_shards])
+        links = {key: 0 for key in ("inter_node", "intra_node", "planned_inter_node", "planned_intra_node",
+                                    "crossings", "naive_crossings")}
+        planes = [0] * self.config.topology_spec.planes
+        planned_planes = [0] * self.config.topology_spec.planes
+        tokens_per_expert: dict[int, list[int]] = {}
+        for s in shards:
+            for key in links:
+                links[key] += s["links"][key]
+            planes = [a + b for a, b in zip(planes, s["links"]["per_plane"])]
+            planned_planes = [a + b for a, b in zip(planned_planes, s["links"]["planned_per_plane"])]
+            for layer, load in s["tokens_per_expert"].items():
+                prev = tokens_per_expert.get(layer, [0] * len(load))
+                tokens_per_expert[layer] = [a + b for a, b in zip(prev, load)]
+        return {
+            "where": self.where,
+            "bytes": {"measured": {"inter_node": links["inter_node"], "intra_node": links["intra_node"],
+                                   "per_plane": planes},
+                      "planned": {"inter_node": links["planned_inter_node"], "intra_node": links["planned_intra_node"],
+                                  "per_plane": planned_planes},
+                      "inter_node_crossings": links["crossings"], "naive_crossings": links["naive_crossings"]},
+            "tokens_per_expert": tokens_per_expert,
+            "kv_transfer_bytes": self.kv_transfer_bytes,
+            "shards": shards,
+        }
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop every actor this cluster started and wait until their processes have exited."""
+        actors = self.prefill_shards + self.decode_shards + self.groups
+        if ray.is_initialized():
+            for shard in self.decode_shards:
+                try:
+                    ray.get(shard.stop.remote(), timeout=10)
+                except Exception:  # already gone: nothing to stop
+                    pass
+            for actor in actors:
+                ray.kill(actor)
+            deadline = time.monotonic() + timeout_s
+            pids = [w["pid"] for w in self.where.values() if w.get("host") == socket.gethostname()]
+            while pids and time.monotonic() < deadline:
+                pids = [pid for pid in pids if _alive(pid)]
+                time.sleep(0.1)
+        self.groups, self.prefill_shards, self.decode_shards = [], [], []
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False

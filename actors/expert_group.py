@@ -1,0 +1,98 @@
+"""The expert-group actor: the routed experts of one GPU slot, for every MoE layer (the MTP layer included),
+read from the checkpoint by name and nothing else. It also serves as the relay of its node: tokens that reach
+the node on its plane arrive here once, and it forwards each to the other groups of the node that hold its
+experts, sums their partial outputs with its own, and sends one combined row per token back."""
+import os
+import socket
+
+import ray
+import torch
+
+from moeserve.kernels.checkpoint import Checkpoint, routed_expert_of
+from moeserve.kernels.experts import MLP, run_assignments
+from moeserve.kernels.fp8 import act_dequant
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def decode_payload(payload: dict, dtype: torch.dtype) -> torch.Tensor:
+    """Token rows as sent: FP8 bytes with 1x128 tile scales, or a plain tensor."""
+    if "fp8" in payload:
+        return act_dequant(payload["fp8"].view(torch.float8_e4m3fn), payload["scale"], dtype=dtype)
+    return payload["x"].to(dtype)
+
+
+def slice_payload(payload: dict, rows: torch.Tensor) -> dict:
+    if "fp8" in payload:
+        return {"fp8": payload["fp8"][rows], "scale": payload["scale"][rows]}
+    return {"x": payload["x"][rows]}
+
+
+def payload_bytes(payload: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in payload.values())
+
+
+class ExpertGroupWorker:
+    def __init__(self, group_id: int, model: str, dtype: str, experts: dict[int, list[int]], threads: int = 1):
+        """experts: MoE layer id -> the logical experts this group holds for it (its physical slots)."""
+        torch.set_num_threads(threads)
+        self.group_id = group_id
+        self.dtype = _DTYPES[dtype]
+        ckpt = Checkpoint(model)
+        wanted = {(layer, e) for layer, es in experts.items() for e in es}
+        self.experts: dict[int, dict[int, MLP]] = {layer: {} for layer in experts}
+        args = ckpt.args
+        for layer, es in experts.items():
+            for e in set(es):
+                self.experts[layer][e] = MLP(args.dim, args.moe_inter_dim).to(self.dtype)
+        for name, tensor in ckpt.tensors(select=lambda n: routed_expert_of(n) in wanted, dtype=self.dtype):
+            layer, e = routed_expert_of(name)
+            proj = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}[name.split(".")[-2]]
+            getattr(self.experts[layer][e], proj).weight = torch.nn.Parameter(tensor, requires_grad=False)
+        self.peers: dict[int, "ray.actor.ActorHandle"] = {}
+        self.tokens_computed = 0
+
+    def ready(self) -> dict:
+        return {"group": self.group_id, "pid": os.getpid(), "host": socket.gethostname(),
+                "ray_node": ray.get_runtime_context().get_node_id(),
+                "experts": {layer: sorted(es) for layer, es in self.experts.items()}}
+
+    def set_peers(self, peers: dict) -> None:
+        self.peers = peers
+
+    @torch.inference_mode()
+    def compute(self, layer: int, payload: dict, rows: torch.Tensor, expert_ids: torch.Tensor,
+                weights: torch.Tensor, combine_dtype: str) -> torch.Tensor:
+        """Partial outputs [N, dim] for the N payload rows: sum of weight x expert(row) over the assignments."""
+        x = decode_payload(payload, self.dtype)
+        self.tokens_computed += len(rows)
+        y = run_assignments(self.experts[layer], x, rows, expert_ids, weights.to(self.dtype))
+        return y.to(_DTYPES[combine_dtype] if combine_dtype != "bf16" else torch.bfloat16)
+
+    @torch.inference_mode()
+    def relay(self, layer: int, payload: dict, work: dict, combine_dtype: str) -> tuple[torch.Tensor, int]:
+        """Serve tokens that crossed to this node: `work` maps a group of this node to its assignments
+        (rows, expert ids, weights) over the payload rows. Returns (node partial [N, dim], bytes forwarded
+        inside the node, both ways)."""
+        refs, forwarded, own = [], 0, None
+        for gid, (rows, expert_ids, weights) in work.items():
+            if gid == self.group_id:
+                own = (rows, expert_ids, weights)
+                continue
+            needed, local_rows = torch.unique(rows, return_inverse=True)  # each row once per GPU
+            sub = slice_payload(payload, needed)
+            forwarded += payload_bytes(sub)
+            refs.append((needed, self.peers[gid].compute.remote(layer, sub, local_rows, expert_ids, weights,
+                                                                 combine_dtype)))
+        n = next(iter(payload.values())).shape[0]
+        total = None
+        if own is not None:
+            total = self.compute(layer, payload, *own, combine_dtype).float()
+        for needed, ref in refs:
+            part = ray.get(ref)
+            forwarded += part.numel() * part.element_size()
+            if total is None:
+                total = torch.zeros(n, part.shape[1])
+            total.index_add_(0, needed, part.float())
+        out_dtype = torch.bfloat16 if combine_dtype == "bf16" else torch.float32
+        return total.to(out_dtype), forwarded

@@ -1,0 +1,84 @@
+"""The cluster configuration: one pydantic model, loaded from YAML. `ClusterConfig()` is the demo model on the
+default disaggregated layout: one prefill shard, one decode shard, four expert groups with four redundant
+expert slots, on the `cpu-local` topology (two simulated nodes of two "GPUs" each)."""
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moeserve.kernels.errors import ConfigError
+from moeserve.topology.spec import PRESETS, TopologySpec
+
+from .llm import DEMO_MODEL
+
+
+class EngineSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    block_size: int = Field(16, ge=1)
+    kv_cache_tokens: int = Field(16384, ge=16, description="latent KV capacity per attention shard, in tokens")
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(512, ge=1)
+    prefix_caching: bool = True
+
+
+class RaySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    address: Optional[str] = Field(None, description="join this Ray cluster; None starts a local one")
+    temp_dir: Optional[str] = Field(None, description="where a local Ray writes; default a fresh temp directory")
+    dashboard: bool = Field(False, description="start Ray's dashboard (off: nothing listens that need not)")
+    threads_per_actor: int = Field(1, ge=1, description="torch threads in each actor")
+
+
+class ClusterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(str(DEMO_MODEL), description="checkpoint directory")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    prefill_shards: int = Field(1, ge=1)
+    decode_shards: int = Field(1, ge=1)
+    expert_groups: int = Field(4, ge=1, description="expert-group actors, one per topology GPU slot")
+    redundant_experts: int = Field(4, ge=0, description="extra physical expert slots for EPLB replicas")
+    shared_expert_groups: bool = Field(True, description="prefill and decode shards use the same expert groups")
+    mtp: bool = Field(False, description="MTP speculative decoding on the decode shards")
+    transport: Literal["ray"] = "ray"
+    dispatch_dtype: Literal["fp8", "bf16", "float32"] = Field(
+        "fp8", description="token payload to the experts: fp8 (1x128 tile scales), bf16, or float32 (exact)")
+    combine_dtype: Literal["bf16", "float32"] = "bf16"
+    topology: Union[str, TopologySpec] = Field("cpu-local", description="a preset name or an inline spec")
+    max_nodes: int = Field(4, ge=1, description="node limit M of the dispatch planner")
+    engine: EngineSettings = EngineSettings()
+    ray: RaySettings = RaySettings()
+
+    @model_validator(mode="after")
+    def _fits(self) -> "ClusterConfig":
+        spec = self.topology_spec
+        if self.expert_groups > spec.num_gpus:
+            raise ValueError(f"expert_groups ({self.expert_groups}) exceeds the topology's {spec.num_gpus} GPU slots")
+        if spec.num_gpus % self.expert_groups:
+            raise ValueError(f"expert_groups ({self.expert_groups}) must divide the topology's {spec.num_gpus} GPUs")
+        return self
+
+    @property
+    def topology_spec(self) -> TopologySpec:
+        if isinstance(self.topology, TopologySpec):
+            return self.topology
+        if self.topology not in PRESETS:
+            raise ValueError(f"topology {self.topology!r} is not a preset ({', '.join(PRESETS)}); give a preset "
+                             "name or an inline spec")
+        return PRESETS[self.topology]
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path]) -> "ClusterConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such cluster config")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+            return cls(**data)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "config"
+            raise ConfigError(f"{path}: {where}: {first['msg']}") from None

@@ -1,0 +1,103 @@
+"""The disaggregated cluster on a real multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`, one
+raylet per topology node), against the single-process engine, token for token."""
+import os
+import secrets
+import tempfile
+
+import pytest
+import torch
+
+# token auth and a private temp dir for the test cluster, set before Ray reads its configuration at import
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="moeserve-test-ray-"))
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every raylet on the loopback address
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster as RayCluster  # noqa: E402
+
+from moeserve.actors.cluster import Cluster, node_resource  # noqa: E402
+from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
+from moeserve.topology.spec import TopologySpec  # noqa: E402
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+TWO_NODES_ONE_GPU = TopologySpec(name="two-by-one", nodes=2, gpus_per_node=1, nics_per_node=1, planes=1,
+                                 intra_node_gbps=10, nic_gbps=1)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    cluster = RayCluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "resources": {node_resource(0): 100}, "object_store_memory": 80 * 2**20,
+        "include_dashboard": False})
+    cluster.add_node(num_cpus=2, resources={node_resource(1): 100}, object_store_memory=80 * 2**20)
+    assert cluster.address.startswith("127.0.0.1:"), cluster.address
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(2, 200, (n,), generator=g).tolist() for n in (5, 31, 12, 20)]
+
+
+@pytest.fixture(scope="module")
+def expected(mtp_checkpoint, prompts):
+    return [o.token_ids for o in LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts, GREEDY)]
+
+
+def config(path, **kw):
+    return ClusterConfig(model=str(path), engine={"kv_cache_tokens": 1024, "block_size": 4}, **kw)
+
+
+def test_one_prefill_one_decode_two_expert_groups(ray_cluster, mtp_checkpoint, prompts, expected):
+    cfg = config(mtp_checkpoint, topology=TWO_NODES_ONE_GPU, expert_groups=2, redundant_experts=2,
+                 dispatch_dtype="float32", combine_dtype="float32")
+    with Cluster(cfg) as c:
+        assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
+        stats = c.stats()
+        measured, planned = stats["bytes"]["measured"], stats["bytes"]["planned"]
+        assert measured == planned and measured["inter_node"] > 0
+        a = c.args  # only the latent moved: tokens x layers x (kv_lora_rank + qk_rope_head_dim) x 4 bytes
+        assert stats["kv_transfer_bytes"] == sum(map(len, prompts)) * a.n_layers * a.latent_dim * 4
+        nodes = {stats["where"][f"expert-group-{g}"]["ray_node"] for g in range(2)}
+        assert len(nodes) == 2  # the two topology nodes are two different raylets
+        pids = [w["pid"] for w in stats["where"].values()]
+    for pid in pids:  # teardown leaves no actor process behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_two_decode_shards_four_groups_redundant_replicas_and_mtp(ray_cluster, mtp_checkpoint, prompts, expected):
+    cfg = config(mtp_checkpoint, topology="cpu-local", decode_shards=2, expert_groups=4, redundant_experts=4,
+                 mtp=True, dispatch_dtype="float32", combine_dtype="float32")
+    with Cluster(cfg) as c:
+        outs = c.generate(prompts, GREEDY)
+        assert [o.token_ids for o in outs] == expected
+        assert all(o.drafts_proposed > 0 for o in outs)
+        stats = c.stats()
+        b = stats["bytes"]
+        assert b["measured"] == b["planned"]
+        assert b["inter_node_crossings"] < b["naive_crossings"]  # one crossing per (token, node), not per expert
+        assert {stats["where"][f"decode-{i}"]["shard"] for i in range(2)} == {0, 1}
+        served = [s["engine"]["steps"] for s in stats["shards"] if s["role"] == "decode"]
+        assert all(steps > 0 for steps in served)  # both decode shards took requests
+        assert sum(sum(v) for v in stats["tokens_per_expert"].values()) > 0
+
+
+def test_bf16_dispatch_keeps_greedy_and_fp8_moves_logprobs_a_bounded_amount(ray_cluster, mtp_checkpoint, prompts,
+                                                                           expected, capsys):
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
+    exact = LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts, params)
+    with Cluster(config(mtp_checkpoint, dispatch_dtype="bf16")) as c:
+        assert [o.token_ids for o in c.generate(prompts, params)] == expected
+    with Cluster(config(mtp_checkpoint, dispatch_dtype="fp8")) as c:
+        fp8 = c.generate(prompts, params)
+    diffs = [abs(a - b) for e, f in zip(exact, fp8) for a, b, t, u in zip(e.logprobs, f.logprobs, e.token_ids,
+                                                                          f.token_ids) if t == u]
+    with capsys.disabled():
+        print(f"\nFP8 dispatch: max |delta logprob| {max(diffs):.4f}, mean {sum(diffs) / len(diffs):.5f} "
+              f"over {len(diffs)} tokens")
+    assert max(diffs) < 0.1
