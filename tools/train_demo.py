@@ -139,6 +139,8 @@ def main() -> int:
     p.add_argument("--bias-gamma", type=float, default=1e-3, help="bias update speed gamma (DeepSeek-V3: 0.001)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", type=Path, help="continue training this checkpoint (its tokenizer is kept)")
+    p.add_argument("--warmup", type=int, default=100)
     a = p.parse_args()
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
@@ -148,7 +150,11 @@ def main() -> int:
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
     val_ids = set(range(0, len(texts), 50))  # every 50th file is held out
     t0 = time.time()
-    tokenizer = train_tokenizer([t for i, t in enumerate(texts) if i not in val_ids], a.vocab)
+    if a.resume:
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_file(str(a.resume / "tokenizer.json"))
+    else:
+        tokenizer = train_tokenizer([t for i, t in enumerate(texts) if i not in val_ids], a.vocab)
     write_tokenizer(tokenizer, a.out)
     bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
     streams = {"train": [], "val": []}
@@ -161,6 +167,10 @@ def main() -> int:
     args = demo_args(tokenizer.get_vocab_size())
     model = Transformer(args)
     init_weights(model)
+    if a.resume:  # the stored weights (BF16) over the fresh ones
+        from moeserve.kernels.load import load_model
+        stored = load_model(a.resume, dtype=torch.float32).state_dict()
+        model.load_state_dict({k: v for k, v in stored.items() if k in model.state_dict()}, strict=False)
     n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("mtp.0.embed", "mtp.0.head")))
     print(f"model: {n_params / 1e6:.2f}M parameters (MTP embedding and head shared)", flush=True)
     # MTP embedding and output head are the main model's, as in DeepSeek-V3
@@ -177,7 +187,7 @@ def main() -> int:
 
     val_windows = batch_from(data["val"], 32)
     budget = a.minutes * 60
-    warmup = 100
+    warmup = a.warmup
     log, step, start = [], 0, time.time()
     first = evaluate(model, val_windows)
     print(f"step 0: {first}", flush=True)
@@ -215,6 +225,8 @@ def main() -> int:
     report = {"steps": step, "tokens": step * a.batch * a.seq_len, "minutes": round((time.time() - start) / 60, 1),
               "parameters": n_params, "corpus_files": len(files), "python": sys.version.split()[0],
               "initial": first, "final": final, "log": log, "settings": {k: str(v) for k, v in vars(a).items()}}
+    if a.resume and (a.resume / "training_log.json").is_file():  # keep the earlier run's curve in front
+        report["previous"] = json.loads((a.resume / "training_log.json").read_text())
     (a.out / "training_log.json").write_text(json.dumps(report, indent=1) + "\n")
     fp8 = quantize_checkpoint(a.out, a.out.with_name(a.out.name + "-fp8"))
     (fp8 / "training_log.json").unlink(missing_ok=True)
