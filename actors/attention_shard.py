@@ -5,6 +5,7 @@ to a decode shard; a `decode` shard runs the continuous-batching loop in a threa
 import os
 import socket
 import threading
+import time
 
 import ray
 import torch
@@ -40,49 +41,69 @@ class AttentionShardWorker:
         tokenizer = Tokenizer(cfg.model) if Tokenizer.exists(cfg.model) else None
         self.engine = Engine(model, EngineConfig(mtp=cfg.mtp, **cfg.engine.model_dump()), tokenizer)
         self.lock = threading.Condition()
-        self.finished: dict[str, RequestOutput] = {}
+        self.updates: dict[str, list] = {}       # request -> outputs not yet polled (decode), or its hand-off
         self.kv_bytes_received = 0
         self.kv_bytes_sent = 0
+        self.step_s = 0.0
         self.stopped = False
-        if role == "decode":
-            threading.Thread(target=self._loop, daemon=True, name=f"decode-{shard_id}").start()
+        threading.Thread(target=self._loop, daemon=True, name=f"{role}-{shard_id}").start()
 
     def ready(self) -> dict:
         return {"role": self.role, "shard": self.shard_id, "gpu_slot": self.src_gpu, "pid": os.getpid(),
                 "host": socket.gethostname(), "ray_node": ray.get_runtime_context().get_node_id()}
 
-    # ---- prefill ------------------------------------------------------------------------------------------
+    # ---- requests in ----------------------------------------------------------------------------------------
 
-    def prefill(self, requests: list[tuple[str, list[int], SamplingParams]]) -> list:
-        """Compute the prompts; return for each a PrefilledSequence, or its RequestOutput if it already finished
-        (first token a stop token, or max_tokens 1)."""
+    def add(self, request_id: str, tokens: list[int], params: SamplingParams) -> None:
+        """Queue a prompt (prefill role: it is handed off once computed)."""
         with self.lock:
-            for rid, tokens, params in requests:
-                self.engine.add_request(tokens, params, request_id=rid)
-            done: dict[str, object] = {}
-            while len(done) < len(requests):
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
-                for seq in self.engine.prefilled():
-                    pre = self.engine.take_prefilled(seq)
-                    self.kv_bytes_sent += pre.kv_bytes
-                    done[pre.request_id] = pre
-            return [done[rid] for rid, _, _ in requests]
-
-    # ---- decode -------------------------------------------------------------------------------------------
+            self.engine.add_request(tokens, params, request_id=request_id)
+            self.updates[request_id] = []
+            self.lock.notify_all()
 
     def submit(self, pre: PrefilledSequence) -> None:
+        """Continue a prefilled sequence here (decode role)."""
         with self.lock:
             self.engine.add_prefilled(pre)
             self.kv_bytes_received += pre.kv_bytes
+            self.updates[pre.request_id] = []
             self.lock.notify_all()
 
-    def wait(self, request_id: str) -> RequestOutput:
+    def prefill(self, requests: list[tuple[str, list[int], SamplingParams]]) -> list:
+        """Compute the prompts; for each a PrefilledSequence, or its final RequestOutput if it already finished
+        (first token a stop token, or max_tokens 1)."""
+        for rid, tokens, params in requests:
+            self.add(rid, tokens, params)
+        return [self.poll(rid, timeout=None)[-1] for rid, _, _ in requests]
+
+    # ---- results out ----------------------------------------------------------------------------------------
+
+    def poll(self, request_id: str, timeout: float | None = 1.0) -> list:
+        """Outputs since the last poll (waits up to `timeout` for the first); [] if none came."""
         with self.lock:
-            while request_id not in self.finished:
-                self.lock.wait()
-            return self.finished.pop(request_id)
+            self.lock.wait_for(lambda: self.updates.get(request_id) or request_id not in self.updates, timeout)
+            items = self.updates.get(request_id, [])
+            if items and (isinstance(items[-1], PrefilledSequence) or items[-1].finished):
+                self.updates.pop(request_id)
+            elif items:
+                self.updates[request_id] = []
+            return items
+
+    def wait(self, request_id: str) -> RequestOutput:
+        """The finished output of a request (decode role)."""
+        while True:
+            items = self.poll(request_id, timeout=None)
+            if items and items[-1].finished:
+                return items[-1]
+            if not items:
+                raise KeyError(f"unknown request {request_id!r}")
+
+    def abort(self, request_id: str) -> None:
+        """The client went away: free the sequence and its cache blocks now."""
+        with self.lock:
+            self.engine.abort(request_id)
+            self.updates.pop(request_id, None)
+            self.lock.notify_all()
 
     def load(self) -> int:
         return len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
@@ -90,14 +111,22 @@ class AttentionShardWorker:
     def _loop(self) -> None:
         while not self.stopped:
             with self.lock:
-                while not self.engine.has_unfinished() and not self.stopped:
-                    self.lock.wait()
+                self.lock.wait_for(lambda: self.engine.has_unfinished() or self.stopped)
+                if self.stopped:
+                    return
+                start = time.perf_counter()
                 outputs = self.engine.step()
+                self.step_s += time.perf_counter() - start
                 for out in outputs:
-                    if out.finished:
-                        self.finished[out.request_id] = out
-                if outputs:
-                    self.lock.notify_all()
+                    if out.request_id in self.updates and (self.role == "decode" or out.finished):
+                        self.updates[out.request_id].append(out)
+                if self.role == "prefill":
+                    for seq in self.engine.prefilled():
+                        pre = self.engine.take_prefilled(seq)
+                        self.kv_bytes_sent += pre.kv_bytes
+                        if pre.request_id in self.updates:
+                            self.updates[pre.request_id].append(pre)
+                self.lock.notify_all()
 
     def stop(self) -> None:
         with self.lock:
@@ -107,5 +136,6 @@ class AttentionShardWorker:
     def stats(self) -> dict:
         with self.lock:
             return {**self.ready(), "engine": self.engine.stats(), "links": self.router.counters.as_dict(),
+                    "step_s": self.step_s,
                     "tokens_per_expert": {layer: load.tolist() for layer, load in self.router.expert_load.items()},
                     "kv_bytes_sent": self.kv_bytes_sent, "kv_bytes_received": self.kv_bytes_received}

@@ -6,7 +6,6 @@ Nodes: topology node i is the Ray node offering the custom resource `moeserve-no
 `ray start --resources='{"moeserve-node-0": 100}'`, or by the Helm chart). A local cluster started here
 declares every node's resource on this one machine, which then plays all the nodes.
 """
-import itertools
 import logging
 import os
 import secrets
@@ -19,7 +18,7 @@ import ray
 import torch
 
 from moeserve.cluster.config import ClusterConfig
-from moeserve.cluster.engine import PrefilledSequence, RequestOutput, check_request
+from moeserve.cluster.engine import RequestOutput
 from moeserve.cluster.sampling_params import SamplingParams
 from moeserve.cluster.tokenizer import Tokenizer
 from moeserve.kernels.args import ModelArgs
@@ -27,6 +26,7 @@ from moeserve.kernels.errors import InputError
 from moeserve.topology.eplb import rebalance_experts
 
 from .attention_shard import AttentionShardWorker
+from .client import ClusterClient
 from .expert_group import ExpertGroupWorker
 
 Prompt = Union[str, Seq[int]]
@@ -61,9 +61,7 @@ class Cluster:
         self.started_ray = False
         self.groups, self.prefill_shards, self.decode_shards = [], [], []
         self.where: dict[str, dict] = {}
-        self.kv_transfer_bytes = 0
-        self._prefill_turn = itertools.count()
-        self._ids = itertools.count()
+        self.client: Optional[ClusterClient] = None
 
     def __enter__(self) -> "Cluster":
         self.start()
@@ -142,6 +140,8 @@ class Cluster:
             slot = report.get("gpu_slot", report.get("group"))
             self.where[name] = {**report, "topology_node": slot // spec.gpus_per_node,
                                 "gpu": slot % spec.gpus_per_node}
+        self.client = ClusterClient(self.args, self.tokenizer, self.prefill_shards, self.decode_shards,
+                                    cfg.engine.kv_cache_tokens, cfg.engine.block_size)
         return self
 
     # ---- requests -----------------------------------------------------------------------------------------
@@ -153,39 +153,21 @@ class Cluster:
             prompts = [prompts]
         params = params or SamplingParams()
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        encoded = []
-        cache_tokens = self.config.engine.kv_cache_tokens
+        if len(params) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        requests = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             tokens = self._encode(prompt)
             try:
-                check_request(self.args, tokens, p, cache_tokens, has_tokenizer=self.tokenizer is not None)
+                self.client.check(tokens, p)
             except InputError as e:
                 raise InputError(f"prompt {i}: {e}") from None
-            encoded.append((f"req-{next(self._ids)}", tokens, p))
-        batches: dict[int, list] = {}
-        for request in encoded:  # prompts spread over the prefill shards in turn
-            batches.setdefault(next(self._prefill_turn) % len(self.prefill_shards), []).append(request)
-        prefill_refs = [(self.prefill_shards[s], self.prefill_shards[s].prefill.remote(b)) for s, b in batches.items()]
-        results: dict[str, object] = {}
-        loads = ray.get([d.load.remote() for d in self.decode_shards])
-        waits = []
-        for _, ref in prefill_refs:
-            for item in ray.get(ref):
-                if isinstance(item, PrefilledSequence):
-                    target = min(range(len(self.decode_shards)), key=lambda d: loads[d])
-                    loads[target] += 1
-                    self.kv_transfer_bytes += item.kv_bytes
-                    self.decode_shards[target].submit.remote(item)
-                    waits.append((item.request_id, self.decode_shards[target].wait.remote(item.request_id)))
-                else:
-                    results[item.request_id] = item
-        for rid, ref in waits:
-            results[rid] = ray.get(ref)
-        outs = [results[rid] for rid, _, _ in encoded]
-        if self.tokenizer is not None:
-            for out in outs:
-                out.text = self.tokenizer.decode(out.token_ids)
-        return outs
+            requests.append((tokens, p))
+        return self.client.generate(requests)
+
+    @property
+    def kv_transfer_bytes(self) -> int:
+        return self.client.kv_transfer_bytes
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -211,8 +193,14 @@ class Cluster:
             for layer, load in s["tokens_per_expert"].items():
                 prev = tokens_per_expert.get(layer, [0] * len(load))
                 tokens_per_expert[layer] = [a + b for a, b in zip(prev, load)]
+        groups = ray.get([g.stats.remote() for g in self.groups])
+        decode = [s for s in shards if s["role"] == "decode"]
         return {
             "where": self.where,
+            "time_s": {"decode_steps": sum(s["step_s"] for s in decode),
+                       "dispatch": sum(s["links"]["dispatch_s"] for s in decode),
+                       "combine_wait": sum(s["links"]["combine_s"] for s in decode),
+                       "experts": sum(g["compute_s"] for g in groups)},
             "bytes": {"measured": {"inter_node": links["inter_node"], "intra_node": links["intra_node"],
                                    "per_plane": planes},
                       "planned": {"inter_node": links["planned_inter_node"], "intra_node": links["planned_intra_node"],

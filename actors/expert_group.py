@@ -4,6 +4,7 @@ the node on its plane arrive here once, and it forwards each to the other groups
 experts, sums their partial outputs with its own, and sends one combined row per token back."""
 import os
 import socket
+import time
 
 import ray
 import torch
@@ -51,11 +52,15 @@ class ExpertGroupWorker:
             getattr(self.experts[layer][e], proj).weight = torch.nn.Parameter(tensor, requires_grad=False)
         self.peers: dict[int, "ray.actor.ActorHandle"] = {}
         self.tokens_computed = 0
+        self.compute_s = 0.0
 
     def ready(self) -> dict:
         return {"group": self.group_id, "pid": os.getpid(), "host": socket.gethostname(),
                 "ray_node": ray.get_runtime_context().get_node_id(),
                 "experts": {layer: sorted(es) for layer, es in self.experts.items()}}
+
+    def stats(self) -> dict:
+        return {"group": self.group_id, "tokens_computed": self.tokens_computed, "compute_s": self.compute_s}
 
     def set_peers(self, peers: dict) -> None:
         self.peers = peers
@@ -64,9 +69,11 @@ class ExpertGroupWorker:
     def compute(self, layer: int, payload: dict, rows: torch.Tensor, expert_ids: torch.Tensor,
                 weights: torch.Tensor, combine_dtype: str) -> torch.Tensor:
         """Partial outputs [N, dim] for the N payload rows: sum of weight x expert(row) over the assignments."""
+        start = time.perf_counter()
         x = decode_payload(payload, self.dtype)
         self.tokens_computed += len(rows)
         y = run_assignments(self.experts[layer], x, rows, expert_ids, weights.to(self.dtype))
+        self.compute_s += time.perf_counter() - start
         return y.to(_DTYPES[combine_dtype] if combine_dtype != "bf16" else torch.bfloat16)
 
     @torch.inference_mode()

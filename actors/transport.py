@@ -6,6 +6,7 @@ own node go straight to those groups; for every other node the tokens cross once
 relay group (same in-node index, the shard's plane), which fans them out inside the node and returns one
 summed row per token. Combine waits for the replies and adds them up in node order.
 """
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -29,6 +30,8 @@ class LinkCounters:
     planned_per_plane: list = field(default_factory=list)
     crossings: int = 0
     naive_crossings: int = 0
+    dispatch_s: float = 0.0            # planning, quantising and sending the payloads
+    combine_s: float = 0.0             # waiting for the experts' replies and summing them
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -63,6 +66,12 @@ class RayExpertTransport:
         self.layer_id, self.router = layer_id, router
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
+        start = time.perf_counter()
+        handle = self._dispatch(x, indices, weights)
+        self.router.counters.dispatch_s += time.perf_counter() - start
+        return handle
+
+    def _dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
         r, spec = self.router, self.router.spec
         placement = r.placements[self.layer_id]
         d_bytes, c_bytes = r.row_bytes()
@@ -113,6 +122,7 @@ class RayExpertTransport:
         return T, x.shape[1], x.dtype, calls
 
     def combine(self, handle) -> torch.Tensor:
+        start = time.perf_counter()
         T, dim, dtype, calls = handle
         y = torch.zeros(T, dim)
         for kind, rows, ref in calls:
@@ -121,4 +131,5 @@ class RayExpertTransport:
                 result, forwarded = result
                 self.router.counters.intra_node += forwarded
             y.index_add_(0, rows, result.float())
+        self.router.counters.combine_s += time.perf_counter() - start
         return y.to(dtype)

@@ -350,7 +350,8 @@ class Engine:
         if pre.generator_state is not None:
             seq.generator.set_state(pre.generator_state)
         self.requests[seq.request_id] = seq
-        self._emitted[seq.request_id] = (0, 0)
+        # the prefill side reported the tokens it generated; outputs here carry only what comes after
+        self._emitted[seq.request_id] = (len(pre.token_ids) - pre.num_prompt_tokens, 0)
         P = pre.latent.shape[1]
         layers_match = pre.latent.shape[0] == self.cache.kv.shape[0]
         if layers_match and self.block_manager.can_allocate(seq) and len(self.scheduler.running) < self.config.max_num_seqs:

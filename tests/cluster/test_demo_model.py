@@ -1,0 +1,36 @@
+"""The shipped demo model: a real DeepSeek-V3-layout checkpoint that transformers reads the same way we do."""
+import json
+
+import pytest
+import torch
+
+from moeserve.cluster import DEMO_MODEL, DEMO_MODEL_FP8, LLM, SamplingParams
+from moeserve.kernels.load import load_model
+from tests.tiny import rel_err
+
+
+def test_demo_model_matches_transformers():
+    import transformers
+    ref = transformers.AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+    ours = load_model(DEMO_MODEL, dtype=torch.float32)
+    tokens = torch.randint(0, ours.args.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(ours.logits(ours(tokens)), ref(tokens).logits) < 1e-4
+    assert len(ours.mtp) == 1 and ours.args.n_routed_experts == 16 and ours.args.topk_method == "noaux_tc"
+
+
+def test_fp8_demo_model_stays_close_to_bf16():
+    bf16, fp8 = load_model(DEMO_MODEL, torch.float32), load_model(DEMO_MODEL_FP8, torch.float32)
+    tokens = torch.randint(0, bf16.args.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = bf16.logits(bf16(tokens)), fp8.logits(fp8(tokens))
+    assert rel_err(b, a) < 0.1  # e4m3 weights carry 3 mantissa bits
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+
+
+def test_demo_model_completes_code_and_its_bias_balanced_the_experts():
+    out = LLM().generate(["def fibonacci("], SamplingParams(max_tokens=24, temperature=0))[0]
+    assert out.text and len(out.token_ids) > 0
+    log = json.loads((DEMO_MODEL / "training_log.json").read_text())
+    imbalance = log["final"]["expert_imbalance"]
+    assert imbalance["with_bias"] < imbalance["without_bias"]
