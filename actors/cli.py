@@ -191,6 +191,16 @@ def cmd_cluster(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from moeserve.actors.serve import Server, run_forever
+    cfg = _cluster_config(a)
+    print(f"starting moeserve: {cfg.prefill_shards} prefill + {cfg.decode_shards} decode shards, "
+          f"{cfg.expert_groups} expert groups on {cfg.topology_spec.name}, model {cfg.model}", file=sys.stderr,
+          flush=True)
+    run_forever(Server(cfg, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port, max_pending=a.max_pending))
+    return 0
+
+
 def _model_and_topology(a, load_architecture, load_topology):
     from moeserve.kernels.errors import InputError
     try:
@@ -269,6 +279,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("serve", help="serve the model over OpenAI-compatible HTTP and gRPC (Ray Serve)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Start the disaggregated cluster (local Ray unless --address) and Ray Serve in "
+                                   "front of it. With no arguments: the shipped demo model on the default layout, "
+                                   "HTTP on 127.0.0.1:8000, gRPC on 127.0.0.1:9000. Ctrl-C or SIGTERM drains "
+                                   "in-flight requests (up to 30 s) and stops everything it started.\n\n"
+                                   "examples:\n  moeserve serve\n  moeserve serve --config cluster.yaml "
+                                   "--host 0.0.0.0 --http-port 8080\n  curl 127.0.0.1:8000/v1/completions -H "
+                                   "'content-type: application/json' -d '{\"model\": \"moeserve-demo\", "
+                                   "\"prompt\": \"def f(\", \"max_tokens\": 32}'")
+    p.add_argument("--config", metavar="YAML", help="cluster config (default: the demo model on cpu-local)")
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--host", default="127.0.0.1", help="interface for HTTP and gRPC (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--max-pending", type=int, default=256, help="requests in flight before 429 (default 256)")
+    p.set_defaults(func=cmd_serve)
 
     models = "deepseek-v3, deepseek-v2, qwen2.5-72b, llama3.1-405b, or a config.json / checkpoint directory"
     topologies = "h800-mpft, gb200-nvl72, cpu-local, or a topology YAML"

@@ -72,23 +72,22 @@ class Cluster:
 
     # ---- start --------------------------------------------------------------------------------------------
 
-    def _init_ray(self) -> None:
+    def _init_ray(self, runtime_env: Optional[dict] = None) -> None:
         spec, rc = self.config.topology_spec, self.config.ray
         if ray.is_initialized():
             return
         if rc.address:
-            ray.init(address=rc.address, logging_level=logging.WARNING, log_to_driver=False)
+            ray.init(address=rc.address, logging_level=logging.WARNING, log_to_driver=False, runtime_env=runtime_env)
             return
         temp_dir = rc.temp_dir or tempfile.mkdtemp(prefix="moeserve-ray-")
         os.environ.setdefault("RAY_TMPDIR", temp_dir)
-        # token auth on, with a fresh token handed to Ray's processes through the environment rather than a
-        # file in the user's home; a cluster joined by address brings its own token (RAY_AUTH_TOKEN)
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # token auth (Ray's default for a new local cluster) with a fresh token handed to Ray's processes through
+        # the environment rather than a file in the user's home; a cluster joined by address brings its own
         os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
         # a private single-machine cluster: loopback only, no dashboard unless asked, every node's resource here
         ray.init(_temp_dir=temp_dir, _node_ip_address="127.0.0.1", include_dashboard=rc.dashboard,
                  resources={node_resource(i): 1000 for i in range(spec.nodes)}, logging_level=logging.WARNING,
-                 log_to_driver=False, num_cpus=max(2, os.cpu_count() or 2))
+                 log_to_driver=False, num_cpus=max(2, os.cpu_count() or 2), runtime_env=runtime_env)
         self.started_ray = True
 
     def placement(self) -> dict[int, list[int]]:
@@ -101,7 +100,7 @@ class Cluster:
                                           spec.num_gpus)
         return {layer: phy2log[i].tolist() for i, layer in enumerate(layers)}
 
-    def start(self) -> "Cluster":
+    def start(self, runtime_env: Optional[dict] = None) -> "Cluster":
         cfg, spec = self.config, self.config.topology_spec
         if cfg.expert_groups != spec.num_gpus:
             raise InputError(f"expert_groups ({cfg.expert_groups}) must equal the topology's GPU slots "
@@ -109,7 +108,7 @@ class Cluster:
         if (self.args.n_routed_experts + cfg.redundant_experts) % spec.num_gpus:
             raise InputError(f"{self.args.n_routed_experts} experts + {cfg.redundant_experts} redundant slots do "
                              f"not split evenly over {spec.num_gpus} expert groups")
-        self._init_ray()
+        self._init_ray(runtime_env)
         phy2log = self.placement()
         slots = len(next(iter(phy2log.values()))) // spec.num_gpus
         threads = cfg.ray.threads_per_actor

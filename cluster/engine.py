@@ -120,6 +120,8 @@ class Engine:
         self._emitted: dict[str, tuple[int, int]] = {}  # request -> (tokens, text chars) already reported
         self.num_steps = 0
         self.num_decode_tokens = 0
+        self.drafts_proposed = 0
+        self.drafts_accepted = 0
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -201,6 +203,7 @@ class Engine:
             self.num_decode_tokens += len(seq) - n_before
             return 0, alive
         seq.drafts_proposed += 1
+        self.drafts_proposed += 1
         p = seq.params
         if p.greedy:
             ok, replacement = int(logits[0].argmax()) == draft.token, int(logits[0].argmax())
@@ -212,6 +215,7 @@ class Engine:
             self.num_decode_tokens += len(seq) - n_before
             return 0, alive
         seq.drafts_accepted += 1
+        self.drafts_accepted += 1
         alive = self._append(seq, draft.token, logits[0]) and self._append(seq, self._sample(seq, logits[1]), logits[1])
         self.num_decode_tokens += len(seq) - n_before
         return 1, alive
@@ -381,6 +385,8 @@ class Engine:
             "running": len(self.scheduler.running),
             "preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hit_rate": bm.prefix_hit_rate,
+            "drafts_proposed": self.drafts_proposed,
+            "drafts_accepted": self.drafts_accepted,
             "kv_cache_usage": used / len(bm.blocks),
             "kv_cache_bytes_per_token": self.cache.bytes_per_token,
             "expert_load": {name: load.tolist() for name, load in self.runner.expert_load.items()},

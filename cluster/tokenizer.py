@@ -6,7 +6,7 @@ from typing import Optional
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from moeserve.kernels.errors import CheckpointError
+from moeserve.kernels.errors import CheckpointError, InputError
 
 
 def _token_text(value) -> Optional[str]:
@@ -34,9 +34,21 @@ class Tokenizer:
     def _id(self, token: Optional[str]) -> Optional[int]:
         return None if token is None else self._tok.token_to_id(token)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_bos: Optional[bool] = None) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_token_id] + ids if self.add_bos and self.bos_token_id is not None else ids
+        bos = self.add_bos if add_bos is None else add_bos
+        return [self.bos_token_id] + ids if bos and self.bos_token_id is not None else ids
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """Render the checkpoint's chat template (it writes the BOS token itself) and encode it."""
+        if not self.chat_template:
+            raise InputError("this model has no chat template; use /v1/completions")
+        import jinja2
+        template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(self.chat_template)
+        text = template.render(messages=messages, add_generation_prompt=True,
+                               bos_token=self._tok.id_to_token(self.bos_token_id) if self.bos_token_id is not None else "",
+                               eos_token=self._tok.id_to_token(self.eos_token_id) if self.eos_token_id is not None else "")
+        return self.encode(text, add_bos=False)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

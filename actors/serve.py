@@ -1,0 +1,388 @@
+"""The Ray Serve application: one ingress deployment in front of the cluster, speaking OpenAI-compatible HTTP
+(`/v1/completions`, `/v1/chat/completions` with SSE streaming, `/v1/models`, `/health`, `/metrics`) and gRPC
+(`moeserve.v1.Generation`: `Generate`, `GenerateStream`) through Ray Serve's gRPC proxy.
+
+The ingress validates and tokenises (chat template included), refuses work past its queue limit with 429 /
+RESOURCE_EXHAUSTED, streams tokens as the decode shard accepts them, aborts a request whose client goes away,
+records Prometheus metrics and OpenTelemetry spans (the trace context comes from the HTTP `traceparent` header
+or gRPC metadata).
+"""
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import AsyncIterator, Optional
+
+import grpc
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+
+from moeserve.cluster.api import openai_schema as oa
+from moeserve.cluster.api import stubs  # noqa: F401  registers the message classes gRPC requests unpickle into
+from moeserve.cluster.config import ClusterConfig
+from moeserve.cluster.sampling_params import SamplingParams
+from moeserve.cluster.tokenizer import Tokenizer
+from moeserve.kernels.args import ModelArgs
+from moeserve.kernels.errors import InputError
+
+from .client import ClusterClient, Delta
+from .cluster import Cluster
+
+MAX_BODY_BYTES = 1 << 20
+GRPC_SERVICER = "moeserve.cluster.api.stubs.add_GenerationServicer_to_server"
+app = FastAPI(title="moeserve", docs_url=None, redoc_url=None)
+
+
+def bind_grpc_host() -> None:
+    """Worker setup hook: Ray Serve's gRPC proxy binds [::] (every interface); bind MOESERVE_GRPC_HOST instead."""
+    host = os.environ.get("MOESERVE_GRPC_HOST")
+    if not host:
+        return
+    from ray.serve._private import default_impl
+    original = default_impl.add_grpc_address
+
+    def add_grpc_address(server, address):
+        return original(server, address.replace("[::]", host, 1))
+    default_impl.add_grpc_address = add_grpc_address
+
+
+def _tracer():
+    """OpenTelemetry: OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set, console when MOESERVE_TRACE=console, else off."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    exporter = None
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        exporter = OTLPSpanExporter()
+    elif os.environ.get("MOESERVE_TRACE") == "console":
+        exporter = ConsoleSpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "moeserve"}))
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider.get_tracer("moeserve")
+
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        self.registry = r = CollectorRegistry()
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.ttft = Histogram("moeserve_ttft_seconds", "time to first token", registry=r, buckets=buckets)
+        self.tpot = Histogram("moeserve_tpot_seconds", "time per output token after the first", registry=r,
+                              buckets=buckets)
+        self.requests = Counter("moeserve_requests", "requests by endpoint and outcome", ["endpoint", "status"],
+                                registry=r)
+        self.queue = Gauge("moeserve_queue_length", "requests waiting in the shards' queues", registry=r)
+        self.inflight = Gauge("moeserve_inflight_requests", "requests the ingress is serving", registry=r)
+        self.running = Gauge("moeserve_running_sequences", "sequences in the shards' running batches", registry=r)
+        self.kv_usage = Gauge("moeserve_kv_cache_usage", "fraction of latent-cache blocks in use", ["shard"],
+                              registry=r)
+        self.prefix_hits = Gauge("moeserve_prefix_cache_hit_rate", "prompt tokens served from the prefix cache",
+                                 ["shard"], registry=r)
+        self.mtp = Gauge("moeserve_mtp_acceptance", "accepted MTP drafts / proposed", registry=r)
+        self.expert_tokens = Gauge("moeserve_expert_tokens", "tokens routed to each expert", ["layer", "expert"],
+                                   registry=r)
+        self.plane_bytes = Gauge("moeserve_internode_bytes", "bytes sent between nodes, by plane", ["plane"],
+                                 registry=r)
+
+    def update(self, shards: list[dict]) -> None:
+        self.queue.set(sum(s["engine"]["waiting"] for s in shards))
+        self.running.set(sum(s["engine"]["running"] for s in shards))
+        proposed = sum(s["engine"]["drafts_proposed"] for s in shards)
+        self.mtp.set(sum(s["engine"]["drafts_accepted"] for s in shards) / proposed if proposed else 0.0)
+        planes: dict[int, int] = {}
+        experts: dict[tuple[int, int], int] = {}
+        for s in shards:
+            name = f"{s['role']}-{s['shard']}"
+            self.kv_usage.labels(name).set(s["engine"]["kv_cache_usage"])
+            self.prefix_hits.labels(name).set(s["engine"]["prefix_cache_hit_rate"])
+            for p, b in enumerate(s["links"]["per_plane"]):
+                planes[p] = planes.get(p, 0) + b
+            for layer, load in s["tokens_per_expert"].items():
+                for e, n in enumerate(load):
+                    experts[(layer, e)] = experts.get((layer, e), 0) + n
+        for p, b in planes.items():
+            self.plane_bytes.labels(str(p)).set(b)
+        for (layer, e), n in experts.items():
+            self.expert_tokens.labels(str(layer), str(e)).set(n)
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", code: Optional[str] = None):
+    return JSONResponse(oa.error_body(message, kind, code=code), status_code=status)
+
+
+@serve.deployment(max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, model: str, model_name: str, prefill_shards: list, decode_shards: list, kv_cache_tokens: int,
+                 block_size: int, max_pending: int):
+        self.args = ModelArgs.from_file(model)
+        self.tokenizer = Tokenizer(model) if Tokenizer.exists(model) else None
+        self.model_name = model_name
+        self.shards = prefill_shards + decode_shards
+        self.client = ClusterClient(self.args, self.tokenizer, prefill_shards, decode_shards, kv_cache_tokens,
+                                    block_size)
+        self.max_pending = max_pending
+        self.inflight = 0
+        self.metrics = Metrics()
+        self.tracer = _tracer()
+
+    # ---- the common path ------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        if self.inflight >= self.max_pending:
+            raise OverflowError(f"the server is at its limit of {self.max_pending} requests in flight; retry later")
+
+    async def _deltas(self, tokens: list[int], params: SamplingParams, carrier: dict) -> AsyncIterator[tuple]:
+        """(delta, text added) for each step; times TTFT/TPOT; one span per request with child spans."""
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        from opentelemetry import trace
+        ctx = TraceContextTextMapPropagator().extract(carrier)
+        self.inflight += 1
+        self.metrics.inflight.set(self.inflight)
+        start = time.perf_counter()
+        first_at, n_tokens, text_sent, completion = None, 0, 0, []
+        hold = max((len(s) for s in params.stop), default=1) - 1  # text that might still turn into a stop string
+        with self.tracer.start_as_current_span("request", context=ctx) as span:
+            span.set_attribute("moeserve.prompt_tokens", len(tokens))
+            phase = self.tracer.start_span("queue_and_prefill", context=trace.set_span_in_context(span))
+            try:
+                async for delta in self.client.stream(tokens, params):
+                    if first_at is None:
+                        first_at = time.perf_counter()
+                        self.metrics.ttft.observe(first_at - start)
+                        phase.end()
+                        with self.tracer.start_span("kv_transfer", context=trace.set_span_in_context(span)) as kv:
+                            kv.set_attribute("moeserve.kv_bytes", delta.kv_bytes)
+                        phase = self.tracer.start_span("decode", context=trace.set_span_in_context(span))
+                    completion = delta.token_ids
+                    n_tokens = len(completion)
+                    text = self._text(delta)
+                    stable = len(text) if delta.finish_reason else max(len(text.rstrip("\ufffd")) - hold, text_sent)
+                    added, text_sent = text[text_sent:stable], max(text_sent, stable)
+                    yield delta, added
+            finally:
+                phase.end()
+                self.inflight -= 1
+                self.metrics.inflight.set(self.inflight)
+                if first_at is not None and n_tokens > 1:
+                    self.metrics.tpot.observe((time.perf_counter() - first_at) / (n_tokens - 1))
+                span.set_attribute("moeserve.completion_tokens", n_tokens)
+
+    def _text(self, delta: Delta) -> str:
+        if delta.final is not None and delta.final.text is not None:
+            return delta.final.text  # stop strings already cut
+        return self.tokenizer.decode(delta.token_ids) if self.tokenizer is not None else ""
+
+    async def _parse(self, request: Request, schema):
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            return None, _error(413, f"request body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError:
+            return None, _error(400, "request body is not valid UTF-8")
+        except json.JSONDecodeError as e:
+            return None, _error(400, f"request body is not valid JSON: {e}")
+        if not isinstance(data, dict):
+            return None, _error(400, "request body must be a JSON object")
+        try:
+            parsed = schema(**data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(str(x) for x in first["loc"])
+            return None, _error(400, f"{field}: {first['msg']}")
+        if parsed.model != self.model_name:
+            return None, _error(404, f"model {parsed.model!r} does not exist; this server serves "
+                                     f"{self.model_name!r}", code="model_not_found")
+        return parsed, None
+
+    async def _serve(self, request: Request, chat: bool):
+        endpoint = "chat" if chat else "completions"
+        parsed, error = await self._parse(request, oa.ChatCompletionRequest if chat else oa.CompletionRequest)
+        if error is not None:
+            self.metrics.requests.labels(endpoint, str(error.status_code)).inc()
+            return error
+        try:
+            if chat:
+                tokens = self.tokenizer.apply_chat_template([m.model_dump() for m in parsed.messages])
+                params = parsed.sampling_params(self._default_max_tokens(tokens))
+            else:
+                prompt = parsed.prompt_value()
+                tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+                params = parsed.sampling_params(self._default_max_tokens(tokens), parsed.logprobs)
+            self.client.check(tokens, params)
+            self._admit()
+        except InputError as e:
+            self.metrics.requests.labels(endpoint, "400").inc()
+            return _error(400, str(e))
+        except OverflowError as e:
+            self.metrics.requests.labels(endpoint, "429").inc()
+            return _error(429, str(e), kind="rate_limit_error")
+        rid = oa.completion_id("chatcmpl" if chat else "cmpl")
+        carrier = dict(request.headers)
+        self.metrics.requests.labels(endpoint, "200").inc()
+        if parsed.stream:
+            return StreamingResponse(self._sse(tokens, params, carrier, rid, chat), media_type="text/event-stream")
+        text, final, logprobs = "", None, []
+        async for delta, added in self._deltas(tokens, params, carrier):
+            text += added
+            logprobs += delta.logprobs if not logprobs else delta.logprobs[len(logprobs):]
+            final = delta
+        make = oa.chat_response if chat else oa.completion_response
+        lp = None
+        if params.logprobs is not None:
+            lp = {"token_logprobs": logprobs, "tokens": [self.tokenizer.decode([t]) for t in final.token_ids]}
+        return make(rid, self.model_name, text, final.finish_reason, len(tokens), len(final.token_ids), lp)
+
+    def _default_max_tokens(self, tokens: list[int]) -> int:
+        return max(1, min(256, self.args.max_seq_len - len(tokens)))
+
+    async def _sse(self, tokens, params, carrier, rid, chat: bool):
+        if chat:
+            yield oa.sse_event(oa.chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}))
+        async for delta, added in self._deltas(tokens, params, carrier):
+            done = delta.finish_reason is not None
+            use = oa.usage(len(tokens), len(delta.token_ids)) if done else None
+            if chat:
+                yield oa.sse_event(oa.chat_chunk(rid, self.model_name, {"content": added} if added else {},
+                                           delta.finish_reason, use))
+            else:
+                yield oa.sse_event(oa.completion_chunk(rid, self.model_name, added, delta.finish_reason, use))
+        yield "data: [DONE]\n\n"
+
+    # ---- HTTP routes ----------------------------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._serve(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+                                            "owned_by": "moeserve"}]}
+
+    @app.get("/health")
+    async def health(self):
+        return {"status": "ok", "inflight": self.inflight}
+
+    @app.get("/metrics")
+    async def metrics(self):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        self.metrics.update(list(await asyncio.gather(*[s.stats.remote() for s in self.shards])))
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- gRPC -----------------------------------------------------------------------------------------------
+
+    def _grpc_request(self, request, grpc_context) -> tuple[Optional[list[int]], Optional[SamplingParams]]:
+        try:
+            if request.prompt and request.prompt_token_ids:
+                raise InputError("give prompt or prompt_token_ids, not both")
+            if not request.prompt and not request.prompt_token_ids:
+                raise InputError("both prompt and prompt_token_ids are empty")
+            if request.prompt and self.tokenizer is None:
+                raise InputError("this model has no tokenizer: send prompt_token_ids")
+            tokens = self.tokenizer.encode(request.prompt) if request.prompt else list(request.prompt_token_ids)
+            params = SamplingParams(max_tokens=request.max_tokens or 16, temperature=request.temperature,
+                                    top_p=request.top_p or 1.0, top_k=request.top_k,
+                                    seed=request.seed or None, stop=list(request.stop), ignore_eos=request.ignore_eos)
+            self.client.check(tokens, params)
+            self._admit()
+            return tokens, params
+        except InputError as e:
+            grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            grpc_context.set_details(str(e))
+        except OverflowError as e:
+            grpc_context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            grpc_context.set_details(str(e))
+        return None, None
+
+    async def Generate(self, request, grpc_context=None):
+        from moeserve.cluster.api.stubs import pb2
+        tokens, params = self._grpc_request(request, grpc_context)
+        if tokens is None:
+            return pb2.GenerateResponse()
+        text, final = "", None
+        async for delta, added in self._deltas(tokens, params, dict(grpc_context.invocation_metadata() or [])):
+            text, final = text + added, delta
+        n = len(final.token_ids)
+        return pb2.GenerateResponse(text=text, token_ids=final.token_ids, finish_reason=final.finish_reason,
+                                    request_id=final.request_id,
+                                    usage=pb2.Usage(prompt_tokens=len(tokens), completion_tokens=n,
+                                                    total_tokens=len(tokens) + n))
+
+    async def GenerateStream(self, request, grpc_context=None):
+        from moeserve.cluster.api.stubs import pb2
+        tokens, params = self._grpc_request(request, grpc_context)
+        if tokens is None:
+            return
+        async for delta, added in self._deltas(tokens, params, dict(grpc_context.invocation_metadata() or [])):
+            n = len(delta.token_ids)
+            usage = pb2.Usage(prompt_tokens=len(tokens), completion_tokens=n, total_tokens=len(tokens) + n) \
+                if delta.finish_reason else None
+            yield pb2.GenerateChunk(text=added, token_ids=delta.new_token_ids, finish_reason=delta.finish_reason or "",
+                                    usage=usage, request_id=delta.request_id)
+
+
+# ---- running it -------------------------------------------------------------------------------------------------
+
+class Server:
+    """`moeserve serve`: the cluster, Ray Serve's HTTP and gRPC proxies, and the ingress; `stop` drains first."""
+
+    def __init__(self, config: ClusterConfig, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000,
+                 max_pending: int = 256, model_name: Optional[str] = None):
+        self.config, self.host, self.http_port, self.grpc_port = config, host, http_port, grpc_port
+        self.max_pending = max_pending
+        self.model_name = model_name or os.path.basename(os.path.normpath(config.model))
+        self.cluster = Cluster(config)
+
+    def start(self) -> "Server":
+        os.environ["MOESERVE_GRPC_HOST"] = self.host  # read by the gRPC proxy's setup hook
+        self.cluster.start(runtime_env={"worker_process_setup_hook": "moeserve.actors.serve.bind_grpc_host",
+                                        "env_vars": {"MOESERVE_GRPC_HOST": self.host}})
+        serve.start(http_options={"host": self.host, "port": self.http_port},
+                    grpc_options={"port": self.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
+        c = self.cluster
+        ingress = Ingress.bind(self.config.model, self.model_name, c.prefill_shards, c.decode_shards,
+                               self.config.engine.kv_cache_tokens, self.config.engine.block_size, self.max_pending)
+        serve.run(ingress, name="moeserve", route_prefix="/")
+        return self
+
+    def inflight(self) -> int:
+        handle = serve.get_app_handle("moeserve")
+        try:
+            return handle.health.remote().result(timeout_s=5)["inflight"]
+        except Exception:  # the ingress is already gone: nothing in flight there
+            return 0
+
+    def stop(self, drain_s: float = 30.0) -> None:
+        deadline = time.monotonic() + drain_s
+        while time.monotonic() < deadline and self.inflight() > 0:
+            time.sleep(0.2)
+        serve.shutdown()
+        self.cluster.shutdown()
+
+
+def run_forever(server: Server) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    print(f"HTTP  http://{server.host}:{server.http_port}/v1  (OpenAI-compatible; model {server.model_name!r})")
+    print(f"gRPC  {server.host}:{server.grpc_port}  (moeserve.v1.Generation)")
+    print("moeserve ready", flush=True)
+    stop.wait()
+    print("draining in-flight requests, then stopping ...", file=sys.stderr, flush=True)
+    server.stop()
