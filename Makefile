@@ -6,9 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-MODEL ?=
-PROMPT ?= def fibonacci(
-MAX_TOKENS ?= 64
+CONFIG ?=
 
 .PHONY: serve test setup clean
 
@@ -22,9 +20,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
 
+# The shipped demo model on the default disaggregated layout, HTTP on 127.0.0.1:8000, gRPC on 127.0.0.1:9000;
+# CONFIG=cluster.yaml serves another model or layout. Ctrl-C drains and stops.
 serve: $(STAMP)
-	@test -n "$(MODEL)" || { echo "usage: make serve MODEL=path/to/checkpoint [PROMPT='...']"; exit 2; }
-	$(BIN)/moeserve generate --model "$(MODEL)" --prompt "$(PROMPT)" --max-tokens $(MAX_TOKENS)
+	$(BIN)/moeserve serve $(if $(CONFIG),--config "$(CONFIG)")
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -201,6 +201,26 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(a: argparse.Namespace) -> int:
+    from moeserve.actors.bench_serve import run
+    print(f"load test: {a.requests} requests, Poisson {a.rate}/s, at most {a.clients} at a time, "
+          f"{a.max_tokens} tokens each, {a.duration:.0f}s cap ...", file=sys.stderr, flush=True)
+    r = run(a.url, a.requests, a.clients, a.rate, a.max_tokens, a.duration, a.seed)
+    if a.json:
+        print(json.dumps(r))
+        return 0
+    print(f"{r['completed']}/{r['requests_sent']} completed, {r['errors']} errors in {r['wall_s']:.1f}s: "
+          f"{r['output_tokens_per_s']:.1f} output tokens/s, {r['requests_per_s']:.2f} requests/s")
+    print(f"{'':>8}{'p50':>10}{'p90':>10}{'p99':>10}{'mean':>10}")
+    for name in ("ttft_s", "tpot_s", "e2e_s"):
+        q = r[name]
+        if q:
+            print(f"{name[:-2].upper():>8}" + "".join(f"{q[k] * 1e3:>8.1f}ms" for k in ("p50", "p90", "p99", "mean")))
+    if r["first_error"]:
+        print(f"first error: {r['first_error']}", file=sys.stderr)
+    return 0
+
+
 def _model_and_topology(a, load_architecture, load_topology):
     from moeserve.kernels.errors import InputError
     try:
@@ -297,6 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=9000)
     p.add_argument("--max-pending", type=int, default=256, help="requests in flight before 429 (default 256)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="load-test a running server (loopback only)",
+                       description="Load-test a moeserve server on this machine: Poisson arrivals, bounded in "
+                                   "count and time; reports TTFT/TPOT/end-to-end percentiles and throughput.")
+    p.add_argument("target", choices=["serve"], help="what to benchmark")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (loopback only)")
+    p.add_argument("--requests", type=int, default=64, help="requests in all (default 64)")
+    p.add_argument("--clients", type=int, default=16, help="requests in flight at most (default 16)")
+    p.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second (default 4)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
+    p.add_argument("--duration", type=float, default=300.0, help="stop sending after this many seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_serve)
 
     models = "deepseek-v3, deepseek-v2, qwen2.5-72b, llama3.1-405b, or a config.json / checkpoint directory"
     topologies = "h800-mpft, gb200-nvl72, cpu-local, or a topology YAML"

@@ -1,0 +1,24 @@
+"""The cluster config: one pydantic model from YAML, with errors that name the key."""
+import pytest
+
+from moeserve.cluster import DEMO_MODEL, ClusterConfig
+from moeserve.kernels.errors import ConfigError
+
+
+def test_the_example_config_is_the_default():
+    assert ClusterConfig.from_yaml("examples/cluster.yaml") == ClusterConfig()
+    assert ClusterConfig().model == str(DEMO_MODEL) and ClusterConfig().topology_spec.num_gpus == 4
+
+
+@pytest.mark.parametrize("text, message", [
+    ("decode_shards: 0\n", "decode_shards: Input should be greater than or equal to 1"),
+    ("expert_groups: 8\n", "exceeds the topology's 4 GPU slots"),
+    ("dispatch_dtype: int4\n", "dispatch_dtype"),
+    ("engine:\n  block_sise: 8\n", "engine.block_sise: Extra inputs are not permitted"),
+    ("topology: h900\n", "is not a preset"),
+    ("[unclosed\n", "not valid YAML"),
+])
+def test_bad_configs_name_the_key(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        ClusterConfig.from_yaml(tmp_path / "c.yaml")
