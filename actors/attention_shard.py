@@ -17,9 +17,11 @@ from moeserve.cluster.tokenizer import Tokenizer
 from moeserve.kernels.load import load_model
 from moeserve.topology.planner import Placement
 
+from . import tracing
 from .transport import ExpertRouter, RayExpertTransport
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STEP_EVENT_EVERY = 8  # decode steps between step events on a request's span
 
 
 class AttentionShardWorker:
@@ -45,6 +47,8 @@ class AttentionShardWorker:
         self.kv_bytes_received = 0
         self.kv_bytes_sent = 0
         self.step_s = 0.0
+        self.spans: dict = {}
+        self.steps_traced = 0
         self.stopped = False
         threading.Thread(target=self._loop, daemon=True, name=f"{role}-{shard_id}").start()
 
@@ -54,17 +58,19 @@ class AttentionShardWorker:
 
     # ---- requests in ----------------------------------------------------------------------------------------
 
-    def add(self, request_id: str, tokens: list[int], params: SamplingParams) -> None:
+    def add(self, request_id: str, tokens: list[int], params: SamplingParams, trace: dict | None = None) -> None:
         """Queue a prompt (prefill role: it is handed off once computed)."""
         with self.lock:
             self.engine.add_request(tokens, params, request_id=request_id)
             self.updates[request_id] = []
+            self._open_span(request_id, "prefill", trace, prompt_tokens=len(tokens))
             self.lock.notify_all()
 
-    def submit(self, pre: PrefilledSequence) -> None:
+    def submit(self, pre: PrefilledSequence, trace: dict | None = None) -> None:
         """Continue a prefilled sequence here (decode role)."""
         with self.lock:
             self.engine.add_prefilled(pre)
+            self._open_span(pre.request_id, "decode", trace, kv_bytes=pre.kv_bytes)
             self.kv_bytes_received += pre.kv_bytes
             self.updates[pre.request_id] = []
             self.lock.notify_all()
@@ -103,7 +109,36 @@ class AttentionShardWorker:
         with self.lock:
             self.engine.abort(request_id)
             self.updates.pop(request_id, None)
+            self._close_span(request_id, "aborted")
             self.lock.notify_all()
+
+    # ---- tracing: one span per request on this shard, sampled step events with dispatch/combine time ----
+
+    def _open_span(self, request_id: str, name: str, carrier: dict | None, **attributes) -> None:
+        if carrier:
+            span = tracing.tracer().start_span(name, context=tracing.context_of(carrier))
+            for key, value in attributes.items():
+                span.set_attribute(f"moeserve.{key}", value)
+            self.spans[request_id] = span
+
+    def _close_span(self, request_id: str, outcome: str) -> None:
+        span = self.spans.pop(request_id, None)
+        if span is not None:
+            span.set_attribute("moeserve.outcome", outcome)
+            span.end()
+
+    def _trace_step(self, outputs: list, dispatch_s: float, combine_s: float) -> None:
+        self.steps_traced += 1
+        sampled = self.steps_traced % STEP_EVENT_EVERY == 0
+        for out in outputs:
+            span = self.spans.get(out.request_id)
+            if span is None:
+                continue
+            if sampled:
+                span.add_event("step", {"tokens": len(out.new_token_ids), "dispatch_ms": dispatch_s * 1e3,
+                                        "combine_ms": combine_s * 1e3})
+            if out.finished:
+                self._close_span(out.request_id, out.finish_reason)
 
     def load(self) -> int:
         return len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
@@ -115,8 +150,11 @@ class AttentionShardWorker:
                 if self.stopped:
                     return
                 start = time.perf_counter()
+                d0, c0 = self.router.counters.dispatch_s, self.router.counters.combine_s
                 outputs = self.engine.step()
                 self.step_s += time.perf_counter() - start
+                if self.spans:
+                    self._trace_step(outputs, self.router.counters.dispatch_s - d0, self.router.counters.combine_s - c0)
                 for out in outputs:
                     if out.request_id in self.updates and (self.role == "decode" or out.finished):
                         self.updates[out.request_id].append(out)
@@ -124,6 +162,7 @@ class AttentionShardWorker:
                     for seq in self.engine.prefilled():
                         pre = self.engine.take_prefilled(seq)
                         self.kv_bytes_sent += pre.kv_bytes
+                        self._close_span(pre.request_id, "handed_off")
                         if pre.request_id in self.updates:
                             self.updates[pre.request_id].append(pre)
                 self.lock.notify_all()

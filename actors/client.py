@@ -60,16 +60,17 @@ class ClusterClient:
     def pick_decode(self) -> int:
         return min(range(len(self.decode_shards)), key=lambda i: self.outstanding_decode[i])
 
-    async def stream(self, tokens: list[int], params: SamplingParams,
-                     request_id: Optional[str] = None) -> AsyncIterator[Delta]:
-        """Prefill, hand off, decode; yields the first token as soon as the prefill shard has it."""
+    async def stream(self, tokens: list[int], params: SamplingParams, request_id: Optional[str] = None,
+                     trace: Optional[dict] = None) -> AsyncIterator[Delta]:
+        """Prefill, hand off, decode; yields the first token as soon as the prefill shard has it. `trace` is a
+        W3C trace-context carrier the shards parent their spans on."""
         rid = request_id or self.new_id()
         p = self.pick_prefill(tokens)
         self.outstanding_prefill[p] += 1
         shard = self.prefill_shards[p]
         done = False
         try:
-            await shard.add.remote(rid, tokens, params)
+            await shard.add.remote(rid, tokens, params, trace)
             items = []
             while not items:
                 items = await shard.poll.remote(rid, 1.0)
@@ -90,7 +91,7 @@ class ClusterClient:
         self.outstanding_decode[d] += 1
         decode = self.decode_shards[d]
         try:
-            await decode.submit.remote(pre)
+            await decode.submit.remote(pre, trace)
             while not done:
                 for out in await decode.poll.remote(rid, 1.0):
                     done = out.finished

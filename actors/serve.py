@@ -4,8 +4,9 @@
 
 The ingress validates and tokenises (chat template included), refuses work past its queue limit with 429 /
 RESOURCE_EXHAUSTED, streams tokens as the decode shard accepts them, aborts a request whose client goes away,
-records Prometheus metrics and OpenTelemetry spans (the trace context comes from the HTTP `traceparent` header
-or gRPC metadata).
+records Prometheus metrics and OpenTelemetry spans: the trace context comes from the HTTP `traceparent` header or
+gRPC metadata and travels on into the shards, which add prefill and decode spans with sampled step events
+(dispatch and combine time).
 """
 import asyncio
 import json
@@ -31,6 +32,7 @@ from moeserve.cluster.tokenizer import Tokenizer
 from moeserve.kernels.args import ModelArgs
 from moeserve.kernels.errors import InputError
 
+from . import tracing
 from .client import ClusterClient, Delta
 from .cluster import Cluster
 
@@ -50,24 +52,6 @@ def bind_grpc_host() -> None:
     def add_grpc_address(server, address):
         return original(server, address.replace("[::]", host, 1))
     default_impl.add_grpc_address = add_grpc_address
-
-
-def _tracer():
-    """OpenTelemetry: OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set, console when MOESERVE_TRACE=console, else off."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-    exporter = None
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        exporter = OTLPSpanExporter()
-    elif os.environ.get("MOESERVE_TRACE") == "console":
-        exporter = ConsoleSpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": "moeserve"}))
-    if exporter is not None:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-    return provider.get_tracer("moeserve")
 
 
 class Metrics:
@@ -133,7 +117,7 @@ class Ingress:
         self.max_pending = max_pending
         self.inflight = 0
         self.metrics = Metrics()
-        self.tracer = _tracer()
+        self.tracer = tracing.tracer()
 
     # ---- the common path ------------------------------------------------------------------------------------
 
@@ -143,9 +127,8 @@ class Ingress:
 
     async def _deltas(self, tokens: list[int], params: SamplingParams, carrier: dict) -> AsyncIterator[tuple]:
         """(delta, text added) for each step; times TTFT/TPOT; one span per request with child spans."""
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
         from opentelemetry import trace
-        ctx = TraceContextTextMapPropagator().extract(carrier)
+        ctx = tracing.context_of(carrier)
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
         start = time.perf_counter()
@@ -155,7 +138,7 @@ class Ingress:
             span.set_attribute("moeserve.prompt_tokens", len(tokens))
             phase = self.tracer.start_span("queue_and_prefill", context=trace.set_span_in_context(span))
             try:
-                async for delta in self.client.stream(tokens, params):
+                async for delta in self.client.stream(tokens, params, trace=tracing.carrier_of(span)):
                     if first_at is None:
                         first_at = time.perf_counter()
                         self.metrics.ttft.observe(first_at - start)
@@ -351,7 +334,7 @@ class Server:
     def start(self) -> "Server":
         os.environ["MOESERVE_GRPC_HOST"] = self.host  # read by the gRPC proxy's setup hook
         self.cluster.start(runtime_env={"worker_process_setup_hook": "moeserve.actors.serve.bind_grpc_host",
-                                        "env_vars": {"MOESERVE_GRPC_HOST": self.host}})
+                                        "env_vars": {"MOESERVE_GRPC_HOST": self.host, **tracing.forwarded_env()}})
         serve.start(http_options={"host": self.host, "port": self.http_port},
                     grpc_options={"port": self.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
         c = self.cluster

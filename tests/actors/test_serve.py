@@ -156,3 +156,20 @@ def test_a_client_that_disconnects_mid_stream_frees_its_sequence(server):
             break
         time.sleep(0.2)
     assert all(s["engine"]["running"] == 0 and s["engine"]["kv_cache_usage"] == 0 for s in stats)
+
+
+def test_trace_context_survives_the_trip_into_another_process():
+    """The carrier the ingress hands the shards names the same trace, with the request span as parent."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from moeserve.actors import tracing
+    incoming = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    span = TracerProvider().get_tracer("t").start_span("request", context=tracing.context_of(incoming))
+    carrier = tracing.carrier_of(span)
+    assert carrier["traceparent"].split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert carrier["traceparent"].split("-")[2] == format(span.get_span_context().span_id, "016x")
+
+
+def test_requests_with_a_traceparent_header_are_served(server):
+    code, payload = post("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 3}).encode(),
+                         headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    assert code == 200 and payload["usage"]["completion_tokens"] == 3
