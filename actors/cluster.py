@@ -19,6 +19,7 @@ import torch
 
 from moeserve.cluster.config import ClusterConfig
 from moeserve.cluster.engine import RequestOutput
+from moeserve.cluster.llm import Prompt, as_requests
 from moeserve.cluster.sampling_params import SamplingParams
 from moeserve.cluster.tokenizer import Tokenizer
 from moeserve.kernels.args import ModelArgs
@@ -28,9 +29,6 @@ from moeserve.topology.eplb import rebalance_experts
 from .attention_shard import AttentionShardWorker
 from .client import ClusterClient
 from .expert_group import ExpertGroupWorker
-
-Prompt = Union[str, Seq[int]]
-
 
 def node_resource(node: int) -> str:
     return f"moeserve-node-{node}"
@@ -148,32 +146,17 @@ class Cluster:
     def generate(self, prompts: Union[Prompt, Seq[Prompt]],
                  params: Union[SamplingParams, Seq[SamplingParams], None] = None) -> list[RequestOutput]:
         """Same contract as `LLM.generate`: every request is checked first; outputs in prompt order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = params or SamplingParams()
-        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(params) != len(prompts):
-            raise InputError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        requests = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            tokens = self._encode(prompt)
+        requests = as_requests(prompts, params, self.tokenizer)
+        for i, (tokens, p) in enumerate(requests):
             try:
                 self.client.check(tokens, p)
             except InputError as e:
                 raise InputError(f"prompt {i}: {e}") from None
-            requests.append((tokens, p))
         return self.client.generate(requests)
 
     @property
     def kv_transfer_bytes(self) -> int:
         return self.client.kv_transfer_bytes
-
-    def _encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InputError("this model has no tokenizer.json: give prompts as token ids")
-            return self.tokenizer.encode(prompt)
-        return list(prompt)
 
     # ---- reporting and teardown ---------------------------------------------------------------------------
 

@@ -17,6 +17,34 @@ Prompt = Union[str, Seq[int]]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def encode_prompt(tokenizer: Optional[Tokenizer], prompt: Prompt) -> list[int]:
+    """A prompt is text (needs the tokenizer) or token ids."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise InputError("this model has no tokenizer.json: give prompts as token ids")
+        return tokenizer.encode(prompt)
+    return list(prompt)
+
+
+def as_requests(prompts: Union[Prompt, Seq[Prompt]], params: Union[SamplingParams, Seq[SamplingParams], None],
+                tokenizer: Optional[Tokenizer]) -> list[tuple[list[int], SamplingParams]]:
+    """`generate`'s arguments as (token ids, params) pairs: one prompt or many, one SamplingParams for all or
+    one per prompt."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    params = params or SamplingParams()
+    params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(params) != len(prompts):
+        raise InputError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+    requests = []
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        try:
+            requests.append((encode_prompt(tokenizer, prompt), p))
+        except InputError as e:
+            raise InputError(f"prompt {i}: {e}") from None
+    return requests
+
+
 class LLM:
     """A model in this process behind the continuous-batching engine.
 
@@ -34,26 +62,15 @@ class LLM:
         self.engine = Engine(self.model, EngineConfig(mtp=mtp, **engine_config), self.tokenizer)
 
     def encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InputError("this model has no tokenizer.json: give prompts as token ids")
-            return self.tokenizer.encode(prompt)
-        return list(prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     def generate(self, prompts: Union[Prompt, Seq[Prompt]],
                  params: Union[SamplingParams, Seq[SamplingParams], None] = None) -> list[RequestOutput]:
         """Run every prompt to completion; outputs in the order of the prompts. A prompt is text or token ids.
         Every request is checked before any runs, so a bad one raises InputError and nothing is queued."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = params or SamplingParams()
-        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(params) != len(prompts):
-            raise InputError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        encoded = [self.encode(p) for p in prompts]
-        ids = []
+        requests, ids = as_requests(prompts, params, self.tokenizer), []
         try:
-            for tokens, p in zip(encoded, params):
+            for tokens, p in requests:
                 ids.append(self.engine.add_request(tokens, p))
         except InputError as e:
             for rid in ids:
