@@ -17,7 +17,9 @@ def test_wheel_installs_and_imports_in_a_clean_venv(tmp_path):
                     "-w", str(tmp_path / "dist"), str(ROOT)], check=True)
     wheel = next((tmp_path / "dist").glob("moeserve-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("moeserve/kernels/model.py", "moeserve/cluster/tokenizer.py", "moeserve/actors/cli.py"):
+    for module in ("moeserve/kernels/model.py", "moeserve/cluster/tokenizer.py", "moeserve/actors/cli.py",
+                   "moeserve/cluster/api/moeserve.proto", "moeserve/cluster/models/moeserve-demo/model.safetensors",
+                   "moeserve/cluster/models/moeserve-demo-fp8/model.safetensors", "moeserve/topology/models/deepseek-v3.json"):
         assert module in names
     assert not any(n.startswith(("kernels/", "tests/")) for n in names)
 

@@ -119,9 +119,10 @@ def rebalance_topology_aware(weight: torch.Tensor, num_physical: int, num_groups
     assert num_logical % num_gpus == 0, "primaries must fill GPUs evenly"
     primaries_per_gpu = num_logical // num_gpus
     assert slots_per_gpu > primaries_per_gpu or num_physical == num_logical
-    # primaries: groups to nodes, then within each node experts to GPUs (one replica each)
-    prim2log, _, _ = rebalance_hierarchical(weight, num_logical, num_groups, num_nodes, num_gpus)
+    # how many replicas each expert gets, then primaries packed group-by-node by the load one replica will
+    # carry (the extras take the rest), then the extras onto the lightest GPUs
     _, _, logcnt = replicate_experts(weight, num_physical)
+    prim2log, _, _ = rebalance_hierarchical(weight / logcnt, num_logical, num_groups, num_nodes, num_gpus)
     phy2log = torch.empty(L, num_physical, dtype=torch.long)
     phyrank = torch.empty(L, num_physical, dtype=torch.long)
     for layer in range(L):
