@@ -99,15 +99,19 @@ def cmd_cost(a: argparse.Namespace) -> int:
         return 0
     t = report["tpot_assumptions"]
     print(f"{arch.name} ({report['attention']}) on {spec.name}")
-    print(f"  parameters          {report['total_params'] / 1e9:.1f}B total, {report['active_params'] / 1e9:.1f}B active per token")
+    print(f"  parameters          {_count(report['total_params'])} total, {_count(report['active_params'])} active per token")
     print(f"  KV cache per token  {report['kv_bytes_per_token']:,.0f} B (BF16)")
     for name, value in report["kv_bytes_per_token_alternatives"].items():
         print(f"      {name:<30}{value:>12,.0f} B")
-    print(f"  training compute    {report['train_gflops_per_token']:.1f} GFLOPs per token at sequence length {a.seq_len}")
+    print(f"  training compute    {report['train_gflops_per_token']:.4g} GFLOPs per token at sequence length {a.seq_len}")
     print(f"  decode TPOT         {report['tpot_ms']:.2f} ms ({report['tokens_per_s']:.0f} tokens/s): {t['tokens_per_device']} "
           f"tokens/device x {t['experts_per_token']} experts x hidden {t['hidden']}, FP8 dispatch + BF16 combine over "
           f"{t['link_gbps']:g} GB/s, 2 overlapped micro-batches, {t['layers']} layers")
     return 0
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def cmd_simulate(a: argparse.Namespace) -> int:

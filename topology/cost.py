@@ -137,7 +137,7 @@ def cost_report(arch: Architecture, spec: TopologySpec, tokens_per_device: int =
     bf16 = arch.kv_bytes_per_token(2)
     alternatives = {
         "mha_bf16": arch.kv_bytes_per_token(2, kv_heads=arch.heads),
-        "gqa8_bf16": arch.kv_bytes_per_token(2, kv_heads=8),
+        **({"gqa8_bf16": arch.kv_bytes_per_token(2, kv_heads=8)} if arch.heads > 8 else {}),
         "mqa_bf16": arch.kv_bytes_per_token(2, kv_heads=1),
         "this_cache_fp8": arch.kv_bytes_per_token(1),
         "this_cache_int4": arch.kv_bytes_per_token(0.5),
