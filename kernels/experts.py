@@ -59,13 +59,49 @@ def run_assignments(experts, x: torch.Tensor, rows: torch.Tensor, expert_ids: to
 
 
 class LocalExperts(nn.ModuleList):
-    """Routed experts of one layer held in this process; `held` limits which (None entries elsewhere)."""
+    """Routed experts of one layer held in this process; `held` limits which (None entries elsewhere).
+    When it holds them all, the experts' weights are packed once into stacked tensors (each expert's weights
+    become views into them, so nothing is stored twice) and every expert runs in one batched matmul."""
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, held: Optional[set[int]] = None):
         super().__init__([MLP(dim, inter_dim) if held is None or i in held else None for i in range(n_experts)])
+        self._packed: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+
+    def _pack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._packed is None:
+            packed = []
+            for name in ("w1", "w3", "w2"):
+                stacked = torch.stack([getattr(e, name).weight.detach() for e in self])  # [E, out, in]
+                for i, e in enumerate(self):
+                    getattr(e, name).weight = nn.Parameter(stacked[i], requires_grad=False)
+                packed.append(stacked)
+            self._packed = tuple(packed)
+        return self._packed
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return run_experts(self, x, indices, weights)
+        if any(e is None for e in self) or torch.is_grad_enabled():  # training keeps its own parameters
+            return run_experts(self, x, indices, weights)
+        return run_experts_packed(self._pack(), x, indices, weights)
 
     def combine(self, handle: torch.Tensor) -> torch.Tensor:
         return handle
+
+
+def run_experts_packed(packed, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`run_experts` with stacked weights w1, w3 [E, inter, dim] and w2 [E, dim, inter]: tokens are laid out
+    per expert in a zero-padded [E, max tokens per expert, dim] buffer and all experts run in batched matmuls."""
+    w1, w3, w2 = packed
+    T, k = indices.shape
+    ids = indices.flatten()
+    order = torch.sort(ids, stable=True).indices
+    ids_sorted = ids[order]
+    counts = torch.bincount(ids_sorted, minlength=w1.shape[0])
+    slot = torch.arange(len(ids)) - (torch.cumsum(counts, 0) - counts)[ids_sorted]  # position within its expert
+    token = order // k
+    buf = x.new_zeros(w1.shape[0], int(counts.max()), x.shape[1])
+    buf[ids_sorted, slot] = x[token]
+    h = F.silu(torch.bmm(buf, w1.transpose(1, 2))) * torch.bmm(buf, w3.transpose(1, 2))  # [E, C, inter]
+    out = torch.bmm(h, w2.transpose(1, 2))[ids_sorted, slot]  # [T*k, dim] in sorted order
+    y = torch.zeros_like(x)
+    y.index_add_(0, token, (out * weights.flatten()[order, None]).to(y.dtype))
+    return y
