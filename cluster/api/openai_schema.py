@@ -24,6 +24,7 @@ class _Request(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     stream: StrictBool = False
     n: StrictInt = 1
+    ignore_eos: StrictBool = False  # an extension (as in vLLM): keep generating past the end-of-sequence token
 
     @field_validator("n")
     @classmethod
@@ -36,7 +37,7 @@ class _Request(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(max_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
                               temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,
-                              logprobs=logprobs)
+                              logprobs=logprobs, ignore_eos=self.ignore_eos)
 
 
 class CompletionRequest(_Request):

@@ -127,11 +127,16 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, body,
 
 def test_a_full_queue_answers_429(server):
     body = json.dumps({"model": MODEL, "prompt": "def f(", "max_tokens": 300, "temperature": 0,
-                       "stream": True}).encode()
-    holders = [threading.Thread(target=post, args=("/v1/completions", body)) for _ in range(MAX_PENDING)]
+                       "ignore_eos": True, "stream": True})
+
+    def hold():  # a long streamed request, read to its end
+        conn = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=120)
+        conn.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json"})
+        conn.getresponse().read()
+    holders = [threading.Thread(target=hold) for _ in range(MAX_PENDING + 2)]
     for t in holders:
         t.start()
-    deadline, code = time.time() + 30, None
+    deadline, code = time.time() + 60, None
     while time.time() < deadline:  # once the others are in flight, one more is refused
         code, payload = post("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1}).encode())
         if code == 429:
@@ -145,7 +150,8 @@ def test_a_full_queue_answers_429(server):
 def test_a_client_that_disconnects_mid_stream_frees_its_sequence(server):
     conn = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=60)
     conn.request("POST", "/v1/completions", headers={"content-type": "application/json"},
-                 body=json.dumps({"model": MODEL, "prompt": "def f(", "max_tokens": 400, "stream": True}))
+                 body=json.dumps({"model": MODEL, "prompt": "def f(", "max_tokens": 400, "ignore_eos": True,
+                                  "stream": True}))
     response = conn.getresponse()
     response.readline()  # the first event arrived: the request is decoding
     conn.close()
