@@ -16,6 +16,11 @@ from moeserve.kernels.fp8 import act_dequant
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def combine_torch_dtype(name: str) -> torch.dtype:
+    """The dtype expert outputs travel back in: "bf16" or "float32"."""
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
 def decode_payload(payload: dict, dtype: torch.dtype) -> torch.Tensor:
     """Token rows as sent: FP8 bytes with 1x128 tile scales, or a plain tensor."""
     if "fp8" in payload:
@@ -74,7 +79,7 @@ class ExpertGroupWorker:
         self.tokens_computed += len(rows)
         y = run_assignments(self.experts[layer], x, rows, expert_ids, weights.to(self.dtype))
         self.compute_s += time.perf_counter() - start
-        return y.to(_DTYPES[combine_dtype] if combine_dtype != "bf16" else torch.bfloat16)
+        return y.to(combine_torch_dtype(combine_dtype))
 
     @torch.inference_mode()
     def relay(self, layer: int, payload: dict, work: dict, combine_dtype: str) -> tuple[torch.Tensor, int]:
@@ -101,5 +106,4 @@ class ExpertGroupWorker:
             if total is None:
                 total = torch.zeros(n, part.shape[1])
             total.index_add_(0, needed, part.float())
-        out_dtype = torch.bfloat16 if combine_dtype == "bf16" else torch.float32
-        return total.to(out_dtype), forwarded
+        return total.to(combine_torch_dtype(combine_dtype)), forwarded
