@@ -14,6 +14,7 @@ from moeserve.cluster.config import ClusterConfig
 from moeserve.cluster.engine import Engine, EngineConfig, PrefilledSequence, RequestOutput
 from moeserve.cluster.sampling_params import SamplingParams
 from moeserve.cluster.tokenizer import Tokenizer
+from moeserve.kernels.args import ModelArgs
 from moeserve.kernels.load import load_model
 from moeserve.topology.planner import Placement
 
@@ -32,7 +33,6 @@ class AttentionShardWorker:
         self.role, self.shard_id, self.src_gpu = role, shard_id, src_gpu
         spec = cfg.topology_spec
         slots_per_gpu = len(next(iter(phy2log.values()))) // spec.num_gpus
-        from moeserve.kernels.args import ModelArgs
         args = ModelArgs.from_file(cfg.model)
         placements = {layer: Placement(torch.tensor(p), slots_per_gpu, spec.gpus_per_node, args.n_expert_groups)
                       for layer, p in phy2log.items()}
@@ -176,5 +176,5 @@ class AttentionShardWorker:
         with self.lock:
             return {**self.ready(), "engine": self.engine.stats(), "links": self.router.counters.as_dict(),
                     "step_s": self.step_s,
-                    "tokens_per_expert": {layer: load.tolist() for layer, load in self.router.expert_load.items()},
+                    "tokens_per_expert": self.engine.stats()["expert_load"],
                     "kv_bytes_sent": self.kv_bytes_sent, "kv_bytes_received": self.kv_bytes_received}

@@ -8,7 +8,6 @@ import itertools
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
-import ray
 
 from moeserve.cluster.engine import PrefilledSequence, RequestOutput, check_request
 from moeserve.cluster.sampling_params import SamplingParams

@@ -18,7 +18,6 @@ import time
 from typing import AsyncIterator, Optional
 
 import grpc
-import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError

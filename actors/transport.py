@@ -47,8 +47,6 @@ class ExpertRouter:
         self.hidden, self.max_nodes = hidden, max_nodes
         self.dispatch_dtype, self.combine_dtype = dispatch_dtype, combine_dtype
         self.counters = LinkCounters(per_plane=[0] * spec.planes, planned_per_plane=[0] * spec.planes)
-        self.expert_load = {layer: torch.zeros(int(p.phy2log.max()) + 1, dtype=torch.long)
-                            for layer, p in placements.items()}
 
     def payload(self, x: torch.Tensor) -> dict:
         if self.dispatch_dtype == "fp8":
@@ -76,7 +74,6 @@ class RayExpertTransport:
         placement = r.placements[self.layer_id]
         d_bytes, c_bytes = r.row_bytes()
         plan = plan_dispatch(indices, r.src_gpu, placement, spec, r.hidden, r.max_nodes, d_bytes, c_bytes)
-        r.expert_load[self.layer_id] += torch.bincount(indices.flatten(), minlength=len(r.expert_load[self.layer_id]))
         T, k = indices.shape
         G = spec.gpus_per_node
         src_node = r.src_gpu // G

@@ -17,6 +17,7 @@ import torch
 
 from moeserve.kernels.cache import PagedLatentCache
 from moeserve.kernels.errors import InputError
+from moeserve.kernels.generate import check_prompt
 from moeserve.kernels.model import Transformer
 from moeserve.kernels.sampling import accept_draft, sampling_probs
 
@@ -66,14 +67,7 @@ class RequestOutput:
 def check_request(args, prompt: list[int], params: SamplingParams, cache_tokens: int, has_tokenizer: bool) -> None:
     """Every reason a request can never be served, as an InputError naming it."""
     params.validate()
-    if not prompt:
-        raise InputError("the prompt is empty; give at least one token")
-    bad = [t for t in prompt if not 0 <= t < args.vocab_size]
-    if bad:
-        raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {args.vocab_size})")
-    if len(prompt) + params.max_tokens > args.max_seq_len:
-        raise InputError(f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} exceed the model's "
-                         f"context of {args.max_seq_len} tokens")
+    check_prompt(prompt, args.vocab_size, args.max_seq_len, params.max_tokens)
     if len(prompt) + params.max_tokens + 1 > cache_tokens:
         raise InputError(f"the request needs {len(prompt) + params.max_tokens + 1} tokens of KV cache; the "
                          f"engine holds {cache_tokens} (raise kv_cache_tokens)")

@@ -1,6 +1,6 @@
 """A request's life in the engine: its tokens, its blocks, its draft, and what it has produced."""
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Optional
 

@@ -19,18 +19,16 @@ class Generation:
     finish_reason: Optional[str] = None  # "stop" (a stop token) or "length" (max_tokens)
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_len: int, max_tokens: int) -> None:
-    if max_tokens <= 0:
-        raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise InputError(f"prompt {i} is empty; give at least one token")
-        bad = [t for t in prompt if not 0 <= t < vocab_size]
-        if bad:
-            raise InputError(f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-        if len(prompt) + max_tokens > max_len:
-            raise InputError(f"prompt {i}: {len(prompt)} prompt tokens + max_tokens {max_tokens} exceed the "
-                             f"model's context of {max_len}; shorten the prompt or lower max_tokens")
+def check_prompt(prompt: Sequence[int], vocab_size: int, max_len: int, max_tokens: int) -> None:
+    """A prompt the model can take: not empty, ids in the vocabulary, room in the context for max_tokens."""
+    if len(prompt) == 0:
+        raise InputError("the prompt is empty; give at least one token")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    if len(prompt) + max_tokens > max_len:
+        raise InputError(f"{len(prompt)} prompt tokens + max_tokens {max_tokens} exceed the model's context of "
+                         f"{max_len} tokens; shorten the prompt or lower max_tokens")
 
 
 @torch.inference_mode()
@@ -38,7 +36,13 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_tokens: i
              top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
              stop_token_ids: Sequence[int] = ()) -> list[Generation]:
     args = model.args
-    check_prompts(prompts, args.vocab_size, args.max_seq_len, max_tokens)
+    if max_tokens <= 0:
+        raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
+    for i, prompt in enumerate(prompts):
+        try:
+            check_prompt(prompt, args.vocab_size, args.max_seq_len, max_tokens)
+        except InputError as e:
+            raise InputError(f"prompt {i}: {e}") from None
     if temperature < 0:
         raise InputError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:

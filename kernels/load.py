@@ -16,7 +16,7 @@ from .experts import ExpertTransport
 from .model import Transformer
 from .rope import rope_inv_freq
 
-_MTP_SHARED = {"embed.weight": "embed.weight", "head.weight": "head.weight"}  # may be left out of MTP layers
+_MTP_SHARED = ("embed.weight", "head.weight")  # an MTP module may leave these out: the main model's serve
 
 
 def load_model(checkpoint: Checkpoint | str | Path, dtype: torch.dtype = torch.bfloat16, with_mtp: bool = True,
@@ -48,8 +48,8 @@ def load_model(checkpoint: Checkpoint | str | Path, dtype: torch.dtype = torch.b
         if local in state:
             continue
         shared = local.split(".", 2)[-1] if local.startswith("mtp.") else None
-        if shared in _MTP_SHARED and _MTP_SHARED[shared] in state:
-            state[local] = state[_MTP_SHARED[shared]]  # DeepSeek's release stores copies; share one
+        if shared in _MTP_SHARED and shared in state:
+            state[local] = state[shared]  # DeepSeek's release stores copies; share one
             continue
         raise CheckpointError(f"{ckpt.path}: checkpoint is missing tensor {local_to_hf(local, n_layers)!r}")
     model.load_state_dict(state, assign=True, strict=True)

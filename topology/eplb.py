@@ -115,7 +115,6 @@ def rebalance_topology_aware(weight: torch.Tensor, num_physical: int, num_groups
     the GPUs with the least load, one replica of an expert per GPU."""
     L, num_logical = weight.shape
     slots_per_gpu = num_physical // num_gpus
-    gpus_per_node = num_gpus // num_nodes
     assert num_logical % num_gpus == 0, "primaries must fill GPUs evenly"
     primaries_per_gpu = num_logical // num_gpus
     assert slots_per_gpu > primaries_per_gpu or num_physical == num_logical

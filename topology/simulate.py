@@ -12,7 +12,7 @@ distinct experts within `topk_group` groups): that is what node-limited routing 
 serves both.
 """
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch

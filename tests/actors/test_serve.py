@@ -14,7 +14,7 @@ grpc = pytest.importorskip("grpc")
 openai = pytest.importorskip("openai")
 
 from moeserve.actors.serve import Server  # noqa: E402
-from moeserve.cluster import DEMO_MODEL, LLM, ClusterConfig, SamplingParams  # noqa: E402
+from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
 from moeserve.cluster.api.stubs import GenerationStub, pb2  # noqa: E402
 
 HTTP_PORT, GRPC_PORT, MAX_PENDING = 18431, 19431, 3

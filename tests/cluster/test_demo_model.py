@@ -1,7 +1,6 @@
 """The shipped demo model: a real DeepSeek-V3-layout checkpoint that transformers reads the same way we do."""
 import json
 
-import pytest
 import torch
 
 from moeserve.cluster import DEMO_MODEL, DEMO_MODEL_FP8, LLM, SamplingParams

@@ -10,7 +10,7 @@ from moeserve.kernels.checkpoint import Checkpoint, hf_to_local, local_to_hf, ro
 from moeserve.kernels.errors import CheckpointError, ConfigError
 from moeserve.kernels.experts import LocalExperts
 from moeserve.kernels.load import load_model
-from tests.tiny import CONFIGS, rel_err, write_checkpoint
+from tests.tiny import CONFIGS, write_checkpoint
 
 
 @pytest.mark.parametrize("name", ["model.layers.4.self_attn.kv_b_proj.weight", "lm_head.weight",

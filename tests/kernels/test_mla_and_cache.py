@@ -1,5 +1,4 @@
 """Naive and absorbed MLA agree; the latent cache holds exactly (kv_lora_rank + qk_rope_head_dim) per token per layer."""
-import json
 from pathlib import Path
 
 import pytest
