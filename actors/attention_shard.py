@@ -18,7 +18,7 @@ from moeserve.kernels.args import ModelArgs
 from moeserve.kernels.load import load_model
 from moeserve.topology.planner import Placement
 
-from . import tracing
+from . import collective, tracing
 from .transport import ExpertRouter, RayExpertTransport
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -38,12 +38,20 @@ class AttentionShardWorker:
                       for layer, p in phy2log.items()}
         self.router = ExpertRouter(placements, groups, spec, src_gpu, args.dim, cfg.max_nodes, cfg.dispatch_dtype,
                                    cfg.combine_dtype)
-        model = load_model(cfg.model, dtype=_DTYPES[cfg.dtype], with_mtp=cfg.mtp,
-                           make_experts=lambda layer: RayExpertTransport(layer, self.router))
+        self.link = collective.ShardLink(len(groups))
+        if cfg.transport == "collective":
+            def make_experts(layer):
+                return collective.CollectiveExpertTransport(layer, self.router, self.link)
+        else:
+            def make_experts(layer):
+                return RayExpertTransport(layer, self.router)
+        model = load_model(cfg.model, dtype=_DTYPES[cfg.dtype], with_mtp=cfg.mtp, make_experts=make_experts)
         tokenizer = Tokenizer(cfg.model) if Tokenizer.exists(cfg.model) else None
         self.engine = Engine(model, EngineConfig(mtp=cfg.mtp, **cfg.engine.model_dump()), tokenizer)
         self.lock = threading.Condition()
-        self.updates: dict[str, list] = {}       # request -> outputs not yet polled (decode), or its hand-off
+        self.requests: set[str] = set()          # requests whose outputs go out (not aborted)
+        self.outbox: list[tuple[int, str, object]] = []   # (sequence number, request, output or hand-off)
+        self.sequence = 0
         self.kv_bytes_received = 0
         self.kv_bytes_sent = 0
         self.step_s = 0.0
@@ -51,6 +59,11 @@ class AttentionShardWorker:
         self.steps_traced = 0
         self.stopped = False
         threading.Thread(target=self._loop, daemon=True, name=f"{role}-{shard_id}").start()
+
+    def join_collective(self, master: str, world_size: int, rank: int) -> None:
+        """Enter the process group of the collective transport (with every other member at once)."""
+        n_groups = self.link.n_groups
+        self.link.group = collective.join(master, rank, world_size, n_groups)[rank]
 
     def ready(self) -> dict:
         return {"role": self.role, "shard": self.shard_id, "gpu_slot": self.src_gpu, "pid": os.getpid(),
@@ -62,7 +75,7 @@ class AttentionShardWorker:
         """Queue a prompt (prefill role: it is handed off once computed)."""
         with self.lock:
             self.engine.add_request(tokens, params, request_id=request_id)
-            self.updates[request_id] = []
+            self.requests.add(request_id)
             self._open_span(request_id, "prefill", trace, prompt_tokens=len(tokens))
             self.lock.notify_all()
 
@@ -72,43 +85,34 @@ class AttentionShardWorker:
             self.engine.add_prefilled(pre)
             self._open_span(pre.request_id, "decode", trace, kv_bytes=pre.kv_bytes)
             self.kv_bytes_received += pre.kv_bytes
-            self.updates[pre.request_id] = []
+            self.requests.add(pre.request_id)
             self.lock.notify_all()
-
-    def prefill(self, requests: list[tuple[str, list[int], SamplingParams]]) -> list:
-        """Compute the prompts; for each a PrefilledSequence, or its final RequestOutput if it already finished
-        (first token a stop token, or max_tokens 1)."""
-        for rid, tokens, params in requests:
-            self.add(rid, tokens, params)
-        return [self.poll(rid, timeout=None)[-1] for rid, _, _ in requests]
 
     # ---- results out ----------------------------------------------------------------------------------------
 
-    def poll(self, request_id: str, timeout: float | None = 1.0) -> list:
-        """Outputs since the last poll (waits up to `timeout` for the first); [] if none came."""
+    def poll(self, acked: int, timeout: float = 1.0) -> list[tuple[int, str, object]]:
+        """Every output after sequence number `acked`, as (number, request, output): per step one per running
+        request (decode), or each request's hand-off or final output (prefill); waits up to `timeout` for
+        the first. Outputs up to `acked` are dropped: a reply lost on the way (the caller gave up waiting) is
+        sent again by the next poll. One call per shard brings the whole batch, so the Ray calls per step do
+        not grow with the batch."""
         with self.lock:
-            self.lock.wait_for(lambda: self.updates.get(request_id) or request_id not in self.updates, timeout)
-            items = self.updates.get(request_id, [])
-            if items and (isinstance(items[-1], PrefilledSequence) or items[-1].finished):
-                self.updates.pop(request_id)
-            elif items:
-                self.updates[request_id] = []
-            return items
+            self.outbox = [entry for entry in self.outbox if entry[0] > acked]
+            self.lock.wait_for(lambda: self.outbox, timeout)
+            return list(self.outbox)
 
-    def wait(self, request_id: str) -> RequestOutput:
-        """The finished output of a request (decode role)."""
-        while True:
-            items = self.poll(request_id, timeout=None)
-            if items and items[-1].finished:
-                return items[-1]
-            if not items:
-                raise KeyError(f"unknown request {request_id!r}")
+    def _send(self, request_id: str, item) -> None:
+        if request_id in self.requests:
+            self.sequence += 1
+            self.outbox.append((self.sequence, request_id, item))
+            if isinstance(item, PrefilledSequence) or item.finished:
+                self.requests.discard(request_id)
 
     def abort(self, request_id: str) -> None:
         """The client went away: free the sequence and its cache blocks now."""
         with self.lock:
             self.engine.abort(request_id)
-            self.updates.pop(request_id, None)
+            self.requests.discard(request_id)
             self._close_span(request_id, "aborted")
             self.lock.notify_all()
 
@@ -146,8 +150,12 @@ class AttentionShardWorker:
     def _loop(self) -> None:
         while not self.stopped:
             with self.lock:
-                self.lock.wait_for(lambda: self.engine.has_unfinished() or self.stopped)
+                if not self.lock.wait_for(lambda: self.engine.has_unfinished() or self.stopped,
+                                          collective.PING_EVERY_S / 2):
+                    self.link.ping_if_idle()
+                    continue
                 if self.stopped:
+                    self.link.stop()
                     return
                 start = time.perf_counter()
                 d0, c0 = self.router.counters.dispatch_s, self.router.counters.combine_s
@@ -156,15 +164,14 @@ class AttentionShardWorker:
                 if self.spans:
                     self._trace_step(outputs, self.router.counters.dispatch_s - d0, self.router.counters.combine_s - c0)
                 for out in outputs:
-                    if out.request_id in self.updates and (self.role == "decode" or out.finished):
-                        self.updates[out.request_id].append(out)
+                    if self.role == "decode" or out.finished:
+                        self._send(out.request_id, out)
                 if self.role == "prefill":
                     for seq in self.engine.prefilled():
                         pre = self.engine.take_prefilled(seq)
                         self.kv_bytes_sent += pre.kv_bytes
                         self._close_span(pre.request_id, "handed_off")
-                        if pre.request_id in self.updates:
-                            self.updates[pre.request_id].append(pre)
+                        self._send(pre.request_id, pre)
                 self.lock.notify_all()
 
     def stop(self) -> None:

@@ -3,11 +3,13 @@ prefill shard (prefix-cache affinity: prompts that share their first block go to
 the least busy) and a decode shard (the least busy), hands the latent KV over, and streams the tokens back.
 A request whose client goes away is aborted on the shard that holds it, so its cache blocks come back."""
 import asyncio
+import contextvars
 import hashlib
 import itertools
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
+import ray
 
 from moeserve.cluster.engine import PrefilledSequence, RequestOutput, check_request
 from moeserve.cluster.sampling_params import SamplingParams
@@ -38,6 +40,9 @@ class ClusterClient:
         self.outstanding_decode = [0] * len(decode_shards)
         self.kv_transfer_bytes = 0
         self._ids = itertools.count()
+        self._queues: dict[int, dict[str, asyncio.Queue]] = {}   # shard -> request -> its outputs
+        self._pollers: dict[int, asyncio.Task] = {}
+        self._acked: dict[int, int] = {}                          # shard -> last output number taken
 
     def check(self, tokens: list[int], params: SamplingParams) -> None:
         check_request(self.args, tokens, params, self.kv_cache_tokens, has_tokenizer=self.tokenizer is not None)
@@ -59,6 +64,52 @@ class ClusterClient:
     def pick_decode(self) -> int:
         return min(range(len(self.decode_shards)), key=lambda i: self.outstanding_decode[i])
 
+    # ---- one long-poll loop per shard, fanning each request's outputs out to its queue ----------------------
+
+    def _subscribe(self, shard, request_id: str) -> asyncio.Queue:
+        queue = asyncio.Queue()
+        key = id(shard)
+        self._queues.setdefault(key, {})[request_id] = queue
+        task = self._pollers.get(key)
+        loop = asyncio.get_running_loop()
+        if task is None or task.done() or task.get_loop() is not loop:
+            # a context of its own: the loop outlives the request that started it (Ray Serve cancels the calls
+            # a cancelled request made)
+            self._pollers[key] = loop.create_task(self._poll_loop(shard, key), context=contextvars.Context())
+        return queue
+
+    def _unsubscribe(self, shard, request_id: str) -> None:
+        self._queues.get(id(shard), {}).pop(request_id, None)
+
+    async def _poll_loop(self, shard, key: int) -> None:
+        queues = self._queues[key]
+        while queues:
+            try:
+                outputs = await shard.poll.remote(self._acked.get(key, 0), 1.0)
+            except ray.exceptions.TaskCancelledError:  # nothing is lost: the next poll brings the same outputs
+                continue
+            except Exception as e:  # the shard is gone: every request waiting on it fails, none hangs
+                for queue in queues.values():
+                    queue.put_nowait(e)
+                queues.clear()
+                return
+            ready: dict[str, list] = {}
+            for number, request_id, item in outputs:
+                if number > self._acked.get(key, 0):
+                    ready.setdefault(request_id, []).append(item)
+            if outputs:
+                self._acked[key] = max(self._acked.get(key, 0), outputs[-1][0])
+            for request_id, items in ready.items():
+                if request_id in queues:
+                    queues[request_id].put_nowait(items)
+
+    @staticmethod
+    async def _next(queue: asyncio.Queue) -> list:
+        items = await queue.get()
+        if isinstance(items, Exception):
+            raise items
+        return items
+
     async def stream(self, tokens: list[int], params: SamplingParams, request_id: Optional[str] = None,
                      trace: Optional[dict] = None) -> AsyncIterator[Delta]:
         """Prefill, hand off, decode; yields the first token as soon as the prefill shard has it. `trace` is a
@@ -67,17 +118,16 @@ class ClusterClient:
         p = self.pick_prefill(tokens)
         self.outstanding_prefill[p] += 1
         shard = self.prefill_shards[p]
-        done = False
+        item = None
         try:
+            queue = self._subscribe(shard, rid)
             await shard.add.remote(rid, tokens, params, trace)
-            items = []
-            while not items:
-                items = await shard.poll.remote(rid, 1.0)
+            item = (await self._next(queue))[-1]
         finally:
             self.outstanding_prefill[p] -= 1
-            if not items:  # cancelled while prefilling
+            self._unsubscribe(shard, rid)
+            if item is None:  # cancelled while prefilling
                 shard.abort.remote(rid)
-        item = items[-1]
         if isinstance(item, RequestOutput):
             yield Delta(rid, item.token_ids, item.token_ids, item.finish_reason, item.logprobs or [],
                         len(item.prompt_token_ids), final=item)
@@ -89,15 +139,18 @@ class ClusterClient:
         d = self.pick_decode()
         self.outstanding_decode[d] += 1
         decode = self.decode_shards[d]
+        done = False
         try:
+            queue = self._subscribe(decode, rid)
             await decode.submit.remote(pre, trace)
             while not done:
-                for out in await decode.poll.remote(rid, 1.0):
+                for out in await self._next(queue):
                     done = out.finished
                     yield Delta(rid, out.new_token_ids, out.token_ids, out.finish_reason, out.logprobs or [],
                                 pre.num_prompt_tokens, final=out if done else None)
         finally:
             self.outstanding_decode[d] -= 1
+            self._unsubscribe(decode, rid)
             if not done:
                 decode.abort.remote(rid)
 

@@ -114,7 +114,7 @@ class Cluster:
             experts = {layer: p[g * slots:(g + 1) * slots] for layer, p in phy2log.items()}
             actor = ray.remote(ExpertGroupWorker).options(
                 num_cpus=0, max_concurrency=16, resources={node_resource(g // spec.gpus_per_node): 1},
-                name=None).remote(g, cfg.model, cfg.dtype, experts, threads)
+                name=None).remote(g, cfg.model, cfg.dtype, experts, threads, spec.num_gpus)
             self.groups.append(actor)
         for g, actor in enumerate(self.groups):
             node = g // spec.gpus_per_node
@@ -133,6 +133,8 @@ class Cluster:
             [f"prefill-{i}" for i in range(len(self.prefill_shards))] + \
             [f"decode-{i}" for i in range(len(self.decode_shards))]
         reports = ray.get([a.ready.remote() for a in self.groups + self.prefill_shards + self.decode_shards])
+        if cfg.transport == "collective":
+            self._join_collective()
         for name, report in zip(names, reports):
             slot = report.get("gpu_slot", report.get("group"))
             self.where[name] = {**report, "topology_node": slot // spec.gpus_per_node,
@@ -140,6 +142,14 @@ class Cluster:
         self.client = ClusterClient(self.args, self.tokenizer, self.prefill_shards, self.decode_shards,
                                     cfg.engine.kv_cache_tokens, cfg.engine.block_size)
         return self
+
+    def _join_collective(self) -> None:
+        """One torch.distributed process group: expert groups are ranks 0..G-1, shards follow."""
+        shards = self.prefill_shards + self.decode_shards
+        world = len(self.groups) + len(shards)
+        master = ray.get(self.groups[0].collective_address.remote())
+        ray.get([g.join_collective.remote(master, world) for g in self.groups] +
+                [s.join_collective.remote(master, world, len(self.groups) + i) for i, s in enumerate(shards)])
 
     # ---- requests -----------------------------------------------------------------------------------------
 
@@ -197,7 +207,7 @@ class Cluster:
         """Stop every actor this cluster started and wait until their processes have exited."""
         actors = self.prefill_shards + self.decode_shards + self.groups
         if ray.is_initialized():
-            for shard in self.decode_shards:
+            for shard in self.prefill_shards + self.decode_shards:
                 try:
                     ray.get(shard.stop.remote(), timeout=10)
                 except Exception:  # already gone: nothing to stop

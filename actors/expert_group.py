@@ -4,6 +4,7 @@ the node on its plane arrive here once, and it forwards each to the other groups
 experts, sums their partial outputs with its own, and sends one combined row per token back."""
 import os
 import socket
+import threading
 import time
 
 import ray
@@ -12,6 +13,8 @@ import torch
 from moeserve.kernels.checkpoint import Checkpoint, routed_expert_of
 from moeserve.kernels.experts import MLP, run_assignments
 from moeserve.kernels.fp8 import act_dequant
+
+from . import collective
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,10 +42,11 @@ def payload_bytes(payload: dict) -> int:
 
 
 class ExpertGroupWorker:
-    def __init__(self, group_id: int, model: str, dtype: str, experts: dict[int, list[int]], threads: int = 1):
+    def __init__(self, group_id: int, model: str, dtype: str, experts: dict[int, list[int]], threads: int = 1,
+                 n_groups: int = 1):
         """experts: MoE layer id -> the logical experts this group holds for it (its physical slots)."""
         torch.set_num_threads(threads)
-        self.group_id = group_id
+        self.group_id, self.n_groups = group_id, n_groups
         self.dtype = _DTYPES[dtype]
         ckpt = Checkpoint(model)
         wanted = {(layer, e) for layer, es in experts.items() for e in es}
@@ -85,8 +89,15 @@ class ExpertGroupWorker:
     def relay(self, layer: int, payload: dict, work: dict, combine_dtype: str) -> tuple[torch.Tensor, int]:
         """Serve tokens that crossed to this node: `work` maps a group of this node to its assignments
         (rows, expert ids, weights) over the payload rows. Returns (node partial [N, dim], bytes forwarded
-        inside the node, both ways)."""
-        refs, forwarded, own = [], 0, None
+        inside the node, both ways). Peers are reached by actor calls."""
+        def ask(gid, *args):
+            return self.peers[gid].compute.remote(layer, *args, combine_dtype)
+        return self._relay(layer, payload, work, combine_dtype, ask, ray.get)
+
+    def _relay(self, layer: int, payload: dict, work: dict, combine_dtype: str, ask, answer):
+        """`relay` over any transport: ask(gid, payload, rows, expert ids, weights) sends a peer its part,
+        answer(handle) waits for that peer's partial output."""
+        asked, forwarded, own = [], 0, None
         for gid, (rows, expert_ids, weights) in work.items():
             if gid == self.group_id:
                 own = (rows, expert_ids, weights)
@@ -94,16 +105,57 @@ class ExpertGroupWorker:
             needed, local_rows = torch.unique(rows, return_inverse=True)  # each row once per GPU
             sub = slice_payload(payload, needed)
             forwarded += payload_bytes(sub)
-            refs.append((needed, self.peers[gid].compute.remote(layer, sub, local_rows, expert_ids, weights,
-                                                                 combine_dtype)))
+            asked.append((needed, ask(gid, sub, local_rows, expert_ids, weights)))
         n = next(iter(payload.values())).shape[0]
         total = None
         if own is not None:
             total = self.compute(layer, payload, *own, combine_dtype).float()
-        for needed, ref in refs:
-            part = ray.get(ref)
+        for needed, handle in asked:
+            part = answer(handle)
             forwarded += part.numel() * part.element_size()
             if total is None:
                 total = torch.zeros(n, part.shape[1])
             total.index_add_(0, needed, part.float())
         return total.to(combine_torch_dtype(combine_dtype)), forwarded
+
+    # ---- the collective transport: one thread per attention shard, answering messages ---------------------
+
+    def collective_address(self) -> str:
+        return collective.free_address(ray.util.get_node_ip_address())
+
+    def join_collective(self, master: str, world_size: int) -> None:
+        """Enter the process group (with every other member at once), then serve each shard's subgroup."""
+        links = collective.join(master, self.group_id, world_size, n_groups=self.n_groups)
+        for shard, group in links.items():
+            threading.Thread(target=self._serve, args=(group,), daemon=True, name=f"serve-shard-{shard}").start()
+
+    def _serve(self, group) -> None:
+        outbox = collective.Outbox()
+
+        def ask(gid, sub, rows, expert_ids, weights):
+            outbox.send({"op": "compute", "layer": message["layer"], "payload": sub, "work": {gid: (rows, expert_ids,
+                         weights)}, "combine_dtype": message["combine_dtype"]}, gid, group)
+            return gid
+
+        def answer(gid):
+            return collective.reply_of(collective.receive(group, gid)[1])
+
+        while True:
+            sender, message = collective.receive(group)
+            op = message["op"]
+            if op == "stop":
+                return
+            if op == "ping":
+                continue
+            try:
+                with torch.inference_mode():
+                    layer, payload, work, combine_dtype = (message[k] for k in ("layer", "payload", "work",
+                                                                                "combine_dtype"))
+                    if op == "relay":
+                        reply = self._relay(layer, payload, work, combine_dtype, ask, answer)
+                    else:
+                        reply = self.compute(layer, payload, *work[self.group_id], combine_dtype)
+            except Exception as e:  # the sender waits for a reply: it gets the error, and this thread serves on
+                reply = {"error": f"expert group {self.group_id}: {type(e).__name__}: {e}"}
+            outbox.send(reply, sender, group)
+            outbox.flush()

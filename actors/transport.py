@@ -1,10 +1,11 @@
-"""The Ray actor-call transport: `dispatch` / `combine` for one MoE layer of an attention shard, along the
-dispatch planner's routes, counting the bytes it actually moves per link class and plane.
+"""The data plane's shared half and its default transport. `ExpertRouter` turns one MoE layer's routing into
+routes along the dispatch planner's plan, counting the bytes it moves per link class and plane; each transport
+(`RayExpertTransport` here, `CollectiveExpertTransport` in `collective.py`) only carries the routes.
 
 Per step and layer: the planner picks a replica for each (token, expert); tokens for experts on the shard's
 own node go straight to those groups; for every other node the tokens cross once, as one payload to the
 relay group (same in-node index, the shard's plane), which fans them out inside the node and returns one
-summed row per token. Combine waits for the replies and adds them up in node order.
+summed row per token. Combine waits for the replies and adds them up in route order.
 """
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,18 @@ class LinkCounters:
         return dict(self.__dict__)
 
 
+@dataclass
+class Route:
+    """One payload of a layer's dispatch: token `rows` of the batch go to group `target`, which serves `work`
+    (group -> (rows of the payload, logical expert ids, gate weights)): its own part, and as a relay
+    (`relay` True) the parts of the other groups of its node."""
+    target: int
+    rows: torch.Tensor
+    payload: dict
+    work: dict
+    relay: bool
+
+
 class ExpertRouter:
     """What every MoE layer of one attention shard shares: the placement, the group actors, its own GPU slot,
     the payload formats and the counters."""
@@ -58,31 +71,20 @@ class ExpertRouter:
         one = self.payload(torch.zeros(1, self.hidden))
         return payload_bytes(one), self.hidden * (2 if self.combine_dtype == "bf16" else 4)
 
-
-class RayExpertTransport:
-    def __init__(self, layer_id: int, router: ExpertRouter):
-        self.layer_id, self.router = layer_id, router
-
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
-        start = time.perf_counter()
-        handle = self._dispatch(x, indices, weights)
-        self.router.counters.dispatch_s += time.perf_counter() - start
-        return handle
-
-    def _dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
-        r, spec = self.router, self.router.spec
-        placement = r.placements[self.layer_id]
-        d_bytes, c_bytes = r.row_bytes()
-        plan = plan_dispatch(indices, r.src_gpu, placement, spec, r.hidden, r.max_nodes, d_bytes, c_bytes)
+    def route(self, layer_id: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> list[Route]:
+        """The payloads of one layer's dispatch, x [T, dim], indices/weights [T, topk]; counts their bytes."""
+        spec, c = self.spec, self.counters
+        d_bytes, c_bytes = self.row_bytes()
+        plan = plan_dispatch(indices, self.src_gpu, self.placements[layer_id], spec, self.hidden, self.max_nodes,
+                             d_bytes, c_bytes)
         T, k = indices.shape
         G = spec.gpus_per_node
-        src_node = r.src_gpu // G
-        payload = r.payload(x)
+        src_node = self.src_gpu // G
+        payload = self.payload(x)
         token = torch.arange(T).repeat_interleave(k)
         gpu, ids, w = plan.expert_gpu.flatten(), indices.flatten(), weights.flatten().float()
         node = gpu // G
-        calls = []
-        c = r.counters
+        routes = []
         for m in torch.unique(node).tolist():
             on_m = node == m
             if m == src_node:  # same node: straight to each group, once per (token, GPU)
@@ -90,13 +92,11 @@ class RayExpertTransport:
                     sel = gpu == g
                     rows, local = torch.unique(token[sel], return_inverse=True)
                     sub = slice_payload(payload, rows)
-                    if g != r.src_gpu:
+                    if g != self.src_gpu:
                         c.intra_node += payload_bytes(sub) + len(rows) * c_bytes
-                    calls.append(("direct", rows, r.groups[g].compute.remote(self.layer_id, sub, local, ids[sel],
-                                                                             w[sel], r.combine_dtype)))
+                    routes.append(Route(g, rows, sub, {g: (local, ids[sel], w[sel])}, relay=False))
                 continue
             rows, local = torch.unique(token[on_m], return_inverse=True)  # each token crosses to m once
-            relay_gpu = m * G + int(plan.relay_local[0])
             plane = int(plan.plane[0])
             work = {}
             for g in torch.unique(gpu[on_m]).tolist():
@@ -107,26 +107,52 @@ class RayExpertTransport:
             c.inter_node += sent
             c.per_plane[plane] += sent
             c.crossings += len(rows)
-            calls.append(("relay", rows, r.groups[relay_gpu].relay.remote(self.layer_id, sub, work, r.combine_dtype)))
-        if int(plan.relay_local[0]) != r.src_gpu % G:  # our plane is down: each remote-bound token first moves
-            remote_tokens = torch.unique(token[node != src_node])  # over NVLink to a GPU on a live plane
+            routes.append(Route(m * G + int(plan.relay_local[0]), rows, sub, work, relay=True))
+        if int(plan.relay_local[0]) != self.src_gpu % G:  # our plane is down: each remote-bound token first
+            remote_tokens = torch.unique(token[node != src_node])  # moves over NVLink to a GPU on a live plane
             c.intra_node += len(remote_tokens) * (d_bytes + c_bytes)
         c.naive_crossings += plan.naive_sends
         c.planned_inter_node += plan.bytes["inter_node"]
         c.planned_intra_node += plan.bytes["intra_node"]
         for p, b in enumerate(plan.bytes_per_plane.tolist()):
             c.planned_per_plane[p] += int(b)
-        return T, x.shape[1], x.dtype, calls
+        return routes
+
+    def combined(self, T: int, routes: list[Route], replies: list) -> torch.Tensor:
+        """Sum the groups' replies, one per route (a relay's also reports the bytes it moved in its node)."""
+        y = torch.zeros(T, self.hidden)
+        for route, reply in zip(routes, replies):
+            if route.relay:
+                reply, forwarded = reply
+                self.counters.intra_node += forwarded
+            y.index_add_(0, route.rows, reply.float())
+        return y
+
+
+class RayExpertTransport:
+    """Every route is one actor call: `compute` on a group of the shard's node, `relay` on another node's."""
+
+    def __init__(self, layer_id: int, router: ExpertRouter):
+        self.layer_id, self.router = layer_id, router
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
+        start = time.perf_counter()
+        r = self.router
+        routes = r.route(self.layer_id, x, indices, weights)
+        refs = []
+        for route in routes:
+            group = r.groups[route.target]
+            if route.relay:
+                refs.append(group.relay.remote(self.layer_id, route.payload, route.work, r.combine_dtype))
+            else:
+                refs.append(group.compute.remote(self.layer_id, route.payload, *route.work[route.target],
+                                                 r.combine_dtype))
+        r.counters.dispatch_s += time.perf_counter() - start
+        return x.shape[0], x.dtype, routes, refs
 
     def combine(self, handle) -> torch.Tensor:
         start = time.perf_counter()
-        T, dim, dtype, calls = handle
-        y = torch.zeros(T, dim)
-        for kind, rows, ref in calls:
-            result = ray.get(ref)
-            if kind == "relay":
-                result, forwarded = result
-                self.router.counters.intra_node += forwarded
-            y.index_add_(0, rows, result.float())
+        T, dtype, routes, refs = handle
+        y = self.router.combined(T, routes, ray.get(refs))
         self.router.counters.combine_s += time.perf_counter() - start
         return y.to(dtype)

@@ -41,7 +41,8 @@ class ClusterConfig(BaseModel):
     redundant_experts: int = Field(4, ge=0, description="extra physical expert slots for EPLB replicas")
     shared_expert_groups: bool = Field(True, description="prefill and decode shards use the same expert groups")
     mtp: bool = Field(False, description="MTP speculative decoding on the decode shards")
-    transport: Literal["ray"] = "ray"
+    transport: Literal["ray", "collective"] = Field(
+        "ray", description="dispatch/combine over Ray actor calls, or torch.distributed (gloo) messages")
     dispatch_dtype: Literal["fp8", "bf16", "float32"] = Field(
         "fp8", description="token payload to the experts: fp8 (1x128 tile scales), bf16, or float32 (exact)")
     combine_dtype: Literal["bf16", "float32"] = "bf16"

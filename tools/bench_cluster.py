@@ -32,6 +32,8 @@ def run(generate, prompts, params):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--transport", choices=["ray", "collective"], default="collective",
+                   help="the cluster's dispatch/combine transport (default: collective)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     torch.set_num_threads(2)
@@ -46,7 +48,8 @@ def main() -> int:
     results["engine_batch1_tokens_per_s"], _ = run(llm.generate, one, params)
     results["engine_batch32_tokens_per_s"], _ = run(llm.generate, many, params)
     del llm
-    with Cluster(ClusterConfig()) as cluster:
+    config = ClusterConfig(transport=a.transport)
+    with Cluster(config) as cluster:
         cluster.generate(one, SamplingParams(max_tokens=4, temperature=0))
         results["cluster_batch1_tokens_per_s"], _ = run(cluster.generate, one, params)
         base = cluster.stats()["time_s"]

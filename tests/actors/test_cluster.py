@@ -70,9 +70,11 @@ def test_one_prefill_one_decode_two_expert_groups(ray_cluster, mtp_checkpoint, p
             os.kill(pid, 0)
 
 
-def test_two_decode_shards_four_groups_redundant_replicas_and_mtp(ray_cluster, mtp_checkpoint, prompts, expected):
+@pytest.mark.parametrize("transport", ["ray", "collective"])
+def test_two_decode_shards_four_groups_redundant_replicas_and_mtp(ray_cluster, mtp_checkpoint, prompts, expected,
+                                                                  transport):
     cfg = config(mtp_checkpoint, topology="cpu-local", decode_shards=2, expert_groups=4, redundant_experts=4,
-                 mtp=True, dispatch_dtype="float32", combine_dtype="float32")
+                 mtp=True, dispatch_dtype="float32", combine_dtype="float32", transport=transport)
     with Cluster(cfg) as c:
         outs = c.generate(prompts, GREEDY)
         assert [o.token_ids for o in outs] == expected
