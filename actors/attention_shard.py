@@ -38,10 +38,10 @@ class AttentionShardWorker:
                       for layer, p in phy2log.items()}
         self.router = ExpertRouter(placements, groups, spec, src_gpu, args.dim, cfg.max_nodes, cfg.dispatch_dtype,
                                    cfg.combine_dtype)
-        self.link = collective.ShardLink(len(groups))
+        self.links = [collective.ShardLink(len(groups)) for _ in range(cfg.engine.micro_batches)]
         if cfg.transport == "collective":
             def make_experts(layer):
-                return collective.CollectiveExpertTransport(layer, self.router, self.link)
+                return collective.CollectiveExpertTransport(layer, self.router, self.links)
         else:
             def make_experts(layer):
                 return RayExpertTransport(layer, self.router)
@@ -62,8 +62,9 @@ class AttentionShardWorker:
 
     def join_collective(self, master: str, world_size: int, rank: int) -> None:
         """Enter the process group of the collective transport (with every other member at once)."""
-        n_groups = self.link.n_groups
-        self.link.group = collective.join(master, rank, world_size, n_groups)[rank]
+        subgroups = collective.join(master, rank, world_size, self.links[0].n_groups, len(self.links))
+        for m, link in enumerate(self.links):
+            link.group = subgroups[rank, m]
 
     def ready(self) -> dict:
         return {"role": self.role, "shard": self.shard_id, "gpu_slot": self.src_gpu, "pid": os.getpid(),
@@ -152,10 +153,12 @@ class AttentionShardWorker:
             with self.lock:
                 if not self.lock.wait_for(lambda: self.engine.has_unfinished() or self.stopped,
                                           collective.PING_EVERY_S / 2):
-                    self.link.ping_if_idle()
+                    for link in self.links:
+                        link.ping_if_idle()
                     continue
                 if self.stopped:
-                    self.link.stop()
+                    for link in self.links:
+                        link.stop()
                     return
                 start = time.perf_counter()
                 d0, c0 = self.router.counters.dispatch_s, self.router.counters.combine_s

@@ -148,7 +148,8 @@ class Cluster:
         shards = self.prefill_shards + self.decode_shards
         world = len(self.groups) + len(shards)
         master = ray.get(self.groups[0].collective_address.remote())
-        ray.get([g.join_collective.remote(master, world) for g in self.groups] +
+        micro_batches = self.config.engine.micro_batches
+        ray.get([g.join_collective.remote(master, world, micro_batches) for g in self.groups] +
                 [s.join_collective.remote(master, world, len(self.groups) + i) for i, s in enumerate(shards)])
 
     # ---- requests -----------------------------------------------------------------------------------------

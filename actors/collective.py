@@ -4,7 +4,7 @@ CPU) between an attention shard and the expert groups, instead of Ray actor call
 One process group spans every expert group (ranks 0..G-1) and attention shard (ranks G...). Each shard talks to
 the groups over a subgroup of its own (itself and the groups), so two shards' messages never interleave, and
 each expert group serves every subgroup from a thread of its own. A message is any Python object whose tensors
-travel as raw bytes: its size (one int64), then its body (uint8). An expert group's thread waits for a message
+travel as raw bytes (see `Outbox`). An expert group's thread waits for a message
 from anyone in its subgroup (the shard, or a relay of its node), answers it to the sender, and waits again.
 
 Why point-to-point and not `all_to_all_single`: only the groups a layer's tokens reach take part, and on a
@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+from moeserve.kernels.experts import MICRO_BATCH
 
 TIMEOUT = timedelta(minutes=10)   # a peer silent this long is gone; an idle shard pings well within it
 PING_EVERY_S = 60.0
@@ -52,16 +54,28 @@ def decode(body: torch.Tensor) -> Any:
     return pickle.loads(body.numpy().tobytes())
 
 
+FIRST_BYTES = 16384  # a message's first part: its length (int64) and up to this many bytes of its body
+
+
 class Outbox:
-    """Sends that have not completed yet; their buffers must live until they do."""
+    """Sends that have not completed yet; their buffers must live until they do. A message goes as a first part
+    of fixed size, which holds the whole of a decode step's payload, and a second part with any remainder:
+    one send, not a size and then a body, for all but large (prefill) messages."""
 
     def __init__(self):
         self.pending = []
 
     def send(self, obj: Any, dst: int, group) -> None:
         body = encode(obj)
-        size = torch.tensor([body.numel()], dtype=torch.int64)
-        self.pending += [(size, dist.isend(size, dst, group=group)), (body, dist.isend(body, dst, group=group))]
+        n = body.numel()
+        first = torch.zeros(FIRST_BYTES, dtype=torch.uint8)
+        first[:8] = torch.tensor([n], dtype=torch.int64).view(torch.uint8)
+        head = min(n, FIRST_BYTES - 8)
+        first[8:8 + head] = body[:head]
+        self.pending.append((first, dist.isend(first, dst, group=group)))
+        if n > head:
+            rest = body[head:]
+            self.pending.append((rest, dist.isend(rest, dst, group=group)))
 
     def flush(self) -> None:
         for _, work in self.pending:
@@ -71,10 +85,15 @@ class Outbox:
 
 def receive(group, src: Optional[int] = None) -> tuple[int, Any]:
     """(sender's global rank, message) of the next message from `src`, or from anyone if None."""
-    size = torch.empty(1, dtype=torch.int64)
-    sender = dist.recv(size, src=src, group=group)
-    body = torch.empty(int(size), dtype=torch.uint8)
-    dist.recv(body, src=sender, group=group)
+    first = torch.empty(FIRST_BYTES, dtype=torch.uint8)
+    sender = dist.recv(first, src=src, group=group)
+    n = int(first[:8].view(torch.int64))
+    head = min(n, FIRST_BYTES - 8)
+    body = first[8:8 + head]
+    if n > head:
+        rest = torch.empty(n - head, dtype=torch.uint8)
+        dist.recv(rest, src=sender, group=group)
+        body = torch.cat([body, rest])
     return sender, decode(body)
 
 
@@ -87,14 +106,16 @@ def reply_of(message: Any) -> Any:
 
 # ---- the process group ------------------------------------------------------------------------------------------
 
-def join(master: str, rank: int, world_size: int, n_groups: int) -> dict[int, Any]:
-    """Enter the cluster's process group (every member calls this at once). Returns the shards' subgroups by
-    the shard's rank; every member creates all of them, in the same order, as torch.distributed requires."""
+def join(master: str, rank: int, world_size: int, n_groups: int, micro_batches: int) -> dict[tuple[int, int], Any]:
+    """Enter the cluster's process group (every member calls this at once). Returns the subgroups by (shard
+    rank, micro-batch): one per micro-batch of each shard, so that they never wait on each other's messages.
+    Every member creates all of them, in the same order, as torch.distributed requires."""
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=rank, world_size=world_size,
                                 timeout=TIMEOUT)
     groups = list(range(n_groups))
-    return {shard: dist.new_group([shard] + groups, timeout=TIMEOUT) for shard in range(n_groups, world_size)}
+    return {(shard, m): dist.new_group([shard] + groups, timeout=TIMEOUT)
+            for shard in range(n_groups, world_size) for m in range(micro_batches)}
 
 
 def free_address(host: str) -> str:
@@ -138,10 +159,15 @@ class ShardLink:
 
 
 class CollectiveExpertTransport:
-    """Every route is one message to its group; combine receives the replies in route order."""
+    """Every route is one message to its group, on the link of the caller's micro-batch; combine receives the
+    replies in route order."""
 
-    def __init__(self, layer_id: int, router, link: ShardLink):
-        self.layer_id, self.router, self.link = layer_id, router, link
+    def __init__(self, layer_id: int, router, links: list[ShardLink]):
+        self.layer_id, self.router, self.links = layer_id, router, links
+
+    @property
+    def link(self) -> ShardLink:
+        return self.links[MICRO_BATCH.get()]
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
         start = time.perf_counter()
@@ -151,7 +177,7 @@ class CollectiveExpertTransport:
             self.link.send({"op": "relay" if route.relay else "compute", "layer": self.layer_id,
                             "payload": route.payload, "work": route.work, "combine_dtype": r.combine_dtype},
                            route.target)
-        r.counters.dispatch_s += time.perf_counter() - start
+        r.count_time("dispatch_s", start)
         return x.shape[0], x.dtype, routes
 
     def combine(self, handle) -> torch.Tensor:
@@ -160,5 +186,5 @@ class CollectiveExpertTransport:
         replies = [self.link.receive(route.target) for route in routes]
         self.link.outbox.flush()
         y = self.router.combined(T, routes, replies)
-        self.router.counters.combine_s += time.perf_counter() - start
+        self.router.count_time("combine_s", start)
         return y.to(dtype)

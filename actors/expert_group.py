@@ -11,7 +11,7 @@ import ray
 import torch
 
 from moeserve.kernels.checkpoint import Checkpoint, routed_expert_of
-from moeserve.kernels.experts import MLP, run_assignments
+from moeserve.kernels.experts import MLP, pack_experts, run_assignments_packed
 from moeserve.kernels.fp8 import act_dequant
 
 from . import collective
@@ -59,6 +59,13 @@ class ExpertGroupWorker:
             layer, e = routed_expert_of(name)
             proj = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}[name.split(".")[-2]]
             getattr(self.experts[layer][e], proj).weight = torch.nn.Parameter(tensor, requires_grad=False)
+        # per layer: the held experts' weights stacked for batched matmuls, and logical id -> index in the stack
+        self.packed, self.stack_index = {}, {}
+        for layer, held in self.experts.items():
+            ids = sorted(held)
+            self.packed[layer] = pack_experts([held[e] for e in ids])
+            self.stack_index[layer] = torch.full((args.n_routed_experts,), -1, dtype=torch.long)
+            self.stack_index[layer][ids] = torch.arange(len(ids))
         self.peers: dict[int, "ray.actor.ActorHandle"] = {}
         self.tokens_computed = 0
         self.compute_s = 0.0
@@ -81,7 +88,11 @@ class ExpertGroupWorker:
         start = time.perf_counter()
         x = decode_payload(payload, self.dtype)
         self.tokens_computed += len(rows)
-        y = run_assignments(self.experts[layer], x, rows, expert_ids, weights.to(self.dtype))
+        stacked = self.stack_index[layer][expert_ids]
+        if (stacked < 0).any():
+            missing = sorted(set(expert_ids[stacked < 0].tolist()))
+            raise RuntimeError(f"tokens routed to experts {missing} of layer {layer}, which this group does not hold")
+        y = run_assignments_packed(self.packed[layer], x, rows, stacked, weights.to(self.dtype))
         self.compute_s += time.perf_counter() - start
         return y.to(combine_torch_dtype(combine_dtype))
 
@@ -123,11 +134,11 @@ class ExpertGroupWorker:
     def collective_address(self) -> str:
         return collective.free_address(ray.util.get_node_ip_address())
 
-    def join_collective(self, master: str, world_size: int) -> None:
-        """Enter the process group (with every other member at once), then serve each shard's subgroup."""
-        links = collective.join(master, self.group_id, world_size, n_groups=self.n_groups)
-        for shard, group in links.items():
-            threading.Thread(target=self._serve, args=(group,), daemon=True, name=f"serve-shard-{shard}").start()
+    def join_collective(self, master: str, world_size: int, micro_batches: int) -> None:
+        """Enter the process group (with every other member at once), then serve each shard's subgroups."""
+        subgroups = collective.join(master, self.group_id, world_size, self.n_groups, micro_batches)
+        for (shard, m), group in subgroups.items():
+            threading.Thread(target=self._serve, args=(group,), daemon=True, name=f"serve-{shard}-{m}").start()
 
     def _serve(self, group) -> None:
         outbox = collective.Outbox()

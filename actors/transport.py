@@ -7,6 +7,7 @@ own node go straight to those groups; for every other node the tokens cross once
 relay group (same in-node index, the shard's plane), which fans them out inside the node and returns one
 summed row per token. Combine waits for the replies and adds them up in route order.
 """
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -60,6 +61,7 @@ class ExpertRouter:
         self.hidden, self.max_nodes = hidden, max_nodes
         self.dispatch_dtype, self.combine_dtype = dispatch_dtype, combine_dtype
         self.counters = LinkCounters(per_plane=[0] * spec.planes, planned_per_plane=[0] * spec.planes)
+        self.lock = threading.Lock()   # micro-batches route and count from threads of their own
 
     def payload(self, x: torch.Tensor) -> dict:
         if self.dispatch_dtype == "fp8":
@@ -73,6 +75,10 @@ class ExpertRouter:
 
     def route(self, layer_id: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> list[Route]:
         """The payloads of one layer's dispatch, x [T, dim], indices/weights [T, topk]; counts their bytes."""
+        with self.lock:
+            return self._route(layer_id, x, indices, weights)
+
+    def _route(self, layer_id: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> list[Route]:
         spec, c = self.spec, self.counters
         d_bytes, c_bytes = self.row_bytes()
         plan = plan_dispatch(indices, self.src_gpu, self.placements[layer_id], spec, self.hidden, self.max_nodes,
@@ -118,13 +124,18 @@ class ExpertRouter:
             c.planned_per_plane[p] += int(b)
         return routes
 
+    def count_time(self, counter: str, start: float) -> None:
+        with self.lock:
+            setattr(self.counters, counter, getattr(self.counters, counter) + time.perf_counter() - start)
+
     def combined(self, T: int, routes: list[Route], replies: list) -> torch.Tensor:
         """Sum the groups' replies, one per route (a relay's also reports the bytes it moved in its node)."""
         y = torch.zeros(T, self.hidden)
         for route, reply in zip(routes, replies):
             if route.relay:
                 reply, forwarded = reply
-                self.counters.intra_node += forwarded
+                with self.lock:
+                    self.counters.intra_node += forwarded
             y.index_add_(0, route.rows, reply.float())
         return y
 
@@ -147,12 +158,12 @@ class RayExpertTransport:
             else:
                 refs.append(group.compute.remote(self.layer_id, route.payload, *route.work[route.target],
                                                  r.combine_dtype))
-        r.counters.dispatch_s += time.perf_counter() - start
+        r.count_time("dispatch_s", start)
         return x.shape[0], x.dtype, routes, refs
 
     def combine(self, handle) -> torch.Tensor:
         start = time.perf_counter()
         T, dtype, routes, refs = handle
         y = self.router.combined(T, routes, ray.get(refs))
-        self.router.counters.combine_s += time.perf_counter() - start
+        self.router.count_time("combine_s", start)
         return y.to(dtype)

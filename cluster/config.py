@@ -20,6 +20,9 @@ class EngineSettings(BaseModel):
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(512, ge=1)
     prefix_caching: bool = True
+    micro_batches: int = Field(1, ge=1, le=8, description="micro-batches per step on an attention shard, "
+                               "running in threads so that one computes attention while another waits for "
+                               "its experts")
 
 
 class RaySettings(BaseModel):

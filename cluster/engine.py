@@ -36,7 +36,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512       # tokens per step: decodes first, prefill chunks get the rest
     mtp: bool = False                       # MTP speculative decoding (needs the checkpoint's MTP module)
     prefix_caching: bool = True
-
+    micro_batches: int = 1                  # micro-batches per step that overlap attention with remote experts
 
 @dataclass
 class RequestOutput:
@@ -109,7 +109,7 @@ class Engine:
         self.cache = PagedLatentCache(self.args, num_blocks, config.block_size, model.embed.weight.dtype, n_layers)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, config.micro_batches)
         self.requests: dict[str, Sequence] = {}
         self._emitted: dict[str, tuple[int, int]] = {}  # request -> (tokens, text chars) already reported
         self.num_steps = 0

@@ -1,8 +1,17 @@
 """Runs padded batches of sequences through the model over the paged latent cache, and the MTP module
-over the positions a step made valid."""
+over the positions a step made valid.
+
+With `micro_batches` > 1 a batch is cut into that many micro-batches of rows that run in threads of their own
+(DeepSeek-V3's decode overlap): while one waits for its routed experts on other processes, another computes
+its attention. Rows never interact, so the outputs are those of one big batch."""
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 
 from moeserve.kernels.cache import PagedLatentCache
+from moeserve.kernels.experts import MICRO_BATCH
 from moeserve.kernels.model import MoE, MLAForm, Transformer
 
 
@@ -18,9 +27,12 @@ def _pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedLatentCache):
+    def __init__(self, model: Transformer, cache: PagedLatentCache, micro_batches: int = 1):
         self.model = model
         self.cache = cache
+        self.micro_batches = micro_batches
+        self.pool = ThreadPoolExecutor(micro_batches, thread_name_prefix="micro-batch") if micro_batches > 1 \
+            else None
         self.moe_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
         self.expert_load = {name: torch.zeros(model.args.n_routed_experts, dtype=torch.long)
                             for name, _ in self.moe_layers}
@@ -32,16 +44,34 @@ class ModelRunner:
 
     def _count_load(self) -> None:
         for name, moe in self.moe_layers:
-            if getattr(moe, "last_load", None) is not None:
-                self.expert_load[name] += moe.last_load
-                moe.last_load = None
+            self.expert_load[name] += moe.take_load()
+
+    def _split(self, run: Callable, B: int, *per_row: list) -> torch.Tensor:
+        """run(*per_row lists) -> [b, S_b, ...] over micro-batches of the B rows, joined into [B, S, ...] with
+        each part padded to the widest."""
+        n = min(self.micro_batches, B)
+        if n == 1:
+            return run(*per_row)
+        bounds = [B * i // n for i in range(n + 1)]
+
+        def part(i: int) -> torch.Tensor:
+            MICRO_BATCH.set(i)
+            with torch.inference_mode():
+                return run(*(rows[bounds[i]:bounds[i + 1]] for rows in per_row))
+
+        parts = list(self.pool.map(part, range(n)))
+        width = max(p.shape[1] for p in parts)
+        return torch.cat([F.pad(p, (0, 0, 0, width - p.shape[1])) for p in parts])
 
     @torch.inference_mode()
     def forward(self, block_tables: list[list[int]], starts: list[int], rows: list[list[int]],
                 form: MLAForm) -> torch.Tensor:
         """Row b's tokens at positions starts[b]... -> hidden states [B, S, dim] (padding rows are junk)."""
-        tokens, positions, view = self._inputs(block_tables, starts, rows)
-        h = self.model(tokens, positions, cache=view, form=form)
+        def run(block_tables, starts, rows):
+            tokens, positions, view = self._inputs(block_tables, starts, rows)
+            return self.model(tokens, positions, cache=view, form=form)
+
+        h = self._split(run, len(rows), block_tables, starts, rows)
         self._count_load()
         return h
 
@@ -50,8 +80,13 @@ class ModelRunner:
                      h: torch.Tensor) -> torch.Tensor:
         """MTP logits [B, S, V] from hidden states h [B, >=S, dim] at positions starts[b]... and the tokens
         that follow them; also writes those positions into the MTP layer of the cache."""
-        tokens, positions, view = self._inputs(block_tables, starts, next_tokens)
         form = "naive" if max(starts) == 0 else "absorbed"
-        logits = self.model.mtp_forward(h[:, :tokens.shape[1]], tokens, positions, cache=view, form=form)
+
+        def run(block_tables, starts, next_tokens, h):
+            tokens, positions, view = self._inputs(block_tables, starts, next_tokens)
+            return self.model.mtp_forward(torch.stack(h)[:, :tokens.shape[1]], tokens, positions, cache=view,
+                                          form=form)
+
+        logits = self._split(run, len(next_tokens), block_tables, starts, next_tokens, list(h))
         self._count_load()
         return logits

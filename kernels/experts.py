@@ -7,6 +7,7 @@ returns. Transports that send tokens to expert-group actors live in `actors/`, o
 
 Glossary: a *logical* expert is one of the model's `n_routed_experts`; `indices` hold logical ids.
 """
+from contextvars import ContextVar
 from typing import Any, Optional, Protocol
 
 import torch
@@ -25,6 +26,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# Which micro-batch of a step the current call belongs to: micro-batches run in threads of their own so that one
+# computes attention while another waits for its experts, and a transport with a channel per micro-batch picks
+# its channel by this.
+MICRO_BATCH: ContextVar[int] = ContextVar("micro_batch", default=0)
 
 
 class ExpertTransport(Protocol):
@@ -69,13 +76,7 @@ class LocalExperts(nn.ModuleList):
 
     def _pack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._packed is None:
-            packed = []
-            for name in ("w1", "w3", "w2"):
-                stacked = torch.stack([getattr(e, name).weight.detach() for e in self])  # [E, out, in]
-                for i, e in enumerate(self):
-                    getattr(e, name).weight = nn.Parameter(stacked[i], requires_grad=False)
-                packed.append(stacked)
-            self._packed = tuple(packed)
+            self._packed = pack_experts(list(self))
         return self._packed
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -87,21 +88,39 @@ class LocalExperts(nn.ModuleList):
         return handle
 
 
+def pack_experts(experts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack the weights of a list of MLPs: w1, w3 [E, inter, dim], w2 [E, dim, inter]. Each expert's weights
+    become views into the stacks, so nothing is stored twice."""
+    packed = []
+    for name in ("w1", "w3", "w2"):
+        stacked = torch.stack([getattr(e, name).weight.detach() for e in experts])  # [E, out, in]
+        for i, e in enumerate(experts):
+            getattr(e, name).weight = nn.Parameter(stacked[i], requires_grad=False)
+        packed.append(stacked)
+    return tuple(packed)
+
+
 def run_experts_packed(packed, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`run_experts` with stacked weights w1, w3 [E, inter, dim] and w2 [E, dim, inter]: tokens are laid out
-    per expert in a zero-padded [E, max tokens per expert, dim] buffer and all experts run in batched matmuls."""
-    w1, w3, w2 = packed
+    """`run_experts` with the stacked weights of `pack_experts`."""
     T, k = indices.shape
-    ids = indices.flatten()
-    order = torch.sort(ids, stable=True).indices
-    ids_sorted = ids[order]
+    return run_assignments_packed(packed, x, torch.arange(T).repeat_interleave(k), indices.flatten(),
+                                  weights.flatten())
+
+
+def run_assignments_packed(packed, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
+                           weights: torch.Tensor) -> torch.Tensor:
+    """`run_assignments` with stacked weights (expert_ids index the stacks): rows are laid out per expert in a
+    zero-padded [E, max rows per expert, dim] buffer and all experts run in three batched matmuls."""
+    w1, w3, w2 = packed
+    order = torch.sort(expert_ids, stable=True).indices
+    ids_sorted = expert_ids[order]
     counts = torch.bincount(ids_sorted, minlength=w1.shape[0])
-    slot = torch.arange(len(ids)) - (torch.cumsum(counts, 0) - counts)[ids_sorted]  # position within its expert
-    token = order // k
-    buf = x.new_zeros(w1.shape[0], int(counts.max()), x.shape[1])
+    slot = torch.arange(len(ids_sorted)) - (torch.cumsum(counts, 0) - counts)[ids_sorted]  # place within expert
+    token = rows[order]
+    buf = x.new_zeros(w1.shape[0], int(counts.max()) if len(counts) else 0, x.shape[1])
     buf[ids_sorted, slot] = x[token]
     h = F.silu(torch.bmm(buf, w1.transpose(1, 2))) * torch.bmm(buf, w3.transpose(1, 2))  # [E, C, inter]
-    out = torch.bmm(h, w2.transpose(1, 2))[ids_sorted, slot]  # [T*k, dim] in sorted order
+    out = torch.bmm(h, w2.transpose(1, 2))[ids_sorted, slot]  # [A, dim] in sorted order
     y = torch.zeros_like(x)
-    y.index_add_(0, token, (out * weights.flatten()[order, None]).to(y.dtype))
+    y.index_add_(0, token, (out * weights[order, None]).to(y.dtype))
     return y

@@ -146,13 +146,20 @@ class MoE(nn.Module):
         self.experts = experts
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) \
             if args.n_shared_experts else None
+        self.loads: list[torch.Tensor] = []
+
+    def take_load(self) -> torch.Tensor:
+        """Tokens per routed expert [E] over the calls since the last take."""
+        loads, self.loads = self.loads, []
+        return sum(loads, torch.zeros(self.gate.weight.shape[0], dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.view(-1, shape[-1])
         weights, indices = self.gate(x)
-        # tokens per routed expert in this call: routing statistics for bias balancing and EPLB
-        self.last_load = torch.bincount(indices.flatten(), minlength=self.gate.weight.shape[0])
+        # tokens per routed expert in this call: routing statistics for bias balancing and EPLB (an append is
+        # atomic, so micro-batches running in threads each log theirs)
+        self.loads.append(torch.bincount(indices.flatten(), minlength=self.gate.weight.shape[0]))
         handle = self.experts.dispatch(x, indices, weights)
         z = self.shared_experts(x) if self.shared_experts is not None else 0  # overlaps remote experts
         return (self.experts.combine(handle) + z).view(shape)

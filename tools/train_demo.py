@@ -93,7 +93,7 @@ def moe_layers(model: Transformer) -> list[MoE]:
 def update_bias(model: Transformer, gamma: float) -> None:
     """DeepSeek-V3's auxiliary-loss-free balancing: raise the bias of underloaded experts, lower overloaded."""
     for moe in moe_layers(model):
-        load = moe.last_load.float()
+        load = moe.take_load().float()
         moe.gate.bias += gamma * torch.sign(load.mean() - load)
 
 
@@ -118,8 +118,10 @@ def evaluate(model: Transformer, windows: torch.Tensor) -> dict:
         if zero_bias:
             for m in moe_layers(model):
                 m.gate.bias.zero_()
+        for m in moe_layers(model):
+            m.take_load()
         model(windows[:, :-1])
-        loads = [m.last_load.float() for m in moe_layers(model)[:-1]]  # main-model layers
+        loads = [m.take_load().float() for m in moe_layers(model)[:-1]]  # main-model layers
         imbalance[label] = float(np.mean([(l.max() / l.mean()).item() for l in loads]))
         for m, b in zip(moe_layers(model), saved):
             m.gate.bias.copy_(b)

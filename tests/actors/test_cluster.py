@@ -70,11 +70,13 @@ def test_one_prefill_one_decode_two_expert_groups(ray_cluster, mtp_checkpoint, p
             os.kill(pid, 0)
 
 
-@pytest.mark.parametrize("transport", ["ray", "collective"])
+@pytest.mark.parametrize("transport, micro_batches", [("ray", 1), ("collective", 2)])
 def test_two_decode_shards_four_groups_redundant_replicas_and_mtp(ray_cluster, mtp_checkpoint, prompts, expected,
-                                                                  transport):
-    cfg = config(mtp_checkpoint, topology="cpu-local", decode_shards=2, expert_groups=4, redundant_experts=4,
-                 mtp=True, dispatch_dtype="float32", combine_dtype="float32", transport=transport)
+                                                                  transport, micro_batches):
+    cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", decode_shards=2, expert_groups=4,
+                        redundant_experts=4, mtp=True, dispatch_dtype="float32", combine_dtype="float32",
+                        transport=transport,
+                        engine={"kv_cache_tokens": 1024, "block_size": 4, "micro_batches": micro_batches})
     with Cluster(cfg) as c:
         outs = c.generate(prompts, GREEDY)
         assert [o.token_ids for o in outs] == expected
