@@ -18,7 +18,7 @@ from moeserve.kernels.args import ModelArgs
 from moeserve.kernels.load import load_model
 from moeserve.topology.planner import Placement
 
-from . import collective, tracing
+from . import collective, kv_transfer, tracing
 from .transport import ExpertRouter, RayExpertTransport
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -27,7 +27,7 @@ STEP_EVENT_EVERY = 8  # decode steps between step events on a request's span
 
 class AttentionShardWorker:
     def __init__(self, role: str, shard_id: int, config: dict, phy2log: dict[int, list[int]], groups: list,
-                 src_gpu: int):
+                 src_gpu: int, prefill_shards: list = ()):
         cfg = ClusterConfig(**config)
         torch.set_num_threads(cfg.ray.threads_per_actor)
         self.role, self.shard_id, self.src_gpu = role, shard_id, src_gpu
@@ -48,6 +48,9 @@ class AttentionShardWorker:
         model = load_model(cfg.model, dtype=_DTYPES[cfg.dtype], with_mtp=cfg.mtp, make_experts=make_experts)
         tokenizer = Tokenizer(cfg.model) if Tokenizer.exists(cfg.model) else None
         self.engine = Engine(model, EngineConfig(mtp=cfg.mtp, **cfg.engine.model_dump()), tokenizer)
+        self.kv_transfer = cfg.kv_transfer
+        self.kv_sender = kv_transfer.NcclSender() if role == "prefill" else None
+        self.kv_receiver = kv_transfer.NcclReceiver(list(prefill_shards)) if role == "decode" else None
         self.lock = threading.Condition()
         self.requests: set[str] = set()          # requests whose outputs go out (not aborted)
         self.outbox: list[tuple[int, str, object]] = []   # (sequence number, request, output or hand-off)
@@ -59,6 +62,14 @@ class AttentionShardWorker:
         self.steps_traced = 0
         self.stopped = False
         threading.Thread(target=self._loop, daemon=True, name=f"{role}-{shard_id}").start()
+
+    def check_kv_transfer(self) -> None:
+        if self.kv_transfer == "nccl":
+            kv_transfer.check_nccl()
+
+    def send_kv(self, request_id: str, group_name: str) -> None:
+        """Send a parked latent to the decode shard pulling it (prefill role, NCCL transfer)."""
+        self.kv_sender.send(request_id, group_name)
 
     def join_collective(self, master: str, world_size: int, rank: int) -> None:
         """Enter the process group of the collective transport (with every other member at once)."""
@@ -80,8 +91,10 @@ class AttentionShardWorker:
             self._open_span(request_id, "prefill", trace, prompt_tokens=len(tokens))
             self.lock.notify_all()
 
-    def submit(self, pre: PrefilledSequence, trace: dict | None = None) -> None:
-        """Continue a prefilled sequence here (decode role)."""
+    def submit(self, pre: PrefilledSequence, trace: dict | None = None, source: int = 0) -> None:
+        """Continue a prefilled sequence here (decode role); `source` is the prefill shard that computed it."""
+        if pre.latent.is_meta:  # the latent stayed on the prefill shard's GPU: pull it over NCCL
+            pre = self.kv_receiver.attach(pre, source, self.shard_id)
         with self.lock:
             self.engine.add_prefilled(pre)
             self._open_span(pre.request_id, "decode", trace, kv_bytes=pre.kv_bytes)
@@ -114,6 +127,8 @@ class AttentionShardWorker:
         with self.lock:
             self.engine.abort(request_id)
             self.requests.discard(request_id)
+            if self.kv_sender is not None:
+                self.kv_sender.drop(request_id)
             self._close_span(request_id, "aborted")
             self.lock.notify_all()
 
@@ -173,6 +188,8 @@ class AttentionShardWorker:
                     for seq in self.engine.prefilled():
                         pre = self.engine.take_prefilled(seq)
                         self.kv_bytes_sent += pre.kv_bytes
+                        if self.kv_transfer == "nccl":
+                            pre = self.kv_sender.detach(pre)
                         self._close_span(pre.request_id, "handed_off")
                         self._send(pre.request_id, pre)
                 self.lock.notify_all()

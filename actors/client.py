@@ -142,7 +142,7 @@ class ClusterClient:
         done = False
         try:
             queue = self._subscribe(decode, rid)
-            await decode.submit.remote(pre, trace)
+            await decode.submit.remote(pre, trace, p)
             while not done:
                 for out in await self._next(queue):
                     done = out.finished

@@ -26,6 +26,7 @@ from moeserve.kernels.args import ModelArgs
 from moeserve.kernels.errors import InputError
 from moeserve.topology.eplb import rebalance_experts
 
+from . import kv_transfer
 from .attention_shard import AttentionShardWorker
 from .client import ClusterClient
 from .expert_group import ExpertGroupWorker
@@ -107,6 +108,12 @@ class Cluster:
             raise InputError(f"{self.args.n_routed_experts} experts + {cfg.redundant_experts} redundant slots do "
                              f"not split evenly over {spec.num_gpus} expert groups")
         self._init_ray(runtime_env)
+        shards = cfg.prefill_shards + cfg.decode_shards
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if cfg.kv_transfer == "nccl" and gpus < shards:
+            self.shutdown()
+            raise InputError(f"kv_transfer: nccl puts each attention shard on a GPU of its own: {shards} needed, "
+                             f"the Ray cluster has {gpus:g}; use kv_transfer: object_store")
         phy2log = self.placement()
         slots = len(next(iter(phy2log.values()))) // spec.num_gpus
         threads = cfg.ray.threads_per_actor
@@ -126,8 +133,9 @@ class Cluster:
             for i in range(count):
                 slot = (len(self.prefill_shards) + len(self.decode_shards)) % spec.num_gpus
                 actor = ray.remote(AttentionShardWorker).options(
-                    num_cpus=0, max_concurrency=256, resources={node_resource(slot // spec.gpus_per_node): 1},
-                ).remote(role, i, config, phy2log, self.groups, slot)
+                    num_cpus=0, num_gpus=1 if cfg.kv_transfer == "nccl" else 0, max_concurrency=256,
+                    resources={node_resource(slot // spec.gpus_per_node): 1},
+                ).remote(role, i, config, phy2log, self.groups, slot, list(self.prefill_shards))
                 pool.append(actor)
         names = [f"expert-group-{g}" for g in range(len(self.groups))] + \
             [f"prefill-{i}" for i in range(len(self.prefill_shards))] + \
@@ -135,6 +143,8 @@ class Cluster:
         reports = ray.get([a.ready.remote() for a in self.groups + self.prefill_shards + self.decode_shards])
         if cfg.transport == "collective":
             self._join_collective()
+        if cfg.kv_transfer == "nccl":
+            self._pair_kv_groups()
         for name, report in zip(names, reports):
             slot = report.get("gpu_slot", report.get("group"))
             self.where[name] = {**report, "topology_node": slot // spec.gpus_per_node,
@@ -151,6 +161,19 @@ class Cluster:
         micro_batches = self.config.engine.micro_batches
         ray.get([g.join_collective.remote(master, world, micro_batches) for g in self.groups] +
                 [s.join_collective.remote(master, world, len(self.groups) + i) for i, s in enumerate(shards)])
+
+    def _pair_kv_groups(self) -> None:
+        """A two-rank NCCL group per (prefill, decode) pair for the latent KV hand-off."""
+        from ray.util import collective
+        try:
+            ray.get([s.check_kv_transfer.remote() for s in self.prefill_shards + self.decode_shards])
+        except ray.exceptions.RayTaskError as e:
+            self.shutdown()
+            raise InputError(str(e.cause)) from None
+        for p, prefill in enumerate(self.prefill_shards):
+            for d, decode in enumerate(self.decode_shards):
+                collective.create_collective_group([prefill, decode], 2, [0, 1], backend="nccl",
+                                                   group_name=kv_transfer.pair_group(p, d))
 
     # ---- requests -----------------------------------------------------------------------------------------
 

@@ -46,6 +46,9 @@ class ClusterConfig(BaseModel):
     mtp: bool = Field(False, description="MTP speculative decoding on the decode shards")
     transport: Literal["ray", "collective"] = Field(
         "ray", description="dispatch/combine over Ray actor calls, or torch.distributed (gloo) messages")
+    kv_transfer: Literal["object_store", "nccl"] = Field(
+        "object_store", description="how a prompt's latent KV reaches its decode shard: Ray's object store, or "
+        "NCCL between GPU shards (needs cupy)")
     dispatch_dtype: Literal["fp8", "bf16", "float32"] = Field(
         "fp8", description="token payload to the experts: fp8 (1x128 tile scales), bf16, or float32 (exact)")
     combine_dtype: Literal["bf16", "float32"] = "bf16"

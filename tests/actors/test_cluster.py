@@ -17,6 +17,7 @@ from ray.cluster_utils import Cluster as RayCluster  # noqa: E402
 
 from moeserve.actors.cluster import Cluster, node_resource  # noqa: E402
 from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
+from moeserve.kernels.errors import InputError  # noqa: E402
 from moeserve.topology.spec import TopologySpec  # noqa: E402
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -105,3 +106,22 @@ def test_bf16_dispatch_keeps_greedy_and_fp8_moves_logprobs_a_bounded_amount(ray_
         print(f"\nFP8 dispatch: max |delta logprob| {max(diffs):.4f}, mean {sum(diffs) / len(diffs):.5f} "
               f"over {len(diffs)} tokens")
     assert max(diffs) < 0.1
+
+
+def test_nccl_kv_transfer_without_gpus_is_refused_with_what_to_do(ray_cluster, mtp_checkpoint):
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs: the transfer itself is tested below")
+    with pytest.raises(InputError, match="kv_transfer: nccl .* 2 needed, the Ray cluster has 0; use "
+                                         "kv_transfer: object_store"):
+        Cluster(config(mtp_checkpoint, kv_transfer="nccl")).start()
+    assert ray.is_initialized()  # a cluster joined by address is left running
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL between a prefill and a decode shard needs 2 GPUs")
+def test_nccl_kv_transfer_moves_exactly_the_latent_and_keeps_greedy(ray_cluster, mtp_checkpoint, prompts,
+                                                                     expected):
+    with Cluster(config(mtp_checkpoint, kv_transfer="nccl", dispatch_dtype="float32",
+                        combine_dtype="float32")) as c:
+        assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
+        a = c.args
+        assert c.stats()["kv_transfer_bytes"] == sum(map(len, prompts)) * a.n_layers * a.latent_dim * 4
