@@ -1,7 +1,7 @@
 """Benchmark: the disaggregated cluster (Ray actors: prefill shard, decode shard, four expert groups over two
 simulated nodes) against the single-process engine, same demo model and prompts, on this machine.
 
-    python tools/bench_cluster.py [--json out.json]
+    python tools/bench_cluster.py [--transport ray collective] [--json out.json]
 
 Reports decode tokens/s and TPOT at batch 1 and with 32 concurrent requests, their ratio, and where the
 decode shard's step time goes: attention and the rest of the shard's own work, dispatch (planning, FP8
@@ -30,10 +30,28 @@ def run(generate, prompts, params):
     return sum(len(o.token_ids) for o in outs) / seconds, seconds
 
 
+def bench_cluster(config: ClusterConfig, one, many, params) -> dict:
+    with Cluster(config) as cluster:
+        cluster.generate(one, SamplingParams(max_tokens=4, temperature=0))
+        batch1, _ = run(cluster.generate, one, params)
+        base = cluster.stats()["time_s"]
+        batch32, _ = run(cluster.generate, many, params)
+        after = cluster.stats()
+    spent = {k: after["time_s"][k] - base[k] for k in base}
+    step = spent["decode_steps"]
+    share = {
+        "attention and the shard's own work": (step - spent["dispatch"] - spent["combine_wait"]) / step,
+        "dispatch (plan, FP8 quantise, send)": spent["dispatch"] / step,
+        "waiting for experts (compute + transfer)": spent["combine_wait"] / step,
+    }
+    return {"batch1_tokens_per_s": batch1, "batch32_tokens_per_s": batch32, "batch32_time_s": spent,
+            "share": share, "bytes": after["bytes"]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--transport", choices=["ray", "collective"], default="collective",
-                   help="the cluster's dispatch/combine transport (default: collective)")
+    p.add_argument("--transport", choices=["ray", "collective"], nargs="+", default=["ray", "collective"],
+                   help="the cluster transports to measure (default: both)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     torch.set_num_threads(2)
@@ -42,40 +60,30 @@ def main() -> int:
     one = corpus_prompts(tok, 1, rng, 32, 32)
     many = corpus_prompts(tok, 32, rng, 16, 96)
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
-    results = {}
     llm = LLM()
     llm.generate(one, SamplingParams(max_tokens=4, temperature=0))
-    results["engine_batch1_tokens_per_s"], _ = run(llm.generate, one, params)
-    results["engine_batch32_tokens_per_s"], _ = run(llm.generate, many, params)
+    engine = {1: run(llm.generate, one, params)[0], 32: run(llm.generate, many, params)[0]}
     del llm
-    config = ClusterConfig(transport=a.transport)
-    with Cluster(config) as cluster:
-        cluster.generate(one, SamplingParams(max_tokens=4, temperature=0))
-        results["cluster_batch1_tokens_per_s"], _ = run(cluster.generate, one, params)
-        base = cluster.stats()["time_s"]
-        results["cluster_batch32_tokens_per_s"], _ = run(cluster.generate, many, params)
-        after = cluster.stats()
-        spent = {k: after["time_s"][k] - base[k] for k in base}
-        results["cluster_batch32_time_s"] = spent
-        results["bytes"] = after["bytes"]
-    r = results
-    step = spent["decode_steps"]
-    share = {
-        "attention and the shard's own work": (step - spent["dispatch"] - spent["combine_wait"]) / step,
-        "dispatch (plan, FP8 quantise, send)": spent["dispatch"] / step,
-        "waiting for experts (compute + transfer)": spent["combine_wait"] / step,
-    }
-    print("| workload | engine tokens/s | cluster tokens/s | cluster / engine | cluster TPOT |\n|---|---|---|---|---|")
+    results = {"engine_tokens_per_s": engine}
+    for transport in a.transport:
+        print(f"cluster with the {transport} transport ...", file=sys.stderr)
+        results[transport] = bench_cluster(ClusterConfig(transport=transport), one, many, params)
+    print("| workload | transport | engine tokens/s | cluster tokens/s | cluster / engine | cluster TPOT |\n"
+          "|---|---|---|---|---|---|")
     for n in (1, 32):
-        e, c = r[f"engine_batch{n}_tokens_per_s"], r[f"cluster_batch{n}_tokens_per_s"]
-        print(f"| batch {n} | {e:.1f} | {c:.1f} | {c / e:.2f} | {1e3 * n / c:.1f} ms |")
-    print("\nwhere the decode shard's step time goes at 32 concurrent requests:")
-    for name, value in share.items():
-        print(f"- {name}: {value:.0%}")
-    print(f"- (expert groups' own compute, summed over groups and both shards: {spent['experts']:.2f} s of "
-          f"{step:.2f} s of decode steps)")
+        for transport in a.transport:
+            c = results[transport][f"batch{n}_tokens_per_s"]
+            print(f"| batch {n} | {transport} | {engine[n]:.1f} | {c:.1f} | {c / engine[n]:.2f} | "
+                  f"{1e3 * n / c:.1f} ms |")
+    for transport in a.transport:
+        r = results[transport]
+        print(f"\nwhere the decode shard's step time goes at 32 concurrent requests ({transport} transport):")
+        for name, value in r["share"].items():
+            print(f"- {name}: {value:.0%}")
+        print(f"- (expert groups' own compute, summed over groups and both shards: "
+              f"{r['batch32_time_s']['experts']:.2f} s of {r['batch32_time_s']['decode_steps']:.2f} s of decode steps)")
     if a.json:
-        a.json.write_text(json.dumps({**results, "share": share}, indent=1) + "\n")
+        a.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 
