@@ -117,10 +117,11 @@ def run_assignments_packed(packed, x: torch.Tensor, rows: torch.Tensor, expert_i
     counts = torch.bincount(ids_sorted, minlength=w1.shape[0])
     slot = torch.arange(len(ids_sorted)) - (torch.cumsum(counts, 0) - counts)[ids_sorted]  # place within expert
     token = rows[order]
-    buf = x.new_zeros(w1.shape[0], int(counts.max()) if len(counts) else 0, x.shape[1])
-    buf[ids_sorted, slot] = x[token]
+    C = int(counts.max()) if len(counts) else 0
+    buf = x.new_zeros(w1.shape[0], C, x.shape[1])
+    buf[ids_sorted, slot] = x.index_select(0, token)
     h = F.silu(torch.bmm(buf, w1.transpose(1, 2))) * torch.bmm(buf, w3.transpose(1, 2))  # [E, C, inter]
-    out = torch.bmm(h, w2.transpose(1, 2))[ids_sorted, slot]  # [A, dim] in sorted order
+    out = torch.bmm(h, w2.transpose(1, 2)).flatten(0, 1).index_select(0, ids_sorted * C + slot)  # [A, dim] sorted
     y = torch.zeros_like(x)
     y.index_add_(0, token, (out * weights[order, None]).to(y.dtype))
     return y
