@@ -1,11 +1,16 @@
-"""Benchmark: the disaggregated cluster (Ray actors: prefill shard, decode shard, four expert groups over two
-simulated nodes) against the single-process engine, same demo model and prompts, on this machine.
+"""Benchmark: the disaggregated cluster (Ray actors: a prefill shard, a decode shard and the expert groups)
+against the single-process engine, same demo model and prompts, on this machine.
 
-    python tools/bench_cluster.py [--transport ray collective] [--json out.json]
+    python tools/bench_cluster.py [--transport ray collective] [--layout default one-group] [--json out.json]
 
-Reports decode tokens/s and TPOT at batch 1 and with 32 concurrent requests, their ratio, and where the
-decode shard's step time goes: attention and the rest of the shard's own work, dispatch (planning, FP8
-quantisation, sending), and waiting for the experts' replies (expert compute plus transfer).
+Layouts: `default` is `ClusterConfig()`'s, four expert groups over two simulated nodes with four redundant
+expert slots (tokens for the other node cross once to a relay group); `one-group` keeps the prefill and
+decode shards apart from one expert group holding every expert (one node, one slot).
+
+Reports decode tokens/s and TPOT at batch 1 and with 32 concurrent requests, their ratio to the engine, and
+where the decode shard's step time goes: attention and the rest of the shard's own work, dispatch (planning,
+FP8 quantisation, sending), and waiting for the experts' replies (expert compute plus transfer). Every system
+first runs another 32-request workload untimed, so that none pays first-call costs in the timed runs.
 """
 import argparse
 import json
@@ -21,6 +26,11 @@ from bench_engine import corpus_prompts  # same folder
 from moeserve.actors.cluster import Cluster
 from moeserve.cluster import DEMO_MODEL, LLM, ClusterConfig, SamplingParams
 from moeserve.cluster.tokenizer import Tokenizer
+from moeserve.topology.spec import TopologySpec
+
+ONE_SLOT = TopologySpec(name="one-slot", nodes=1, gpus_per_node=1, nics_per_node=1, planes=1, intra_node_gbps=10,
+                        nic_gbps=1)
+LAYOUTS = {"default": {}, "one-group": {"topology": ONE_SLOT, "expert_groups": 1, "redundant_experts": 0}}
 
 
 def run(generate, prompts, params):
@@ -30,9 +40,15 @@ def run(generate, prompts, params):
     return sum(len(o.token_ids) for o in outs) / seconds, seconds
 
 
-def bench_cluster(config: ClusterConfig, one, many, params) -> dict:
+def bench_engine(one, many, warm, params) -> dict:
+    llm = LLM()
+    llm.generate(warm, params)
+    return {1: run(llm.generate, one, params)[0], 32: run(llm.generate, many, params)[0]}
+
+
+def bench_cluster(config: ClusterConfig, one, many, warm, params) -> dict:
     with Cluster(config) as cluster:
-        cluster.generate(one, SamplingParams(max_tokens=4, temperature=0))
+        cluster.generate(warm, params)
         batch1, _ = run(cluster.generate, one, params)
         base = cluster.stats()["time_s"]
         batch32, _ = run(cluster.generate, many, params)
@@ -52,6 +68,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--transport", choices=["ray", "collective"], nargs="+", default=["ray", "collective"],
                    help="the cluster transports to measure (default: both)")
+    p.add_argument("--layout", choices=list(LAYOUTS), nargs="+", default=list(LAYOUTS),
+                   help="the cluster layouts to measure (default: both)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     torch.set_num_threads(2)
@@ -59,25 +77,25 @@ def main() -> int:
     tok = Tokenizer(DEMO_MODEL)
     one = corpus_prompts(tok, 1, rng, 32, 32)
     many = corpus_prompts(tok, 32, rng, 16, 96)
+    warm = corpus_prompts(tok, 32, random.Random(1), 16, 96)
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
-    llm = LLM()
-    llm.generate(one, SamplingParams(max_tokens=4, temperature=0))
-    engine = {1: run(llm.generate, one, params)[0], 32: run(llm.generate, many, params)[0]}
-    del llm
-    results = {"engine_tokens_per_s": engine}
-    for transport in a.transport:
-        print(f"cluster with the {transport} transport ...", file=sys.stderr)
-        results[transport] = bench_cluster(ClusterConfig(transport=transport), one, many, params)
-    print("| workload | transport | engine tokens/s | cluster tokens/s | cluster / engine | cluster TPOT |\n"
-          "|---|---|---|---|---|---|")
+    engine = bench_engine(one, many, warm, params)
+    results = {"engine_tokens_per_s": engine, "clusters": {}}
+    runs = [(layout, transport) for layout in a.layout for transport in a.transport]
+    for layout, transport in runs:
+        print(f"cluster, {layout} layout, {transport} transport ...", file=sys.stderr, flush=True)
+        config = ClusterConfig(transport=transport, **LAYOUTS[layout])
+        results["clusters"][f"{layout}/{transport}"] = bench_cluster(config, one, many, warm, params)
+    print("| workload | layout | transport | engine tokens/s | cluster tokens/s | cluster / engine | cluster TPOT |\n"
+          "|---|---|---|---|---|---|---|")
     for n in (1, 32):
-        for transport in a.transport:
-            c = results[transport][f"batch{n}_tokens_per_s"]
-            print(f"| batch {n} | {transport} | {engine[n]:.1f} | {c:.1f} | {c / engine[n]:.2f} | "
+        for layout, transport in runs:
+            c = results["clusters"][f"{layout}/{transport}"][f"batch{n}_tokens_per_s"]
+            print(f"| batch {n} | {layout} | {transport} | {engine[n]:.1f} | {c:.1f} | {c / engine[n]:.2f} | "
                   f"{1e3 * n / c:.1f} ms |")
-    for transport in a.transport:
-        r = results[transport]
-        print(f"\nwhere the decode shard's step time goes at 32 concurrent requests ({transport} transport):")
+    for layout, transport in runs:
+        r = results["clusters"][f"{layout}/{transport}"]
+        print(f"\nwhere the decode shard's step time goes at 32 concurrent requests ({layout}, {transport}):")
         for name, value in r["share"].items():
             print(f"- {name}: {value:.0%}")
         print(f"- (expert groups' own compute, summed over groups and both shards: "
