@@ -70,8 +70,10 @@ def test_prefix_cache_reuses_a_shared_system_prompt_without_changing_outputs(mod
     assert engine.stats()["prefix_cache_hit_rate"] == pytest.approx(64 / sum(map(len, prompts)))
 
 
-def test_mtp_speculation_leaves_greedy_output_unchanged(mtp_checkpoint):
-    llm = LLM(mtp_checkpoint, mtp=True, kv_cache_tokens=1024, block_size=4)
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_mtp_speculation_leaves_greedy_output_unchanged(mtp_checkpoint, micro_batches):
+    """...also when each step runs as micro-batches of rows in threads of their own."""
+    llm = LLM(mtp_checkpoint, mtp=True, kv_cache_tokens=1024, block_size=4, micro_batches=micro_batches)
     prompts = random_prompts([6, 30, 13])
     expected = [g.token_ids for g in generate(llm.model, prompts, GREEDY.max_tokens)]
     outs = llm.generate(prompts, GREEDY)
