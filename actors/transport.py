@@ -7,6 +7,7 @@ own node go straight to those groups; for every other node the tokens cross once
 relay group (same in-node index, the shard's plane), which fans them out inside the node and returns one
 summed row per token. Combine waits for the replies and adds them up in route order.
 """
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,7 +70,9 @@ class ExpertRouter:
             return {"fp8": q.view(torch.uint8), "scale": scale}
         return {"x": x.to(torch.bfloat16 if self.dispatch_dtype == "bf16" else torch.float32)}
 
+    @functools.cached_property
     def row_bytes(self) -> tuple[int, int]:
+        """Bytes of one token's payload each way: dispatch (with its scales) and combine."""
         one = self.payload(torch.zeros(1, self.hidden))
         return payload_bytes(one), self.hidden * (2 if self.combine_dtype == "bf16" else 4)
 
@@ -80,7 +83,7 @@ class ExpertRouter:
 
     def _route(self, layer_id: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> list[Route]:
         spec, c = self.spec, self.counters
-        d_bytes, c_bytes = self.row_bytes()
+        d_bytes, c_bytes = self.row_bytes
         plan = plan_dispatch(indices, self.src_gpu, self.placements[layer_id], spec, self.hidden, self.max_nodes,
                              d_bytes, c_bytes)
         T, k = indices.shape
