@@ -178,29 +178,31 @@ class Engine:
         form = "absorbed"
         h = self.runner.forward([s.block_table for s in seqs], starts, rows, form)
         logits = self.model.logits(h)  # [B, S, V]
+        argmax = logits.argmax(dim=-1).tolist()  # [B][S]: greedy tokens for the whole batch in one op
         drafting = []
         for b, seq in enumerate(seqs):
             n = len(seq)
-            accepted, alive = self._verify_and_append(seq, logits[b])
+            accepted, alive = self._verify_and_append(seq, logits[b], argmax[b])
             seq.num_computed_tokens = n + accepted
             seq.num_steps += 1
             if alive and self.config.mtp:
                 drafting.append((b, seq, n - 1, 1 + accepted))
         self._draft(drafting, h)
 
-    def _verify_and_append(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, bool]:
-        """Append this step's tokens from logits [S, V]; returns (draft accepted 0/1, still running)."""
+    def _verify_and_append(self, seq: Sequence, logits: torch.Tensor, argmax: list[int]) -> tuple[int, bool]:
+        """Append this step's tokens from logits [S, V] (argmax [S] their greedy tokens); returns (draft
+        accepted 0/1, still running)."""
         draft, seq.draft = seq.draft, None
         n_before = len(seq)
         if draft is None:
-            alive = self._append(seq, self._sample(seq, logits[0]), logits[0])
+            alive = self._append(seq, self._sample(seq, logits[0], argmax[0]), logits[0])
             self.num_decode_tokens += len(seq) - n_before
             return 0, alive
         seq.drafts_proposed += 1
         self.drafts_proposed += 1
         p = seq.params
         if p.greedy:
-            ok, replacement = int(logits[0].argmax()) == draft.token, int(logits[0].argmax())
+            ok, replacement = argmax[0] == draft.token, argmax[0]
         else:
             ok, replacement = accept_draft(sampling_probs(logits[0], p.temperature, p.top_k, p.top_p),
                                            draft.token, draft.probs, seq.generator)
@@ -210,7 +212,8 @@ class Engine:
             return 0, alive
         seq.drafts_accepted += 1
         self.drafts_accepted += 1
-        alive = self._append(seq, draft.token, logits[0]) and self._append(seq, self._sample(seq, logits[1]), logits[1])
+        alive = self._append(seq, draft.token, logits[0]) and \
+            self._append(seq, self._sample(seq, logits[1], argmax[1]), logits[1])
         self.num_decode_tokens += len(seq) - n_before
         return 1, alive
 
@@ -261,10 +264,11 @@ class Engine:
 
     # ---- tokens ---------------------------------------------------------------------------------------
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+    def _sample(self, seq: Sequence, logits: torch.Tensor, argmax: Optional[int] = None) -> int:
+        """The next token from logits [V]; `argmax`, when the caller has it, saves computing it again."""
         p = seq.params
         if p.greedy:
-            return int(logits.argmax())
+            return argmax if argmax is not None else int(logits.argmax())
         probs = sampling_probs(logits, p.temperature, p.top_k, p.top_p)
         return int(torch.multinomial(probs, 1, generator=seq.generator)[0])
 

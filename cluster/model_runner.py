@@ -18,11 +18,8 @@ from moeserve.kernels.model import MoE, MLAForm, Transformer
 def _pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token lists: (tokens [B, S], valid [B, S])."""
     width = max(len(r) for r in rows)
-    tokens = torch.zeros(len(rows), width, dtype=torch.long)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        tokens[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-        valid[b, :len(r)] = True
+    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)  # one tensor, not B
+    valid = torch.arange(width) < torch.tensor([len(r) for r in rows])[:, None]
     return tokens, valid
 
 

@@ -71,9 +71,7 @@ class PagedCacheView:
         bs = cache.block_size
         length = int(positions.max()) + 1
         n_blocks = max(-(-length // bs), max(len(t) for t in block_tables))
-        table = torch.full((len(block_tables), n_blocks), -1, dtype=torch.long)
-        for row, blocks in enumerate(block_tables):
-            table[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        table = torch.tensor([t + [-1] * (n_blocks - len(t)) for t in block_tables], dtype=torch.long)
         self.kv = cache.kv
         self.write_slots = self._slots(table, positions, bs, cache.scratch_slot).masked_fill(~valid, cache.scratch_slot)
         self.read_slots = self._slots(table, torch.arange(length).expand(len(block_tables), -1), bs, cache.scratch_slot)
