@@ -26,6 +26,7 @@ from .model_runner import ModelRunner
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Draft, Sequence, SequenceStatus
+from .tokenizer import IncrementalDecoder
 
 
 @dataclass
@@ -291,8 +292,13 @@ class Engine:
             seq.finish_reason = "length"
         return seq.finish_reason is None
 
+    def _text(self, seq: Sequence) -> str:
+        if seq.text_decoder is None:
+            seq.text_decoder = IncrementalDecoder(self.tokenizer)
+        return seq.text_decoder.update(seq.completion_token_ids, final=seq.finish_reason is not None)
+
     def _match_stop_string(self, seq: Sequence) -> bool:
-        text = self.tokenizer.decode(seq.completion_token_ids)
+        text = self._text(seq)
         hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
         if hits:
             seq.stop_text_len = min(hits)
@@ -303,13 +309,11 @@ class Engine:
         completion = seq.completion_token_ids
         text = new_text = None
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(completion)
+            text = self._text(seq)  # a trailing partial UTF-8 character waits until the sequence finishes
             if seq.stop_text_len is not None:
                 text = text[:seq.stop_text_len]
-            # hold back a trailing partial UTF-8 character until its other bytes arrive
-            stable = len(text) if seq.finish_reason or not text.endswith("\ufffd") else len(text.rstrip("\ufffd"))
-            new_text = text[text_sent:stable]
-            text_sent = max(text_sent, stable)
+            new_text = text[text_sent:]
+            text_sent = max(text_sent, len(text))
         self._emitted[seq.request_id] = (len(completion), text_sent)
         p = seq.params
         return RequestOutput(

@@ -43,6 +43,7 @@ class Sequence:
         self.prompt_logprobs: list[Optional[float]] = []
         self.finish_reason: Optional[str] = None
         self.stop_text_len: Optional[int] = None  # text is cut here when a stop string matched
+        self.text_decoder = None                   # the engine's IncrementalDecoder of the completion
         self.drafts_proposed = 0
         self.drafts_accepted = 0
         self.num_steps = 0             # decode steps this sequence took part in

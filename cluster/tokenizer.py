@@ -52,3 +52,28 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+class IncrementalDecoder:
+    """The text of a growing list of token ids, decoding only the recent ones on each call (not the whole list,
+    which makes a long generation quadratic). The text the ids after `read` add is decode(ids[prefix:]) minus
+    decode(ids[prefix:read]): decoding from an earlier boundary keeps whatever a decoder does at the start of
+    a string (SentencePiece drops a leading space) out of the difference. A trailing incomplete UTF-8
+    character waits for its other bytes."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.text = ""
+        self.prefix = self.read = 0
+
+    def update(self, ids: list[int], final: bool = False) -> str:
+        """The text of ids so far; with `final`, a trailing incomplete character is kept (as U+FFFD)."""
+        if len(ids) > self.read:
+            before = self.tokenizer.decode(ids[self.prefix:self.read])
+            after = self.tokenizer.decode(ids[self.prefix:])
+            if final:
+                return self.text + after[len(before):]
+            if not after.endswith("\ufffd"):
+                self.text += after[len(before):]
+                self.prefix, self.read = self.read, len(ids)
+        return self.text
