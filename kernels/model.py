@@ -28,7 +28,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) in float32, as one fused op
+        # x * rsqrt(mean(x^2) + eps) in float32, as one fused op; in lower precision the weight applies after
+        # the cast back, as in the reference
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -76,8 +79,8 @@ class MLA(nn.Module):
                       torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
         else:
             q_nope = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :self.qk_nope_head_dim])
-            scores = (torch.einsum("bshc,btc->bsht", q_nope, kv) +
-                      torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
+            # the latent holds c_kv and k_pe side by side: one product scores both parts
+            scores = torch.einsum("bshc,btc->bsht", torch.cat([q_nope, q_pe], dim=-1), latent) * self.softmax_scale
         scores = (scores.float() + mask.unsqueeze(2)).softmax(dim=-1).type_as(x)  # [B, S, H, L]
         if form == "naive":
             out = torch.einsum("bsht,bthd->bshd", scores, v)
