@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench_engine import corpus_prompts  # same folder
+from bench_engine import StealMeter, corpus_prompts  # same folder
 
 from moeserve.actors.cluster import Cluster
 from moeserve.cluster import DEMO_MODEL, LLM, ClusterConfig, SamplingParams
@@ -79,6 +79,7 @@ def main() -> int:
     many = corpus_prompts(tok, 32, rng, 16, 96)
     warm = corpus_prompts(tok, 32, random.Random(1), 16, 96)
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    steal = StealMeter()
     engine = bench_engine(one, many, warm, params)
     results = {"engine_tokens_per_s": engine, "clusters": {}}
     runs = [(layout, transport) for layout in a.layout for transport in a.transport]
@@ -100,6 +101,8 @@ def main() -> int:
             print(f"- {name}: {value:.0%}")
         print(f"- (expert groups' own compute, summed over groups and both shards: "
               f"{r['batch32_time_s']['experts']:.2f} s of {r['batch32_time_s']['decode_steps']:.2f} s of decode steps)")
+    print(steal.report())
+    results["host_steal_share"] = steal.share()
     if a.json:
         a.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0

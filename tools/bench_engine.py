@@ -43,6 +43,33 @@ def corpus_prompts(tokenizer: Tokenizer, n: int, rng: random.Random, lo: int, hi
     return prompts
 
 
+class StealMeter:
+    """The share of this machine's CPU time the hypervisor gave to others while a benchmark ran (Linux's
+    /proc/stat `steal`); high values mean the numbers measured the neighbours as much as the code."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return fields[7] if len(fields) > 7 else None, sum(fields)
+
+    def share(self):
+        end = self._read()
+        if self.start is None or end is None or self.start[0] is None or end[1] == self.start[1]:
+            return None
+        return (end[0] - self.start[0]) / (end[1] - self.start[1])
+
+    def report(self) -> str:
+        share = self.share()
+        return "host steal during the run: not measurable here" if share is None else \
+            f"host steal during the run: {share:.1%} of CPU time"
+
+
 def timed(fn):
     start = time.perf_counter()
     result = fn()
@@ -75,6 +102,7 @@ def main() -> int:
     hf = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     results = {}
+    steal = StealMeter()
 
     # batch 1: the three runs interleaved, REPEATS times, medians (one run is under a second, and this
     # machine's speed drifts by more than the differences measured)
@@ -134,6 +162,8 @@ def main() -> int:
           f"per step, wall-clock speedup {r['batch1_ours_mtp_tokens_per_s'] / r['batch1_ours_tokens_per_s']:.2f}x; "
           f"greedy outputs equal to transformers: batch 1 {r['batch1_ours_matches_transformers']}, "
           f"32 concurrent {r['batch32_outputs_equal']}/32")
+    print(steal.report())
+    results["host_steal_share"] = steal.share()
     if a.json:
         a.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
