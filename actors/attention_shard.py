@@ -52,8 +52,8 @@ class AttentionShardWorker:
         self.kv_sender = kv_transfer.NcclSender() if role == "prefill" else None
         self.kv_receiver = kv_transfer.NcclReceiver(list(prefill_shards)) if role == "decode" else None
         self.lock = threading.Condition()
-        self.requests: set[str] = set()          # requests whose outputs go out (not aborted)
-        self.outbox: list[tuple[int, str, object]] = []   # (sequence number, request, output or hand-off)
+        self.requests: dict[str, str] = {}       # request -> the client its outputs go to (until it ends)
+        self.outboxes: dict[str, list[tuple[int, str, object]]] = {}  # client -> (number, request, output)
         self.sequence = 0
         self.kv_bytes_received = 0
         self.kv_bytes_sent = 0
@@ -83,50 +83,54 @@ class AttentionShardWorker:
 
     # ---- requests in ----------------------------------------------------------------------------------------
 
-    def add(self, request_id: str, tokens: list[int], params: SamplingParams, trace: dict | None = None) -> None:
-        """Queue a prompt (prefill role: it is handed off once computed)."""
+    def add(self, request_id: str, tokens: list[int], params: SamplingParams, trace: dict | None = None,
+            client: str = "") -> None:
+        """Queue a prompt (prefill role: it is handed off once computed); `client` polls for its outputs."""
         with self.lock:
             self.engine.add_request(tokens, params, request_id=request_id)
-            self.requests.add(request_id)
+            self.requests[request_id] = client
             self._open_span(request_id, "prefill", trace, prompt_tokens=len(tokens))
             self.lock.notify_all()
 
-    def submit(self, pre: PrefilledSequence, trace: dict | None = None, source: int = 0) -> None:
-        """Continue a prefilled sequence here (decode role); `source` is the prefill shard that computed it."""
+    def submit(self, pre: PrefilledSequence, trace: dict | None = None, source: int = 0, client: str = "") -> None:
+        """Continue a prefilled sequence here (decode role); `source` is the prefill shard that computed it,
+        `client` polls for its outputs."""
         if pre.latent.is_meta:  # the latent stayed on the prefill shard's GPU: pull it over NCCL
             pre = self.kv_receiver.attach(pre, source, self.shard_id)
         with self.lock:
             self.engine.add_prefilled(pre)
             self._open_span(pre.request_id, "decode", trace, kv_bytes=pre.kv_bytes)
             self.kv_bytes_received += pre.kv_bytes
-            self.requests.add(pre.request_id)
+            self.requests[pre.request_id] = client
             self.lock.notify_all()
 
     # ---- results out ----------------------------------------------------------------------------------------
 
-    def poll(self, acked: int, timeout: float = 1.0) -> list[tuple[int, str, object]]:
-        """Every output after sequence number `acked`, as (number, request, output): per step one per running
-        request (decode), or each request's hand-off or final output (prefill); waits up to `timeout` for
-        the first. Outputs up to `acked` are dropped: a reply lost on the way (the caller gave up waiting) is
-        sent again by the next poll. One call per shard brings the whole batch, so the Ray calls per step do
-        not grow with the batch."""
+    def poll(self, client: str, acked: int, timeout: float = 1.0) -> list[tuple[int, str, object]]:
+        """Every output for `client`'s requests after sequence number `acked`, as (number, request, output):
+        per step one per running request (decode), or each request's hand-off or final output (prefill);
+        waits up to `timeout` for the first. Outputs up to `acked` are dropped: a reply lost on the way (the
+        caller gave up waiting) is sent again by the next poll. One call per shard and client brings the whole
+        batch, so the Ray calls per step do not grow with the batch."""
         with self.lock:
-            self.outbox = [entry for entry in self.outbox if entry[0] > acked]
-            self.lock.wait_for(lambda: self.outbox, timeout)
-            return list(self.outbox)
+            outbox = [entry for entry in self.outboxes.get(client, []) if entry[0] > acked]
+            self.outboxes[client] = outbox
+            self.lock.wait_for(lambda: self.outboxes[client], timeout)
+            return list(self.outboxes[client])
 
     def _send(self, request_id: str, item) -> None:
-        if request_id in self.requests:
+        client = self.requests.get(request_id)
+        if client is not None:
             self.sequence += 1
-            self.outbox.append((self.sequence, request_id, item))
+            self.outboxes.setdefault(client, []).append((self.sequence, request_id, item))
             if isinstance(item, PrefilledSequence) or item.finished:
-                self.requests.discard(request_id)
+                del self.requests[request_id]
 
     def abort(self, request_id: str) -> None:
         """The client went away: free the sequence and its cache blocks now."""
         with self.lock:
             self.engine.abort(request_id)
-            self.requests.discard(request_id)
+            self.requests.pop(request_id, None)
             if self.kv_sender is not None:
                 self.kv_sender.drop(request_id)
             self._close_span(request_id, "aborted")

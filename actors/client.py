@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import hashlib
 import itertools
+import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
@@ -43,12 +44,13 @@ class ClusterClient:
         self._queues: dict[int, dict[str, asyncio.Queue]] = {}   # shard -> request -> its outputs
         self._pollers: dict[int, asyncio.Task] = {}
         self._acked: dict[int, int] = {}                          # shard -> last output number taken
+        self.client_id = uuid.uuid4().hex      # shards keep each client's outputs apart
 
     def check(self, tokens: list[int], params: SamplingParams) -> None:
         check_request(self.args, tokens, params, self.kv_cache_tokens, has_tokenizer=self.tokenizer is not None)
 
     def new_id(self) -> str:
-        return f"req-{next(self._ids)}"
+        return f"req-{self.client_id[:8]}-{next(self._ids)}"  # unique across clients of the same shards
 
     def pick_prefill(self, tokens: list[int]) -> int:
         """Prompts that share their first block land on the same shard, where its prefix cache holds them,
@@ -85,7 +87,7 @@ class ClusterClient:
         queues = self._queues[key]
         while queues:
             try:
-                outputs = await shard.poll.remote(self._acked.get(key, 0), 1.0)
+                outputs = await shard.poll.remote(self.client_id, self._acked.get(key, 0), 1.0)
             except ray.exceptions.TaskCancelledError:  # nothing is lost: the next poll brings the same outputs
                 continue
             except Exception as e:  # the shard is gone: every request waiting on it fails, none hangs
@@ -121,7 +123,7 @@ class ClusterClient:
         item = None
         try:
             queue = self._subscribe(shard, rid)
-            await shard.add.remote(rid, tokens, params, trace)
+            await shard.add.remote(rid, tokens, params, trace, self.client_id)
             item = (await self._next(queue))[-1]
         finally:
             self.outstanding_prefill[p] -= 1
@@ -142,7 +144,7 @@ class ClusterClient:
         done = False
         try:
             queue = self._subscribe(decode, rid)
-            await decode.submit.remote(pre, trace, p)
+            await decode.submit.remote(pre, trace, p, self.client_id)
             while not done:
                 for out in await self._next(queue):
                     done = out.finished

@@ -1,5 +1,6 @@
 """The disaggregated cluster on a real multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`, one
 raylet per topology node), against the single-process engine, token for token."""
+import asyncio
 import os
 import secrets
 import tempfile
@@ -15,6 +16,7 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster as RayCluster  # noqa: E402
 
+from moeserve.actors.client import ClusterClient  # noqa: E402
 from moeserve.actors.cluster import Cluster, node_resource  # noqa: E402
 from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
 from moeserve.kernels.errors import InputError  # noqa: E402
@@ -66,6 +68,13 @@ def test_one_prefill_one_decode_two_expert_groups(ray_cluster, mtp_checkpoint, p
         nodes = {stats["where"][f"expert-group-{g}"]["ray_node"] for g in range(2)}
         assert len(nodes) == 2  # the two topology nodes are two different raylets
         pids = [w["pid"] for w in stats["where"].values()]
+        # a second client on the same shards (a Serve ingress beside the driver): each gets its own outputs
+        other = ClusterClient(c.args, c.tokenizer, c.prefill_shards, c.decode_shards, 1024, 4)
+
+        async def both():
+            return await asyncio.gather(*(client.generate_one(p, GREEDY) for client in (c.client, other)
+                                          for p in prompts))
+        assert [o.token_ids for o in asyncio.run(both())] == expected * 2
     for pid in pids:  # teardown leaves no actor process behind
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
