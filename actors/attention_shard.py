@@ -11,17 +11,16 @@ import ray
 import torch
 
 from moeserve.cluster.config import ClusterConfig
-from moeserve.cluster.engine import Engine, EngineConfig, PrefilledSequence, RequestOutput
+from moeserve.cluster.engine import Engine, EngineConfig, PrefilledSequence
 from moeserve.cluster.sampling_params import SamplingParams
 from moeserve.cluster.tokenizer import Tokenizer
 from moeserve.kernels.args import ModelArgs
-from moeserve.kernels.load import load_model
+from moeserve.kernels.load import DTYPES, load_model
 from moeserve.topology.planner import Placement
 
 from . import collective, kv_transfer, tracing
 from .transport import ExpertRouter, RayExpertTransport
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 STEP_EVENT_EVERY = 8  # decode steps between step events on a request's span
 
 
@@ -38,14 +37,15 @@ class AttentionShardWorker:
                       for layer, p in phy2log.items()}
         self.router = ExpertRouter(placements, groups, spec, src_gpu, args.dim, cfg.max_nodes, cfg.dispatch_dtype,
                                    cfg.combine_dtype)
-        self.links = [collective.ShardLink(len(groups)) for _ in range(cfg.engine.micro_batches)]
-        if cfg.transport == "collective":
+        self.links = [collective.ShardLink(len(groups)) for _ in range(cfg.engine.micro_batches)] \
+            if cfg.transport == "collective" else []
+        if self.links:
             def make_experts(layer):
                 return collective.CollectiveExpertTransport(layer, self.router, self.links)
         else:
             def make_experts(layer):
                 return RayExpertTransport(layer, self.router)
-        model = load_model(cfg.model, dtype=_DTYPES[cfg.dtype], with_mtp=cfg.mtp, make_experts=make_experts)
+        model = load_model(cfg.model, dtype=DTYPES[cfg.dtype], with_mtp=cfg.mtp, make_experts=make_experts)
         tokenizer = Tokenizer(cfg.model) if Tokenizer.exists(cfg.model) else None
         self.engine = Engine(model, EngineConfig(mtp=cfg.mtp, **cfg.engine.model_dump()), tokenizer)
         self.kv_transfer = cfg.kv_transfer

@@ -164,16 +164,12 @@ class Cluster:
 
     def _pair_kv_groups(self) -> None:
         """A two-rank NCCL group per (prefill, decode) pair for the latent KV hand-off."""
-        from ray.util import collective
         try:
             ray.get([s.check_kv_transfer.remote() for s in self.prefill_shards + self.decode_shards])
         except ray.exceptions.RayTaskError as e:
             self.shutdown()
             raise InputError(str(e.cause)) from None
-        for p, prefill in enumerate(self.prefill_shards):
-            for d, decode in enumerate(self.decode_shards):
-                collective.create_collective_group([prefill, decode], 2, [0, 1], backend="nccl",
-                                                   group_name=kv_transfer.pair_group(p, d))
+        kv_transfer.create_pair_groups(self.prefill_shards, self.decode_shards)
 
     # ---- requests -----------------------------------------------------------------------------------------
 

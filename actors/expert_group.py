@@ -13,10 +13,10 @@ import torch
 from moeserve.kernels.checkpoint import Checkpoint, routed_expert_of
 from moeserve.kernels.experts import MLP, pack_experts, run_assignments_packed
 from moeserve.kernels.fp8 import act_dequant
+from moeserve.kernels.load import DTYPES
 
 from . import collective
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def combine_torch_dtype(name: str) -> torch.dtype:
@@ -47,7 +47,7 @@ class ExpertGroupWorker:
         """experts: MoE layer id -> the logical experts this group holds for it (its physical slots)."""
         torch.set_num_threads(threads)
         self.group_id, self.n_groups = group_id, n_groups
-        self.dtype = _DTYPES[dtype]
+        self.dtype = DTYPES[dtype]
         ckpt = Checkpoint(model)
         wanted = {(layer, e) for layer, es in experts.items() for e in es}
         self.experts: dict[int, dict[int, MLP]] = {layer: {} for layer in experts}

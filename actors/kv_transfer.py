@@ -11,7 +11,9 @@ time per pair, so sends and receives on a pair always match in order.
 """
 import threading
 
+import ray
 import torch
+from ray.util import collective
 
 from moeserve.cluster.engine import PrefilledSequence
 
@@ -20,9 +22,16 @@ def pair_group(prefill: int, decode: int) -> str:
     return f"moeserve-kv-{prefill}-{decode}"
 
 
+def create_pair_groups(prefill_shards: list, decode_shards: list) -> None:
+    """Declare the NCCL groups (from the driver): one per (prefill, decode) pair, the prefill shard rank 0."""
+    for p, prefill in enumerate(prefill_shards):
+        for d, decode in enumerate(decode_shards):
+            collective.create_collective_group([prefill, decode], 2, [0, 1], backend="nccl",
+                                               group_name=pair_group(p, d))
+
+
 def check_nccl() -> None:
     """Raise a clear error where the NCCL transfer cannot work (no GPU, or no cupy)."""
-    from ray.util import collective
     if not torch.cuda.is_available():
         raise RuntimeError("kv_transfer: nccl needs a GPU in every attention shard; use kv_transfer: object_store")
     if not collective.nccl_available():
@@ -44,7 +53,6 @@ class NcclSender:
         return pre
 
     def send(self, request_id: str, group_name: str) -> None:
-        from ray.util import collective
         with self.lock:
             latent = self.parked.pop(request_id)
         collective.send(latent, 1, group_name)
@@ -64,14 +72,12 @@ class NcclReceiver:
         self.locks = [threading.Lock() for _ in prefill_shards]
 
     def attach(self, pre: PrefilledSequence, source: int, decode_index: int) -> PrefilledSequence:
-        from ray.util import collective
         buffer = torch.empty(pre.latent.shape, dtype=pre.latent.dtype, device="cuda")
         group = pair_group(source, decode_index)
         with self.locks[source]:  # one transfer at a time per pair: sends and receives match in order
             sent = self.prefill_shards[source].send_kv.remote(pre.request_id, group)
             collective.recv(buffer, 0, group)
             torch.cuda.current_stream().synchronize()
-        import ray
         ray.get(sent)
         pre.latent = buffer.cpu()
         return pre

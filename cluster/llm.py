@@ -2,10 +2,8 @@
 from pathlib import Path
 from typing import Iterator, Optional, Sequence as Seq, Union
 
-import torch
-
 from moeserve.kernels.errors import InputError
-from moeserve.kernels.load import load_model
+from moeserve.kernels.load import DTYPES, load_model
 
 from .engine import Engine, EngineConfig, RequestOutput
 from .sampling_params import SamplingParams
@@ -14,7 +12,6 @@ from .tokenizer import Tokenizer
 DEMO_MODEL = Path(__file__).parent / "models" / "moeserve-demo"
 DEMO_MODEL_FP8 = Path(__file__).parent / "models" / "moeserve-demo-fp8"
 Prompt = Union[str, Seq[int]]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def encode_prompt(tokenizer: Optional[Tokenizer], prompt: Prompt) -> list[int]:
@@ -55,9 +52,9 @@ class LLM:
     def __init__(self, model: Optional[Union[str, Path]] = None, dtype: str = "float32", mtp: bool = False,
                  **engine_config):
         path = Path(model) if model is not None else DEMO_MODEL
-        if dtype not in _DTYPES:
-            raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        self.model = load_model(path, dtype=_DTYPES[dtype], with_mtp=mtp)
+        if dtype not in DTYPES:
+            raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.model = load_model(path, dtype=DTYPES[dtype], with_mtp=mtp)
         self.tokenizer = Tokenizer(path) if Tokenizer.exists(path) else None
         self.engine = Engine(self.model, EngineConfig(mtp=mtp, **engine_config), self.tokenizer)
 

@@ -43,9 +43,9 @@ class ModelRunner:
         for name, moe in self.moe_layers:
             self.expert_load[name] += moe.take_load()
 
-    def _split(self, run: Callable, B: int, *per_row: list) -> torch.Tensor:
-        """run(*per_row lists) -> [b, S_b, ...] over micro-batches of the B rows, joined into [B, S, ...] with
-        each part padded to the widest."""
+    def _split(self, run: Callable, B: int, *per_row) -> torch.Tensor:
+        """run(*per_row) -> [b, S_b, ...] over micro-batches of the B rows (each per-row argument, a list or a
+        tensor, sliced along its first dimension), joined into [B, S, ...] with each part padded to the widest."""
         n = min(self.micro_batches, B)
         if n == 1:
             return run(*per_row)
@@ -81,9 +81,8 @@ class ModelRunner:
 
         def run(block_tables, starts, next_tokens, h):
             tokens, positions, view = self._inputs(block_tables, starts, next_tokens)
-            return self.model.mtp_forward(torch.stack(h)[:, :tokens.shape[1]], tokens, positions, cache=view,
-                                          form=form)
+            return self.model.mtp_forward(h[:, :tokens.shape[1]], tokens, positions, cache=view, form=form)
 
-        logits = self._split(run, len(next_tokens), block_tables, starts, next_tokens, list(h))
+        logits = self._split(run, len(next_tokens), block_tables, starts, next_tokens, h)
         self._count_load()
         return logits

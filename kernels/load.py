@@ -16,6 +16,7 @@ from .experts import ExpertTransport
 from .model import Transformer
 from .rope import rope_inv_freq
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by config name
 _MTP_SHARED = ("embed.weight", "head.weight")  # an MTP module may leave these out: the main model's serve
 
 

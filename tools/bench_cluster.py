@@ -13,7 +13,6 @@ FP8 quantisation, sending), and waiting for the experts' replies (expert compute
 first runs another 32-request workload untimed, so that none pays first-call costs in the timed runs.
 """
 import argparse
-import json
 import random
 import sys
 import time
@@ -101,10 +100,7 @@ def main() -> int:
             print(f"- {name}: {value:.0%}")
         print(f"- (expert groups' own compute, summed over groups and both shards: "
               f"{r['batch32_time_s']['experts']:.2f} s of {r['batch32_time_s']['decode_steps']:.2f} s of decode steps)")
-    print(steal.report())
-    results["host_steal_share"] = steal.share()
-    if a.json:
-        a.json.write_text(json.dumps(results, indent=1) + "\n")
+    steal.finish(results, a.json)
     return 0
 
 

@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -68,6 +69,13 @@ class StealMeter:
         share = self.share()
         return "host steal during the run: not measurable here" if share is None else \
             f"host steal during the run: {share:.1%} of CPU time"
+
+    def finish(self, results: dict, json_path: Optional[Path]) -> None:
+        """Print the steal share, record it with the results, and write them as JSON if asked."""
+        print(self.report())
+        results["host_steal_share"] = self.share()
+        if json_path:
+            json_path.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def timed(fn):
@@ -162,10 +170,7 @@ def main() -> int:
           f"per step, wall-clock speedup {r['batch1_ours_mtp_tokens_per_s'] / r['batch1_ours_tokens_per_s']:.2f}x; "
           f"greedy outputs equal to transformers: batch 1 {r['batch1_ours_matches_transformers']}, "
           f"32 concurrent {r['batch32_outputs_equal']}/32")
-    print(steal.report())
-    results["host_steal_share"] = steal.share()
-    if a.json:
-        a.json.write_text(json.dumps(results, indent=1) + "\n")
+    steal.finish(results, a.json)
     return 0
 
 
