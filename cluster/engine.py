@@ -19,7 +19,7 @@ from moeserve.kernels.cache import PagedLatentCache
 from moeserve.kernels.errors import InputError
 from moeserve.kernels.generate import check_prompt
 from moeserve.kernels.model import Transformer
-from moeserve.kernels.sampling import accept_draft, sampling_probs
+from moeserve.kernels.sampling import accept_draft, greedy, sampling_probs
 
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
@@ -179,20 +179,22 @@ class Engine:
         form = "absorbed"
         h = self.runner.forward([s.block_table for s in seqs], starts, rows, form)
         logits = self.model.logits(h)  # [B, S, V]
-        argmax = logits.argmax(dim=-1).tolist()  # [B][S]: greedy tokens for the whole batch in one op
+        argmax = greedy(logits).tolist()  # [B][S]: greedy tokens for the whole batch in one op
         drafting = []
         for b, seq in enumerate(seqs):
             n = len(seq)
-            accepted, alive = self._verify_and_append(seq, logits[b], argmax[b])
+            accepted, alive = self._verify_and_append(seq, logits[b] if seq.params.needs_logits else None, argmax[b])
             seq.num_computed_tokens = n + accepted
             seq.num_steps += 1
             if alive and self.config.mtp:
                 drafting.append((b, seq, n - 1, 1 + accepted))
         self._draft(drafting, h)
 
-    def _verify_and_append(self, seq: Sequence, logits: torch.Tensor, argmax: list[int]) -> tuple[int, bool]:
-        """Append this step's tokens from logits [S, V] (argmax [S] their greedy tokens); returns (draft
-        accepted 0/1, still running)."""
+    def _verify_and_append(self, seq: Sequence, logits: Optional[torch.Tensor], argmax: list[int]) -> tuple[int, bool]:
+        """Append this step's tokens from logits [S, V] (argmax [S] their greedy tokens; logits None when the
+        request needs no more than those); returns (draft accepted 0/1, still running)."""
+        if logits is None:
+            logits = [None, None]
         draft, seq.draft = seq.draft, None
         n_before = len(seq)
         if draft is None:
@@ -258,7 +260,7 @@ class Engine:
                 continue  # a middle prefill chunk: the MTP cache is filled, no draft yet
             last, p = logits[r, n - 1], seq.params
             if p.greedy:
-                seq.draft = Draft(int(last.argmax()))
+                seq.draft = Draft(int(greedy(last)))
             else:
                 q = sampling_probs(last, p.temperature, p.top_k, p.top_p)
                 seq.draft = Draft(int(torch.multinomial(q, 1, generator=seq.generator)[0]), q)
@@ -269,7 +271,7 @@ class Engine:
         """The next token from logits [V]; `argmax`, when the caller has it, saves computing it again."""
         p = seq.params
         if p.greedy:
-            return argmax if argmax is not None else int(logits.argmax())
+            return argmax if argmax is not None else int(greedy(logits))
         probs = sampling_probs(logits, p.temperature, p.top_k, p.top_p)
         return int(torch.multinomial(probs, 1, generator=seq.generator)[0])
 

@@ -37,7 +37,7 @@ class ModelRunner:
     def _inputs(self, block_tables, starts, rows):
         tokens, valid = _pad(rows)
         positions = (torch.tensor(starts)[:, None] + torch.arange(tokens.shape[1])).masked_fill(~valid, 0)
-        return tokens, positions, self.cache.view(block_tables, positions, valid)
+        return tokens, positions, valid, self.cache.view(block_tables, positions, valid)
 
     def _count_load(self) -> None:
         for name, moe in self.moe_layers:
@@ -65,8 +65,8 @@ class ModelRunner:
                 form: MLAForm) -> torch.Tensor:
         """Row b's tokens at positions starts[b]... -> hidden states [B, S, dim] (padding rows are junk)."""
         def run(block_tables, starts, rows):
-            tokens, positions, view = self._inputs(block_tables, starts, rows)
-            return self.model(tokens, positions, cache=view, form=form)
+            tokens, positions, valid, view = self._inputs(block_tables, starts, rows)
+            return self.model(tokens, positions, cache=view, form=form, valid=valid)
 
         h = self._split(run, len(rows), block_tables, starts, rows)
         self._count_load()
@@ -80,8 +80,9 @@ class ModelRunner:
         form = "naive" if max(starts) == 0 else "absorbed"
 
         def run(block_tables, starts, next_tokens, h):
-            tokens, positions, view = self._inputs(block_tables, starts, next_tokens)
-            return self.model.mtp_forward(h[:, :tokens.shape[1]], tokens, positions, cache=view, form=form)
+            tokens, positions, valid, view = self._inputs(block_tables, starts, next_tokens)
+            return self.model.mtp_forward(h[:, :tokens.shape[1]], tokens, positions, cache=view, form=form,
+                                          valid=valid)
 
         logits = self._split(run, len(next_tokens), block_tables, starts, next_tokens, h)
         self._count_load()

@@ -37,3 +37,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether choosing and reporting a token takes more than the batch's greedy tokens."""
+        return not self.greedy or self.logprobs is not None

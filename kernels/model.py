@@ -5,7 +5,11 @@ side: `naive` decompresses the latent into per-head keys and values (cheap for a
 folds `wkv_b` into the query and the output so attention reads only the latent cache (cheap per decode
 step). Both read the same cache rows.
 
-Shapes: B batch rows, S new tokens per row, L cached positions, H heads, T = B*S tokens, C = latent_dim.
+Shapes: B batch rows, S new tokens per row, L cached positions, H heads, T tokens, C = latent_dim.
+
+A padded batch (rows of different lengths) runs *packed*: only its valid tokens flow through the layers, as
+[T, dim], and only attention, which needs each row's tokens together, sees them padded to [B, S]. With prompts
+of mixed lengths, half of a padded batch can be padding.
 """
 from typing import Callable, Literal, Optional
 
@@ -19,6 +23,28 @@ from .experts import MLP, ExpertTransport, LocalExperts
 from .rope import apply_rotary_emb, rope_cos_sin, rope_inv_freq
 
 MLAForm = Literal["naive", "absorbed"]
+
+
+class Packing:
+    """The valid tokens of a padded batch, valid [B, S]: `unpad` keeps them ([B, S, ...] -> [T, ...]), `pad`
+    puts them back in place with zeros between ([T, ...] -> [B, S, ...])."""
+
+    def __init__(self, valid: torch.Tensor):
+        self.shape = valid.shape
+        self.index = valid.flatten().nonzero().squeeze(1)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(self.shape.numel(), *x.shape[1:])
+        out.index_copy_(0, self.index, x)
+        return out.view(*self.shape, *x.shape[1:])
+
+
+def packing_of(valid: Optional[torch.Tensor]) -> Optional[Packing]:
+    """A Packing when some of the batch is padding, else None (the batch runs as it is)."""
+    return None if valid is None or bool(valid.all()) else Packing(valid)
 
 
 class RMSNorm(nn.Module):
@@ -59,15 +85,19 @@ class MLA(nn.Module):
         self.softmax_scale = args.softmax_scale
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                latent_of: Callable[[torch.Tensor], torch.Tensor], form: MLAForm) -> torch.Tensor:
-        """x [B, S, dim]; cos/sin [B, S, rope/2]; mask [B, S, L] additive; `latent_of` stores this call's
-        latent [B, S, C] and returns every position's [B, L, C]."""
-        B, S, _ = x.shape
+                latent_of: Callable[[torch.Tensor], torch.Tensor], form: MLAForm,
+                packing: Optional[Packing] = None) -> torch.Tensor:
+        """x [B, S, dim], or [T, dim] with a packing; cos/sin [B, S, rope/2]; mask [B, S, L] additive; `latent_of`
+        stores this call's latent [B, S, C] and returns every position's [B, L, C]."""
         q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        kv = self.wkv_a(x)
+        if packing is not None:  # the projections ran on the valid tokens only; attention needs the rows
+            q, kv = packing.pad(q), packing.pad(kv)
+        B, S, _ = q.shape
         q = q.view(B, S, self.n_heads, -1)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rotary_emb(q_pe, cos, sin)
-        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), cos, sin).squeeze(2)
         latent = latent_of(torch.cat([self.kv_norm(kv), k_pe], dim=-1))  # [B, L, C]
         kv, k_pe = latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
@@ -87,7 +117,8 @@ class MLA(nn.Module):
         else:
             out = torch.einsum("bsht,btc->bshc", scores, kv)
             out = torch.einsum("bshc,hdc->bshd", out, wkv_b[:, -self.v_head_dim:])
-        return self.wo(out.flatten(2))
+        out = out.flatten(2)
+        return self.wo(out if packing is None else packing.unpad(out))
 
 
 class Gate(nn.Module):
@@ -175,10 +206,11 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(args.dim, args.rms_norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: Optional[LatentCacheView], positions, form: MLAForm):
+    def forward(self, x, cos, sin, mask, cache: Optional[LatentCacheView], positions, form: MLAForm,
+                packing: Optional[Packing] = None):
         def latent_of(latent):
             return latent if cache is None else cache.update(self.layer_id, latent, positions)
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, latent_of, form)
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, latent_of, form, packing)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -197,9 +229,11 @@ class MTP(nn.Module):
         self.norm = RMSNorm(args.dim, args.rms_norm_eps)
         self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
 
-    def forward(self, h, next_tokens, cos, sin, mask, cache, positions, form: MLAForm) -> torch.Tensor:
+    def forward(self, h, next_tokens, cos, sin, mask, cache, positions, form: MLAForm,
+                packing: Optional[Packing] = None) -> torch.Tensor:
+        """h [B, S, dim] and next_tokens [B, S], or [T, dim] and [T] with a packing."""
         x = self.eh_proj(torch.cat([self.enorm(self.embed(next_tokens)), self.hnorm(h)], dim=-1))
-        return self.block(x, cos, sin, mask, cache, positions, form)
+        return self.block(x, cos, sin, mask, cache, positions, form, packing)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(x)).float()
@@ -235,15 +269,19 @@ class Transformer(nn.Module):
         return torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
 
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                cache: Optional[LatentCacheView] = None, form: Optional[MLAForm] = None) -> torch.Tensor:
+                cache: Optional[LatentCacheView] = None, form: Optional[MLAForm] = None,
+                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [B, S] at positions [B, S] (default 0..S-1) -> final-normed hidden states [B, S, dim].
         With a cache, each row attends to its cached positions 0..p; without, only to this call's tokens.
-        `form` defaults to naive for a prompt from position 0 and absorbed for decoding over a cache."""
+        `form` defaults to naive for a prompt from position 0 and absorbed for decoding over a cache.
+        `valid` [B, S] marks the real tokens of a padded batch: only those are computed (padding comes out 0)."""
         positions, mask, cos, sin, form = self._prepare(tokens, positions, cache, form)
-        h = self.embed(tokens)
+        packing = packing_of(valid)
+        h = self.embed(tokens if packing is None else packing.unpad(tokens))
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache, positions, form)
-        return self.norm(h)
+            h = layer(h, cos, sin, mask, cache, positions, form, packing)
+        h = self.norm(h)
+        return h if packing is None else packing.pad(h)
 
     def _prepare(self, tokens, positions, cache, form):
         B, S = tokens.shape
@@ -259,13 +297,18 @@ class Transformer(nn.Module):
         return self.head(h).float()
 
     def mtp_forward(self, h: torch.Tensor, next_tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                    cache: Optional[LatentCacheView] = None, form: Optional[MLAForm] = None, depth: int = 0):
+                    cache: Optional[LatentCacheView] = None, form: Optional[MLAForm] = None, depth: int = 0,
+                    valid: Optional[torch.Tensor] = None):
         """Logits [B, S, vocab] for t_{i+depth+2} from hidden states h [B, S, dim] of positions i and the
         tokens t_{i+depth+1} [B, S]. The MTP block caches under its own layer id, n_layers + depth, so a cache
-        that serves drafting has n_layers + n_mtp_layers layers."""
+        that serves drafting has n_layers + n_mtp_layers layers. `valid` as in `forward` (padding's logits
+        come out of a zero hidden state)."""
         if not len(self.mtp):
             raise RuntimeError("this model has no MTP module (num_nextn_predict_layers is 0 or it was not loaded)")
         positions, mask, cos, sin, form = self._prepare(next_tokens, positions, cache, form)
         module = self.mtp[depth]
-        x = module(h, next_tokens, cos, sin, mask, cache, positions, form)
-        return module.logits(x)
+        packing = packing_of(valid)
+        if packing is not None:
+            h, next_tokens = packing.unpad(h), packing.unpad(next_tokens)
+        x = module(h, next_tokens, cos, sin, mask, cache, positions, form, packing)
+        return module.logits(x if packing is None else packing.pad(x))

@@ -69,6 +69,8 @@ def main() -> int:
                    help="the cluster transports to measure (default: both)")
     p.add_argument("--layout", choices=list(LAYOUTS), nargs="+", default=list(LAYOUTS),
                    help="the cluster layouts to measure (default: both)")
+    p.add_argument("--micro-batches", type=int, nargs="+", default=[1],
+                   help="micro-batches per decode step on the shards (engine.micro_batches; default: 1)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     torch.set_num_threads(2)
@@ -81,21 +83,22 @@ def main() -> int:
     steal = StealMeter()
     engine = bench_engine(one, many, warm, params)
     results = {"engine_tokens_per_s": engine, "clusters": {}}
-    runs = [(layout, transport) for layout in a.layout for transport in a.transport]
-    for layout, transport in runs:
-        print(f"cluster, {layout} layout, {transport} transport ...", file=sys.stderr, flush=True)
-        config = ClusterConfig(transport=transport, **LAYOUTS[layout])
-        results["clusters"][f"{layout}/{transport}"] = bench_cluster(config, one, many, warm, params)
-    print("| workload | layout | transport | engine tokens/s | cluster tokens/s | cluster / engine | cluster TPOT |\n"
-          "|---|---|---|---|---|---|---|")
+    runs = [(layout, transport, mb) for layout in a.layout for transport in a.transport for mb in a.micro_batches]
+    for layout, transport, mb in runs:
+        print(f"cluster, {layout} layout, {transport} transport, {mb} micro-batches ...", file=sys.stderr, flush=True)
+        config = ClusterConfig(transport=transport, engine={"micro_batches": mb}, **LAYOUTS[layout])
+        results["clusters"][f"{layout}/{transport}/{mb}"] = bench_cluster(config, one, many, warm, params)
+    print("| workload | layout | transport | micro-batches | engine tokens/s | cluster tokens/s | cluster / engine | "
+          "cluster TPOT |\n|---|---|---|---|---|---|---|---|")
     for n in (1, 32):
-        for layout, transport in runs:
-            c = results["clusters"][f"{layout}/{transport}"][f"batch{n}_tokens_per_s"]
-            print(f"| batch {n} | {layout} | {transport} | {engine[n]:.1f} | {c:.1f} | {c / engine[n]:.2f} | "
+        for layout, transport, mb in runs:
+            c = results["clusters"][f"{layout}/{transport}/{mb}"][f"batch{n}_tokens_per_s"]
+            print(f"| batch {n} | {layout} | {transport} | {mb} | {engine[n]:.1f} | {c:.1f} | {c / engine[n]:.2f} | "
                   f"{1e3 * n / c:.1f} ms |")
-    for layout, transport in runs:
-        r = results["clusters"][f"{layout}/{transport}"]
-        print(f"\nwhere the decode shard's step time goes at 32 concurrent requests ({layout}, {transport}):")
+    for layout, transport, mb in runs:
+        r = results["clusters"][f"{layout}/{transport}/{mb}"]
+        print(f"\nwhere the decode shard's step time goes at 32 concurrent requests ({layout}, {transport}, "
+              f"{mb} micro-batches):")
         for name, value in r["share"].items():
             print(f"- {name}: {value:.0%}")
         print(f"- (expert groups' own compute, summed over groups and both shards: "

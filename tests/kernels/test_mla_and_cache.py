@@ -56,3 +56,25 @@ def test_allocated_cache_bytes_equal_the_formula(checkpoints, dtype):
     element = torch.empty((), dtype=dtype).element_size()
     assert cache.nbytes / (3 * 50) == (args.kv_lora_rank + args.qk_rope_head_dim) * args.n_layers * element
     assert cache.nbytes / (3 * 50) == args.kv_cache_bytes_per_token(dtype)
+
+
+@pytest.mark.parametrize("name", ["v3-dense0-yarn", "v2-lite"])
+def test_a_packed_batch_equals_each_row_alone(checkpoints, name):
+    """Rows of 5, 17 and 11 tokens in one padded batch, run packed (only valid tokens through the layers), give
+    each row's hidden states and MTP logits as the row run alone, and padding comes out zero."""
+    model = load_model(checkpoints(name)[0], dtype=torch.float32, with_mtp=name.startswith("v3"))
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 17, 11]
+    tokens = torch.randint(0, model.args.vocab_size, (3, max(lengths)), generator=g)
+    valid = torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        packed = model(tokens, valid=valid)
+        alone = [model(tokens[b:b + 1, :n])[0] for b, n in enumerate(lengths)]
+        for b, n in enumerate(lengths):
+            assert rel_err(packed[b, :n], alone[b]) < 1e-5
+            assert not packed[b, n:].any()
+        if len(model.mtp):
+            nxt = torch.randint(0, model.args.vocab_size, tokens.shape, generator=g)
+            drafted = model.mtp_forward(packed, nxt, valid=valid)
+            for b, n in enumerate(lengths):
+                assert rel_err(drafted[b, :n], model.mtp_forward(alone[b][None], nxt[b:b + 1, :n])[0]) < 1e-5
