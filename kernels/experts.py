@@ -89,13 +89,14 @@ class LocalExperts(nn.ModuleList):
 
 
 def pack_experts(experts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack the weights of a list of MLPs: w1, w3 [E, inter, dim], w2 [E, dim, inter]. Each expert's weights
-    become views into the stacks, so nothing is stored twice."""
+    """Stack the weights of a list of MLPs, each transposed to [in, out]: w1, w3 [E, dim, inter], w2 [E, inter,
+    dim], so that the batched products read them without a transpose (about twice as fast on the CPU as over
+    transposed views). Each expert's weights become views into the stacks, so nothing is stored twice."""
     packed = []
     for name in ("w1", "w3", "w2"):
-        stacked = torch.stack([getattr(e, name).weight.detach() for e in experts])  # [E, out, in]
+        stacked = torch.stack([getattr(e, name).weight.detach().t() for e in experts])  # [E, in, out]
         for i, e in enumerate(experts):
-            getattr(e, name).weight = nn.Parameter(stacked[i], requires_grad=False)
+            getattr(e, name).weight = nn.Parameter(stacked[i].t(), requires_grad=False)
         packed.append(stacked)
     return tuple(packed)
 
@@ -120,8 +121,8 @@ def run_assignments_packed(packed, x: torch.Tensor, rows: torch.Tensor, expert_i
     C = int(counts.max()) if len(counts) else 0
     buf = x.new_zeros(w1.shape[0], C, x.shape[1])
     buf[ids_sorted, slot] = x.index_select(0, token)
-    h = F.silu(torch.bmm(buf, w1.transpose(1, 2))) * torch.bmm(buf, w3.transpose(1, 2))  # [E, C, inter]
-    out = torch.bmm(h, w2.transpose(1, 2)).flatten(0, 1).index_select(0, ids_sorted * C + slot)  # [A, dim] sorted
+    h = F.silu(torch.bmm(buf, w1)) * torch.bmm(buf, w3)  # [E, C, inter]
+    out = torch.bmm(h, w2).flatten(0, 1).index_select(0, ids_sorted * C + slot)  # [A, dim] sorted
     y = torch.zeros_like(x)
     y.index_add_(0, token, (out * weights[order, None]).to(y.dtype))
     return y

@@ -20,7 +20,7 @@ from torch import nn
 from .args import ModelArgs
 from .cache import LatentCacheView
 from .experts import MLP, ExpertTransport, LocalExperts
-from .rope import apply_rotary_emb, rope_cos_sin, rope_inv_freq
+from .rope import apply_rotary_emb, rope_freqs_cis, rope_inv_freq
 
 MLAForm = Literal["naive", "absorbed"]
 
@@ -84,10 +84,10 @@ class MLA(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.v_head_dim, args.dim, bias=False)
         self.softmax_scale = args.softmax_scale
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor,
                 latent_of: Callable[[torch.Tensor], torch.Tensor], form: MLAForm,
                 packing: Optional[Packing] = None) -> torch.Tensor:
-        """x [B, S, dim], or [T, dim] with a packing; cos/sin [B, S, rope/2]; mask [B, S, L] additive; `latent_of`
+        """x [B, S, dim], or [T, dim] with a packing; freqs_cis [B, S, rope/2] complex; mask [B, S, L] additive; `latent_of`
         stores this call's latent [B, S, C] and returns every position's [B, L, C]."""
         q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
         kv = self.wkv_a(x)
@@ -96,9 +96,9 @@ class MLA(nn.Module):
         B, S, _ = q.shape
         q = q.view(B, S, self.n_heads, -1)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rotary_emb(q_pe, cos, sin)
+        q_pe = apply_rotary_emb(q_pe, freqs_cis)
         kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis).squeeze(2)
         latent = latent_of(torch.cat([self.kv_norm(kv), k_pe], dim=-1))  # [B, L, C]
         kv, k_pe = latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)  # [H, nope + v, kv_lora_rank]
@@ -206,11 +206,11 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(args.dim, args.rms_norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: Optional[LatentCacheView], positions, form: MLAForm,
+    def forward(self, x, freqs_cis, mask, cache: Optional[LatentCacheView], positions, form: MLAForm,
                 packing: Optional[Packing] = None):
         def latent_of(latent):
             return latent if cache is None else cache.update(self.layer_id, latent, positions)
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, latent_of, form, packing)
+        x = x + self.attn(self.attn_norm(x), freqs_cis, mask, latent_of, form, packing)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -229,11 +229,11 @@ class MTP(nn.Module):
         self.norm = RMSNorm(args.dim, args.rms_norm_eps)
         self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
 
-    def forward(self, h, next_tokens, cos, sin, mask, cache, positions, form: MLAForm,
+    def forward(self, h, next_tokens, freqs_cis, mask, cache, positions, form: MLAForm,
                 packing: Optional[Packing] = None) -> torch.Tensor:
         """h [B, S, dim] and next_tokens [B, S], or [T, dim] and [T] with a packing."""
         x = self.eh_proj(torch.cat([self.enorm(self.embed(next_tokens)), self.hnorm(h)], dim=-1))
-        return self.block(x, cos, sin, mask, cache, positions, form, packing)
+        return self.block(x, freqs_cis, mask, cache, positions, form, packing)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(x)).float()
@@ -260,7 +260,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def rope(self, positions: torch.Tensor):
-        return rope_cos_sin(self.inv_freq, positions, self.args.rope_attention_factor)
+        return rope_freqs_cis(self.inv_freq, positions, self.args.rope_attention_factor)
 
     @staticmethod
     def causal_mask(positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
@@ -275,11 +275,11 @@ class Transformer(nn.Module):
         With a cache, each row attends to its cached positions 0..p; without, only to this call's tokens.
         `form` defaults to naive for a prompt from position 0 and absorbed for decoding over a cache.
         `valid` [B, S] marks the real tokens of a padded batch: only those are computed (padding comes out 0)."""
-        positions, mask, cos, sin, form = self._prepare(tokens, positions, cache, form)
+        positions, mask, freqs_cis, form = self._prepare(tokens, positions, cache, form)
         packing = packing_of(valid)
         h = self.embed(tokens if packing is None else packing.unpad(tokens))
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache, positions, form, packing)
+            h = layer(h, freqs_cis, mask, cache, positions, form, packing)
         h = self.norm(h)
         return h if packing is None else packing.pad(h)
 
@@ -290,8 +290,7 @@ class Transformer(nn.Module):
         key_positions = torch.arange(int(positions.max()) + 1).expand(B, -1) if cache is not None else positions
         if form is None:
             form = "naive" if cache is None or int(positions.min()) == 0 else "absorbed"
-        cos, sin = self.rope(positions)
-        return positions, self.causal_mask(positions, key_positions), cos, sin, form
+        return positions, self.causal_mask(positions, key_positions), self.rope(positions), form
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h).float()
@@ -305,10 +304,10 @@ class Transformer(nn.Module):
         come out of a zero hidden state)."""
         if not len(self.mtp):
             raise RuntimeError("this model has no MTP module (num_nextn_predict_layers is 0 or it was not loaded)")
-        positions, mask, cos, sin, form = self._prepare(next_tokens, positions, cache, form)
+        positions, mask, freqs_cis, form = self._prepare(next_tokens, positions, cache, form)
         module = self.mtp[depth]
         packing = packing_of(valid)
         if packing is not None:
             h, next_tokens = packing.unpad(h), packing.unpad(next_tokens)
-        x = module(h, next_tokens, cos, sin, mask, cache, positions, form, packing)
+        x = module(h, next_tokens, freqs_cis, mask, cache, positions, form, packing)
         return module.logits(x if packing is None else packing.pad(x))
