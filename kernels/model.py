@@ -94,28 +94,32 @@ class MLA(nn.Module):
         if packing is not None:  # the projections ran on the valid tokens only; attention needs the rows
             q, kv = packing.pad(q), packing.pad(kv)
         B, S, _ = q.shape
-        q = q.view(B, S, self.n_heads, -1)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rotary_emb(q_pe, freqs_cis)
+        H = self.n_heads
+        q_nope, q_pe = q.view(B, S, H, -1).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis).squeeze(2)
-        latent = latent_of(torch.cat([self.kv_norm(kv), k_pe], dim=-1))  # [B, L, C]
+        # the shared key rotates with the queries, as one more head: one rotation instead of two
+        q_pe, k_pe = apply_rotary_emb(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), freqs_cis).split([H, 1], dim=2)
+        latent = latent_of(torch.cat([self.kv_norm(kv), k_pe.squeeze(2)], dim=-1))  # [B, L, C]
         kv, k_pe = latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)  # [H, nope + v, kv_lora_rank]
+        wkv_b = self.wkv_b.weight.view(H, -1, self.kv_lora_rank)  # [H, nope + v, kv_lora_rank]
         if form == "naive":
-            kv = torch.einsum("btc,hdc->bthd", kv, wkv_b)  # [B, L, H, nope + v]
-            k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-            scores = (torch.einsum("bshd,bthd->bsht", q_nope, k_nope) +
-                      torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
+            # decompress keys and values per head; scores over head-major [B, H, S, L] (contiguous rows for the
+            # softmax: on the CPU about 3x faster than a [B, S, H, L] layout)
+            k_nope, v = self.wkv_b(kv).view(B, -1, H, self.qk_nope_head_dim + self.v_head_dim).split(
+                [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)], dim=-1).transpose(1, 2)  # [B, H, L, qk]
+            q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, S, qk]
+            scores = torch.matmul(q, k.transpose(2, 3)).float()
+            scores = torch.add(mask.unsqueeze(1), scores, alpha=self.softmax_scale).softmax(dim=-1).to(x.dtype)
+            out = torch.matmul(scores, v.transpose(1, 2)).transpose(1, 2)  # [B, S, H, v]
         else:
             q_nope = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :self.qk_nope_head_dim])
-            # the latent holds c_kv and k_pe side by side: one product scores both parts
-            scores = torch.einsum("bshc,btc->bsht", torch.cat([q_nope, q_pe], dim=-1), latent) * self.softmax_scale
-        scores = (scores.float() + mask.unsqueeze(2)).softmax(dim=-1).type_as(x)  # [B, S, H, L]
-        if form == "naive":
-            out = torch.einsum("bsht,bthd->bshd", scores, v)
-        else:
-            out = torch.einsum("bsht,btc->bshc", scores, kv)
+            # the latent holds c_kv and k_pe side by side: one product scores both parts, over rows (s, h)
+            q = torch.cat([q_nope, q_pe], dim=-1).view(B, S * H, -1)
+            scores = torch.bmm(q, latent.transpose(1, 2)).float()  # [B, S*H, L]
+            mask = mask.unsqueeze(2).expand(B, S, H, -1).reshape(B, S * H, -1)
+            scores = torch.add(mask, scores, alpha=self.softmax_scale).softmax(dim=-1).to(x.dtype)
+            out = torch.bmm(scores, kv).view(B, S, H, -1)  # [B, S, H, kv_lora_rank]
             out = torch.einsum("bshc,hdc->bshd", out, wkv_b[:, -self.v_head_dim:])
         out = out.flatten(2)
         return self.wo(out if packing is None else packing.unpad(out))
