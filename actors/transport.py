@@ -85,7 +85,7 @@ class ExpertRouter:
         spec, c = self.spec, self.counters
         d_bytes, c_bytes = self.row_bytes
         plan = plan_dispatch(indices, self.src_gpu, self.placements[layer_id], spec, self.hidden, self.max_nodes,
-                             d_bytes, c_bytes)
+                             d_bytes, c_bytes, link_loads=False)
         T, k = indices.shape
         G = spec.gpus_per_node
         src_node = self.src_gpu // G

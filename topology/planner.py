@@ -85,7 +85,8 @@ class DispatchPlan:
     bytes: dict                        # link class -> bytes moved (dispatch + combine)
     bytes_per_plane: torch.Tensor      # [planes] inter-node bytes, both directions
     link_load: dict                    # link -> [endpoints] bytes: nic_tx/nic_rx [nodes, planes], nvlink_tx/rx [gpus]
-    time_us: dict                      # estimated dispatch and combine time from the spec
+    time_us: dict                      # estimated dispatch and combine time from the spec (both {} when a plan
+                                       # is made without link loads)
     plane: torch.Tensor                # [T] the plane each token's inter-node sends use
     relay_local: torch.Tensor          # [T] in-node index of the relay GPU on every target node
 
@@ -107,29 +108,22 @@ def _occurrence(keys: torch.Tensor) -> torch.Tensor:
     return occ
 
 
-def plan_dispatch(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, placement: Placement, spec: TopologySpec,
-                  hidden: int, max_nodes: Optional[int] = None, dispatch_bytes: Optional[int] = None,
-                  combine_bytes: Optional[int] = None) -> DispatchPlan:
-    """topk_ids: [T, k] logical experts per token; src_gpu: [T] (or one int) global GPU of each token.
-    dispatch_bytes / combine_bytes: one token's payload each way (default FP8 with scales / BF16).
-    max_nodes (M): a replica on a node the token does not already visit is used only when that cannot make
-    the token exceed M nodes (its nodes + k <= M, or M >= all nodes) or its primaries already exceed M;
-    None keeps every token on the nodes its primaries visit."""
+def _choose_replicas(topk_ids: torch.Tensor, src_gpu: torch.Tensor, placement: Placement, n_nodes: int,
+                     max_nodes: Optional[int]) -> torch.Tensor:
+    """The physical slot serving each (token, expert), [T, k]: primaries define the token's nodes; replicas
+    only on those nodes (see plan_dispatch)."""
+    if placement.log2phy.shape[1] == 1:  # no expert has a second replica: nothing to choose
+        return placement.log2phy[topk_ids, 0]
     T, k = topk_ids.shape
-    G, N = spec.gpus_per_node, spec.nodes
-    src_gpu = torch.as_tensor(src_gpu).expand(T) if torch.as_tensor(src_gpu).dim() == 0 else src_gpu
-    src_node, src_local = src_gpu // G, src_gpu % G
-
-    # -- replica choice: primaries define the token's nodes; replicas only on those nodes -------------
     home_node = placement.slot_node[placement.primary[topk_ids]]                        # [T, k]
-    visits = torch.zeros(T, N, dtype=torch.bool).scatter_(1, home_node, True)
+    visits = torch.zeros(T, n_nodes, dtype=torch.bool).scatter_(1, home_node, True)
     cand = placement.log2phy[topk_ids]                                                    # [T, k, R]
     cand_node = placement.slot_node[cand.clamp(min=0)]
     on_visited = visits.gather(1, cand_node.view(T, -1)).view_as(cand)
     n_visits = visits.sum(1)
     # free to use any replica: the limit cannot be broken (nodes + k <= M, or M covers every node), or the
     # routing broke it already (an unrestricted gate), where balance is all that is left to gain
-    free_to_roam = (n_visits + k <= max_nodes) | (max_nodes >= N) | (n_visits > max_nodes) if max_nodes \
+    free_to_roam = (n_visits + k <= max_nodes) | (max_nodes >= n_nodes) | (n_visits > max_nodes) if max_nodes \
         else torch.zeros(T, dtype=torch.bool)
     usable = (cand >= 0) & (on_visited | free_to_roam[:, None, None])
     n_usable = usable.sum(-1)                                                             # [T, k] >= 1
@@ -138,7 +132,24 @@ def plan_dispatch(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, placement
     E = placement.log2phy.shape[0]
     turn = (_occurrence((src_gpu[:, None] * E + topk_ids).flatten()).view(T, k) + src_gpu[:, None]) % n_usable
     pick = (usable.cumsum(-1) == (turn + 1)[..., None]) & usable
-    slot = cand.gather(2, pick.float().argmax(-1, keepdim=True))[..., 0]                # [T, k]
+    return cand.gather(2, pick.float().argmax(-1, keepdim=True))[..., 0]
+
+
+def plan_dispatch(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, placement: Placement, spec: TopologySpec,
+                  hidden: int, max_nodes: Optional[int] = None, dispatch_bytes: Optional[int] = None,
+                  combine_bytes: Optional[int] = None, link_loads: bool = True) -> DispatchPlan:
+    """topk_ids: [T, k] logical experts per token; src_gpu: [T] (or one int) global GPU of each token.
+    dispatch_bytes / combine_bytes: one token's payload each way (default FP8 with scales / BF16).
+    max_nodes (M): a replica on a node the token does not already visit is used only when that cannot make
+    the token exceed M nodes (its nodes + k <= M, or M >= all nodes) or its primaries already exceed M;
+    None keeps every token on the nodes its primaries visit. Without `link_loads` the plan leaves out the
+    per-link loads and the time estimate (`link_load` and `time_us` empty): a transport executing the plan
+    at every layer needs only the routes and the bytes."""
+    T, k = topk_ids.shape
+    G, N = spec.gpus_per_node, spec.nodes
+    src_gpu = torch.as_tensor(src_gpu).expand(T) if torch.as_tensor(src_gpu).dim() == 0 else src_gpu
+    src_node, src_local = src_gpu // G, src_gpu % G
+    slot = _choose_replicas(topk_ids, src_gpu, placement, N, max_nodes)                  # [T, k]
     gpu = placement.slot_gpu[slot]
     node = gpu // G
 
@@ -160,56 +171,60 @@ def plan_dispatch(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, placement
     from_gpu = torch.where(remote, relay_gpu, src_gpu[:, None].expand(T, k))
     forward = gpu != from_gpu
     gpu_pairs = torch.unique((token * spec.num_gpus + gpu)[forward])
-    fwd_token, fwd_gpu = gpu_pairs // spec.num_gpus, gpu_pairs % spec.num_gpus
-    first = torch.zeros(T, spec.num_gpus, dtype=torch.long)
-    first[token[forward], gpu[forward]] = from_gpu[forward]
-    fwd_from = first[fwd_token, fwd_gpu]
-    detour_tokens = torch.unique(pair_token[detour[pair_token]])
+    detour_tokens = torch.unique(pair_token[detour[pair_token]]) if bool(detour.any()) else pair_token[:0]
 
-    # -- bytes and link loads -----------------------------------------------------------------------------
+    # -- bytes ----------------------------------------------------------------------------------------------
     d = dispatch_bytes if dispatch_bytes is not None else fp8_dispatch_bytes(hidden)  # per token, one way
     c = combine_bytes if combine_bytes is not None else bf16_combine_bytes(hidden)
     per_send = d + c
-    nic_tx = torch.zeros(N, spec.planes)
-    nic_rx = torch.zeros(N, spec.planes)
-    if len(pair_token):
-        p = plane[pair_token]
-        nic_tx.index_put_((src_node[pair_token], p), torch.full((len(p),), float(d)), accumulate=True)
-        nic_rx.index_put_((pair_node, p), torch.full((len(p),), float(d)), accumulate=True)
-        nic_tx.index_put_((pair_node, p), torch.full((len(p),), float(c)), accumulate=True)   # combine back
-        nic_rx.index_put_((src_node[pair_token], p), torch.full((len(p),), float(c)), accumulate=True)
-    nv_tx = torch.zeros(spec.num_gpus)
-    nv_rx = torch.zeros(spec.num_gpus)
-    nv_tx.index_add_(0, fwd_from, torch.full((len(fwd_from),), float(d)))
-    nv_rx.index_add_(0, fwd_gpu, torch.full((len(fwd_gpu),), float(d)))
-    nv_tx.index_add_(0, fwd_gpu, torch.full((len(fwd_gpu),), float(c)))
-    nv_rx.index_add_(0, fwd_from, torch.full((len(fwd_from),), float(c)))
-    if len(detour_tokens):
-        src_g, relay_g = src_gpu[detour_tokens], src_node[detour_tokens] * G + relay_local[detour_tokens]
-        nv_tx.index_add_(0, src_g, torch.full((len(src_g),), float(d)))
-        nv_rx.index_add_(0, relay_g, torch.full((len(src_g),), float(d)))
-        nv_tx.index_add_(0, relay_g, torch.full((len(src_g),), float(c)))
-        nv_rx.index_add_(0, src_g, torch.full((len(src_g),), float(c)))
     bytes_per_plane = torch.zeros(spec.planes)
     if len(pair_token):
         bytes_per_plane.index_add_(0, plane[pair_token], torch.full((len(pair_token),), float(per_send)))
     n_inter = len(node_pairs)
-    n_intra = len(fwd_token) + len(detour_tokens)
+    n_intra = len(gpu_pairs) + len(detour_tokens)
     bytes_ = {"inter_node": n_inter * per_send, "intra_node": n_intra * per_send,
               "inter_node_dispatch": n_inter * d, "inter_node_combine": n_inter * c}
 
-    # -- time: the busiest link of each class, plus one latency per hop ------------------------------------
-    def busiest(tx, rx, gbps):
-        return float(torch.maximum(tx.max(), rx.max())) / (gbps * 1e3) if tx.numel() else 0.0  # bytes/(GB/s) -> us
-    share_d, share_c = d / per_send, c / per_send
-    inter_us = busiest(nic_tx, nic_rx, spec.nic_gbps) if n_inter else 0.0
-    intra_us = busiest(nv_tx, nv_rx, spec.intra_node_gbps) if n_intra else 0.0
-    hops = (spec.inter_node_latency_us if n_inter else 0.0) + (spec.intra_node_latency_us if n_intra else 0.0)
-    time_us = {"dispatch": (inter_us + intra_us) * share_d + hops, "combine": (inter_us + intra_us) * share_c + hops}
+    # -- link loads, and the time: the busiest link of each class, plus one latency per hop -------------------
+    link_load, time_us = {}, {}
+    if link_loads:
+        fwd_token, fwd_gpu = gpu_pairs // spec.num_gpus, gpu_pairs % spec.num_gpus
+        first = torch.zeros(T, spec.num_gpus, dtype=torch.long)
+        first[token[forward], gpu[forward]] = from_gpu[forward]
+        fwd_from = first[fwd_token, fwd_gpu]
+        nic_tx = torch.zeros(N, spec.planes)
+        nic_rx = torch.zeros(N, spec.planes)
+        if len(pair_token):
+            p = plane[pair_token]
+            nic_tx.index_put_((src_node[pair_token], p), torch.full((len(p),), float(d)), accumulate=True)
+            nic_rx.index_put_((pair_node, p), torch.full((len(p),), float(d)), accumulate=True)
+            nic_tx.index_put_((pair_node, p), torch.full((len(p),), float(c)), accumulate=True)   # combine back
+            nic_rx.index_put_((src_node[pair_token], p), torch.full((len(p),), float(c)), accumulate=True)
+        nv_tx = torch.zeros(spec.num_gpus)
+        nv_rx = torch.zeros(spec.num_gpus)
+        nv_tx.index_add_(0, fwd_from, torch.full((len(fwd_from),), float(d)))
+        nv_rx.index_add_(0, fwd_gpu, torch.full((len(fwd_gpu),), float(d)))
+        nv_tx.index_add_(0, fwd_gpu, torch.full((len(fwd_gpu),), float(c)))
+        nv_rx.index_add_(0, fwd_from, torch.full((len(fwd_from),), float(c)))
+        if len(detour_tokens):
+            src_g, relay_g = src_gpu[detour_tokens], src_node[detour_tokens] * G + relay_local[detour_tokens]
+            nv_tx.index_add_(0, src_g, torch.full((len(src_g),), float(d)))
+            nv_rx.index_add_(0, relay_g, torch.full((len(src_g),), float(d)))
+            nv_tx.index_add_(0, relay_g, torch.full((len(src_g),), float(c)))
+            nv_rx.index_add_(0, src_g, torch.full((len(src_g),), float(c)))
+        link_load = {"nic_tx": nic_tx, "nic_rx": nic_rx, "nvlink_tx": nv_tx, "nvlink_rx": nv_rx}
+
+        def busiest(tx, rx, gbps):
+            return float(torch.maximum(tx.max(), rx.max())) / (gbps * 1e3) if tx.numel() else 0.0  # B/(GB/s) -> us
+        share_d, share_c = d / per_send, c / per_send
+        inter_us = busiest(nic_tx, nic_rx, spec.nic_gbps) if n_inter else 0.0
+        intra_us = busiest(nv_tx, nv_rx, spec.intra_node_gbps) if n_intra else 0.0
+        hops = (spec.inter_node_latency_us if n_inter else 0.0) + (spec.intra_node_latency_us if n_intra else 0.0)
+        time_us = {"dispatch": (inter_us + intra_us) * share_d + hops,
+                   "combine": (inter_us + intra_us) * share_c + hops}
 
     nodes_hit = torch.zeros(T, N, dtype=torch.bool).scatter_(1, node, True)
     return DispatchPlan(
         expert_slot=slot, expert_gpu=gpu, nodes_per_token=nodes_hit.sum(1), inter_node_sends=n_inter,
-        naive_sends=int(remote.sum()), bytes=bytes_, bytes_per_plane=bytes_per_plane,
-        link_load={"nic_tx": nic_tx, "nic_rx": nic_rx, "nvlink_tx": nv_tx, "nvlink_rx": nv_rx}, time_us=time_us,
-        plane=plane, relay_local=relay_local)
+        naive_sends=int(remote.sum()), bytes=bytes_, bytes_per_plane=bytes_per_plane, link_load=link_load,
+        time_us=time_us, plane=plane, relay_local=relay_local)

@@ -104,3 +104,22 @@ def test_an_unrestricted_gate_is_planned_and_costs_more(setup):
     b = plan_dispatch(limited, 0, placement, spec, HIDDEN, max_nodes=4)
     assert torch.equal(placement.phy2log[a.expert_slot], free)
     assert a.inter_node_sends >= b.inter_node_sends
+
+
+@pytest.mark.parametrize("redundant", [True, False])
+def test_a_plan_without_link_loads_routes_and_counts_the_same(setup, redundant):
+    """The transports' per-layer plan (no link loads) is the full plan's routes and bytes; a placement
+    without replicas takes the shortcut and still serves every expert from its one slot."""
+    spec, placement = setup
+    if not redundant:
+        placement = Placement(torch.arange(256), 8, 8, n_groups=8)
+    spec = spec.model_copy(update={"planes_down": [3]})
+    topk = node_limited_tokens(300, seed=7)
+    src = torch.randint(0, 32, (300,), generator=torch.Generator().manual_seed(8))
+    full = plan_dispatch(topk, src, placement, spec, HIDDEN, max_nodes=4)
+    lean = plan_dispatch(topk, src, placement, spec, HIDDEN, max_nodes=4, link_loads=False)
+    assert torch.equal(placement.phy2log[lean.expert_slot], topk)
+    for name in ("expert_slot", "expert_gpu", "plane", "relay_local", "bytes_per_plane", "nodes_per_token"):
+        assert torch.equal(getattr(full, name), getattr(lean, name)), name
+    assert (full.bytes, full.inter_node_sends, full.naive_sends) == (lean.bytes, lean.inter_node_sends, lean.naive_sends)
+    assert lean.link_load == {} and lean.time_us == {} and full.link_load["nic_tx"].sum() > 0
