@@ -71,6 +71,8 @@ def main() -> int:
                    help="the cluster layouts to measure (default: both)")
     p.add_argument("--micro-batches", type=int, nargs="+", default=[1],
                    help="micro-batches per decode step on the shards (engine.micro_batches; default: 1)")
+    p.add_argument("--threads-per-actor", type=int, default=1,
+                   help="torch threads in each actor (ray.threads_per_actor; default: 1)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     torch.set_num_threads(2)
@@ -86,7 +88,8 @@ def main() -> int:
     runs = [(layout, transport, mb) for layout in a.layout for transport in a.transport for mb in a.micro_batches]
     for layout, transport, mb in runs:
         print(f"cluster, {layout} layout, {transport} transport, {mb} micro-batches ...", file=sys.stderr, flush=True)
-        config = ClusterConfig(transport=transport, engine={"micro_batches": mb}, **LAYOUTS[layout])
+        config = ClusterConfig(transport=transport, engine={"micro_batches": mb},
+                               ray={"threads_per_actor": a.threads_per_actor}, **LAYOUTS[layout])
         results["clusters"][f"{layout}/{transport}/{mb}"] = bench_cluster(config, one, many, warm, params)
     print("| workload | layout | transport | micro-batches | engine tokens/s | cluster tokens/s | cluster / engine | "
           "cluster TPOT |\n|---|---|---|---|---|---|---|---|")
