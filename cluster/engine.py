@@ -146,8 +146,10 @@ class Engine:
 
     # ---- one step -------------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Run one step; return an output for every request that produced tokens or finished."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one step; return an output for every request that produced tokens or finished, or with
+        `finished_only` for the finished ones alone (a caller waiting for whole completions saves building
+        and detokenising an increment per request per step)."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -165,6 +167,8 @@ class Engine:
                 self.scheduler.finish(seq)
             else:
                 self.block_manager.seal_full_blocks(seq)
+                if finished_only:
+                    continue
             out = self._output(seq)
             if out.new_token_ids or out.finished:
                 outputs.append(out)

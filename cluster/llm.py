@@ -75,9 +75,8 @@ class LLM:
             raise InputError(f"prompt {len(ids)}: {e}") from None
         finished = {}
         while len(finished) < len(ids):
-            for out in self.engine.step():
-                if out.finished:
-                    finished[out.request_id] = out
+            for out in self.engine.step(finished_only=True):
+                finished[out.request_id] = out
         return [finished[rid] for rid in ids]
 
     def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None) -> Iterator[RequestOutput]:
