@@ -74,7 +74,9 @@ class PagedCacheView:
         table = torch.tensor([t + [-1] * (n_blocks - len(t)) for t in block_tables], dtype=torch.long)
         self.kv = cache.kv
         self.write_slots = self._slots(table, positions, bs, cache.scratch_slot).masked_fill(~valid, cache.scratch_slot)
-        self.read_slots = self._slots(table, torch.arange(length).expand(len(block_tables), -1), bs, cache.scratch_slot)
+        self.read_shape = (len(block_tables), length)
+        self.read_slots = self._slots(table, torch.arange(length).expand(self.read_shape), bs,
+                                      cache.scratch_slot).flatten()  # flat once, read by every layer
 
     @staticmethod
     def _slots(table: torch.Tensor, positions: torch.Tensor, bs: int, scratch: int) -> torch.Tensor:
@@ -85,4 +87,4 @@ class PagedCacheView:
         kv = self.kv[layer_id]
         kv[self.write_slots] = latent.to(kv.dtype)
         # index_select over the flattened slots: about 3.5x faster on the CPU than kv[read_slots]
-        return kv.index_select(0, self.read_slots.flatten()).view(*self.read_slots.shape, kv.shape[-1])
+        return kv.index_select(0, self.read_slots).view(*self.read_shape, kv.shape[-1])
