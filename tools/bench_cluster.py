@@ -10,10 +10,13 @@ decode shards apart from one expert group holding every expert (one node, one sl
 Reports decode tokens/s and TPOT at batch 1 and with 32 concurrent requests, their ratio to the engine, and
 where the decode shard's step time goes: attention and the rest of the shard's own work, dispatch (planning,
 FP8 quantisation, sending), and waiting for the experts' replies (expert compute plus transfer). Every system
-first runs another 32-request workload untimed, so that none pays first-call costs in the timed runs.
+first runs another 32-request workload untimed, so that none pays first-call costs in the timed runs. Each
+timed workload runs on a fresh engine and then on the cluster, three times over with new prompts each time;
+the ratio is the median of the three side-by-side ratios.
 """
 import argparse
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,35 +35,47 @@ ONE_SLOT = TopologySpec(name="one-slot", nodes=1, gpus_per_node=1, nics_per_node
 LAYOUTS = {"default": {}, "one-group": {"topology": ONE_SLOT, "expert_groups": 1, "redundant_experts": 0}}
 
 
-def run(generate, prompts, params):
+REPEATS = 3
+
+
+def run(generate, prompts, params) -> float:
+    """Generated tokens per second of one call."""
     start = time.perf_counter()
     outs = generate(prompts, params)
-    seconds = time.perf_counter() - start
-    return sum(len(o.token_ids) for o in outs) / seconds, seconds
+    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
 
 
-def bench_engine(one, many, warm, params) -> dict:
-    llm = LLM()
-    llm.generate(warm, params)
-    return {1: run(llm.generate, one, params)[0], 32: run(llm.generate, many, params)[0]}
-
-
-def bench_cluster(config: ClusterConfig, one, many, warm, params) -> dict:
+def bench_cluster(config: ClusterConfig, engine: LLM, workloads: dict, params) -> dict:
+    """Each workload (fresh prompts, so no prefix cache helps either side) runs on the engine and then on the
+    cluster, REPEATS times in turn: the engine's speed is measured beside the cluster's, not minutes before,
+    which on a machine whose speed drifts by a third makes the ratio mean something. Medians."""
+    ratios = {1: [], 32: []}
+    cluster_rates = {1: [], 32: []}
+    engine_rates = {1: [], 32: []}
     with Cluster(config) as cluster:
-        cluster.generate(warm, params)
-        batch1, _ = run(cluster.generate, one, params)
+        cluster.generate(workloads["warm"], params)
         base = cluster.stats()["time_s"]
-        batch32, _ = run(cluster.generate, many, params)
+        for r in range(REPEATS):
+            for n in (1, 32):
+                prompts = workloads[n][r]
+                e = run(engine.generate, prompts, params)
+                c = run(cluster.generate, prompts, params)
+                engine_rates[n].append(e)
+                cluster_rates[n].append(c)
+                ratios[n].append(c / e)
         after = cluster.stats()
-    spent = {k: after["time_s"][k] - base[k] for k in base}
+    spent = {k: after["time_s"][k] - base[k] for k in base}  # both batch sizes' decode steps
     step = spent["decode_steps"]
     share = {
         "attention and the shard's own work": (step - spent["dispatch"] - spent["combine_wait"]) / step,
         "dispatch (plan, FP8 quantise, send)": spent["dispatch"] / step,
         "waiting for experts (compute + transfer)": spent["combine_wait"] / step,
     }
-    return {"batch1_tokens_per_s": batch1, "batch32_tokens_per_s": batch32, "batch32_time_s": spent,
-            "share": share, "bytes": after["bytes"]}
+    med = statistics.median
+    return {**{f"batch{n}_tokens_per_s": med(cluster_rates[n]) for n in (1, 32)},
+            **{f"batch{n}_engine_tokens_per_s": med(engine_rates[n]) for n in (1, 32)},
+            **{f"batch{n}_ratio": med(ratios[n]) for n in (1, 32)},
+            "ratios": ratios, "time_s": spent, "share": share, "bytes": after["bytes"]}
 
 
 def main() -> int:
@@ -78,34 +93,36 @@ def main() -> int:
     torch.set_num_threads(2)
     rng = random.Random(0)
     tok = Tokenizer(DEMO_MODEL)
-    one = corpus_prompts(tok, 1, rng, 32, 32)
-    many = corpus_prompts(tok, 32, rng, 16, 96)
-    warm = corpus_prompts(tok, 32, random.Random(1), 16, 96)
+    workloads = {1: [corpus_prompts(tok, 1, rng, 32, 32) for _ in range(REPEATS)],
+                 32: [corpus_prompts(tok, 32, rng, 16, 96) for _ in range(REPEATS)],
+                 "warm": corpus_prompts(tok, 32, random.Random(1), 16, 96)}
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     steal = StealMeter()
-    engine = bench_engine(one, many, warm, params)
-    results = {"engine_tokens_per_s": engine, "clusters": {}}
+    results = {"clusters": {}}
     runs = [(layout, transport, mb) for layout in a.layout for transport in a.transport for mb in a.micro_batches]
     for layout, transport, mb in runs:
         print(f"cluster, {layout} layout, {transport} transport, {mb} micro-batches ...", file=sys.stderr, flush=True)
         config = ClusterConfig(transport=transport, engine={"micro_batches": mb},
                                ray={"threads_per_actor": a.threads_per_actor}, **LAYOUTS[layout])
-        results["clusters"][f"{layout}/{transport}/{mb}"] = bench_cluster(config, one, many, warm, params)
-    print("| workload | layout | transport | micro-batches | engine tokens/s | cluster tokens/s | cluster / engine | "
-          "cluster TPOT |\n|---|---|---|---|---|---|---|---|")
+        engine = LLM()  # a fresh one for each configuration: its prefix cache must not remember the prompts
+        engine.generate(workloads["warm"], params)
+        results["clusters"][f"{layout}/{transport}/{mb}"] = bench_cluster(config, engine, workloads, params)
+    print("| workload | layout | transport | micro-batches | engine tokens/s | cluster tokens/s | cluster / engine "
+          "(per repeat) | cluster TPOT |\n|---|---|---|---|---|---|---|---|")
     for n in (1, 32):
         for layout, transport, mb in runs:
-            c = results["clusters"][f"{layout}/{transport}/{mb}"][f"batch{n}_tokens_per_s"]
-            print(f"| batch {n} | {layout} | {transport} | {mb} | {engine[n]:.1f} | {c:.1f} | {c / engine[n]:.2f} | "
-                  f"{1e3 * n / c:.1f} ms |")
+            r = results["clusters"][f"{layout}/{transport}/{mb}"]
+            c, e = r[f"batch{n}_tokens_per_s"], r[f"batch{n}_engine_tokens_per_s"]
+            each = " / ".join(f"{x:.2f}" for x in r["ratios"][n])
+            print(f"| batch {n} | {layout} | {transport} | {mb} | {e:.1f} | {c:.1f} | {r[f'batch{n}_ratio']:.2f} "
+                  f"({each}) | {1e3 * n / c:.1f} ms |")
     for layout, transport, mb in runs:
         r = results["clusters"][f"{layout}/{transport}/{mb}"]
-        print(f"\nwhere the decode shard's step time goes at 32 concurrent requests ({layout}, {transport}, "
-              f"{mb} micro-batches):")
+        print(f"\nwhere the decode shard's step time goes ({layout}, {transport}, {mb} micro-batches; batch 1 and 32):")
         for name, value in r["share"].items():
             print(f"- {name}: {value:.0%}")
         print(f"- (expert groups' own compute, summed over groups and both shards: "
-              f"{r['batch32_time_s']['experts']:.2f} s of {r['batch32_time_s']['decode_steps']:.2f} s of decode steps)")
+              f"{r['time_s']['experts']:.2f} s of {r['time_s']['decode_steps']:.2f} s of decode steps)")
     steal.finish(results, a.json)
     return 0
 
