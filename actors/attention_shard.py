@@ -6,12 +6,14 @@ import os
 import socket
 import threading
 import time
+import traceback
+from dataclasses import dataclass
 
 import ray
 import torch
 
 from moeserve.cluster.config import ClusterConfig
-from moeserve.cluster.engine import Engine, EngineConfig, PrefilledSequence
+from moeserve.cluster.engine import Engine, EngineConfig, PrefilledSequence, RequestOutput
 from moeserve.cluster.sampling_params import SamplingParams
 from moeserve.cluster.tokenizer import Tokenizer
 from moeserve.kernels.args import ModelArgs
@@ -22,6 +24,19 @@ from . import collective, kv_transfer, tracing
 from .transport import ExpertRouter, RayExpertTransport
 
 STEP_EVENT_EVERY = 8  # decode steps between step events on a request's span
+
+
+@dataclass
+class Increment:
+    """A decode step's new tokens for one running request, as a decode shard sends them to its client: the
+    whole completion (and its log-probabilities) travels once, in the final RequestOutput, not every step."""
+    new_token_ids: list[int]
+    logprobs: list[float]
+
+
+def increment_of(out: RequestOutput) -> Increment:
+    new = out.new_token_ids
+    return Increment(new, out.logprobs[len(out.logprobs) - len(new):] if out.logprobs else [])
 
 
 class AttentionShardWorker:
@@ -118,13 +133,23 @@ class AttentionShardWorker:
             self.lock.wait_for(lambda: self.outboxes[client], timeout)
             return list(self.outboxes[client])
 
-    def _send(self, request_id: str, item) -> None:
+    def _send(self, request_id: str, item, last: bool) -> None:
+        """Queue `item` for the request's client; `last`: the request ends here (finished, handed off, failed)."""
         client = self.requests.get(request_id)
         if client is not None:
             self.sequence += 1
             self.outboxes.setdefault(client, []).append((self.sequence, request_id, item))
-            if isinstance(item, PrefilledSequence) or item.finished:
+            if last:
                 del self.requests[request_id]
+
+    def _fail_all(self, error: Exception) -> None:
+        """A step failed: every request here gets the error (its client raises it) and is dropped, and the
+        shard serves on; nothing waits for an answer that will not come."""
+        message = f"{self.role} shard {self.shard_id}: {type(error).__name__}: {error}"
+        for request_id in list(self.requests):
+            self.engine.abort(request_id)
+            self._close_span(request_id, "error")
+            self._send(request_id, RuntimeError(message), last=True)
 
     def abort(self, request_id: str) -> None:
         """The client went away: free the sequence and its cache blocks now."""
@@ -179,24 +204,33 @@ class AttentionShardWorker:
                     for link in self.links:
                         link.stop()
                     return
-                start = time.perf_counter()
-                d0, c0 = self.router.counters.dispatch_s, self.router.counters.combine_s
-                outputs = self.engine.step()
-                self.step_s += time.perf_counter() - start
-                if self.spans:
-                    self._trace_step(outputs, self.router.counters.dispatch_s - d0, self.router.counters.combine_s - c0)
-                for out in outputs:
-                    if self.role == "decode" or out.finished:
-                        self._send(out.request_id, out)
-                if self.role == "prefill":
-                    for seq in self.engine.prefilled():
-                        pre = self.engine.take_prefilled(seq)
-                        self.kv_bytes_sent += pre.kv_bytes
-                        if self.kv_transfer == "nccl":
-                            pre = self.kv_sender.detach(pre)
-                        self._close_span(pre.request_id, "handed_off")
-                        self._send(pre.request_id, pre)
+                try:
+                    self._step()
+                except Exception as e:  # noqa: BLE001  (reported to every client, then the loop goes on)
+                    traceback.print_exc()
+                    self._fail_all(e)
                 self.lock.notify_all()
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        d0, c0 = self.router.counters.dispatch_s, self.router.counters.combine_s
+        outputs = self.engine.step(text=False)  # clients get token ids each step, text at the end
+        self.step_s += time.perf_counter() - start
+        if self.spans:
+            self._trace_step(outputs, self.router.counters.dispatch_s - d0, self.router.counters.combine_s - c0)
+        for out in outputs:
+            if out.finished:
+                self._send(out.request_id, out, last=True)
+            elif self.role == "decode":
+                self._send(out.request_id, increment_of(out), last=False)
+        if self.role == "prefill":
+            for seq in self.engine.prefilled():
+                pre = self.engine.take_prefilled(seq)
+                self.kv_bytes_sent += pre.kv_bytes
+                if self.kv_transfer == "nccl":
+                    pre = self.kv_sender.detach(pre)
+                self._close_span(pre.request_id, "handed_off")
+                self._send(pre.request_id, pre, last=True)
 
     def stop(self) -> None:
         with self.lock:

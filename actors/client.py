@@ -17,6 +17,8 @@ from moeserve.cluster.sampling_params import SamplingParams
 from moeserve.cluster.tokenizer import Tokenizer
 from moeserve.kernels.args import ModelArgs
 
+from .attention_shard import Increment
+
 
 @dataclass
 class Delta:
@@ -107,9 +109,13 @@ class ClusterClient:
 
     @staticmethod
     async def _next(queue: asyncio.Queue) -> list:
+        """The request's next outputs; a shard that lost it (it is gone, or its step failed) raises here."""
         items = await queue.get()
         if isinstance(items, Exception):
             raise items
+        for item in items:
+            if isinstance(item, Exception):
+                raise item
         return items
 
     async def stream(self, tokens: list[int], params: SamplingParams, request_id: Optional[str] = None,
@@ -142,14 +148,21 @@ class ClusterClient:
         self.outstanding_decode[d] += 1
         decode = self.decode_shards[d]
         done = False
+        completion, logprobs = list(first), list(pre.logprobs)
         try:
             queue = self._subscribe(decode, rid)
             await decode.submit.remote(pre, trace, p, self.client_id)
             while not done:
                 for out in await self._next(queue):
-                    done = out.finished
+                    if isinstance(out, Increment):  # running: only the new tokens came
+                        completion += out.new_token_ids
+                        logprobs += out.logprobs
+                        yield Delta(rid, out.new_token_ids, list(completion), None, list(logprobs),
+                                    pre.num_prompt_tokens)
+                        continue
+                    done = True
                     yield Delta(rid, out.new_token_ids, out.token_ids, out.finish_reason, out.logprobs or [],
-                                pre.num_prompt_tokens, final=out if done else None)
+                                pre.num_prompt_tokens, final=out)
         finally:
             self.outstanding_decode[d] -= 1
             self._unsubscribe(decode, rid)

@@ -27,7 +27,7 @@ from moeserve.cluster.api import openai_schema as oa
 from moeserve.cluster.api import stubs  # noqa: F401  registers the message classes gRPC requests unpickle into
 from moeserve.cluster.config import ClusterConfig
 from moeserve.cluster.sampling_params import SamplingParams
-from moeserve.cluster.tokenizer import Tokenizer
+from moeserve.cluster.tokenizer import IncrementalDecoder, Tokenizer
 from moeserve.kernels.args import ModelArgs
 from moeserve.kernels.errors import InputError
 
@@ -133,6 +133,7 @@ class Ingress:
         start = time.perf_counter()
         first_at, n_tokens, text_sent, completion = None, 0, 0, []
         hold = max((len(s) for s in params.stop), default=1) - 1  # text that might still turn into a stop string
+        decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
         with self.tracer.start_as_current_span("request", context=ctx) as span:
             span.set_attribute("moeserve.prompt_tokens", len(tokens))
             phase = self.tracer.start_span("queue_and_prefill", context=trace.set_span_in_context(span))
@@ -147,7 +148,7 @@ class Ingress:
                         phase = self.tracer.start_span("decode", context=trace.set_span_in_context(span))
                     completion = delta.token_ids
                     n_tokens = len(completion)
-                    text = self._text(delta)
+                    text = self._text(delta, decoder)
                     stable = len(text) if delta.finish_reason else max(len(text.rstrip("\ufffd")) - hold, text_sent)
                     added, text_sent = text[text_sent:stable], max(text_sent, stable)
                     yield delta, added
@@ -159,10 +160,13 @@ class Ingress:
                     self.metrics.tpot.observe((time.perf_counter() - first_at) / (n_tokens - 1))
                 span.set_attribute("moeserve.completion_tokens", n_tokens)
 
-    def _text(self, delta: Delta) -> str:
+    @staticmethod
+    def _text(delta: Delta, decoder: Optional[IncrementalDecoder]) -> str:
+        """The completion's text so far: decoding only the newest tokens each step (decoding the whole
+        completion every step would make a long stream quadratic)."""
         if delta.final is not None and delta.final.text is not None:
             return delta.final.text  # stop strings already cut
-        return self.tokenizer.decode(delta.token_ids) if self.tokenizer is not None else ""
+        return decoder.update(delta.token_ids, final=delta.finish_reason is not None) if decoder is not None else ""
 
     async def _parse(self, request: Request, schema):
         body = await request.body()

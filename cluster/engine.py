@@ -146,10 +146,11 @@ class Engine:
 
     # ---- one step -------------------------------------------------------------------------------------
 
-    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False, text: bool = True) -> list[RequestOutput]:
         """Run one step; return an output for every request that produced tokens or finished, or with
         `finished_only` for the finished ones alone (a caller waiting for whole completions saves building
-        and detokenising an increment per request per step)."""
+        and detokenising an increment per request per step). Without `text`, unfinished outputs carry no
+        text (a caller that streams token ids only saves detokenising every step)."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -169,7 +170,7 @@ class Engine:
                 self.block_manager.seal_full_blocks(seq)
                 if finished_only:
                     continue
-            out = self._output(seq)
+            out = self._output(seq, text or seq.finish_reason is not None)
             if out.new_token_ids or out.finished:
                 outputs.append(out)
             if out.finished:
@@ -310,11 +311,11 @@ class Engine:
             seq.stop_text_len = min(hits)
         return bool(hits)
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    def _output(self, seq: Sequence, with_text: bool = True) -> RequestOutput:
         tokens_sent, text_sent = self._emitted.get(seq.request_id, (0, 0))
         completion = seq.completion_token_ids
         text = new_text = None
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and with_text:
             text = self._text(seq)  # a trailing partial UTF-8 character waits until the sequence finishes
             if seq.stop_text_len is not None:
                 text = text[:seq.stop_text_len]

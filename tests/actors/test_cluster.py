@@ -4,6 +4,7 @@ import asyncio
 import os
 import secrets
 import tempfile
+import threading
 
 import pytest
 import torch
@@ -99,6 +100,24 @@ def test_two_decode_shards_four_groups_redundant_replicas_and_mtp(ray_cluster, m
         served = [s["engine"]["steps"] for s in stats["shards"] if s["role"] == "decode"]
         assert all(steps > 0 for steps in served)  # both decode shards took requests
         assert sum(sum(v) for v in stats["tokens_per_expert"].values()) > 0
+
+
+def test_a_dead_expert_group_fails_the_requests_with_an_error_not_a_hang(ray_cluster, mtp_checkpoint, prompts):
+    """A step that raises (here: an expert group is gone) reaches every client of the shard as an error."""
+    with Cluster(config(mtp_checkpoint, topology=TWO_NODES_ONE_GPU, expert_groups=2, redundant_experts=2)) as c:
+        ray.kill(c.groups[1])
+        outcome = {}
+
+        def run():
+            try:
+                outcome["outputs"] = c.generate(prompts, GREEDY)
+            except Exception as e:  # noqa: BLE001
+                outcome["error"] = e
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(120)
+        assert not thread.is_alive(), "the requests hang"
+        assert isinstance(outcome.get("error"), RuntimeError) and "prefill shard 0" in str(outcome["error"])
 
 
 def test_bf16_dispatch_keeps_greedy_and_fp8_moves_logprobs_a_bounded_amount(ray_cluster, mtp_checkpoint, prompts,
