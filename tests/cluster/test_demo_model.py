@@ -33,3 +33,14 @@ def test_demo_model_completes_code_and_its_bias_balanced_the_experts():
     log = json.loads((DEMO_MODEL / "training_log.json").read_text())
     imbalance = log["final"]["expert_imbalance"]
     assert imbalance["with_bias"] < imbalance["without_bias"]
+
+
+def test_a_streamed_stop_string_never_shows_and_the_increments_add_up_to_the_text():
+    """The demo model writes "name):\n   ..." after "def fibonacci(": the stop string "):\n" spans two tokens, so
+    the characters "):" must wait a step before they are known not to begin it."""
+    llm = LLM()
+    params = SamplingParams(max_tokens=24, temperature=0, stop=["):\n"])
+    chunks = list(llm.stream("def fibonacci(", params))
+    final = chunks[-1]
+    assert final.finish_reason == "stop" and final.text == "name"
+    assert "".join(c.new_text for c in chunks) == final.text
