@@ -87,8 +87,8 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor,
                 latent_of: Callable[[torch.Tensor], torch.Tensor], form: MLAForm,
                 packing: Optional[Packing] = None) -> torch.Tensor:
-        """x [B, S, dim], or [T, dim] with a packing; freqs_cis [B, S, rope/2] complex; mask [B, S, L] additive; `latent_of`
-        stores this call's latent [B, S, C] and returns every position's [B, L, C]."""
+        """x [B, S, dim], or [T, dim] with a packing; freqs_cis [B, S, rope/2] complex; mask [B, S, L] additive;
+        `latent_of` stores this call's latent [B, S, C] and returns every position's [B, L, C]."""
         q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
         kv = self.wkv_a(x)
         if packing is not None:  # the projections ran on the valid tokens only; attention needs the rows
