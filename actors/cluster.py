@@ -24,6 +24,7 @@ from moeserve.cluster.sampling_params import SamplingParams
 from moeserve.cluster.tokenizer import Tokenizer
 from moeserve.kernels.args import ModelArgs
 from moeserve.kernels.errors import InputError
+from moeserve.kernels.load import DTYPES, check_cpu_dtype
 from moeserve.topology.eplb import rebalance_experts
 
 from . import kv_transfer
@@ -107,6 +108,7 @@ class Cluster:
         if (self.args.n_routed_experts + cfg.redundant_experts) % spec.num_gpus:
             raise InputError(f"{self.args.n_routed_experts} experts + {cfg.redundant_experts} redundant slots do "
                              f"not split evenly over {spec.num_gpus} expert groups")
+        check_cpu_dtype(DTYPES[cfg.dtype])  # before any actor starts: a clear error, not dead actors
         self._init_ray(runtime_env)
         shards = cfg.prefill_shards + cfg.decode_shards
         gpus = ray.cluster_resources().get("GPU", 0)

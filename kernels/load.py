@@ -5,6 +5,11 @@ checked against the module's shape and assigned in place. A process that holds o
 (an expert group) or none (an attention shard) builds its transports with `make_experts` and reads only
 the tensors its modules have.
 """
+import functools
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -12,7 +17,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, hf_to_local, local_to_hf, routed_expert_of
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .experts import ExpertTransport
 from .model import Gate, Transformer
 from .rope import rope_inv_freq
@@ -56,6 +61,7 @@ def load_model(checkpoint: Checkpoint | str | Path, dtype: torch.dtype = torch.b
         raise CheckpointError(f"{ckpt.path}: checkpoint is missing tensor {local_to_hf(local, n_layers)!r}")
     model.load_state_dict(state, assign=True, strict=True)
     model.inv_freq = rope_inv_freq(args)
+    check_cpu_dtype(dtype)
     column_major(model)
     return model.eval().requires_grad_(False)  # serving never needs gradients
 
@@ -71,3 +77,27 @@ def column_major(model: nn.Module) -> None:
             if weight.data_ptr() not in moved:
                 moved[weight.data_ptr()] = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
             module.weight = moved[weight.data_ptr()]
+
+
+_PROBE = ("import torch; x = torch.randn(512, 192, dtype={0}); w = torch.randn(512, 192, dtype={0}); "
+          "torch.nn.functional.linear(x, w).sum()")
+
+
+def check_cpu_dtype(dtype: torch.dtype) -> None:
+    """Refuse, with what to do, a 16-bit compute dtype whose CPU matmuls kill the process. Some virtual machines
+    report AMX but do not run its instructions: oneDNN's bfloat16 kernels then die of SIGILL (measured on a
+    Firecracker VM with torch 2.13). Probed once per process, in a child process, and only for 16-bit types."""
+    if dtype in (torch.bfloat16, torch.float16) and not os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        _probe_cpu_matmul(str(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_cpu_matmul(dtype: str) -> None:
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE.format(dtype)], capture_output=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return  # no verdict: go on
+    if done.returncode == -signal.SIGILL:
+        raise InputError(f"{dtype.removeprefix('torch.')} matmuls crash on this CPU (illegal instruction: it reports AMX, which this "
+                         "machine does not run). Use dtype float32, or start with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 "
+                         "set in the environment, which keeps oneDNN off AMX")

@@ -7,7 +7,7 @@ import torch
 
 from moeserve.kernels.args import ModelArgs
 from moeserve.kernels.checkpoint import Checkpoint, hf_to_local, local_to_hf, routed_expert_of
-from moeserve.kernels.errors import CheckpointError, ConfigError
+from moeserve.kernels.errors import CheckpointError, ConfigError, InputError
 from moeserve.kernels.experts import LocalExperts
 from moeserve.kernels.load import load_model
 from tests.tiny import CONFIGS, write_checkpoint
@@ -121,3 +121,18 @@ def test_missing_tensor_is_named_in_its_checkpoint_form(tmp_path):
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="missing tensor 'model.layers.1.mlp.experts.4.down_proj.weight'"):
         load_model(path)
+
+
+def test_a_16_bit_dtype_that_kills_the_cpu_is_refused_with_what_to_do(monkeypatch):
+    """A probe dying of SIGILL (a VM that reports AMX but does not run it) becomes an error naming the two ways
+    out; with ONEDNN_MAX_CPU_ISA set there is no probe."""
+    import moeserve.kernels.load as load
+    monkeypatch.setattr(load, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGILL)")
+    load._probe_cpu_matmul.cache_clear()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    with pytest.raises(InputError, match="dtype float32, or start with ONEDNN_MAX_CPU_ISA"):
+        load.check_cpu_dtype(torch.bfloat16)
+    load.check_cpu_dtype(torch.float32)  # 32-bit: never probed
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    load.check_cpu_dtype(torch.bfloat16)
+    load._probe_cpu_matmul.cache_clear()
