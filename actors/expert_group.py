@@ -11,7 +11,8 @@ import ray
 import torch
 
 from moeserve.kernels.checkpoint import Checkpoint, routed_expert_of
-from moeserve.kernels.experts import MLP, pack_experts, run_assignments_packed
+from moeserve.kernels.experts import (MLP, dense_is_cheaper, pack_experts, run_assignments_dense,
+                                      run_assignments_packed)
 from moeserve.kernels.fp8 import act_dequant
 from moeserve.kernels.load import DTYPES
 
@@ -92,7 +93,9 @@ class ExpertGroupWorker:
         if (stacked < 0).any():
             missing = sorted(set(expert_ids[stacked < 0].tolist()))
             raise RuntimeError(f"tokens routed to experts {missing} of layer {layer}, which this group does not hold")
-        y = run_assignments_packed(self.packed[layer], x, rows, stacked, weights.to(self.dtype))
+        packed = self.packed[layer]
+        run = run_assignments_dense if dense_is_cheaper(packed, len(x), len(rows)) else run_assignments_packed
+        y = run(packed, x, rows, stacked, weights.to(self.dtype))
         self.compute_s += time.perf_counter() - start
         return y.to(combine_torch_dtype(combine_dtype))
 

@@ -3,7 +3,8 @@ token) give the same sums."""
 import pytest
 import torch
 
-from moeserve.kernels.experts import LocalExperts, run_experts, run_experts_dense, run_experts_packed
+from moeserve.kernels.experts import (LocalExperts, run_assignments_dense, run_experts, run_experts_dense,
+                                      run_experts_packed)
 from tests.tiny import rel_err
 
 
@@ -22,4 +23,6 @@ def test_packed_and_dense_experts_equal_one_expert_at_a_time(tokens):
         packed = experts._pack()
         assert rel_err(run_experts_packed(packed, x, indices, weights), expected) < 1e-6
         assert rel_err(run_experts_dense(packed, x, indices, weights), expected) < 1e-6
+        rows = torch.arange(tokens).repeat_interleave(4)
+        assert rel_err(run_assignments_dense(packed, x, rows, indices.flatten(), weights.flatten()), expected) < 1e-6
         assert rel_err(experts.dispatch(x, indices, weights), expected) < 1e-6
