@@ -19,7 +19,6 @@ from moeserve.kernels.load import DTYPES
 from . import collective
 
 
-
 def combine_torch_dtype(name: str) -> torch.dtype:
     """The dtype expert outputs travel back in: "bf16" or "float32"."""
     return torch.bfloat16 if name == "bf16" else torch.float32

@@ -132,7 +132,6 @@ class Ingress:
         self.metrics.inflight.set(self.inflight)
         start = time.perf_counter()
         first_at, n_tokens, text_sent, completion = None, 0, 0, []
-        hold = max((len(s) for s in params.stop), default=1) - 1  # text that might still turn into a stop string
         decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
         with self.tracer.start_as_current_span("request", context=ctx) as span:
             span.set_attribute("moeserve.prompt_tokens", len(tokens))
@@ -149,7 +148,7 @@ class Ingress:
                     completion = delta.token_ids
                     n_tokens = len(completion)
                     text = self._text(delta, decoder)
-                    stable = len(text) if delta.finish_reason else max(len(text.rstrip("\ufffd")) - hold, text_sent)
+                    stable = len(text) if delta.finish_reason else max(len(text) - params.stop_hold, text_sent)
                     added, text_sent = text[text_sent:stable], max(text_sent, stable)
                     yield delta, added
             finally:

@@ -319,10 +319,9 @@ class Engine:
             text = self._text(seq)  # a trailing partial UTF-8 character waits until the sequence finishes
             if seq.stop_text_len is not None:
                 text = text[:seq.stop_text_len]
-            elif seq.finish_reason is None and seq.params.stop:
+            elif seq.finish_reason is None:
                 # the last characters may yet begin a stop string (cut from the text): they wait for the next step
-                hold = max(len(s) for s in seq.params.stop) - 1
-                text = text[:max(len(text) - hold, text_sent)]
+                text = text[:max(len(text) - seq.params.stop_hold, text_sent)]
             new_text = text[text_sent:]
             text_sent = max(text_sent, len(text))
         self._emitted[seq.request_id] = (len(completion), text_sent)

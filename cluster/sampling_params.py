@@ -42,3 +42,8 @@ class SamplingParams:
     def needs_logits(self) -> bool:
         """Whether choosing and reporting a token takes more than the batch's greedy tokens."""
         return not self.greedy or self.logprobs is not None
+
+    @property
+    def stop_hold(self) -> int:
+        """Characters at the end of unfinished text that may yet begin a stop string: a stream holds them back."""
+        return max((len(s) for s in self.stop), default=1) - 1

@@ -98,6 +98,6 @@ def _probe_cpu_matmul(dtype: str) -> None:
     except (OSError, subprocess.TimeoutExpired):
         return  # no verdict: go on
     if done.returncode == -signal.SIGILL:
-        raise InputError(f"{dtype.removeprefix('torch.')} matmuls crash on this CPU (illegal instruction: it reports AMX, which this "
-                         "machine does not run). Use dtype float32, or start with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 "
-                         "set in the environment, which keeps oneDNN off AMX")
+        raise InputError(f"{dtype.removeprefix('torch.')} matmuls crash on this CPU (illegal instruction: it "
+                         "reports AMX, which this machine does not run). Use dtype float32, or start with "
+                         "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 set in the environment, which keeps oneDNN off AMX")

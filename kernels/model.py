@@ -104,7 +104,7 @@ class MLA(nn.Module):
         wkv_b = self.wkv_b.weight.view(H, -1, self.kv_lora_rank)  # [H, nope + v, kv_lora_rank]
         if form == "naive":
             # decompress keys and values per head; scores over head-major [B, H, S, L] (contiguous rows for the
-            # softmax: on the CPU about 3x faster than a [B, S, H, L] layout)
+            # softmax: prefill on the CPU about a quarter faster than over a [B, S, H, L] layout)
             k_nope, v = self.wkv_b(kv).view(B, -1, H, self.qk_nope_head_dim + self.v_head_dim).split(
                 [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)], dim=-1).transpose(1, 2)  # [B, H, L, qk]
@@ -304,8 +304,8 @@ class Transformer(nn.Module):
                     valid: Optional[torch.Tensor] = None):
         """Logits [B, S, vocab] for t_{i+depth+2} from hidden states h [B, S, dim] of positions i and the
         tokens t_{i+depth+1} [B, S]. The MTP block caches under its own layer id, n_layers + depth, so a cache
-        that serves drafting has n_layers + n_mtp_layers layers. `valid` as in `forward` (padding's logits
-        come out of a zero hidden state)."""
+        that serves drafting has n_layers + n_mtp_layers layers. `valid` as in `forward` (padding's logits are
+        0: the head runs on the valid tokens only)."""
         if not len(self.mtp):
             raise RuntimeError("this model has no MTP module (num_nextn_predict_layers is 0 or it was not loaded)")
         positions, mask, freqs_cis, form = self._prepare(next_tokens, positions, cache, form)
@@ -313,5 +313,5 @@ class Transformer(nn.Module):
         packing = packing_of(valid)
         if packing is not None:
             h, next_tokens = packing.unpad(h), packing.unpad(next_tokens)
-        x = module(h, next_tokens, freqs_cis, mask, cache, positions, form, packing)
-        return module.logits(x if packing is None else packing.pad(x))
+        logits = module.logits(module(h, next_tokens, freqs_cis, mask, cache, positions, form, packing))
+        return logits if packing is None else packing.pad(logits)
