@@ -8,6 +8,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Callable
 
 import ray
 import torch
@@ -17,6 +18,7 @@ from moeserve.cluster.engine import Engine, EngineConfig, PrefilledSequence, Req
 from moeserve.cluster.sampling_params import SamplingParams
 from moeserve.cluster.tokenizer import Tokenizer
 from moeserve.kernels.args import ModelArgs
+from moeserve.kernels.errors import InputError
 from moeserve.kernels.load import DTYPES, load_model
 from moeserve.topology.planner import Placement
 
@@ -66,7 +68,13 @@ class AttentionShardWorker:
         self.kv_transfer = cfg.kv_transfer
         self.kv_sender = kv_transfer.NcclSender() if role == "prefill" else None
         self.kv_receiver = kv_transfer.NcclReceiver(list(prefill_shards)) if role == "decode" else None
-        self.lock = threading.Condition()
+        # The engine belongs to the loop thread. Other threads (actor calls: add, submit, abort, poll) never wait
+        # for a step: they hand engine changes over through the inbox and take outputs from the outboxes, under
+        # `mail`, held only for that. (One lock held through whole steps starved them: a hand-off waited
+        # several steps to join the batch, and the batch ran smaller for it.)
+        self.lock = threading.Lock()             # the engine's: the loop holds it through a step, stats() to read
+        self.mail = threading.Condition()        # the inbox, the outboxes and `requests`
+        self.inbox: list[tuple[str, Callable[[], None]]] = []   # (request, engine change), applied between steps
         self.requests: dict[str, str] = {}       # request -> the client its outputs go to (until it ends)
         self.outboxes: dict[str, list[tuple[int, str, object]]] = {}  # client -> (number, request, output)
         self.sequence = 0
@@ -100,24 +108,34 @@ class AttentionShardWorker:
 
     def add(self, request_id: str, tokens: list[int], params: SamplingParams, trace: dict | None = None,
             client: str = "") -> None:
-        """Queue a prompt (prefill role: it is handed off once computed); `client` polls for its outputs."""
-        with self.lock:
+        """Queue a prompt (prefill role: it is handed off once computed); `client` polls for its outputs. A
+        request that can never be served raises InputError here."""
+        self.engine.check(tokens, params)  # reads only the engine's fixed settings: safe beside a step
+
+        def change():
             self.engine.add_request(tokens, params, request_id=request_id)
-            self.requests[request_id] = client
             self._open_span(request_id, "prefill", trace, prompt_tokens=len(tokens))
-            self.lock.notify_all()
+        self._hand_over(request_id, client, change)
 
     def submit(self, pre: PrefilledSequence, trace: dict | None = None, source: int = 0, client: str = "") -> None:
         """Continue a prefilled sequence here (decode role); `source` is the prefill shard that computed it,
         `client` polls for its outputs."""
         if pre.latent.is_meta:  # the latent stayed on the prefill shard's GPU: pull it over NCCL
             pre = self.kv_receiver.attach(pre, source, self.shard_id)
-        with self.lock:
+
+        def change():
             self.engine.add_prefilled(pre)
             self._open_span(pre.request_id, "decode", trace, kv_bytes=pre.kv_bytes)
             self.kv_bytes_received += pre.kv_bytes
-            self.requests[pre.request_id] = client
-            self.lock.notify_all()
+        self._hand_over(pre.request_id, client, change)
+
+    def _hand_over(self, request_id: str, client: str, change: Callable[[], None]) -> None:
+        with self.mail:
+            if request_id in self.requests:
+                raise InputError(f"request id {request_id!r} is already in use on this shard")
+            self.requests[request_id] = client
+            self.inbox.append((request_id, change))
+            self.mail.notify_all()
 
     # ---- results out ----------------------------------------------------------------------------------------
 
@@ -127,14 +145,15 @@ class AttentionShardWorker:
         waits up to `timeout` for the first. Outputs up to `acked` are dropped: a reply lost on the way (the
         caller gave up waiting) is sent again by the next poll. One call per shard and client brings the whole
         batch, so the Ray calls per step do not grow with the batch."""
-        with self.lock:
+        with self.mail:
             outbox = [entry for entry in self.outboxes.get(client, []) if entry[0] > acked]
             self.outboxes[client] = outbox
-            self.lock.wait_for(lambda: self.outboxes[client], timeout)
+            self.mail.wait_for(lambda: self.outboxes[client], timeout)
             return list(self.outboxes[client])
 
     def _send(self, request_id: str, item, last: bool) -> None:
-        """Queue `item` for the request's client; `last`: the request ends here (finished, handed off, failed)."""
+        """Queue `item` for the request's client (the caller holds `mail`); `last`: the request ends here
+        (finished, handed off, failed)."""
         client = self.requests.get(request_id)
         if client is not None:
             self.sequence += 1
@@ -142,24 +161,28 @@ class AttentionShardWorker:
             if last:
                 del self.requests[request_id]
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self, error: Exception) -> list[tuple[str, object, bool]]:
         """A step failed: every request here gets the error (its client raises it) and is dropped, and the
         shard serves on; nothing waits for an answer that will not come."""
         message = f"{self.role} shard {self.shard_id}: {type(error).__name__}: {error}"
-        for request_id in list(self.requests):
+        with self.mail:
+            request_ids = list(self.requests)
+        for request_id in request_ids:
             self.engine.abort(request_id)
             self._close_span(request_id, "error")
-            self._send(request_id, RuntimeError(message), last=True)
+        return [(request_id, RuntimeError(message), True) for request_id in request_ids]
 
     def abort(self, request_id: str) -> None:
-        """The client went away: free the sequence and its cache blocks now."""
-        with self.lock:
+        """The client went away: free the sequence and its cache blocks (between two steps)."""
+        def change():
             self.engine.abort(request_id)
-            self.requests.pop(request_id, None)
             if self.kv_sender is not None:
                 self.kv_sender.drop(request_id)
             self._close_span(request_id, "aborted")
-            self.lock.notify_all()
+        with self.mail:
+            self.requests.pop(request_id, None)
+            self.inbox.append((request_id, change))
+            self.mail.notify_all()
 
     # ---- tracing: one span per request on this shard, sampled step events with dispatch/combine time ----
 
@@ -189,40 +212,57 @@ class AttentionShardWorker:
             if out.finished:
                 self._close_span(out.request_id, out.finish_reason)
 
-    def load(self) -> int:
-        return len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
-
     def _loop(self) -> None:
-        while not self.stopped:
-            with self.lock:
-                if not self.lock.wait_for(lambda: self.engine.has_unfinished() or self.stopped,
+        while True:
+            with self.mail:
+                if not self.mail.wait_for(lambda: self.inbox or self.stopped or self.engine.has_unfinished(),
                                           collective.PING_EVERY_S / 2):
                     for link in self.links:
                         link.ping_if_idle()
                     continue
-                if self.stopped:
-                    for link in self.links:
-                        link.stop()
-                    return
+                inbox, self.inbox = self.inbox, []
+                stopped = self.stopped
+            if stopped:
+                for link in self.links:
+                    link.stop()
+                return
+            with self.lock:
+                outputs = self._apply(inbox)
                 try:
-                    self._step()
+                    if self.engine.has_unfinished():
+                        outputs += self._step()
                 except Exception as e:  # noqa: BLE001  (reported to every client, then the loop goes on)
                     traceback.print_exc()
-                    self._fail_all(e)
-                self.lock.notify_all()
+                    outputs += self._fail_all(e)
+            with self.mail:
+                for request_id, item, last in outputs:
+                    self._send(request_id, item, last)
+                self.mail.notify_all()
 
-    def _step(self) -> None:
+    def _apply(self, inbox: list[tuple[str, Callable[[], None]]]) -> list[tuple[str, object, bool]]:
+        """Make the engine changes handed over since the last step; one that fails ends its request with the error."""
+        failed = []
+        for request_id, change in inbox:
+            try:
+                change()
+            except Exception as e:  # noqa: BLE001  (the request's client gets it)
+                failed.append((request_id, e, True))
+        return failed
+
+    def _step(self) -> list[tuple[str, object, bool]]:
+        """One engine step; returns what goes to the clients, as (request, output, last)."""
         start = time.perf_counter()
         d0, c0 = self.router.counters.dispatch_s, self.router.counters.combine_s
         outputs = self.engine.step(text=False)  # clients get token ids each step, text at the end
         self.step_s += time.perf_counter() - start
         if self.spans:
             self._trace_step(outputs, self.router.counters.dispatch_s - d0, self.router.counters.combine_s - c0)
+        sent = []
         for out in outputs:
             if out.finished:
-                self._send(out.request_id, out, last=True)
+                sent.append((out.request_id, out, True))
             elif self.role == "decode":
-                self._send(out.request_id, increment_of(out), last=False)
+                sent.append((out.request_id, increment_of(out), False))
         if self.role == "prefill":
             for seq in self.engine.prefilled():
                 pre = self.engine.take_prefilled(seq)
@@ -230,12 +270,13 @@ class AttentionShardWorker:
                 if self.kv_transfer == "nccl":
                     pre = self.kv_sender.detach(pre)
                 self._close_span(pre.request_id, "handed_off")
-                self._send(pre.request_id, pre, last=True)
+                sent.append((pre.request_id, pre, True))
+        return sent
 
     def stop(self) -> None:
-        with self.lock:
+        with self.mail:
             self.stopped = True
-            self.lock.notify_all()
+            self.mail.notify_all()
 
     def stats(self) -> dict:
         with self.lock:

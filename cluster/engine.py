@@ -124,8 +124,7 @@ class Engine:
                     request_id: Optional[str] = None) -> str:
         """Queue a request; a request that can never be served raises InputError and changes nothing."""
         prompt = list(prompt_token_ids)
-        check_request(self.args, prompt, params, self.block_manager.block_size * len(self.block_manager.blocks),
-                      has_tokenizer=self.tokenizer is not None)
+        self.check(prompt, params)
         if request_id is not None and request_id in self.requests:
             raise InputError(f"request id {request_id!r} is already in use")
         seq = Sequence(prompt, params, request_id)
@@ -133,6 +132,11 @@ class Engine:
         self._emitted[seq.request_id] = (0, 0)
         self.scheduler.add(seq)
         return seq.request_id
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise InputError if this engine could never serve the request (changes nothing)."""
+        check_request(self.args, prompt, params, self.block_manager.block_size * len(self.block_manager.blocks),
+                      has_tokenizer=self.tokenizer is not None)
 
     def abort(self, request_id: str) -> None:
         """Drop a request (a client went away): its blocks return to the cache at once."""

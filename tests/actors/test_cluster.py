@@ -76,6 +76,14 @@ def test_one_prefill_one_decode_two_expert_groups(ray_cluster, mtp_checkpoint, p
             return await asyncio.gather(*(client.generate_one(p, GREEDY) for client in (c.client, other)
                                           for p in prompts))
         assert [o.token_ids for o in asyncio.run(both())] == expected * 2
+        # a shard takes requests between its steps, but refuses a bad one at once, in the caller
+        shard = c.prefill_shards[0]
+        ray.get(shard.add.remote("twice", prompts[0], GREEDY, None, "nobody"))
+        with pytest.raises(InputError, match="already in use"):
+            ray.get(shard.add.remote("twice", prompts[0], GREEDY, None, "nobody"))
+        with pytest.raises(InputError, match="empty"):
+            ray.get(shard.add.remote("empty", [], GREEDY, None, "nobody"))
+        ray.get(shard.abort.remote("twice"))
     for pid in pids:  # teardown leaves no actor process behind
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
