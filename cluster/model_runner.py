@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from moeserve.kernels.cache import PagedLatentCache
 from moeserve.kernels.experts import MICRO_BATCH
-from moeserve.kernels.model import MoE, MLAForm, Transformer
+from moeserve.kernels.model import MoE, MLAForm, Transformer, cheaper_mla_form
 
 
 def _pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +77,8 @@ class ModelRunner:
                      h: torch.Tensor) -> torch.Tensor:
         """MTP logits [B, S, V] from hidden states h [B, >=S, dim] at positions starts[b]... and the tokens
         that follow them; also writes those positions into the MTP layer of the cache."""
-        form = "naive" if max(starts) == 0 else "absorbed"
+        form = cheaper_mla_form(self.model.args, max(map(len, next_tokens)),
+                                max(st + len(t) for st, t in zip(starts, next_tokens)))
 
         def run(block_tables, starts, next_tokens, h):
             tokens, positions, valid, view = self._inputs(block_tables, starts, next_tokens)

@@ -25,6 +25,17 @@ from .rope import apply_rotary_emb, rope_freqs_cis, rope_inv_freq
 MLAForm = Literal["naive", "absorbed"]
 
 
+def cheaper_mla_form(args: ModelArgs, new: int, cached: int) -> MLAForm:
+    """The MLA form with fewer multiply-adds for rows of `new` query tokens over `cached` positions (this call's
+    included). Naive decompresses every position's key and value once, then scores in the head dimensions;
+    absorbed folds wkv_b into each query and output, then scores every (query, position) pair in the latent.
+    Prompt chunks come out naive, decoding (one or two tokens over a long cache) absorbed."""
+    H, C, nope, v = args.n_heads, args.kv_lora_rank, args.qk_nope_head_dim, args.v_head_dim
+    naive = cached * C * H * (nope + v) + new * cached * H * (args.qk_head_dim + v)
+    absorbed = new * H * C * (nope + v) + new * cached * H * (2 * C + args.qk_rope_head_dim)
+    return "naive" if naive < absorbed else "absorbed"
+
+
 class Packing:
     """The valid tokens of a padded batch, valid [B, S]: `unpad` keeps them ([B, S, ...] -> [T, ...]), `pad`
     puts them back in place with zeros between ([T, ...] -> [B, S, ...])."""
@@ -277,7 +288,7 @@ class Transformer(nn.Module):
                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [B, S] at positions [B, S] (default 0..S-1) -> final-normed hidden states [B, S, dim].
         With a cache, each row attends to its cached positions 0..p; without, only to this call's tokens.
-        `form` defaults to naive for a prompt from position 0 and absorbed for decoding over a cache.
+        `form` defaults to naive without a cache, else to the cheaper one (`cheaper_mla_form`).
         `valid` [B, S] marks the real tokens of a padded batch: only those are computed (padding comes out 0)."""
         positions, mask, freqs_cis, form = self._prepare(tokens, positions, cache, form)
         packing = packing_of(valid)
@@ -293,7 +304,7 @@ class Transformer(nn.Module):
             positions = torch.arange(S).expand(B, S)
         key_positions = torch.arange(int(positions.max()) + 1).expand(B, -1) if cache is not None else positions
         if form is None:
-            form = "naive" if cache is None or int(positions.min()) == 0 else "absorbed"
+            form = "naive" if cache is None else cheaper_mla_form(self.args, S, key_positions.shape[1])
         return positions, self.causal_mask(positions, key_positions), self.rope(positions), form
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,21 @@ def test_naive_equals_absorbed_over_a_cache(checkpoints, name):
             assert rel_err(absorbed, naive) < 1e-5
 
 
+def test_the_cheaper_form_is_naive_for_prompt_chunks_and_absorbed_for_decoding():
+    """Multiply-adds of each form counted by hand for DeepSeek-V3 (128 heads, kv_lora_rank 512, nope 128, rope 64,
+    v 128): per cached position naive decompresses 512 x 128 x 256 = 16.8M, absorbed scores each query token
+    at 128 x (2 x 512 + 64) = 139K per position."""
+    from moeserve.kernels.model import cheaper_mla_form
+    args = ModelArgs.from_file(V3_CONFIG)
+    assert cheaper_mla_form(args, new=1, cached=4096) == "absorbed"        # decoding
+    assert cheaper_mla_form(args, new=2, cached=4096) == "absorbed"        # decoding with an MTP draft
+    assert cheaper_mla_form(args, new=4096, cached=4096) == "naive"        # a whole prompt
+    assert cheaper_mla_form(args, new=512, cached=8192) == "naive"         # a chunk after a long prefix
+    # the crossing: naive = L x 16.8M + S x L x 128 x 320, absorbed = S x 16.8M + S x L x 139K
+    assert cheaper_mla_form(args, new=64, cached=4096) == "absorbed"
+    assert cheaper_mla_form(args, new=256, cached=4096) == "naive"
+
+
 def test_decode_over_cache_equals_full_recompute(checkpoints):
     model = load_model(checkpoints("v3")[0], dtype=torch.float32)
     tokens = torch.randint(0, model.args.vocab_size, (1, 16), generator=torch.Generator().manual_seed(5))
