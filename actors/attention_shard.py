@@ -70,8 +70,8 @@ class AttentionShardWorker:
         self.kv_receiver = kv_transfer.NcclReceiver(list(prefill_shards)) if role == "decode" else None
         # The engine belongs to the loop thread. Other threads (actor calls: add, submit, abort, poll) never wait
         # for a step: they hand engine changes over through the inbox and take outputs from the outboxes, under
-        # `mail`, held only for that. (One lock held through whole steps starved them: a hand-off waited
-        # several steps to join the batch, and the batch ran smaller for it.)
+        # `mail`, held only for that. (Behind one lock held through whole steps, a hand-off waits several steps
+        # to join the batch, and the batch runs smaller for it.)
         self.lock = threading.Lock()             # the engine's: the loop holds it through a step, stats() to read
         self.mail = threading.Condition()        # the inbox, the outboxes and `requests`
         self.inbox: list[tuple[str, Callable[[], None]]] = []   # (request, engine change), applied between steps
@@ -130,6 +130,7 @@ class AttentionShardWorker:
         self._hand_over(pre.request_id, client, change)
 
     def _hand_over(self, request_id: str, client: str, change: Callable[[], None]) -> None:
+        """Register the request's client and leave `change` for the loop, which makes it before its next step."""
         with self.mail:
             if request_id in self.requests:
                 raise InputError(f"request id {request_id!r} is already in use on this shard")
