@@ -18,7 +18,7 @@ import torch
 from moeserve.kernels.cache import PagedLatentCache
 from moeserve.kernels.errors import InputError
 from moeserve.kernels.generate import check_prompt
-from moeserve.kernels.model import Transformer, cheaper_mla_form
+from moeserve.kernels.model import Transformer
 from moeserve.kernels.sampling import accept_draft, greedy, sampling_probs
 
 from .block_manager import BlockManager
@@ -232,7 +232,7 @@ class Engine:
     def _run_prefills(self, items: list[tuple[Sequence, int]]) -> None:
         starts = [seq.num_computed_tokens for seq, _ in items]
         rows = [seq.token_ids[start:start + n] for (seq, n), start in zip(items, starts)]
-        form = cheaper_mla_form(self.args, max(map(len, rows)), max(st + len(r) for st, r in zip(starts, rows)))
+        form = self.runner.form_for(starts, rows)
         h = self.runner.forward([seq.block_table for seq, _ in items], starts, rows, form)
         drafting = []
         for b, ((seq, n), start) in enumerate(zip(items, starts)):

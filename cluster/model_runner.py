@@ -39,6 +39,10 @@ class ModelRunner:
         positions = (torch.tensor(starts)[:, None] + torch.arange(tokens.shape[1])).masked_fill(~valid, 0)
         return tokens, positions, valid, self.cache.view(block_tables, positions, valid)
 
+    def form_for(self, starts: list[int], rows: list[list[int]]) -> MLAForm:
+        """The cheaper MLA form for rows of tokens at positions starts[b]..., as the padded batch runs them."""
+        return cheaper_mla_form(self.model.args, max(map(len, rows)), max(st + len(r) for st, r in zip(starts, rows)))
+
     def _count_load(self) -> None:
         for name, moe in self.moe_layers:
             self.expert_load[name] += moe.take_load()
@@ -77,8 +81,7 @@ class ModelRunner:
                      h: torch.Tensor) -> torch.Tensor:
         """MTP logits [B, S, V] from hidden states h [B, >=S, dim] at positions starts[b]... and the tokens
         that follow them; also writes those positions into the MTP layer of the cache."""
-        form = cheaper_mla_form(self.model.args, max(map(len, next_tokens)),
-                                max(st + len(t) for st, t in zip(starts, next_tokens)))
+        form = self.form_for(starts, next_tokens)
 
         def run(block_tables, starts, next_tokens, h):
             tokens, positions, valid, view = self._inputs(block_tables, starts, next_tokens)
