@@ -19,7 +19,7 @@ from torch import nn
 from .checkpoint import Checkpoint, hf_to_local, local_to_hf, routed_expert_of
 from .errors import CheckpointError, InputError
 from .experts import ExpertTransport
-from .model import Gate, Transformer
+from .model import MLA, Gate, Transformer, folding_pays
 from .rope import rope_inv_freq
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by config name
@@ -63,6 +63,10 @@ def load_model(checkpoint: Checkpoint | str | Path, dtype: torch.dtype = torch.b
     model.inv_freq = rope_inv_freq(args)
     check_cpu_dtype(dtype)
     column_major(model)
+    if folding_pays(args):
+        for module in model.modules():
+            if isinstance(module, MLA):
+                module.fold_absorbed()
     return model.eval().requires_grad_(False)  # serving never needs gradients
 
 

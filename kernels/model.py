@@ -36,6 +36,22 @@ def cheaper_mla_form(args: ModelArgs, new: int, cached: int) -> MLAForm:
     return "naive" if naive < absorbed else "absorbed"
 
 
+# The most extra multiply-adds per token that folding wkv_b into the query and output projections may add (about
+# 2 us of arithmetic on a CPU): folding saves the absorbed form two einsums a layer, some 0.1 ms of small ops
+# whatever the model's size, and pays only where the projections are small (see MLA.fold_absorbed).
+FOLD_MAX_EXTRA_MACS = 100_000
+
+
+def folding_pays(args: ModelArgs) -> bool:
+    """Whether folded absorbed projections cost at most FOLD_MAX_EXTRA_MACS more per token than the plain ones
+    and the einsums they replace. True for the demo model (20k more); DeepSeek-V3's would add some 400M."""
+    H, C, nope, v = args.n_heads, args.kv_lora_rank, args.qk_nope_head_dim, args.v_head_dim
+    q_in = args.q_lora_rank or args.dim
+    plain = q_in * H * args.qk_head_dim + H * nope * C + H * C * v + H * v * args.dim
+    folded = q_in * H * (C + args.qk_rope_head_dim) + H * C * args.dim
+    return folded - plain <= FOLD_MAX_EXTRA_MACS
+
+
 class Packing:
     """The valid tokens of a padded batch, valid [B, S]: `unpad` keeps them ([B, S, ...] -> [T, ...]), `pad`
     puts them back in place with zeros between ([T, ...] -> [B, S, ...])."""
@@ -94,19 +110,42 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(args.kv_lora_rank, args.n_heads * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
         self.wo = nn.Linear(args.n_heads * args.v_head_dim, args.dim, bias=False)
         self.softmax_scale = args.softmax_scale
+        # the absorbed form's query and output projections with wkv_b folded in, when fold_absorbed made them
+        self.folded: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def fold_absorbed(self) -> None:
+        """Fold wkv_b into the projections around the absorbed form: its key half W_UK into the query projection
+        ([H * (kv_lora_rank + rope), in]: each head's query comes out in the latent directly), its value half W_UV
+        into wo ([dim, H * kv_lora_rank]: wo reads the attention output in the latent). The absorbed form then
+        runs without its two einsums. The folded weights are copies made for inference: call again after
+        changing the weights."""
+        H, C, nope = self.n_heads, self.kv_lora_rank, self.qk_nope_head_dim
+        dtype = self.wo.weight.dtype
+        wq = (self.wq if self.q_lora_rank is None else self.wq_b).weight.detach().float().unflatten(0, (H, -1))
+        w_uk, w_uv = self.wkv_b.weight.detach().float().view(H, -1, C).split([nope, self.v_head_dim], dim=1)
+        wq = torch.cat([torch.einsum("hdc,hdi->hci", w_uk, wq[:, :nope]), wq[:, nope:]], dim=1).flatten(0, 1)
+        wo = torch.einsum("jhd,hdc->jhc", self.wo.weight.detach().float().unflatten(1, (H, -1)), w_uv).flatten(1)
+        # stored [in, out] and read through .t(), like every linear weight (see load.column_major)
+        self.folded = (wq.to(dtype).t().contiguous().t(), wo.to(dtype).t().contiguous().t())
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor,
                 latent_of: Callable[[torch.Tensor], torch.Tensor], form: MLAForm,
                 packing: Optional[Packing] = None) -> torch.Tensor:
         """x [B, S, dim], or [T, dim] with a packing; freqs_cis [B, S, rope/2] complex; mask [B, S, L] additive;
         `latent_of` stores this call's latent [B, S, C] and returns every position's [B, L, C]."""
-        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        folded = form == "absorbed" and self.folded is not None
+        q = x if self.q_lora_rank is None else self.q_norm(self.wq_a(x))
+        if folded:
+            q = F.linear(q, self.folded[0])
+        else:
+            q = self.wq(q) if self.q_lora_rank is None else self.wq_b(q)
         kv = self.wkv_a(x)
         if packing is not None:  # the projections ran on the valid tokens only; attention needs the rows
             q, kv = packing.pad(q), packing.pad(kv)
         B, S, _ = q.shape
         H = self.n_heads
-        q_nope, q_pe = q.view(B, S, H, -1).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_nope, q_pe = q.view(B, S, H, -1).split([q.shape[-1] // H - self.qk_rope_head_dim, self.qk_rope_head_dim],
+                                                  dim=-1)  # q_nope is in the latent when folded
         kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         # the shared key rotates with the queries, as one more head: one rotation instead of two
         q_pe, k_pe = apply_rotary_emb(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), freqs_cis).split([H, 1], dim=2)
@@ -125,8 +164,10 @@ class MLA(nn.Module):
                                                  attn_mask=mask.unsqueeze(1).to(q.dtype), scale=self.softmax_scale)
             out = out.transpose(1, 2)[..., :self.v_head_dim]  # [B, S, H, v]
         else:
-            wkv_b = self.wkv_b.weight.view(H, -1, self.kv_lora_rank)  # [H, nope + v, kv_lora_rank]
-            q_nope = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :self.qk_nope_head_dim])
+            w_uk, w_uv = self.wkv_b.weight.view(H, -1, self.kv_lora_rank).split(  # [H, nope or v, kv_lora_rank]
+                [self.qk_nope_head_dim, self.v_head_dim], dim=1)
+            if not folded:
+                q_nope = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
             # the latent holds c_kv and k_pe side by side: one product scores both parts, one query row per (s, h)
             # against the one shared latent "head"; the latent also serves as the values (c_kv, then k_pe,
             # whose outputs are dropped), which keeps v as wide as q for the fused kernel
@@ -135,9 +176,12 @@ class MLA(nn.Module):
             out = F.scaled_dot_product_attention(q, latent.unsqueeze(1), latent.unsqueeze(1), attn_mask=mask,
                                                  scale=self.softmax_scale)
             out = out.view(B, S, H, -1)[..., :self.kv_lora_rank]  # [B, S, H, kv_lora_rank]
-            out = torch.einsum("bshc,hdc->bshd", out, wkv_b[:, -self.v_head_dim:])
+            if not folded:
+                out = torch.einsum("bshc,hdc->bshd", out, w_uv)
         out = out.flatten(2)
-        return self.wo(out if packing is None else packing.unpad(out))
+        if packing is not None:
+            out = packing.unpad(out)
+        return F.linear(out, self.folded[1]) if folded else self.wo(out)
 
 
 class Gate(nn.Module):

@@ -46,6 +46,39 @@ def test_the_cheaper_form_is_naive_for_prompt_chunks_and_absorbed_for_decoding()
     assert cheaper_mla_form(args, new=256, cached=4096) == "naive"
 
 
+@pytest.mark.parametrize("name", ["v3-dense0-yarn", "v2-lite"])
+def test_folded_projections_equal_the_einsums(checkpoints, name):
+    """The absorbed form with wkv_b folded into the query projection and wo (as load_model does for small models)
+    gives what the unfolded absorbed form gives, prefill and decoding, with and without q_lora (v2-lite)."""
+    model = load_model(checkpoints(name)[0], dtype=torch.float32)
+    attns = [layer.attn for layer in model.layers]
+    assert all(a.folded is not None for a in attns)  # a tiny model: folding pays
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12), generator=g)
+    caches = [LatentCache(model.args, batch=2, max_len=16, dtype=torch.float32) for _ in range(2)]
+    with torch.no_grad():
+        def run(tokens, positions, cache, folded):
+            for a, f in zip(attns, folded):
+                a.folded = f
+            return model(tokens, positions, cache=cache.view(), form="absorbed")
+        folded = [a.folded for a in attns]
+        for positions in (torch.arange(10).expand(2, -1), torch.tensor([[10], [10]]), torch.tensor([[11], [11]])):
+            step = tokens.gather(1, positions)
+            assert rel_err(run(step, positions, caches[0], folded), run(step, positions, caches[1], [None] * 4)) < 1e-5
+
+
+def test_folding_pays_for_the_demo_model_only():
+    """Extra multiply-adds per token of folded projections, counted by hand. DeepSeek-V3: query 1536 x 128 x
+    (512 + 64) plus output 128 x 512 x 7168, against 1536 x 128 x 192 + 128 x 128 x 512 x 2 + 128 x 128 x 7168:
+    411M more. The demo model: 96 x 4 x 80 + 4 x 64 x 192 against 96 x 4 x 48 + 4 x 32 x 64 x 2 + 4 x 32 x 192:
+    20,480 more, under FOLD_MAX_EXTRA_MACS."""
+    from moeserve.cluster import DEMO_MODEL
+    from moeserve.kernels.model import FOLD_MAX_EXTRA_MACS, folding_pays
+    assert not folding_pays(ModelArgs.from_file(V3_CONFIG))
+    assert folding_pays(ModelArgs.from_file(Path(DEMO_MODEL) / "config.json"))
+    assert 20_480 <= FOLD_MAX_EXTRA_MACS < 411_000_000
+
+
 def test_decode_over_cache_equals_full_recompute(checkpoints):
     model = load_model(checkpoints("v3")[0], dtype=torch.float32)
     tokens = torch.randint(0, model.args.vocab_size, (1, 16), generator=torch.Generator().manual_seed(5))
