@@ -75,8 +75,10 @@ class PagedCacheView:
         self.kv = cache.kv
         self.write_slots = self._slots(table, positions, bs, cache.scratch_slot).masked_fill(~valid, cache.scratch_slot)
         self.read_shape = (len(block_tables), length)
-        self.read_slots = self._slots(table, torch.arange(length).expand(self.read_shape), bs,
-                                      cache.scratch_slot).flatten()  # flat once, read by every layer
+        # every slot of every block in table order, flat once and read by every layer; a row's positions past
+        # its own blocks read block 0, stale rows that the causal mask hides like any other past a row's length
+        slots = table.clamp(min=0).unsqueeze(-1) * bs + torch.arange(bs)  # [B, blocks, bs]
+        self.read_slots = slots.flatten(1)[:, :length].flatten()
 
     @staticmethod
     def _slots(table: torch.Tensor, positions: torch.Tensor, bs: int, scratch: int) -> torch.Tensor:
