@@ -77,6 +77,8 @@ class AttentionShardWorker:
         self.inbox: list[tuple[str, Callable[[], None]]] = []   # (request, engine change), applied between steps
         self.requests: dict[str, str] = {}       # request -> the client its outputs go to (until it ends)
         self.outboxes: dict[str, list[tuple[int, str, object]]] = {}  # client -> (number, request, output)
+        self.last_heard: dict[str, float] = {}   # client -> when it last called (monotonic seconds)
+        self.client_timeout_s = cfg.ray.client_timeout_s
         self.sequence = 0
         self.kv_bytes_received = 0
         self.kv_bytes_sent = 0
@@ -135,6 +137,7 @@ class AttentionShardWorker:
             if request_id in self.requests:
                 raise InputError(f"request id {request_id!r} is already in use on this shard")
             self.requests[request_id] = client
+            self.last_heard[client] = time.monotonic()
             self.inbox.append((request_id, change))
             self.mail.notify_all()
 
@@ -147,6 +150,7 @@ class AttentionShardWorker:
         caller gave up waiting) is sent again by the next poll. One call per shard and client brings the whole
         batch, so the Ray calls per step do not grow with the batch."""
         with self.mail:
+            self.last_heard[client] = time.monotonic()
             outbox = [entry for entry in self.outboxes.get(client, []) if entry[0] > acked]
             self.outboxes[client] = outbox
             self.mail.wait_for(lambda: self.outboxes[client], timeout)
@@ -162,6 +166,20 @@ class AttentionShardWorker:
             if last:
                 del self.requests[request_id]
 
+    def _forget_silent_clients(self) -> None:
+        """A client that has stopped polling is gone (its process died; a live one polls every second or so while
+        it has requests here): abort its requests, which would otherwise run to their end into an outbox nobody
+        reads, and keep only one error per request for it. The caller holds `mail`."""
+        now = time.monotonic()
+        for client in [c for c, t in self.last_heard.items() if now - t > self.client_timeout_s]:
+            del self.last_heard[client]
+            self.outboxes.pop(client, None)
+            error = RuntimeError(f"{self.role} shard {self.shard_id}: aborted: this client had not polled for "
+                                 f"{self.client_timeout_s:g} s (ray.client_timeout_s)")
+            for request_id in [r for r, c in self.requests.items() if c == client]:
+                self._send(request_id, error, last=True)
+                self.inbox.append((request_id, self._aborting(request_id)))
+
     def _fail_all(self, error: Exception) -> list[tuple[str, object, bool]]:
         """A step failed: every request here gets the error (its client raises it) and is dropped, and the
         shard serves on; nothing waits for an answer that will not come."""
@@ -175,15 +193,19 @@ class AttentionShardWorker:
 
     def abort(self, request_id: str) -> None:
         """The client went away: free the sequence and its cache blocks (between two steps)."""
+        with self.mail:
+            self.requests.pop(request_id, None)
+            self.inbox.append((request_id, self._aborting(request_id)))
+            self.mail.notify_all()
+
+    def _aborting(self, request_id: str) -> Callable[[], None]:
+        """The engine change that ends a request here: its sequence, cache blocks and parked latent freed."""
         def change():
             self.engine.abort(request_id)
             if self.kv_sender is not None:
                 self.kv_sender.drop(request_id)
             self._close_span(request_id, "aborted")
-        with self.mail:
-            self.requests.pop(request_id, None)
-            self.inbox.append((request_id, change))
-            self.mail.notify_all()
+        return change
 
     # ---- tracing: one span per request on this shard, sampled step events with dispatch/combine time ----
 
@@ -216,6 +238,7 @@ class AttentionShardWorker:
     def _loop(self) -> None:
         while True:
             with self.mail:
+                self._forget_silent_clients()
                 if not self.mail.wait_for(lambda: self.inbox or self.stopped or self.engine.has_unfinished(),
                                           collective.PING_EVERY_S / 2):
                     for link in self.links:

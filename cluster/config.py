@@ -31,6 +31,8 @@ class RaySettings(BaseModel):
     temp_dir: Optional[str] = Field(None, description="where a local Ray writes; default a fresh temp directory")
     dashboard: bool = Field(False, description="start Ray's dashboard (off: nothing listens that need not)")
     threads_per_actor: int = Field(1, ge=1, description="torch threads in each actor")
+    client_timeout_s: float = Field(120.0, gt=0, description="a client (a driver or a Serve replica) that has not "
+                                    "polled a shard for this long is taken for dead: its requests there are aborted")
 
 
 class ClusterConfig(BaseModel):

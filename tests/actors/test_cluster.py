@@ -5,6 +5,7 @@ import os
 import secrets
 import tempfile
 import threading
+import time
 
 import pytest
 import torch
@@ -126,6 +127,32 @@ def test_a_dead_expert_group_fails_the_requests_with_an_error_not_a_hang(ray_clu
         thread.join(120)
         assert not thread.is_alive(), "the requests hang"
         assert isinstance(outcome.get("error"), RuntimeError) and "prefill shard 0" in str(outcome["error"])
+
+
+def test_a_client_that_stops_polling_has_its_requests_aborted(ray_cluster, mtp_checkpoint, prompts):
+    """A client that dies mid-request stops polling; after ray.client_timeout_s the decode shard aborts its request
+    (it would otherwise decode to max_tokens for nobody) and leaves one error for it, while a live client's
+    request completes as usual."""
+    cfg = config(mtp_checkpoint, topology=TWO_NODES_ONE_GPU, expert_groups=2, redundant_experts=2,
+                 ray={"client_timeout_s": 3})
+    with Cluster(cfg) as c:
+        prefill, decode = c.prefill_shards[0], c.decode_shards[0]
+        long = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
+        ray.get(prefill.add.remote("ghost-1", prompts[0], long, None, "ghost"))
+        handed = []
+        while not handed:
+            handed = ray.get(prefill.poll.remote("ghost", 0, 5.0))
+        pre = handed[0][2]
+        ray.get(decode.submit.remote(pre, None, 0, "ghost"))  # and "ghost" never polls the decode shard
+        ray.get(decode.poll.remote("other", 0, 0.0))  # a client that keeps polling is not forgotten
+        deadline = time.monotonic() + 60
+        while ray.get(decode.stats.remote())["engine"]["running"] and time.monotonic() < deadline:
+            ray.get(decode.poll.remote("other", 0, 0.5))
+        assert ray.get(decode.stats.remote())["engine"]["running"] == 0, "the silent client's request runs on"
+        left = ray.get(decode.poll.remote("ghost", 0, 0.0))
+        assert [(r, type(e)) for _, r, e in left] == [("ghost-1", RuntimeError)]
+        assert "had not polled for 3 s" in str(left[0][2])
+        assert c.generate(prompts[:1], GREEDY)[0].finish_reason == "length"  # the shard serves on
 
 
 def test_bf16_dispatch_keeps_greedy_and_fp8_moves_logprobs_a_bounded_amount(ray_cluster, mtp_checkpoint, prompts,
