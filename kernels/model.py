@@ -164,9 +164,9 @@ class MLA(nn.Module):
                                                  attn_mask=mask.unsqueeze(1).to(q.dtype), scale=self.softmax_scale)
             out = out.transpose(1, 2)[..., :self.v_head_dim]  # [B, S, H, v]
         else:
-            w_uk, w_uv = self.wkv_b.weight.view(H, -1, self.kv_lora_rank).split(  # [H, nope or v, kv_lora_rank]
-                [self.qk_nope_head_dim, self.v_head_dim], dim=1)
-            if not folded:
+            if not folded:  # the einsums that fold_absorbed folds into the projections
+                w_uk, w_uv = self.wkv_b.weight.view(H, -1, self.kv_lora_rank).split(  # [H, nope or v, kv_lora_rank]
+                    [self.qk_nope_head_dim, self.v_head_dim], dim=1)
                 q_nope = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
             # the latent holds c_kv and k_pe side by side: one product scores both parts, one query row per (s, h)
             # against the one shared latent "head"; the latent also serves as the values (c_kv, then k_pe,
