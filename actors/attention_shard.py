@@ -76,6 +76,7 @@ class AttentionShardWorker:
         self.mail = threading.Condition()        # the inbox, the outboxes and `requests`
         self.inbox: list[tuple[str, Callable[[], None]]] = []   # (request, engine change), applied between steps
         self.requests: dict[str, str] = {}       # request -> the client its outputs go to (until it ends)
+        self.streaming: set[str] = set()         # running requests whose clients take each step's tokens (loop's)
         self.outboxes: dict[str, list[tuple[int, str, object]]] = {}  # client -> (number, request, output)
         self.last_heard: dict[str, float] = {}   # client -> when it last called (monotonic seconds)
         self.client_timeout_s = cfg.ray.client_timeout_s
@@ -119,14 +120,17 @@ class AttentionShardWorker:
             self._open_span(request_id, "prefill", trace, prompt_tokens=len(tokens))
         self._hand_over(request_id, client, change)
 
-    def submit(self, pre: PrefilledSequence, trace: dict | None = None, source: int = 0, client: str = "") -> None:
+    def submit(self, pre: PrefilledSequence, trace: dict | None = None, source: int = 0, client: str = "",
+               increments: bool = True) -> None:
         """Continue a prefilled sequence here (decode role); `source` is the prefill shard that computed it,
-        `client` polls for its outputs."""
+        `client` polls for its outputs: each step's new tokens (`increments`), or the final output alone."""
         if pre.latent.is_meta:  # the latent stayed on the prefill shard's GPU: pull it over NCCL
             pre = self.kv_receiver.attach(pre, source, self.shard_id)
 
         def change():
             self.engine.add_prefilled(pre)
+            if increments:
+                self.streaming.add(pre.request_id)
             self._open_span(pre.request_id, "decode", trace, kv_bytes=pre.kv_bytes)
             self.kv_bytes_received += pre.kv_bytes
         self._hand_over(pre.request_id, client, change)
@@ -189,6 +193,7 @@ class AttentionShardWorker:
         for request_id in request_ids:
             self.engine.abort(request_id)
             self._close_span(request_id, "error")
+        self.streaming.clear()
         return [(request_id, RuntimeError(message), True) for request_id in request_ids]
 
     def abort(self, request_id: str) -> None:
@@ -202,6 +207,7 @@ class AttentionShardWorker:
         """The engine change that ends a request here: its sequence, cache blocks and parked latent freed."""
         def change():
             self.engine.abort(request_id)
+            self.streaming.discard(request_id)
             if self.kv_sender is not None:
                 self.kv_sender.drop(request_id)
             self._close_span(request_id, "aborted")
@@ -277,7 +283,9 @@ class AttentionShardWorker:
         """One engine step; returns what goes to the clients, as (request, output, last)."""
         start = time.perf_counter()
         d0, c0 = self.router.counters.dispatch_s, self.router.counters.combine_s
-        outputs = self.engine.step(text=False)  # clients get token ids each step, text at the end
+        # Clients get token ids each step, text at the end; when no request here streams (a prefill shard's never
+        # do), only finished requests' outputs are built at all.
+        outputs = self.engine.step(text=False, finished_only=not (self.streaming or self.spans))
         self.step_s += time.perf_counter() - start
         if self.spans:
             self._trace_step(outputs, self.router.counters.dispatch_s - d0, self.router.counters.combine_s - c0)
@@ -285,7 +293,8 @@ class AttentionShardWorker:
         for out in outputs:
             if out.finished:
                 sent.append((out.request_id, out, True))
-            elif self.role == "decode":
+                self.streaming.discard(out.request_id)
+            elif out.request_id in self.streaming:
                 sent.append((out.request_id, increment_of(out), False))
         if self.role == "prefill":
             for seq in self.engine.prefilled():

@@ -119,9 +119,11 @@ class ClusterClient:
         return items
 
     async def stream(self, tokens: list[int], params: SamplingParams, request_id: Optional[str] = None,
-                     trace: Optional[dict] = None) -> AsyncIterator[Delta]:
-        """Prefill, hand off, decode; yields the first token as soon as the prefill shard has it. `trace` is a
-        W3C trace-context carrier the shards parent their spans on."""
+                     trace: Optional[dict] = None, increments: bool = True) -> AsyncIterator[Delta]:
+        """Prefill, hand off, decode; yields the first token as soon as the prefill shard has it, then each
+        decode step's tokens, or with `increments` False only the final output (a caller that waits for the
+        whole completion spares the decode shard an output per request per step, and itself a poll per step).
+        `trace` is a W3C trace-context carrier the shards parent their spans on."""
         rid = request_id or self.new_id()
         p = self.pick_prefill(tokens)
         self.outstanding_prefill[p] += 1
@@ -151,7 +153,7 @@ class ClusterClient:
         completion, logprobs = list(first), list(pre.logprobs)
         try:
             queue = self._subscribe(decode, rid)
-            await decode.submit.remote(pre, trace, p, self.client_id)
+            await decode.submit.remote(pre, trace, p, self.client_id, increments)
             while not done:
                 for out in await self._next(queue):
                     if isinstance(out, Increment):  # running: only the new tokens came
@@ -171,7 +173,7 @@ class ClusterClient:
 
     async def generate_one(self, tokens: list[int], params: SamplingParams) -> RequestOutput:
         final = None
-        async for delta in self.stream(tokens, params):
+        async for delta in self.stream(tokens, params, increments=False):
             final = delta.final or final
         return final
 

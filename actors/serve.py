@@ -124,8 +124,10 @@ class Ingress:
         if self.inflight >= self.max_pending:
             raise OverflowError(f"the server is at its limit of {self.max_pending} requests in flight; retry later")
 
-    async def _deltas(self, tokens: list[int], params: SamplingParams, carrier: dict) -> AsyncIterator[tuple]:
-        """(delta, text added) for each step; times TTFT/TPOT; one span per request with child spans."""
+    async def _deltas(self, tokens: list[int], params: SamplingParams, carrier: dict,
+                      increments: bool = True) -> AsyncIterator[tuple]:
+        """(delta, text added) for each step, or without `increments` for the first token and the end (a
+        response that is not streamed needs no more); times TTFT/TPOT; one span per request with child spans."""
         from opentelemetry import trace
         ctx = tracing.context_of(carrier)
         self.inflight += 1
@@ -137,7 +139,8 @@ class Ingress:
             span.set_attribute("moeserve.prompt_tokens", len(tokens))
             phase = self.tracer.start_span("queue_and_prefill", context=trace.set_span_in_context(span))
             try:
-                async for delta in self.client.stream(tokens, params, trace=tracing.carrier_of(span)):
+                async for delta in self.client.stream(tokens, params, trace=tracing.carrier_of(span),
+                                                      increments=increments):
                     if first_at is None:
                         first_at = time.perf_counter()
                         self.metrics.ttft.observe(first_at - start)
@@ -218,7 +221,7 @@ class Ingress:
         if parsed.stream:
             return StreamingResponse(self._sse(tokens, params, carrier, rid, chat), media_type="text/event-stream")
         text, final, logprobs = "", None, []
-        async for delta, added in self._deltas(tokens, params, carrier):
+        async for delta, added in self._deltas(tokens, params, carrier, increments=False):
             text += added
             logprobs += delta.logprobs if not logprobs else delta.logprobs[len(logprobs):]
             final = delta
@@ -300,7 +303,8 @@ class Ingress:
         if tokens is None:
             return pb2.GenerateResponse()
         text, final = "", None
-        async for delta, added in self._deltas(tokens, params, dict(grpc_context.invocation_metadata() or [])):
+        async for delta, added in self._deltas(tokens, params, dict(grpc_context.invocation_metadata() or []),
+                                               increments=False):
             text, final = text + added, delta
         n = len(final.token_ids)
         return pb2.GenerateResponse(text=text, token_ids=final.token_ids, finish_reason=final.finish_reason,

@@ -154,6 +154,19 @@ def test_a_client_that_stops_polling_has_its_requests_aborted(ray_cluster, mtp_c
         assert c.generate(prompts[:1], GREEDY)[0].finish_reason == "length"  # the shard serves on
 
 
+def test_a_request_without_increments_gets_its_first_token_then_only_its_final_output(ray_cluster, mtp_checkpoint,
+                                                                                     prompts, expected):
+    """`generate` waits for whole completions: the decode shard builds and sends no per-step increments for its
+    requests, and the completion is the one a streamed request gets."""
+    with Cluster(config(mtp_checkpoint)) as c:
+        async def deltas(increments: bool) -> list:
+            return [d async for d in c.client.stream(prompts[1], GREEDY, increments=increments)]
+        streamed, quiet = asyncio.run(deltas(True)), asyncio.run(deltas(False))
+    assert [len(d.new_token_ids) for d in streamed] == [1] * GREEDY.max_tokens
+    assert len(quiet) == 2 and quiet[0].token_ids == streamed[0].token_ids
+    assert quiet[1].token_ids == streamed[-1].token_ids == expected[1]
+
+
 def test_bf16_dispatch_keeps_greedy_and_fp8_moves_logprobs_a_bounded_amount(ray_cluster, mtp_checkpoint, prompts,
                                                                            expected, capsys):
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
