@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import ray
 import torch
 
@@ -82,6 +83,7 @@ class ExpertRouter:
             return self._route(layer_id, x, indices, weights)
 
     def _route(self, layer_id: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> list[Route]:
+        # index bookkeeping in NumPy, like the planner's: a few dozen small ops a layer, each a fraction of a torch op
         spec, c = self.spec, self.counters
         d_bytes, c_bytes = self.row_bytes
         plan = plan_dispatch(indices, self.src_gpu, self.placements[layer_id], spec, self.hidden, self.max_nodes,
@@ -90,35 +92,42 @@ class ExpertRouter:
         G = spec.gpus_per_node
         src_node = self.src_gpu // G
         payload = self.payload(x)
-        token = torch.arange(T).repeat_interleave(k)
-        gpu, ids, w = plan.expert_gpu.flatten(), indices.flatten(), weights.flatten().float()
+        token = np.arange(T).repeat(k)
+        gpu, ids, w = plan.expert_gpu.numpy().ravel(), indices.numpy().ravel(), weights.float().numpy().ravel()
         node = gpu // G
+
+        def part(rows: np.ndarray) -> dict:
+            return payload if len(rows) == T else slice_payload(payload, torch.from_numpy(rows))  # rows are sorted
+
+        def assignments(local, sel) -> tuple:
+            return torch.from_numpy(local), torch.from_numpy(ids[sel]), torch.from_numpy(w[sel])
         routes = []
-        for m in torch.unique(node).tolist():
+        for m in np.unique(node).tolist():
             on_m = node == m
             if m == src_node:  # same node: straight to each group, once per (token, GPU)
-                for g in torch.unique(gpu[on_m]).tolist():
+                for g in np.unique(gpu[on_m]).tolist():
                     sel = gpu == g
-                    rows, local = torch.unique(token[sel], return_inverse=True)
-                    sub = slice_payload(payload, rows)
+                    rows, local = np.unique(token[sel], return_inverse=True)
+                    sub = part(rows)
                     if g != self.src_gpu:
                         c.intra_node += payload_bytes(sub) + len(rows) * c_bytes
-                    routes.append(Route(g, rows, sub, {g: (local, ids[sel], w[sel])}, relay=False))
+                    routes.append(Route(g, torch.from_numpy(rows), sub, {g: assignments(local, sel)}, relay=False))
                 continue
-            rows, local = torch.unique(token[on_m], return_inverse=True)  # each token crosses to m once
+            rows, local = np.unique(token[on_m], return_inverse=True)  # each token crosses to m once
             plane = int(plan.plane[0])
             work = {}
-            for g in torch.unique(gpu[on_m]).tolist():
+            for g in np.unique(gpu[on_m]).tolist():
                 sel = gpu[on_m] == g
-                work[g] = (local[sel], ids[on_m][sel], w[on_m][sel])
-            sub = slice_payload(payload, rows)
+                work[g] = (torch.from_numpy(local[sel]), torch.from_numpy(ids[on_m][sel]),
+                           torch.from_numpy(w[on_m][sel]))
+            sub = part(rows)
             sent = payload_bytes(sub) + len(rows) * c_bytes
             c.inter_node += sent
             c.per_plane[plane] += sent
             c.crossings += len(rows)
-            routes.append(Route(m * G + int(plan.relay_local[0]), rows, sub, work, relay=True))
+            routes.append(Route(m * G + int(plan.relay_local[0]), torch.from_numpy(rows), sub, work, relay=True))
         if int(plan.relay_local[0]) != self.src_gpu % G:  # our plane is down: each remote-bound token first
-            remote_tokens = torch.unique(token[node != src_node])  # moves over NVLink to a GPU on a live plane
+            remote_tokens = np.unique(token[node != src_node])  # moves over NVLink to a GPU on a live plane
             c.intra_node += len(remote_tokens) * (d_bytes + c_bytes)
         c.naive_crossings += plan.naive_sends
         c.planned_inter_node += plan.bytes["inter_node"]
@@ -133,6 +142,8 @@ class ExpertRouter:
 
     def combined(self, T: int, routes: list[Route], replies: list) -> torch.Tensor:
         """Sum the groups' replies, one per route (a relay's also reports the bytes it moved in its node)."""
+        if len(routes) == 1 and not routes[0].relay and len(routes[0].rows) == T:  # one group had every token
+            return replies[0].float()
         y = torch.zeros(T, self.hidden)
         for route, reply in zip(routes, replies):
             if route.relay:

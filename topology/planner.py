@@ -15,11 +15,14 @@ expert's primary replica on its group's node, so primaries alone reach at most M
 replica is used only on a node the token already visits. A plan from an unrestricted gate is accepted too,
 and its extra nodes show in `max_nodes_per_token` and the bytes.
 
-Everything is tensor code over all tokens at once; sources may differ per token.
+Everything is array code over all tokens at once; sources may differ per token.
 """
+import functools
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .spec import TopologySpec
@@ -70,6 +73,12 @@ class Placement:
         first_home = torch.where(at_home.any(1), at_home.float().argmax(1), torch.zeros(E, dtype=torch.long))
         self.primary = reps.gather(1, first_home[:, None])[:, 0]
 
+    @functools.cached_property
+    def arrays(self) -> SimpleNamespace:
+        """log2phy, slot_gpu, slot_node and primary as NumPy arrays, for the planner."""
+        return SimpleNamespace(log2phy=self.log2phy.numpy(), slot_gpu=self.slot_gpu.numpy(),
+                               slot_node=self.slot_node.numpy(), primary=self.primary.numpy())
+
     @property
     def num_gpus(self) -> int:
         return self.phy2log.numel() // self.slots_per_gpu
@@ -95,44 +104,47 @@ class DispatchPlan:
         return int(self.nodes_per_token.max()) if self.nodes_per_token.numel() else 0
 
 
-def _occurrence(keys: torch.Tensor) -> torch.Tensor:
+def _occurrence(keys: np.ndarray) -> np.ndarray:
     """For each entry, how many earlier entries have the same key (0, 1, 2, ...)."""
-    order = torch.sort(keys, stable=True).indices
+    order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
-    start = torch.ones_like(sorted_keys, dtype=torch.bool)
+    start = np.ones(len(keys), dtype=bool)
     start[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    idx = torch.arange(keys.numel())
-    first = torch.cummax(torch.where(start, idx, torch.zeros_like(idx)), 0).values
-    occ = torch.empty_like(keys)
+    idx = np.arange(len(keys))
+    first = np.maximum.accumulate(np.where(start, idx, 0))
+    occ = np.empty_like(keys)
     occ[order] = idx - first
     return occ
 
 
-def _choose_replicas(topk_ids: torch.Tensor, src_gpu: torch.Tensor, placement: Placement, n_nodes: int,
-                     max_nodes: Optional[int]) -> torch.Tensor:
+def _choose_replicas(topk_ids: np.ndarray, src_gpu: np.ndarray, placement: Placement, n_nodes: int,
+                     max_nodes: Optional[int]) -> np.ndarray:
     """The physical slot serving each (token, expert), [T, k]: primaries define the token's nodes; replicas
     only on those nodes (see plan_dispatch)."""
-    if placement.log2phy.shape[1] == 1:  # no expert has a second replica: nothing to choose
-        return placement.log2phy[topk_ids, 0]
+    log2phy, slot_node, primary = placement.arrays.log2phy, placement.arrays.slot_node, placement.arrays.primary
+    if log2phy.shape[1] == 1:  # no expert has a second replica: nothing to choose
+        return log2phy[topk_ids, 0]
     T, k = topk_ids.shape
-    home_node = placement.slot_node[placement.primary[topk_ids]]                        # [T, k]
-    visits = torch.zeros(T, n_nodes, dtype=torch.bool).scatter_(1, home_node, True)
-    cand = placement.log2phy[topk_ids]                                                    # [T, k, R]
-    cand_node = placement.slot_node[cand.clamp(min=0)]
-    on_visited = visits.gather(1, cand_node.view(T, -1)).view_as(cand)
+    home_node = slot_node[primary[topk_ids]]                                              # [T, k]
+    rows = np.arange(T)[:, None]
+    visits = np.zeros((T, n_nodes), dtype=bool)
+    visits[rows, home_node] = True
+    cand = log2phy[topk_ids]                                                              # [T, k, R]
+    cand_node = slot_node[np.maximum(cand, 0)]
+    on_visited = visits[rows, cand_node.reshape(T, -1)].reshape(cand.shape)
     n_visits = visits.sum(1)
     # free to use any replica: the limit cannot be broken (nodes + k <= M, or M covers every node), or the
     # routing broke it already (an unrestricted gate), where balance is all that is left to gain
     free_to_roam = (n_visits + k <= max_nodes) | (max_nodes >= n_nodes) | (n_visits > max_nodes) if max_nodes \
-        else torch.zeros(T, dtype=torch.bool)
+        else np.zeros(T, dtype=bool)
     usable = (cand >= 0) & (on_visited | free_to_roam[:, None, None])
     n_usable = usable.sum(-1)                                                             # [T, k] >= 1
     # each source spreads an expert's tokens round-robin over its usable replicas, starting at a replica of
     # its own, so sources planning independently still share the replicas out evenly
-    E = placement.log2phy.shape[0]
-    turn = (_occurrence((src_gpu[:, None] * E + topk_ids).flatten()).view(T, k) + src_gpu[:, None]) % n_usable
+    E = log2phy.shape[0]
+    turn = (_occurrence((src_gpu[:, None] * E + topk_ids).ravel()).reshape(T, k) + src_gpu[:, None]) % n_usable
     pick = (usable.cumsum(-1) == (turn + 1)[..., None]) & usable
-    return cand.gather(2, pick.float().argmax(-1, keepdim=True))[..., 0]
+    return cand[rows, np.arange(k), pick.argmax(-1)]
 
 
 def plan_dispatch(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, placement: Placement, spec: TopologySpec,
@@ -144,42 +156,45 @@ def plan_dispatch(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, placement
     the token exceed M nodes (its nodes + k <= M, or M >= all nodes) or its primaries already exceed M;
     None keeps every token on the nodes its primaries visit. Without `link_loads` the plan leaves out the
     per-link loads and the time estimate (`link_load` and `time_us` empty): a transport executing the plan
-    at every layer needs only the routes and the bytes."""
-    T, k = topk_ids.shape
+    at every layer needs only the routes and the bytes.
+
+    The arithmetic is NumPy's: an MoE layer plans every step for a few dozen tokens, where an array op costs a
+    microsecond or two and a torch op five or more (about 60 ops: 0.3 ms a layer in torch on the demo model)."""
+    topk = topk_ids.numpy() if isinstance(topk_ids, torch.Tensor) else np.asarray(topk_ids)
+    T, k = topk.shape
     G, N = spec.gpus_per_node, spec.nodes
-    src_gpu = torch.as_tensor(src_gpu).expand(T) if torch.as_tensor(src_gpu).dim() == 0 else src_gpu
-    src_node, src_local = src_gpu // G, src_gpu % G
-    slot = _choose_replicas(topk_ids, src_gpu, placement, N, max_nodes)                  # [T, k]
-    gpu = placement.slot_gpu[slot]
+    src = np.asarray(src_gpu.numpy() if isinstance(src_gpu, torch.Tensor) else src_gpu, dtype=np.int64)
+    src = np.full(T, src) if src.ndim == 0 else src
+    src_node, src_local = src // G, src % G
+    slot = _choose_replicas(topk, src, placement, N, max_nodes)                           # [T, k]
+    gpu = placement.arrays.slot_gpu[slot]
     node = gpu // G
 
     # -- routes -----------------------------------------------------------------------------------------
     remote = node != src_node[:, None]
-    token = torch.arange(T)[:, None].expand(T, k)
-    node_pairs = torch.unique((token * N + node)[remote])                                 # (token, node)
+    token = np.arange(T).repeat(k).reshape(T, k)
+    node_pairs = np.unique((token * N + node)[remote])                                    # (token, node)
     pair_token = node_pairs // N
     pair_node = node_pairs % N
-    live = torch.tensor(spec.live_planes)
-    own_plane = torch.tensor([spec.plane_of(l) for l in range(G)])[src_local]           # [T]
-    plane_ok = torch.isin(own_plane, live)
-    plane = torch.where(plane_ok, own_plane, live[src_local % len(live)])               # [T]
-    relay_local = torch.where(plane_ok, src_local, plane if spec.planes > 1 else src_local)
+    live = np.array(spec.live_planes)
+    own_plane = np.array([spec.plane_of(l) for l in range(G)])[src_local]               # [T]
+    plane_ok = np.isin(np.arange(spec.planes), live)[own_plane]
+    plane = np.where(plane_ok, own_plane, live[src_local % len(live)])                  # [T]
+    relay_local = np.where(plane_ok, src_local, plane if spec.planes > 1 else src_local)
     detour = ~plane_ok & (relay_local != src_local)                                       # NVLink hop first
 
     # intra-node forwards from the relay (remote experts) or the source (local experts), once per GPU
     relay_gpu = node * G + relay_local[:, None]
-    from_gpu = torch.where(remote, relay_gpu, src_gpu[:, None].expand(T, k))
+    from_gpu = np.where(remote, relay_gpu, src[:, None])
     forward = gpu != from_gpu
-    gpu_pairs = torch.unique((token * spec.num_gpus + gpu)[forward])
-    detour_tokens = torch.unique(pair_token[detour[pair_token]]) if bool(detour.any()) else pair_token[:0]
+    gpu_pairs = np.unique((token * spec.num_gpus + gpu)[forward])
+    detour_tokens = np.unique(pair_token[detour[pair_token]])
 
     # -- bytes ----------------------------------------------------------------------------------------------
     d = dispatch_bytes if dispatch_bytes is not None else fp8_dispatch_bytes(hidden)  # per token, one way
     c = combine_bytes if combine_bytes is not None else bf16_combine_bytes(hidden)
     per_send = d + c
-    bytes_per_plane = torch.zeros(spec.planes)
-    if len(pair_token):
-        bytes_per_plane.index_add_(0, plane[pair_token], torch.full((len(pair_token),), float(per_send)))
+    bytes_per_plane = np.bincount(plane[pair_token], minlength=spec.planes) * float(per_send)
     n_inter = len(node_pairs)
     n_intra = len(gpu_pairs) + len(detour_tokens)
     bytes_ = {"inter_node": n_inter * per_send, "intra_node": n_intra * per_send,
@@ -189,33 +204,29 @@ def plan_dispatch(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, placement
     link_load, time_us = {}, {}
     if link_loads:
         fwd_token, fwd_gpu = gpu_pairs // spec.num_gpus, gpu_pairs % spec.num_gpus
-        first = torch.zeros(T, spec.num_gpus, dtype=torch.long)
+        first = np.zeros((T, spec.num_gpus), dtype=np.int64)
         first[token[forward], gpu[forward]] = from_gpu[forward]
         fwd_from = first[fwd_token, fwd_gpu]
-        nic_tx = torch.zeros(N, spec.planes)
-        nic_rx = torch.zeros(N, spec.planes)
-        if len(pair_token):
-            p = plane[pair_token]
-            nic_tx.index_put_((src_node[pair_token], p), torch.full((len(p),), float(d)), accumulate=True)
-            nic_rx.index_put_((pair_node, p), torch.full((len(p),), float(d)), accumulate=True)
-            nic_tx.index_put_((pair_node, p), torch.full((len(p),), float(c)), accumulate=True)   # combine back
-            nic_rx.index_put_((src_node[pair_token], p), torch.full((len(p),), float(c)), accumulate=True)
-        nv_tx = torch.zeros(spec.num_gpus)
-        nv_rx = torch.zeros(spec.num_gpus)
-        nv_tx.index_add_(0, fwd_from, torch.full((len(fwd_from),), float(d)))
-        nv_rx.index_add_(0, fwd_gpu, torch.full((len(fwd_gpu),), float(d)))
-        nv_tx.index_add_(0, fwd_gpu, torch.full((len(fwd_gpu),), float(c)))
-        nv_rx.index_add_(0, fwd_from, torch.full((len(fwd_from),), float(c)))
-        if len(detour_tokens):
-            src_g, relay_g = src_gpu[detour_tokens], src_node[detour_tokens] * G + relay_local[detour_tokens]
-            nv_tx.index_add_(0, src_g, torch.full((len(src_g),), float(d)))
-            nv_rx.index_add_(0, relay_g, torch.full((len(src_g),), float(d)))
-            nv_tx.index_add_(0, relay_g, torch.full((len(src_g),), float(c)))
-            nv_rx.index_add_(0, src_g, torch.full((len(src_g),), float(c)))
-        link_load = {"nic_tx": nic_tx, "nic_rx": nic_rx, "nvlink_tx": nv_tx, "nvlink_rx": nv_rx}
+        nic_tx = np.zeros((N, spec.planes))
+        nic_rx = np.zeros((N, spec.planes))
+        p = plane[pair_token]
+        np.add.at(nic_tx, (src_node[pair_token], p), d)
+        np.add.at(nic_rx, (pair_node, p), d)
+        np.add.at(nic_tx, (pair_node, p), c)   # combine back
+        np.add.at(nic_rx, (src_node[pair_token], p), c)
+        nv_tx = np.zeros(spec.num_gpus)
+        nv_rx = np.zeros(spec.num_gpus)
+        src_g, relay_g = src[detour_tokens], src_node[detour_tokens] * G + relay_local[detour_tokens]
+        for a, b in ((fwd_from, fwd_gpu), (src_g, relay_g)):   # forwards, then detours to a live plane
+            np.add.at(nv_tx, a, d)
+            np.add.at(nv_rx, b, d)
+            np.add.at(nv_tx, b, c)
+            np.add.at(nv_rx, a, c)
+        link_load = {name: torch.from_numpy(v.astype(np.float32)) for name, v in
+                     (("nic_tx", nic_tx), ("nic_rx", nic_rx), ("nvlink_tx", nv_tx), ("nvlink_rx", nv_rx))}
 
         def busiest(tx, rx, gbps):
-            return float(torch.maximum(tx.max(), rx.max())) / (gbps * 1e3) if tx.numel() else 0.0  # B/(GB/s) -> us
+            return float(np.maximum(tx.max(), rx.max())) / (gbps * 1e3) if tx.size else 0.0  # B/(GB/s) -> us
         share_d, share_c = d / per_send, c / per_send
         inter_us = busiest(nic_tx, nic_rx, spec.nic_gbps) if n_inter else 0.0
         intra_us = busiest(nv_tx, nv_rx, spec.intra_node_gbps) if n_intra else 0.0
@@ -223,8 +234,11 @@ def plan_dispatch(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, placement
         time_us = {"dispatch": (inter_us + intra_us) * share_d + hops,
                    "combine": (inter_us + intra_us) * share_c + hops}
 
-    nodes_hit = torch.zeros(T, N, dtype=torch.bool).scatter_(1, node, True)
+    nodes_hit = np.zeros((T, N), dtype=bool)
+    nodes_hit[np.arange(T)[:, None], node] = True
     return DispatchPlan(
-        expert_slot=slot, expert_gpu=gpu, nodes_per_token=nodes_hit.sum(1), inter_node_sends=n_inter,
-        naive_sends=int(remote.sum()), bytes=bytes_, bytes_per_plane=bytes_per_plane, link_load=link_load,
-        time_us=time_us, plane=plane, relay_local=relay_local)
+        expert_slot=torch.from_numpy(slot), expert_gpu=torch.from_numpy(gpu),
+        nodes_per_token=torch.from_numpy(nodes_hit.sum(1)), inter_node_sends=n_inter,
+        naive_sends=int(remote.sum()), bytes=bytes_,
+        bytes_per_plane=torch.from_numpy(bytes_per_plane.astype(np.float32)), link_load=link_load,
+        time_us=time_us, plane=torch.from_numpy(plane), relay_local=torch.from_numpy(relay_local))
