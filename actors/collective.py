@@ -32,50 +32,61 @@ PING_EVERY_S = 60.0
 def _tensor(data: bytes, dtype: str, shape: tuple) -> torch.Tensor:
     if not data:
         return torch.empty(shape, dtype=getattr(torch, dtype))
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dtype)).reshape(shape)
+    return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(shape)
+
+
+_NUMPY_DTYPES = {torch.float32, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool}
 
 
 class _Pickler(pickle.Pickler):
     def reducer_override(self, obj):
         if isinstance(obj, torch.Tensor):  # raw bytes: far cheaper than torch's own pickling of storages
             t = obj.detach().contiguous()
-            raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            if not t.numel():
+                raw = b""
+            elif t.dtype in _NUMPY_DTYPES:
+                raw = t.numpy().tobytes()
+            else:  # bfloat16, float8: NumPy has no such types, so their bytes
+                raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
             return _tensor, (raw, str(t.dtype).removeprefix("torch."), tuple(t.shape))
         return NotImplemented
 
 
-def encode(obj: Any) -> torch.Tensor:
+def encode(obj: Any) -> bytes:
     buf = io.BytesIO()
     _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-    return torch.frombuffer(bytearray(buf.getbuffer()), dtype=torch.uint8)
+    return buf.getvalue()
 
 
-def decode(body: torch.Tensor) -> Any:
-    return pickle.loads(body.numpy().tobytes())
+def decode(body) -> Any:
+    """The object of `encode`'s bytes (any bytes-like object)."""
+    return pickle.loads(body)
 
 
-FIRST_BYTES = 16384  # a message's first part: its length (int64) and up to this many bytes of its body
+FIRST_BYTES = 16384  # a message's first part: its length (8 bytes) and up to this many bytes of its body
 
 
 class Outbox:
     """Sends that have not completed yet; their buffers must live until they do. A message goes as a first part
     of fixed size, which holds the whole of a decode step's payload, and a second part with any remainder:
-    one send, not a size and then a body, for all but large (prefill) messages."""
+    one send, not a size and then a body, for all but large (prefill) messages. The parts are built as bytes
+    and handed to torch once each: a torch op costs microseconds, and every MoE layer sends a message each way
+    (building and reading one went from 77 and 50 us to 30 and 41 for a 32-token dispatch)."""
 
     def __init__(self):
         self.pending = []
 
     def send(self, obj: Any, dst: int, group) -> None:
-        body = encode(obj)
-        n = body.numel()
-        first = torch.zeros(FIRST_BYTES, dtype=torch.uint8)
-        first[:8] = torch.tensor([n], dtype=torch.int64).view(torch.uint8)
+        body = memoryview(encode(obj))
+        n = len(body)
         head = min(n, FIRST_BYTES - 8)
+        first = bytearray(FIRST_BYTES)
+        first[:8] = n.to_bytes(8, "little")
         first[8:8 + head] = body[:head]
-        self.pending.append((first, dist.isend(first, dst, group=group)))
-        if n > head:
-            rest = body[head:]
-            self.pending.append((rest, dist.isend(rest, dst, group=group)))
+        parts = [first] + ([bytearray(body[head:])] if n > head else [])
+        for part in parts:
+            t = torch.frombuffer(part, dtype=torch.uint8)
+            self.pending.append((t, dist.isend(t, dst, group=group)))
 
     def flush(self) -> None:
         for _, work in self.pending:
@@ -87,14 +98,14 @@ def receive(group, src: Optional[int] = None) -> tuple[int, Any]:
     """(sender's global rank, message) of the next message from `src`, or from anyone if None."""
     first = torch.empty(FIRST_BYTES, dtype=torch.uint8)
     sender = dist.recv(first, src=src, group=group)
-    n = int(first[:8].view(torch.int64))
+    raw = memoryview(first.numpy())
+    n = int.from_bytes(raw[:8], "little")
     head = min(n, FIRST_BYTES - 8)
-    body = first[8:8 + head]
-    if n > head:
-        rest = torch.empty(n - head, dtype=torch.uint8)
-        dist.recv(rest, src=sender, group=group)
-        body = torch.cat([body, rest])
-    return sender, decode(body)
+    if n == head:
+        return sender, decode(raw[8:8 + head])
+    rest = torch.empty(n - head, dtype=torch.uint8)
+    dist.recv(rest, src=sender, group=group)
+    return sender, decode(bytes(raw[8:8 + head]) + rest.numpy().tobytes())
 
 
 def reply_of(message: Any) -> Any:

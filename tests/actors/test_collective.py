@@ -15,7 +15,7 @@ def test_messages_keep_every_tensor_bit_for_bit():
                         3: (torch.empty(0, dtype=torch.long),) * 3},
                "bf16": x.to(torch.bfloat16)[:, ::2], "scalar": torch.tensor(1.5, dtype=torch.float64)}
     body = encode(message)
-    assert body.dtype == torch.uint8 and body.dim() == 1
+    assert isinstance(body, bytes)
     back = decode(body)
     assert back.keys() == message.keys() and back["op"] == "relay" and back["layer"] == 3
     pairs = [(message["payload"][k], back["payload"][k]) for k in ("fp8", "scale")] + \
