@@ -97,11 +97,12 @@ class AttentionShardWorker:
         """Send a parked latent to the decode shard pulling it (prefill role, NCCL transfer)."""
         self.kv_sender.send(request_id, group_name)
 
-    def join_collective(self, master: str, world_size: int, rank: int) -> None:
-        """Enter the process group of the collective transport (with every other member at once)."""
-        subgroups = collective.join(master, rank, world_size, self.links[0].n_groups, len(self.links))
+    def join_collective(self, master: str, world_size: int, rank: int, pools: dict[int, int]) -> None:
+        """Enter the process group of the collective transport (with every other member at once); `pools`: shard
+        rank -> rank of its pool's first expert group (see collective.join)."""
+        subgroups = collective.join(master, rank, world_size, pools, self.links[0].n_groups, len(self.links))
         for m, link in enumerate(self.links):
-            link.group = subgroups[rank, m]
+            link.group, link.first_rank = subgroups[rank, m], pools[rank]
 
     def ready(self) -> dict:
         return {"role": self.role, "shard": self.shard_id, "gpu_slot": self.src_gpu, "pid": os.getpid(),

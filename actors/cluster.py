@@ -59,7 +59,7 @@ class Cluster:
         self.args = ModelArgs.from_file(self.config.model)
         self.tokenizer = Tokenizer(self.config.model) if Tokenizer.exists(self.config.model) else None
         self.started_ray = False
-        self.groups, self.prefill_shards, self.decode_shards = [], [], []
+        self.groups, self.prefill_groups, self.prefill_shards, self.decode_shards = [], [], [], []
         self.where: dict[str, dict] = {}
         self.client: Optional[ClusterClient] = None
 
@@ -117,32 +117,24 @@ class Cluster:
             raise InputError(f"kv_transfer: nccl puts each attention shard on a GPU of its own: {shards} needed, "
                              f"the Ray cluster has {gpus:g}; use kv_transfer: object_store")
         phy2log = self.placement()
-        slots = len(next(iter(phy2log.values()))) // spec.num_gpus
-        threads = cfg.ray.threads_per_actor
-        for g in range(spec.num_gpus):
-            experts = {layer: p[g * slots:(g + 1) * slots] for layer, p in phy2log.items()}
-            actor = ray.remote(ExpertGroupWorker).options(
-                num_cpus=0, max_concurrency=16, resources={node_resource(g // spec.gpus_per_node): 1},
-                name=None).remote(g, cfg.model, cfg.dtype, experts, threads, spec.num_gpus)
-            self.groups.append(actor)
-        for g, actor in enumerate(self.groups):
-            node = g // spec.gpus_per_node
-            actor.set_peers.remote({h: self.groups[h] for h in range(node * spec.gpus_per_node,
-                                                                     (node + 1) * spec.gpus_per_node)})
+        self.groups = self._start_expert_groups(phy2log, first_rank=0)
+        self.prefill_groups = self.groups if cfg.shared_expert_groups else \
+            self._start_expert_groups(phy2log, first_rank=spec.num_gpus)
         config = cfg.model_dump()
-        for role, count, pool in (("prefill", cfg.prefill_shards, self.prefill_shards),
-                                  ("decode", cfg.decode_shards, self.decode_shards)):
+        for role, count, pool, groups in (("prefill", cfg.prefill_shards, self.prefill_shards, self.prefill_groups),
+                                          ("decode", cfg.decode_shards, self.decode_shards, self.groups)):
             for i in range(count):
                 slot = (len(self.prefill_shards) + len(self.decode_shards)) % spec.num_gpus
                 actor = ray.remote(AttentionShardWorker).options(
                     num_cpus=0, num_gpus=1 if cfg.kv_transfer == "nccl" else 0, max_concurrency=256,
                     resources={node_resource(slot // spec.gpus_per_node): 1},
-                ).remote(role, i, config, phy2log, self.groups, slot, list(self.prefill_shards))
+                ).remote(role, i, config, phy2log, groups, slot, list(self.prefill_shards))
                 pool.append(actor)
         names = [f"expert-group-{g}" for g in range(len(self.groups))] + \
+            ([] if cfg.shared_expert_groups else [f"prefill-expert-group-{g}" for g in range(len(self.groups))]) + \
             [f"prefill-{i}" for i in range(len(self.prefill_shards))] + \
             [f"decode-{i}" for i in range(len(self.decode_shards))]
-        reports = ray.get([a.ready.remote() for a in self.groups + self.prefill_shards + self.decode_shards])
+        reports = ray.get([a.ready.remote() for a in self.expert_groups + self.prefill_shards + self.decode_shards])
         if cfg.transport == "collective":
             self._join_collective()
         if cfg.kv_transfer == "nccl":
@@ -155,14 +147,40 @@ class Cluster:
                                     cfg.engine.kv_cache_tokens, cfg.engine.block_size)
         return self
 
+    @property
+    def expert_groups(self) -> list:
+        """Every expert-group actor: the decode shards' (everyone's when shared), then the prefill shards' own."""
+        return self.groups + ([] if self.prefill_groups is self.groups else self.prefill_groups)
+
+    def _start_expert_groups(self, phy2log: dict[int, list[int]], first_rank: int) -> list:
+        """One pool of expert groups, one actor per GPU slot holding that slot's experts, placed on the slot's
+        node; each group's peers (whom it relays to) are its node's groups of the same pool."""
+        cfg, spec = self.config, self.config.topology_spec
+        slots = len(next(iter(phy2log.values()))) // spec.num_gpus
+        groups = []
+        for g in range(spec.num_gpus):
+            experts = {layer: p[g * slots:(g + 1) * slots] for layer, p in phy2log.items()}
+            groups.append(ray.remote(ExpertGroupWorker).options(
+                num_cpus=0, max_concurrency=16, resources={node_resource(g // spec.gpus_per_node): 1},
+                name=None).remote(g, cfg.model, cfg.dtype, experts, cfg.ray.threads_per_actor, spec.num_gpus,
+                                  first_rank))
+        G = spec.gpus_per_node
+        for g, actor in enumerate(groups):
+            node = g // G
+            actor.set_peers.remote({h: groups[h] for h in range(node * G, (node + 1) * G)})
+        return groups
+
     def _join_collective(self) -> None:
-        """One torch.distributed process group: expert groups are ranks 0..G-1, shards follow."""
-        shards = self.prefill_shards + self.decode_shards
-        world = len(self.groups) + len(shards)
-        master = ray.get(self.groups[0].collective_address.remote())
+        """One torch.distributed process group: the expert groups are ranks 0..G-1 (then the prefill shards' own,
+        G..2G-1, when they have them), the shards follow."""
+        groups, shards = self.expert_groups, self.prefill_shards + self.decode_shards
+        world = len(groups) + len(shards)
+        prefill_first = 0 if self.prefill_groups is self.groups else len(self.groups)
+        pools = {len(groups) + i: prefill_first if i < len(self.prefill_shards) else 0 for i in range(len(shards))}
+        master = ray.get(groups[0].collective_address.remote())
         micro_batches = self.config.engine.micro_batches
-        ray.get([g.join_collective.remote(master, world, micro_batches) for g in self.groups] +
-                [s.join_collective.remote(master, world, len(self.groups) + i) for i, s in enumerate(shards)])
+        ray.get([g.join_collective.remote(master, world, micro_batches, pools) for g in groups] +
+                [s.join_collective.remote(master, world, len(groups) + i, pools) for i, s in enumerate(shards)])
 
     def _pair_kv_groups(self) -> None:
         """A two-rank NCCL group per (prefill, decode) pair for the latent KV hand-off."""
@@ -207,7 +225,7 @@ class Cluster:
             for layer, load in s["tokens_per_expert"].items():
                 prev = tokens_per_expert.get(layer, [0] * len(load))
                 tokens_per_expert[layer] = [a + b for a, b in zip(prev, load)]
-        groups = ray.get([g.stats.remote() for g in self.groups])
+        groups = ray.get([g.stats.remote() for g in self.expert_groups])
         decode = [s for s in shards if s["role"] == "decode"]
         return {
             "where": self.where,
@@ -223,11 +241,12 @@ class Cluster:
             "tokens_per_expert": tokens_per_expert,
             "kv_transfer_bytes": self.kv_transfer_bytes,
             "shards": shards,
+            "expert_groups": groups,
         }
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop every actor this cluster started and wait until their processes have exited."""
-        actors = self.prefill_shards + self.decode_shards + self.groups
+        actors = self.prefill_shards + self.decode_shards + self.expert_groups
         if ray.is_initialized():
             for shard in self.prefill_shards + self.decode_shards:
                 try:
@@ -241,7 +260,7 @@ class Cluster:
             while pids and time.monotonic() < deadline:
                 pids = [pid for pid in pids if _alive(pid)]
                 time.sleep(0.1)
-        self.groups, self.prefill_shards, self.decode_shards = [], [], []
+        self.groups, self.prefill_groups, self.prefill_shards, self.decode_shards = [], [], [], []
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False

@@ -1,9 +1,10 @@
 """The collective transport: dispatch and combine as point-to-point messages of torch.distributed (gloo on the
 CPU) between an attention shard and the expert groups, instead of Ray actor calls.
 
-One process group spans every expert group (ranks 0..G-1) and attention shard (ranks G...). Each shard talks to
-the groups over a subgroup of its own (itself and the groups), so two shards' messages never interleave, and
-each expert group serves every subgroup from a thread of its own. A message is any Python object whose tensors
+One process group spans every expert group (ranks 0..G-1, and G..2G-1 for the prefill shards' own groups when they
+do not share the decode shards') and attention shard (ranks after them). Each shard talks to its pool of groups
+over a subgroup of its own (itself and the groups), so two shards' messages never interleave, and each expert
+group serves the subgroups of its shards from a thread of its own. A message is any Python object whose tensors
 travel as raw bytes (see `Outbox`). An expert group's thread waits for a message
 from anyone in its subgroup (the shard, or a relay of its node), answers it to the sender, and waits again.
 
@@ -117,16 +118,18 @@ def reply_of(message: Any) -> Any:
 
 # ---- the process group ------------------------------------------------------------------------------------------
 
-def join(master: str, rank: int, world_size: int, n_groups: int, micro_batches: int) -> dict[tuple[int, int], Any]:
-    """Enter the cluster's process group (every member calls this at once). Returns the subgroups by (shard
-    rank, micro-batch): one per micro-batch of each shard, so that they never wait on each other's messages.
-    Every member creates all of them, in the same order, as torch.distributed requires."""
+def join(master: str, rank: int, world_size: int, pools: dict[int, int], n_groups: int,
+         micro_batches: int) -> dict[tuple[int, int], Any]:
+    """Enter the cluster's process group (every member calls this at once). `pools` maps each shard's rank to the
+    rank of the first of the `n_groups` expert groups it uses (prefill and decode shards may use pools of their
+    own). Returns the subgroups by (shard rank, micro-batch): one per micro-batch of each shard, so that they never
+    wait on each other's messages. Every member creates all of them, in the same order, as torch.distributed
+    requires."""
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=rank, world_size=world_size,
                                 timeout=TIMEOUT)
-    groups = list(range(n_groups))
-    return {(shard, m): dist.new_group([shard] + groups, timeout=TIMEOUT)
-            for shard in range(n_groups, world_size) for m in range(micro_batches)}
+    return {(shard, m): dist.new_group([shard] + list(range(first, first + n_groups)), timeout=TIMEOUT)
+            for shard, first in sorted(pools.items()) for m in range(micro_batches)}
 
 
 def free_address(host: str) -> str:
@@ -143,15 +146,16 @@ class ShardLink:
 
     def __init__(self, n_groups: int):
         self.group, self.n_groups = None, n_groups   # the subgroup, once the shard has joined
+        self.first_rank = 0                          # the global rank of expert group 0 of the shard's pool
         self.outbox = Outbox()
         self.last_message = time.monotonic()
 
     def send(self, message: dict, group_id: int) -> None:
-        self.outbox.send(message, group_id, self.group)
+        self.outbox.send(message, self.first_rank + group_id, self.group)
         self.last_message = time.monotonic()
 
     def receive(self, group_id: int) -> Any:
-        return reply_of(receive(self.group, group_id)[1])
+        return reply_of(receive(self.group, self.first_rank + group_id)[1])
 
     def ping_if_idle(self) -> None:
         """Keep the groups' receives from timing out while no request comes."""

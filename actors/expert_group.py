@@ -43,10 +43,11 @@ def payload_bytes(payload: dict) -> int:
 
 class ExpertGroupWorker:
     def __init__(self, group_id: int, model: str, dtype: str, experts: dict[int, list[int]], threads: int = 1,
-                 n_groups: int = 1):
-        """experts: MoE layer id -> the logical experts this group holds for it (its physical slots)."""
+                 n_groups: int = 1, first_rank: int = 0):
+        """experts: MoE layer id -> the logical experts this group holds for it (its physical slots). group_id is
+        its GPU slot; its pool's groups hold collective ranks first_rank.. in slot order."""
         torch.set_num_threads(threads)
-        self.group_id, self.n_groups = group_id, n_groups
+        self.group_id, self.n_groups, self.first_rank = group_id, n_groups, first_rank
         self.dtype = DTYPES[dtype]
         ckpt = Checkpoint(model)
         wanted = {(layer, e) for layer, es in experts.items() for e in es}
@@ -136,22 +137,25 @@ class ExpertGroupWorker:
     def collective_address(self) -> str:
         return collective.free_address(ray.util.get_node_ip_address())
 
-    def join_collective(self, master: str, world_size: int, micro_batches: int) -> None:
-        """Enter the process group (with every other member at once), then serve each shard's subgroups."""
-        subgroups = collective.join(master, self.group_id, world_size, self.n_groups, micro_batches)
+    def join_collective(self, master: str, world_size: int, micro_batches: int, pools: dict[int, int]) -> None:
+        """Enter the process group (with every other member at once), then serve the subgroups of the shards
+        whose pool this group is in (`pools`: shard rank -> rank of its pool's first group)."""
+        subgroups = collective.join(master, self.first_rank + self.group_id, world_size, pools, self.n_groups,
+                                    micro_batches)
         for (shard, m), group in subgroups.items():
-            threading.Thread(target=self._serve, args=(group,), daemon=True, name=f"serve-{shard}-{m}").start()
+            if pools[shard] == self.first_rank:
+                threading.Thread(target=self._serve, args=(group,), daemon=True, name=f"serve-{shard}-{m}").start()
 
     def _serve(self, group) -> None:
         outbox = collective.Outbox()
 
         def ask(gid, sub, rows, expert_ids, weights):
             outbox.send({"op": "compute", "layer": message["layer"], "payload": sub, "work": {gid: (rows, expert_ids,
-                         weights)}, "combine_dtype": message["combine_dtype"]}, gid, group)
+                         weights)}, "combine_dtype": message["combine_dtype"]}, self.first_rank + gid, group)
             return gid
 
         def answer(gid):
-            return collective.reply_of(collective.receive(group, gid)[1])
+            return collective.reply_of(collective.receive(group, self.first_rank + gid)[1])
 
         while True:
             sender, message = collective.receive(group)

@@ -44,7 +44,8 @@ class ClusterConfig(BaseModel):
     decode_shards: int = Field(1, ge=1)
     expert_groups: int = Field(4, ge=1, description="expert-group actors, one per topology GPU slot")
     redundant_experts: int = Field(4, ge=0, description="extra physical expert slots for EPLB replicas")
-    shared_expert_groups: bool = Field(True, description="prefill and decode shards use the same expert groups")
+    shared_expert_groups: bool = Field(True, description="prefill and decode shards use the same expert groups; "
+                                       "false gives the prefill shards a pool of their own (one group per slot)")
     mtp: bool = Field(False, description="MTP speculative decoding on the decode shards")
     transport: Literal["ray", "collective"] = Field(
         "ray", description="dispatch/combine over Ray actor calls, or torch.distributed (gloo) messages")

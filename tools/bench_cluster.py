@@ -5,7 +5,8 @@ against the single-process engine, same demo model and prompts, on this machine.
 
 Layouts: `default` is `ClusterConfig()`'s, four expert groups over two simulated nodes with four redundant
 expert slots (tokens for the other node cross once to a relay group); `one-group` keeps the prefill and
-decode shards apart from one expert group holding every expert (one node, one slot).
+decode shards apart from one expert group holding every expert (one node, one slot); `one-group-each` gives the
+prefill shard an expert group of its own (`shared_expert_groups: false`).
 
 Reports decode tokens/s and TPOT at batch 1 and with 32 concurrent requests, their ratio to the engine, and
 where the decode shard's step time goes: attention and the rest of the shard's own work, dispatch (planning,
@@ -32,7 +33,9 @@ from moeserve.topology.spec import TopologySpec
 
 ONE_SLOT = TopologySpec(name="one-slot", nodes=1, gpus_per_node=1, nics_per_node=1, planes=1, intra_node_gbps=10,
                         nic_gbps=1)
-LAYOUTS = {"default": {}, "one-group": {"topology": ONE_SLOT, "expert_groups": 1, "redundant_experts": 0}}
+LAYOUTS = {"default": {}, "one-group": {"topology": ONE_SLOT, "expert_groups": 1, "redundant_experts": 0},
+           "one-group-each": {"topology": ONE_SLOT, "expert_groups": 1, "redundant_experts": 0,
+                              "shared_expert_groups": False}}
 
 
 REPEATS = 3
