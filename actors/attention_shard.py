@@ -64,7 +64,11 @@ class AttentionShardWorker:
                 return RayExpertTransport(layer, self.router)
         model = load_model(cfg.model, dtype=DTYPES[cfg.dtype], with_mtp=cfg.mtp, make_experts=make_experts)
         tokenizer = Tokenizer(cfg.model) if Tokenizer.exists(cfg.model) else None
-        self.engine = Engine(model, EngineConfig(mtp=cfg.mtp, **cfg.engine.model_dump()), tokenizer)
+        settings = cfg.engine.model_dump()
+        prefill_budget = settings.pop("prefill_max_num_batched_tokens")
+        if role == "prefill":
+            settings["max_num_batched_tokens"] = prefill_budget
+        self.engine = Engine(model, EngineConfig(mtp=cfg.mtp, **settings), tokenizer)
         self.kv_transfer = cfg.kv_transfer
         self.kv_sender = kv_transfer.NcclSender() if role == "prefill" else None
         self.kv_receiver = kv_transfer.NcclReceiver(list(prefill_shards)) if role == "decode" else None

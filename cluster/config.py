@@ -18,7 +18,11 @@ class EngineSettings(BaseModel):
     block_size: int = Field(16, ge=1)
     kv_cache_tokens: int = Field(16384, ge=16, description="latent KV capacity per attention shard, in tokens")
     max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(512, ge=1)
+    max_num_batched_tokens: int = Field(512, ge=1, description="tokens per step on a decode shard (decodes first, "
+                                        "then prefill chunks)")
+    prefill_max_num_batched_tokens: int = Field(
+        2048, ge=1, description="tokens per step on a prefill shard: it has no running decodes for a long step to "
+        "stall, so it takes larger batches (a burst of prompts reaches the decode shards together)")
     prefix_caching: bool = True
     micro_batches: int = Field(1, ge=1, le=8, description="micro-batches per step on an attention shard, "
                                "running in threads so that one computes attention while another waits for "

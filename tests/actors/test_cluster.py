@@ -53,16 +53,18 @@ def expected(mtp_checkpoint, prompts):
     return [o.token_ids for o in LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts, GREEDY)]
 
 
-def config(path, **kw):
-    return ClusterConfig(model=str(path), engine={"kv_cache_tokens": 1024, "block_size": 4}, **kw)
+def config(path, engine=None, **kw):
+    return ClusterConfig(model=str(path), engine={"kv_cache_tokens": 1024, "block_size": 4, **(engine or {})}, **kw)
 
 
 def test_one_prefill_one_decode_two_expert_groups(ray_cluster, mtp_checkpoint, prompts, expected):
     cfg = config(mtp_checkpoint, topology=TWO_NODES_ONE_GPU, expert_groups=2, redundant_experts=2,
-                 dispatch_dtype="float32", combine_dtype="float32")
+                 dispatch_dtype="float32", combine_dtype="float32", engine={"prefill_max_num_batched_tokens": 8})
     with Cluster(cfg) as c:
         assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
         stats = c.stats()
+        prefill_steps = [s["engine"]["steps"] for s in stats["shards"] if s["role"] == "prefill"]
+        assert prefill_steps[0] >= -(-sum(map(len, prompts)) // 8)  # the prefill shard's own budget: 8 a step
         measured, planned = stats["bytes"]["measured"], stats["bytes"]["planned"]
         assert measured == planned and measured["inter_node"] > 0
         a = c.args  # only the latent moved: tokens x layers x (kv_lora_rank + qk_rope_head_dim) x 4 bytes
