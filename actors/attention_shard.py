@@ -125,6 +125,19 @@ class AttentionShardWorker:
             self._open_span(request_id, "prefill", trace, prompt_tokens=len(tokens))
         self._hand_over(request_id, client, change)
 
+    def add_many(self, requests: list[tuple]) -> list[Exception | None]:
+        """`add` for a client's requests of the same moment, each (request_id, tokens, params, trace, client): all
+        are in the inbox before the loop looks, so they share a prefill step. Returns each one's error, or None."""
+        errors = []
+        with self.mail:  # the loop takes the inbox under `mail`: not before the last of them is in
+            for request in requests:
+                try:
+                    self.add(*request)
+                    errors.append(None)
+                except InputError as e:
+                    errors.append(e)
+        return errors
+
     def submit(self, pre: PrefilledSequence, trace: dict | None = None, source: int = 0, client: str = "",
                increments: bool = True) -> None:
         """Continue a prefilled sequence here (decode role); `source` is the prefill shard that computed it,

@@ -46,6 +46,8 @@ class ClusterClient:
         self._queues: dict[int, dict[str, asyncio.Queue]] = {}   # shard -> request -> its outputs
         self._pollers: dict[int, asyncio.Task] = {}
         self._acked: dict[int, int] = {}                          # shard -> last output number taken
+        self._adds: dict[int, tuple[list, asyncio.Future]] = {}   # prefill shard -> adds of this loop turn
+        self._sending: set[asyncio.Task] = set()                  # their calls in flight (held: not collected)
         self.client_id = uuid.uuid4().hex      # shards keep each client's outputs apart
 
     def check(self, tokens: list[int], params: SamplingParams) -> None:
@@ -107,6 +109,35 @@ class ClusterClient:
                 if request_id in queues:
                     queues[request_id].put_nowait(items)
 
+    # ---- adds: those of one event-loop turn go to their prefill shard in one call ---------------------------
+
+    async def _add(self, p: int, request: tuple) -> None:
+        """Add a request to prefill shard p. Every add of the same event-loop turn (a `generate` of many prompts,
+        or requests that reached a Serve replica together) travels in one call and joins the same prefill step;
+        one by one, the first would start a step alone and the rest would wait for it to end."""
+        loop = asyncio.get_running_loop()
+        if p not in self._adds:
+            self._adds[p] = ([], loop.create_future())
+            loop.call_soon(self._send_adds, p)  # after the turn's other tasks have queued theirs
+        batch, errors = self._adds[p]
+        batch.append(request)
+        index = len(batch) - 1
+        error = (await asyncio.shield(errors))[index]  # shielded: one cancelled request leaves the others be
+        if error is not None:
+            raise error
+
+    def _send_adds(self, p: int) -> None:
+        batch, errors = self._adds.pop(p)
+
+        async def send():
+            try:
+                errors.set_result(await self.prefill_shards[p].add_many.remote(batch))
+            except Exception as e:  # noqa: BLE001  (the shard is gone: every add of the batch fails with it)
+                errors.set_exception(e)
+        task = asyncio.ensure_future(send())
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
     @staticmethod
     async def _next(queue: asyncio.Queue) -> list:
         """The request's next outputs; a shard that lost it (it is gone, or its step failed) raises here."""
@@ -131,7 +162,7 @@ class ClusterClient:
         item = None
         try:
             queue = self._subscribe(shard, rid)
-            await shard.add.remote(rid, tokens, params, trace, self.client_id)
+            await self._add(p, (rid, tokens, params, trace, self.client_id))
             item = (await self._next(queue))[-1]
         finally:
             self.outstanding_prefill[p] -= 1

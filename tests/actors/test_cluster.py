@@ -193,6 +193,16 @@ def test_a_request_without_increments_gets_its_first_token_then_only_its_final_o
     assert quiet[1].token_ids == streamed[-1].token_ids == expected[1]
 
 
+def test_a_burst_of_prompts_shares_one_prefill_step(ray_cluster, mtp_checkpoint, prompts, expected):
+    """The prompts of one `generate` reach the prefill shard in one call: its first step computes them all (68
+    tokens, within the prefill budget) rather than the first alone while the rest wait for the next step."""
+    with Cluster(config(mtp_checkpoint, topology=TWO_NODES_ONE_GPU, expert_groups=2, redundant_experts=0,
+                        dispatch_dtype="float32", combine_dtype="float32")) as c:
+        assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
+        prefill = [s for s in c.stats()["shards"] if s["role"] == "prefill"][0]
+        assert prefill["engine"]["steps"] == 1
+
+
 def test_bf16_dispatch_keeps_greedy_and_fp8_moves_logprobs_a_bounded_amount(ray_cluster, mtp_checkpoint, prompts,
                                                                            expected, capsys):
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
