@@ -126,24 +126,37 @@ class AttentionShardWorker:
         self._hand_over(request_id, client, change)
 
     def add_many(self, requests: list[tuple]) -> list[Exception | None]:
-        """`add` for a client's requests of the same moment, each (request_id, tokens, params, trace, client): all
-        are in the inbox before the loop looks, so they share a prefill step. Returns each one's error, or None."""
+        """`add` for a client's requests of the same moment, each (request_id, tokens, params, trace, client): they
+        share a prefill step. Returns each one's error, or None."""
+        return self._all_at_once(self.add, requests)
+
+    def submit_many(self, requests: list[tuple]) -> list[Exception | None]:
+        """`submit` for hand-offs of the same moment, each (pre, trace, source, client, increments): they join the
+        same decode step. Returns each one's error, or None."""
+        pulled = [(self._attached(pre, source), trace, source, *rest) for pre, trace, source, *rest in requests]
+        return self._all_at_once(self.submit, pulled)  # NCCL pulls done first, outside `mail`
+
+    def _all_at_once(self, call: Callable, requests: list[tuple]) -> list[Exception | None]:
+        """call(*request) for each, under `mail`: the loop takes the inbox under it, so not before the last is in."""
         errors = []
-        with self.mail:  # the loop takes the inbox under `mail`: not before the last of them is in
+        with self.mail:
             for request in requests:
                 try:
-                    self.add(*request)
+                    call(*request)
                     errors.append(None)
                 except InputError as e:
                     errors.append(e)
         return errors
 
+    def _attached(self, pre: PrefilledSequence, source: int) -> PrefilledSequence:
+        """The sequence with its latent here: if it stayed on the prefill shard's GPU, pulled over NCCL."""
+        return self.kv_receiver.attach(pre, source, self.shard_id) if pre.latent.is_meta else pre
+
     def submit(self, pre: PrefilledSequence, trace: dict | None = None, source: int = 0, client: str = "",
                increments: bool = True) -> None:
         """Continue a prefilled sequence here (decode role); `source` is the prefill shard that computed it,
         `client` polls for its outputs: each step's new tokens (`increments`), or the final output alone."""
-        if pre.latent.is_meta:  # the latent stayed on the prefill shard's GPU: pull it over NCCL
-            pre = self.kv_receiver.attach(pre, source, self.shard_id)
+        pre = self._attached(pre, source)
 
         def change():
             self.engine.add_prefilled(pre)

@@ -46,7 +46,7 @@ class ClusterClient:
         self._queues: dict[int, dict[str, asyncio.Queue]] = {}   # shard -> request -> its outputs
         self._pollers: dict[int, asyncio.Task] = {}
         self._acked: dict[int, int] = {}                          # shard -> last output number taken
-        self._adds: dict[int, tuple[list, asyncio.Future]] = {}   # prefill shard -> adds of this loop turn
+        self._batches: dict[tuple, tuple[list, asyncio.Future]] = {}  # (shard, method) -> this loop turn's calls
         self._sending: set[asyncio.Task] = set()                  # their calls in flight (held: not collected)
         self.client_id = uuid.uuid4().hex      # shards keep each client's outputs apart
 
@@ -109,30 +109,32 @@ class ClusterClient:
                 if request_id in queues:
                     queues[request_id].put_nowait(items)
 
-    # ---- adds: those of one event-loop turn go to their prefill shard in one call ---------------------------
+    # ---- adds and hand-offs: those of one event-loop turn go to their shard in one call ----------------------
 
-    async def _add(self, p: int, request: tuple) -> None:
-        """Add a request to prefill shard p. Every add of the same event-loop turn (a `generate` of many prompts,
-        or requests that reached a Serve replica together) travels in one call and joins the same prefill step;
-        one by one, the first would start a step alone and the rest would wait for it to end."""
+    async def _coalesced(self, shard, method: str, request: tuple) -> None:
+        """Call `shard.<method>` (add_many or submit_many) with this request and every other of the same
+        event-loop turn (a `generate` of many prompts, requests that reached a Serve replica together, the
+        hand-offs of one prefill step) in one call: they join the same step there. One by one, the first would
+        start a step alone and the rest would wait for it to end."""
+        key = (id(shard), method)
         loop = asyncio.get_running_loop()
-        if p not in self._adds:
-            self._adds[p] = ([], loop.create_future())
-            loop.call_soon(self._send_adds, p)  # after the turn's other tasks have queued theirs
-        batch, errors = self._adds[p]
+        if key not in self._batches:
+            self._batches[key] = ([], loop.create_future())
+            loop.call_soon(self._send_batch, shard, method, key)  # after the turn's other tasks queued theirs
+        batch, errors = self._batches[key]
         batch.append(request)
         index = len(batch) - 1
         error = (await asyncio.shield(errors))[index]  # shielded: one cancelled request leaves the others be
         if error is not None:
             raise error
 
-    def _send_adds(self, p: int) -> None:
-        batch, errors = self._adds.pop(p)
+    def _send_batch(self, shard, method: str, key: tuple) -> None:
+        batch, errors = self._batches.pop(key)
 
         async def send():
             try:
-                errors.set_result(await self.prefill_shards[p].add_many.remote(batch))
-            except Exception as e:  # noqa: BLE001  (the shard is gone: every add of the batch fails with it)
+                errors.set_result(await getattr(shard, method).remote(batch))
+            except Exception as e:  # noqa: BLE001  (the shard is gone: every request of the batch fails with it)
                 errors.set_exception(e)
         task = asyncio.ensure_future(send())
         self._sending.add(task)
@@ -162,7 +164,7 @@ class ClusterClient:
         item = None
         try:
             queue = self._subscribe(shard, rid)
-            await self._add(p, (rid, tokens, params, trace, self.client_id))
+            await self._coalesced(shard, "add_many", (rid, tokens, params, trace, self.client_id))
             item = (await self._next(queue))[-1]
         finally:
             self.outstanding_prefill[p] -= 1
@@ -184,7 +186,7 @@ class ClusterClient:
         completion, logprobs = list(first), list(pre.logprobs)
         try:
             queue = self._subscribe(decode, rid)
-            await decode.submit.remote(pre, trace, p, self.client_id, increments)
+            await self._coalesced(decode, "submit_many", (pre, trace, p, self.client_id, increments))
             while not done:
                 for out in await self._next(queue):
                     if isinstance(out, Increment):  # running: only the new tokens came

@@ -193,14 +193,15 @@ def test_a_request_without_increments_gets_its_first_token_then_only_its_final_o
     assert quiet[1].token_ids == streamed[-1].token_ids == expected[1]
 
 
-def test_a_burst_of_prompts_shares_one_prefill_step(ray_cluster, mtp_checkpoint, prompts, expected):
-    """The prompts of one `generate` reach the prefill shard in one call: its first step computes them all (68
-    tokens, within the prefill budget) rather than the first alone while the rest wait for the next step."""
+def test_a_burst_of_prompts_shares_its_prefill_and_decode_steps(ray_cluster, mtp_checkpoint, prompts, expected):
+    """The prompts of one `generate` reach the prefill shard in one call, and their hand-offs the decode shard in
+    one call: one prefill step computes them all (68 tokens, within the prefill budget) and every decode step
+    runs them together, rather than the first alone while the rest wait for the next step."""
     with Cluster(config(mtp_checkpoint, topology=TWO_NODES_ONE_GPU, expert_groups=2, redundant_experts=0,
                         dispatch_dtype="float32", combine_dtype="float32")) as c:
         assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
-        prefill = [s for s in c.stats()["shards"] if s["role"] == "prefill"][0]
-        assert prefill["engine"]["steps"] == 1
+        steps = {s["role"]: s["engine"]["steps"] for s in c.stats()["shards"]}
+        assert steps == {"prefill": 1, "decode": GREEDY.max_tokens - 1}  # the first token comes from the prefill
 
 
 def test_bf16_dispatch_keeps_greedy_and_fp8_moves_logprobs_a_bounded_amount(ray_cluster, mtp_checkpoint, prompts,
