@@ -1,7 +1,8 @@
 """Benchmark: the disaggregated cluster (Ray actors: a prefill shard, a decode shard and the expert groups)
 against the single-process engine, same demo model and prompts, on this machine.
 
-    python tools/bench_cluster.py [--transport ray collective] [--layout default one-group] [--json out.json]
+    python tools/bench_cluster.py [--transport ray collective] [--layout default one-group one-group-each]
+                                  [--dispatch-dtype fp8|bf16|float32] [--json out.json]
 
 Layouts: `default` is `ClusterConfig()`'s, four expert groups over two simulated nodes with four redundant
 expert slots (tokens for the other node cross once to a relay group); `one-group` keeps the prefill and
@@ -89,6 +90,8 @@ def main() -> int:
                    help="the cluster layouts to measure (default: both)")
     p.add_argument("--micro-batches", type=int, nargs="+", default=[1],
                    help="micro-batches per decode step on the shards (engine.micro_batches; default: 1)")
+    p.add_argument("--dispatch-dtype", choices=["fp8", "bf16", "float32"], default="fp8",
+                   help="token payload to the experts (dispatch_dtype; default fp8, the cluster's default)")
     p.add_argument("--threads-per-actor", type=int, default=1,
                    help="torch threads in each actor (ray.threads_per_actor; default: 1)")
     p.add_argument("--json", type=Path)
@@ -105,7 +108,7 @@ def main() -> int:
     runs = [(layout, transport, mb) for layout in a.layout for transport in a.transport for mb in a.micro_batches]
     for layout, transport, mb in runs:
         print(f"cluster, {layout} layout, {transport} transport, {mb} micro-batches ...", file=sys.stderr, flush=True)
-        config = ClusterConfig(transport=transport, engine={"micro_batches": mb},
+        config = ClusterConfig(transport=transport, engine={"micro_batches": mb}, dispatch_dtype=a.dispatch_dtype,
                                ray={"threads_per_actor": a.threads_per_actor}, **LAYOUTS[layout])
         engine = LLM()  # a fresh one for each configuration: its prefix cache must not remember the prompts
         engine.generate(workloads["warm"], params)
