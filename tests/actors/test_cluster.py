@@ -86,7 +86,11 @@ def test_one_prefill_one_decode_two_expert_groups(ray_cluster, mtp_checkpoint, p
             ray.get(shard.add.remote("twice", prompts[0], GREEDY, None, "nobody"))
         with pytest.raises(InputError, match="empty"):
             ray.get(shard.add.remote("empty", [], GREEDY, None, "nobody"))
-        ray.get(shard.abort.remote("twice"))
+        # several at once (a client's burst): a bad one is refused alone, the others are taken
+        ok, again = ray.get(shard.add_many.remote([("batch-1", prompts[1], GREEDY, None, "nobody"),
+                                                   ("batch-1", prompts[0], GREEDY, None, "nobody")]))
+        assert ok is None and isinstance(again, InputError) and "already in use" in str(again)
+        ray.get([shard.abort.remote("twice"), shard.abort.remote("batch-1")])
     for pid in pids:  # teardown leaves no actor process behind
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
