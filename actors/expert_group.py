@@ -68,7 +68,7 @@ class ExpertGroupWorker:
             self.stack_index[layer] = torch.full((args.n_routed_experts,), -1, dtype=torch.long)
             self.stack_index[layer][ids] = torch.arange(len(ids))
         self.peers: dict[int, "ray.actor.ActorHandle"] = {}
-        self.tokens_computed = 0
+        self.assignments_computed = 0   # (token, expert) pairs computed here, over every layer
         self.compute_s = 0.0
 
     def ready(self) -> dict:
@@ -77,7 +77,7 @@ class ExpertGroupWorker:
                 "experts": {layer: sorted(es) for layer, es in self.experts.items()}}
 
     def stats(self) -> dict:
-        return {"group": self.group_id, "tokens_computed": self.tokens_computed, "compute_s": self.compute_s}
+        return {"group": self.group_id, "assignments_computed": self.assignments_computed, "compute_s": self.compute_s}
 
     def set_peers(self, peers: dict) -> None:
         self.peers = peers
@@ -88,7 +88,7 @@ class ExpertGroupWorker:
         """Partial outputs [N, dim] for the N payload rows: sum of weight x expert(row) over the assignments."""
         start = time.perf_counter()
         x = decode_payload(payload, self.dtype)
-        self.tokens_computed += len(rows)
+        self.assignments_computed += len(rows)
         stacked = self.stack_index[layer][expert_ids]
         if (stacked < 0).any():
             missing = sorted(set(expert_ids[stacked < 0].tolist()))

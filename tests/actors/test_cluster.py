@@ -138,7 +138,7 @@ def test_prefill_and_decode_on_expert_groups_of_their_own(ray_cluster, mtp_check
         k = c.args.n_activated_experts
         # a group counts the (token, expert) assignments it computes: k per token and MoE layer, in its own pool
         for pool, tokens in ((prefill_pool, prompt_tokens), (decode_pool, decoded)):
-            assert sum(g["tokens_computed"] for g in pool) == tokens * moe_layers * k
+            assert sum(g["assignments_computed"] for g in pool) == tokens * moe_layers * k
 
 
 def test_a_dead_expert_group_fails_the_requests_with_an_error_not_a_hang(ray_cluster, mtp_checkpoint, prompts):
