@@ -161,17 +161,19 @@ def _cluster_config(a):
 
 
 def _print_placement(where: dict) -> None:
-    print(f"{'actor':<16}{'topology node':>14}{'gpu':>5}  {'pid':>7}  ray node")
+    width = max(len("actor"), *map(len, where)) + 2
+    print(f"{'actor':<{width}}{'topology node':>14}{'gpu':>5}  {'pid':>7}  ray node")
     for name, w in where.items():
-        print(f"{name:<16}{w['topology_node']:>14}{w['gpu']:>5}  {w['pid']:>7}  {w['ray_node'][:12]}")
+        print(f"{name:<{width}}{w['topology_node']:>14}{w['gpu']:>5}  {w['pid']:>7}  {w['ray_node'][:12]}")
 
 
 def cmd_cluster(a: argparse.Namespace) -> int:
     from moeserve.actors.cluster import Cluster
     from moeserve.cluster import SamplingParams
     cfg = _cluster_config(a)
+    pools = "" if cfg.shared_expert_groups else " (and as many for the prefill shards alone)"
     print(f"starting {cfg.prefill_shards} prefill + {cfg.decode_shards} decode shards and {cfg.expert_groups} expert "
-          f"groups on {cfg.topology_spec.name} ...", file=sys.stderr, flush=True)
+          f"groups{pools} on {cfg.topology_spec.name} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     with Cluster(cfg) as cluster:
         print(f"ready in {time.perf_counter() - start:.1f}s", file=sys.stderr)
