@@ -120,18 +120,18 @@ def test_two_decode_shards_four_groups_redundant_replicas_and_mtp(ray_cluster, m
 @pytest.mark.parametrize("transport", ["ray", "collective"])
 def test_prefill_and_decode_on_expert_groups_of_their_own(ray_cluster, mtp_checkpoint, prompts, expected, transport):
     """shared_expert_groups: false gives the prefill shards a pool of expert groups of their own: each pool serves
-    only its shards' tokens, and the outputs are the engine's."""
-    cfg = config(mtp_checkpoint, topology=TWO_NODES_ONE_GPU, expert_groups=2, redundant_experts=2,
+    only its shards' tokens, relaying inside a node to its own pool's groups, and the outputs are the engine's."""
+    cfg = config(mtp_checkpoint, topology="cpu-local", expert_groups=4, redundant_experts=4,
                  shared_expert_groups=False, transport=transport, dispatch_dtype="float32", combine_dtype="float32")
     with Cluster(cfg) as c:
         assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
         stats = c.stats()
-        assert stats["bytes"]["measured"] == stats["bytes"]["planned"]
+        assert stats["bytes"]["measured"] == stats["bytes"]["planned"] and stats["bytes"]["measured"]["intra_node"]
         where = stats["where"]
-        for g in range(2):  # each pool has a group on each topology node, on that node's raylet
+        for g in range(4):  # each pool has a group on each GPU slot, on that slot's node's raylet
             assert where[f"expert-group-{g}"]["ray_node"] == where[f"prefill-expert-group-{g}"]["ray_node"]
-        assert where["expert-group-0"]["ray_node"] != where["expert-group-1"]["ray_node"]
-        decode_pool, prefill_pool = stats["expert_groups"][:2], stats["expert_groups"][2:]
+        assert where["expert-group-0"]["ray_node"] != where["expert-group-2"]["ray_node"]
+        decode_pool, prefill_pool = stats["expert_groups"][:4], stats["expert_groups"][4:]
         prompt_tokens = sum(map(len, prompts))
         decoded = len(prompts) * (GREEDY.max_tokens - 1)  # the prefill shard samples each first token
         moe_layers = sum(c.args.is_moe_layer(i) for i in range(c.args.n_layers))
