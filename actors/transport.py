@@ -117,9 +117,7 @@ class ExpertRouter:
             plane = int(plan.plane[0])
             work = {}
             for g in np.unique(gpu[on_m]).tolist():
-                sel = gpu[on_m] == g
-                work[g] = (torch.from_numpy(local[sel]), torch.from_numpy(ids[on_m][sel]),
-                           torch.from_numpy(w[on_m][sel]))
+                work[g] = assignments(local[gpu[on_m] == g], on_m & (gpu == g))
             sub = part(rows)
             sent = payload_bytes(sub) + len(rows) * c_bytes
             c.inter_node += sent

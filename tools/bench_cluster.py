@@ -72,7 +72,7 @@ def bench_cluster(config: ClusterConfig, engine: LLM, workloads: dict, params) -
     step = spent["decode_steps"]
     share = {
         "attention and the shard's own work": (step - spent["dispatch"] - spent["combine_wait"]) / step,
-        "dispatch (plan, FP8 quantise, send)": spent["dispatch"] / step,
+        "dispatch (plan, quantise, send)": spent["dispatch"] / step,
         "waiting for experts (compute + transfer)": spent["combine_wait"] / step,
     }
     med = statistics.median
@@ -87,7 +87,7 @@ def main() -> int:
     p.add_argument("--transport", choices=["ray", "collective"], nargs="+", default=["ray", "collective"],
                    help="the cluster transports to measure (default: both)")
     p.add_argument("--layout", choices=list(LAYOUTS), nargs="+", default=list(LAYOUTS),
-                   help="the cluster layouts to measure (default: both)")
+                   help="the cluster layouts to measure (default: all)")
     p.add_argument("--micro-batches", type=int, nargs="+", default=[1],
                    help="micro-batches per decode step on the shards (engine.micro_batches; default: 1)")
     p.add_argument("--dispatch-dtype", choices=["fp8", "bf16", "float32"], default="fp8",
