@@ -34,11 +34,13 @@ class Increment:
     whole completion (and its log-probabilities) travels once, in the final RequestOutput, not every step."""
     new_token_ids: list[int]
     logprobs: list[float]
+    top_logprobs: list[dict[int, float]]
 
 
 def increment_of(out: RequestOutput) -> Increment:
     new = out.new_token_ids
-    return Increment(new, out.logprobs[len(out.logprobs) - len(new):] if out.logprobs else [])
+    return Increment(new, out.logprobs[len(out.logprobs) - len(new):] if out.logprobs else [],
+                     out.top_logprobs[len(out.top_logprobs) - len(new):] if out.top_logprobs else [])
 
 
 class AttentionShardWorker:
@@ -101,10 +103,10 @@ class AttentionShardWorker:
         """Send a parked latent to the decode shard pulling it (prefill role, NCCL transfer)."""
         self.kv_sender.send(request_id, group_name)
 
-    def join_collective(self, master: str, world_size: int, rank: int, pools: dict[int, int]) -> None:
+    def join_collective(self, init_method: str, world_size: int, rank: int, pools: dict[int, int]) -> None:
         """Enter the process group of the collective transport (with every other member at once); `pools`: shard
         rank -> rank of its pool's first expert group (see collective.join)."""
-        subgroups = collective.join(master, rank, world_size, pools, self.links[0].n_groups, len(self.links))
+        subgroups = collective.join(init_method, rank, world_size, pools, self.links[0].n_groups, len(self.links))
         for m, link in enumerate(self.links):
             link.group, link.first_rank = subgroups[rank, m], pools[rank]
 
@@ -323,7 +325,8 @@ class AttentionShardWorker:
         sent = []
         for out in outputs:
             if out.finished:
-                sent.append((out.request_id, out, True))
+                failed = out.error and RuntimeError(f"{self.role} shard {self.shard_id}: request failed: {out.error}")
+                sent.append((out.request_id, failed or out, True))
                 self.streaming.discard(out.request_id)
             elif out.request_id in self.streaming:
                 sent.append((out.request_id, increment_of(out), False))

@@ -103,7 +103,10 @@ def cmd_cost(a: argparse.Namespace) -> int:
     print(f"  KV cache per token  {report['kv_bytes_per_token']:,.0f} B (BF16)")
     for name, value in report["kv_bytes_per_token_alternatives"].items():
         print(f"      {name:<30}{value:>12,.0f} B")
-    print(f"  training compute    {report['train_gflops_per_token']:.4g} GFLOPs per token at sequence length {a.seq_len}")
+    print(f"  training compute    {report['train_gflops_per_token']:.4g} GFLOPs per token, config-exact (active "
+          f"parameters + causal attention at sequence length {a.seq_len})")
+    print(f"                      {report['train_gflops_per_token_classic']:.4g} GFLOPs per token, classic dense estimate "
+          f"6 x (12 x layers x hidden^2 + vocab x hidden)")
     print(f"  decode TPOT         {report['tpot_ms']:.2f} ms ({report['tokens_per_s']:.0f} tokens/s): {t['tokens_per_device']} "
           f"tokens/device x {t['experts_per_token']} experts x hidden {t['hidden']}, FP8 dispatch + BF16 combine over "
           f"{t['link_gbps']:g} GB/s, 2 overlapped micro-batches, {t['layers']} layers")
@@ -250,8 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="describe a checkpoint's architecture and its KV-cache cost",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Read config.json and print the architecture moeserve will build, with the "
-                                   "latent KV cache's bytes per token (kv_lora_rank + qk_rope_head_dim) x layers.")
+                                   "latent KV cache's bytes per token (kv_lora_rank + qk_rope_head_dim) x layers."
+                                   "\n\nexamples:\n  moeserve info --model cluster/models/moeserve-demo\n"
+                                   "  moeserve info --model /models/DeepSeek-V3 --json")
     _add_model(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
@@ -282,9 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("quantize", help="write an FP8 (e4m3, block-scaled) copy of a BF16/FP32 checkpoint",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Quantise the decoder's linear weights to float8_e4m3fn with one "
                                    "weight_scale_inv per block, in DeepSeek-V3's released layout. Embeddings, "
-                                   "heads, norms and the router stay in their source dtype.")
+                                   "heads, norms and the router stay in their source dtype.\n\nexamples:\n"
+                                   "  moeserve quantize --model cluster/models/moeserve-demo --output /tmp/demo-fp8\n"
+                                   "  moeserve generate --model /tmp/demo-fp8 --prompt 'def f('")
     _add_model(p)
     p.add_argument("--output", required=True, metavar="DIR", help="directory for the FP8 checkpoint")
     p.add_argument("--block", type=int, default=128, help="block edge for weight scales (default 128)")
@@ -325,8 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="load-test a running server (loopback only)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Load-test a moeserve server on this machine: Poisson arrivals, bounded in "
-                                   "count and time; reports TTFT/TPOT/end-to-end percentiles and throughput.")
+                                   "count and time; reports TTFT/TPOT/end-to-end percentiles and throughput."
+                                   "\n\nexamples:\n  moeserve bench serve                     # 64 requests to "
+                                   "127.0.0.1:8000\n  moeserve bench serve --requests 128 --clients 32 --rate 8 "
+                                   "--max-tokens 64 --json")
     p.add_argument("target", choices=["serve"], help="what to benchmark")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (loopback only)")
     p.add_argument("--requests", type=int, default=64, help="requests in all (default 64)")
@@ -341,9 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     models = "deepseek-v3, deepseek-v2, qwen2.5-72b, llama3.1-405b, or a config.json / checkpoint directory"
     topologies = "h800-mpft, gb200-nvl72, cpu-local, or a topology YAML"
     p = sub.add_parser("cost", help="KV cache, compute and decode TPOT of a model on a topology",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="The cost model: KV-cache bytes per token (MLA vs MHA/GQA/MQA, sliding window, "
-                                   "8/4-bit caches), parameters, training GFLOPs per token, and the communication-"
-                                   "bound decode TPOT of expert-parallel inference.")
+                                   "8/4-bit caches), parameters, training GFLOPs per token (config-exact, and the "
+                                   "classic dense estimate 6 x (12 L h^2 + V h)), and the communication-bound "
+                                   "decode TPOT of expert-parallel inference.\n\nexamples:\n"
+                                   "  moeserve cost --model deepseek-v3 --topology h800-mpft --hidden 7000\n"
+                                   "  moeserve cost --model qwen2.5-72b            # 394 GFLOPs, the paper's convention\n"
+                                   "  moeserve cost --model /models/DeepSeek-V3 --topology gb200-nvl72 --json")
     p.add_argument("--model", required=True, help=models)
     p.add_argument("--topology", default="h800-mpft", help=topologies + " (default h800-mpft)")
     p.add_argument("--tokens", type=int, default=32, help="tokens per device per decode step (default 32)")
@@ -353,9 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cost)
 
     p = sub.add_parser("simulate", help="run EPLB and the dispatch planner over a routing trace at cluster scale",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Plan a MoE layer's dispatch for every GPU's tokens with the real EPLB and "
                                    "planner; report inter-node bytes per token (naive, node-limited, deduplicated), "
-                                   "per-GPU load balance for each EPLB policy, per-plane bytes and TPOT.")
+                                   "per-GPU load balance for each EPLB policy, per-plane bytes and TPOT.\n\n"
+                                   "examples:\n  moeserve simulate                        # DeepSeek-V3 on h800-mpft,"
+                                   " zipf routing\n  moeserve simulate --nodes 256 --redundant 64 --plot planes.png\n"
+                                   "  moeserve simulate --trace routing.npy --policy hierarchical --json")
     p.add_argument("--model", default="deepseek-v3", help=models + " (default deepseek-v3)")
     p.add_argument("--topology", default="h800-mpft", help=topologies + " (default h800-mpft)")
     p.add_argument("--trace", default="zipf", help="zipf, uniform, or a .pt/.npy file of [tokens, k] expert ids")

@@ -27,7 +27,8 @@ class Delta:
     new_token_ids: list[int]
     token_ids: list[int]                 # the whole completion so far
     finish_reason: Optional[str] = None
-    logprobs: list[float] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)          # of the whole completion so far
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)  # likewise, when asked for
     num_prompt_tokens: int = 0
     kv_bytes: int = 0                    # latent KV handed from the prefill to the decode shard
     final: Optional[RequestOutput] = None
@@ -173,17 +174,18 @@ class ClusterClient:
                 shard.abort.remote(rid)
         if isinstance(item, RequestOutput):
             yield Delta(rid, item.token_ids, item.token_ids, item.finish_reason, item.logprobs or [],
-                        len(item.prompt_token_ids), final=item)
+                        item.top_logprobs or [], len(item.prompt_token_ids), final=item)
             return
         pre: PrefilledSequence = item
         first = pre.token_ids[pre.num_prompt_tokens:]
         self.kv_transfer_bytes += pre.kv_bytes
-        yield Delta(rid, first, first, None, list(pre.logprobs), pre.num_prompt_tokens, kv_bytes=pre.kv_bytes)
+        yield Delta(rid, first, first, None, list(pre.logprobs), list(pre.top_logprobs), pre.num_prompt_tokens,
+                    kv_bytes=pre.kv_bytes)
         d = self.pick_decode()
         self.outstanding_decode[d] += 1
         decode = self.decode_shards[d]
         done = False
-        completion, logprobs = list(first), list(pre.logprobs)
+        completion, logprobs, top_logprobs = list(first), list(pre.logprobs), list(pre.top_logprobs)
         try:
             queue = self._subscribe(decode, rid)
             await self._coalesced(decode, "submit_many", (pre, trace, p, self.client_id, increments))
@@ -192,12 +194,13 @@ class ClusterClient:
                     if isinstance(out, Increment):  # running: only the new tokens came
                         completion += out.new_token_ids
                         logprobs += out.logprobs
+                        top_logprobs += out.top_logprobs
                         yield Delta(rid, out.new_token_ids, list(completion), None, list(logprobs),
-                                    pre.num_prompt_tokens)
+                                    list(top_logprobs), pre.num_prompt_tokens)
                         continue
                     done = True
                     yield Delta(rid, out.new_token_ids, out.token_ids, out.finish_reason, out.logprobs or [],
-                                pre.num_prompt_tokens, final=out)
+                                out.top_logprobs or [], pre.num_prompt_tokens, final=out)
         finally:
             self.outstanding_decode[d] -= 1
             self._unsubscribe(decode, rid)

@@ -9,12 +9,14 @@ declares every node's resource on this one machine, which then plays all the nod
 import logging
 import os
 import secrets
+import shutil
 import socket
 import tempfile
 import time
 from typing import Optional, Sequence as Seq, Union
 
 import ray
+import ray._private.ray_constants as ray_constants
 import torch
 
 from moeserve.cluster.config import ClusterConfig
@@ -31,6 +33,9 @@ from . import kv_transfer
 from .attention_shard import AttentionShardWorker
 from .client import ClusterClient
 from .expert_group import ExpertGroupWorker
+
+LOCAL_ONLY_ENV = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR  # "0": Ray keeps to 127.0.0.1
+
 
 def node_resource(node: int) -> str:
     return f"moeserve-node-{node}"
@@ -62,6 +67,7 @@ class Cluster:
         self.groups, self.prefill_groups, self.prefill_shards, self.decode_shards = [], [], [], []
         self.where: dict[str, dict] = {}
         self.client: Optional[ClusterClient] = None
+        self.private_dir: Optional[str] = None   # the local Ray's temp tree, when this cluster made one
 
     def __enter__(self) -> "Cluster":
         self.start()
@@ -79,8 +85,17 @@ class Cluster:
         if rc.address:
             ray.init(address=rc.address, logging_level=logging.WARNING, log_to_driver=False, runtime_env=runtime_env)
             return
-        temp_dir = rc.temp_dir or tempfile.mkdtemp(prefix="moeserve-ray-")
+        # Ray makes its temp directory world-writable; inside a 0700 directory of ours nobody else can reach it,
+        # and shutdown removes the whole tree
+        self.private_dir = tempfile.mkdtemp(prefix="moeserve-")
+        temp_dir = rc.temp_dir or os.path.join(self.private_dir, "ray")
         os.environ.setdefault("RAY_TMPDIR", temp_dir)
+        # Ray swaps a loopback node address for the machine's own (so that other machines could join) unless it
+        # takes the cluster for one that stays on this machine: tell it so, here and in every process it starts,
+        # and its servers, the object store's and the workers' listen on 127.0.0.1 only
+        self._saved_local_only = os.environ.get(LOCAL_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+        os.environ[LOCAL_ONLY_ENV] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
         # token auth (Ray's default for a new local cluster) with a fresh token handed to Ray's processes through
         # the environment rather than a file in the user's home; a cluster joined by address brings its own
         os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
@@ -177,10 +192,13 @@ class Cluster:
         world = len(groups) + len(shards)
         prefill_first = 0 if self.prefill_groups is self.groups else len(self.groups)
         pools = {len(groups) + i: prefill_first if i < len(self.prefill_shards) else 0 for i in range(len(shards))}
-        master = ray.get(groups[0].collective_address.remote())
+        if self.private_dir is not None:  # one machine: meet through a file only this user can reach
+            init_method = "file://" + os.path.join(self.private_dir, "gloo-rendezvous")
+        else:
+            init_method = "tcp://" + ray.get(groups[0].collective_address.remote())
         micro_batches = self.config.engine.micro_batches
-        ray.get([g.join_collective.remote(master, world, micro_batches, pools) for g in groups] +
-                [s.join_collective.remote(master, world, len(groups) + i, pools) for i, s in enumerate(shards)])
+        ray.get([g.join_collective.remote(init_method, world, micro_batches, pools) for g in groups] +
+                [s.join_collective.remote(init_method, world, len(groups) + i, pools) for i, s in enumerate(shards)])
 
     def _pair_kv_groups(self) -> None:
         """A two-rank NCCL group per (prefill, decode) pair for the latent KV hand-off."""
@@ -264,3 +282,13 @@ class Cluster:
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False
+            if os.environ.get("RAY_TMPDIR", "").startswith(self.private_dir):
+                del os.environ["RAY_TMPDIR"]
+            env, ray_constants.ENABLE_RAY_CLUSTER = self._saved_local_only
+            if env is None:
+                os.environ.pop(LOCAL_ONLY_ENV, None)
+            else:
+                os.environ[LOCAL_ONLY_ENV] = env
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+            self.private_dir = None

@@ -118,7 +118,7 @@ def reply_of(message: Any) -> Any:
 
 # ---- the process group ------------------------------------------------------------------------------------------
 
-def join(master: str, rank: int, world_size: int, pools: dict[int, int], n_groups: int,
+def join(init_method: str, rank: int, world_size: int, pools: dict[int, int], n_groups: int,
          micro_batches: int) -> dict[tuple[int, int], Any]:
     """Enter the cluster's process group (every member calls this at once). `pools` maps each shard's rank to the
     rank of the first of the `n_groups` expert groups it uses (prefill and decode shards may use pools of their
@@ -126,14 +126,16 @@ def join(master: str, rank: int, world_size: int, pools: dict[int, int], n_group
     wait on each other's messages. Every member creates all of them, in the same order, as torch.distributed
     requires."""
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=rank, world_size=world_size,
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=TIMEOUT)
     return {(shard, m): dist.new_group([shard] + list(range(first, first + n_groups)), timeout=TIMEOUT)
             for shard, first in sorted(pools.items()) for m in range(micro_batches)}
 
 
 def free_address(host: str) -> str:
-    """host:port for the process group's rendezvous: a port free on this machine."""
+    """host:port for the process group's rendezvous across machines: a port free on this machine. (A cluster
+    on one machine meets through a file in its private directory instead: torch's TCP rendezvous listens on
+    every interface.)"""
     with socket.socket() as s:
         s.bind((host, 0))
         return f"{host}:{s.getsockname()[1]}"

@@ -137,10 +137,10 @@ class ExpertGroupWorker:
     def collective_address(self) -> str:
         return collective.free_address(ray.util.get_node_ip_address())
 
-    def join_collective(self, master: str, world_size: int, micro_batches: int, pools: dict[int, int]) -> None:
+    def join_collective(self, init_method: str, world_size: int, micro_batches: int, pools: dict[int, int]) -> None:
         """Enter the process group (with every other member at once), then serve the subgroups of the shards
         whose pool this group is in (`pools`: shard rank -> rank of its pool's first group)."""
-        subgroups = collective.join(master, self.first_rank + self.group_id, world_size, pools, self.n_groups,
+        subgroups = collective.join(init_method, self.first_rank + self.group_id, world_size, pools, self.n_groups,
                                     micro_batches)
         for (shard, m), group in subgroups.items():
             if pools[shard] == self.first_rank:

@@ -10,6 +10,7 @@ gRPC metadata and travels on into the shards, which add prefill and decode spans
 """
 import asyncio
 import json
+import math
 import os
 import signal
 import sys
@@ -23,9 +24,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
+from moeserve.cluster.api import defaults
 from moeserve.cluster.api import openai_schema as oa
-from moeserve.cluster.api import stubs  # noqa: F401  registers the message classes gRPC requests unpickle into
+from moeserve.cluster.api import stubs  # also registers the message classes gRPC requests unpickle into
 from moeserve.cluster.config import ClusterConfig
+from moeserve.cluster.llm import encode_prompt
 from moeserve.cluster.sampling_params import SamplingParams
 from moeserve.cluster.tokenizer import IncrementalDecoder, Tokenizer
 from moeserve.kernels.args import ModelArgs
@@ -33,7 +36,7 @@ from moeserve.kernels.errors import InputError
 
 from . import tracing
 from .client import ClusterClient, Delta
-from .cluster import Cluster
+from .cluster import LOCAL_ONLY_ENV, Cluster
 
 MAX_BODY_BYTES = 1 << 20
 GRPC_SERVICER = "moeserve.cluster.api.stubs.add_GenerationServicer_to_server"
@@ -41,16 +44,23 @@ app = FastAPI(title="moeserve", docs_url=None, redoc_url=None)
 
 
 def bind_grpc_host() -> None:
-    """Worker setup hook: Ray Serve's gRPC proxy binds [::] (every interface); bind MOESERVE_GRPC_HOST instead."""
+    """Worker setup hook: Ray Serve's gRPC proxy binds [::] (every interface); bind MOESERVE_GRPC_HOST instead.
+    On a cluster that stays on this machine, a replica's internal gRPC server (also [::]) binds 127.0.0.1."""
     host = os.environ.get("MOESERVE_GRPC_HOST")
-    if not host:
-        return
-    from ray.serve._private import default_impl
-    original = default_impl.add_grpc_address
+    if host:
+        from ray.serve._private import default_impl
+        add_grpc_address = default_impl.add_grpc_address
 
-    def add_grpc_address(server, address):
-        return original(server, address.replace("[::]", host, 1))
-    default_impl.add_grpc_address = add_grpc_address
+        def on_host(server, address):
+            return add_grpc_address(server, address.replace("[::]", host, 1))
+        default_impl.add_grpc_address = on_host
+    if os.environ.get(LOCAL_ONLY_ENV) == "0":
+        from ray.serve._private import replica
+        add_port = replica.add_port_to_grpc_server
+
+        def on_loopback(server, address):
+            return add_port(server, address.replace("[::]", "127.0.0.1", 1))
+        replica.add_port_to_grpc_server = on_loopback
 
 
 class Metrics:
@@ -61,8 +71,8 @@ class Metrics:
         self.ttft = Histogram("moeserve_ttft_seconds", "time to first token", registry=r, buckets=buckets)
         self.tpot = Histogram("moeserve_tpot_seconds", "time per output token after the first", registry=r,
                               buckets=buckets)
-        self.requests = Counter("moeserve_requests", "requests by endpoint and outcome", ["endpoint", "status"],
-                                registry=r)
+        self.requests = Counter("moeserve_requests", "requests by endpoint (HTTP and gRPC) and outcome",
+                                ["endpoint", "status"], registry=r)
         self.queue = Gauge("moeserve_queue_length", "requests waiting in the shards' queues", registry=r)
         self.inflight = Gauge("moeserve_inflight_requests", "requests the ingress is serving", registry=r)
         self.running = Gauge("moeserve_running_sequences", "sequences in the shards' running batches", registry=r)
@@ -98,10 +108,41 @@ class Metrics:
             self.expert_tokens.labels(str(layer), str(e)).set(n)
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+class Admission:
+    """One accepted request's place in the ingress's count of requests in flight; released once, when the
+    request ends, or when it is dropped unstarted (a stream whose client left before its body ran)."""
+
+    def __init__(self, ingress: "Ingress"):
+        self.ingress = ingress
+        ingress.inflight += 1
+        ingress.metrics.inflight.set(ingress.inflight)
+
+    def release(self) -> None:
+        if self.ingress is not None:
+            self.ingress.inflight -= 1
+            self.ingress.metrics.inflight.set(self.ingress.inflight)
+            self.ingress = None
+
+    def __del__(self):
+        self.release()
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error", code: Optional[str] = None):
     return JSONResponse(oa.error_body(message, kind, code=code), status_code=status)
 
 
+# Serve pickles the class by value when it is decorated: whatever its methods use is defined above it.
 @serve.deployment(max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Ingress:
@@ -120,18 +161,20 @@ class Ingress:
 
     # ---- the common path ------------------------------------------------------------------------------------
 
-    def _admit(self) -> None:
+    def _admit(self) -> "Admission":
+        """Count a request in flight from the moment it is accepted (a stream's body runs later, so counting there
+        would let a burst of streams past the limit)."""
         if self.inflight >= self.max_pending:
             raise OverflowError(f"the server is at its limit of {self.max_pending} requests in flight; retry later")
+        return Admission(self)
 
-    async def _deltas(self, tokens: list[int], params: SamplingParams, carrier: dict,
+    async def _deltas(self, tokens: list[int], params: SamplingParams, carrier: dict, admission: "Admission",
                       increments: bool = True) -> AsyncIterator[tuple]:
         """(delta, text added) for each step, or without `increments` for the first token and the end (a
-        response that is not streamed needs no more); times TTFT/TPOT; one span per request with child spans."""
+        response that is not streamed needs no more); times TTFT/TPOT; one span per request with child spans.
+        Releases the request's admission when it ends."""
         from opentelemetry import trace
         ctx = tracing.context_of(carrier)
-        self.inflight += 1
-        self.metrics.inflight.set(self.inflight)
         start = time.perf_counter()
         first_at, n_tokens, text_sent, completion = None, 0, 0, []
         decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
@@ -156,8 +199,7 @@ class Ingress:
                     yield delta, added
             finally:
                 phase.end()
-                self.inflight -= 1
-                self.metrics.inflight.set(self.inflight)
+                admission.release()
                 if first_at is not None and n_tokens > 1:
                     self.metrics.tpot.observe((time.perf_counter() - first_at) / (n_tokens - 1))
                 span.set_attribute("moeserve.completion_tokens", n_tokens)
@@ -170,20 +212,51 @@ class Ingress:
             return delta.final.text  # stop strings already cut
         return decoder.update(delta.token_ids, final=delta.finish_reason is not None) if decoder is not None else ""
 
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer is not None else str(token)
+
+    def _logprobs(self, chat: bool, params: SamplingParams, token_ids: list[int], logprobs: list[float],
+                  top: Optional[list]) -> Optional[dict]:
+        """OpenAI's logprobs object for these tokens (the last len(token_ids) of the request's), or None when the
+        request asked for none."""
+        if params.logprobs is None or not token_ids:
+            return None
+        n = len(token_ids)
+        make = oa.chat_logprobs if chat else oa.completion_logprobs
+        return make(self._token_text, token_ids, logprobs[-n:], top[-n:] if top else None)
+
+    async def _body(self, request: Request):
+        """The request body, or an error response: a body over MAX_BODY_BYTES is refused from its declared
+        length before it is read, or once reading passes the limit."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return None, _error(413, f"request body of {declared} bytes exceeds {MAX_BODY_BYTES}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                return None, _error(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks), None
+
     async def _parse(self, request: Request, schema):
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return None, _error(413, f"request body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+        body, error = await self._body(request)
+        if error is not None:
+            return None, error
         try:
-            data = json.loads(body.decode("utf-8"))
+            data = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
         except UnicodeDecodeError:
             return None, _error(400, "request body is not valid UTF-8")
-        except json.JSONDecodeError as e:
+        except RecursionError:
+            return None, _error(400, "request body is nested too deeply")
+        except ValueError as e:  # JSONDecodeError, NaN/Infinity, integers of more digits than Python reads
             return None, _error(400, f"request body is not valid JSON: {e}")
         if not isinstance(data, dict):
             return None, _error(400, "request body must be a JSON object")
         try:
             parsed = schema(**data)
+        except RecursionError:
+            return None, _error(400, "request body is nested too deeply")
         except ValidationError as e:
             first = e.errors()[0]
             field = ".".join(str(x) for x in first["loc"])
@@ -193,6 +266,11 @@ class Ingress:
                                      f"{self.model_name!r}", code="model_not_found")
         return parsed, None
 
+    def _chat_tokens(self, messages: list) -> list[int]:
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer, so no chat template: use /v1/completions with token ids")
+        return self.tokenizer.apply_chat_template([m.as_template_input() for m in messages])
+
     async def _serve(self, request: Request, chat: bool):
         endpoint = "chat" if chat else "completions"
         parsed, error = await self._parse(request, oa.ChatCompletionRequest if chat else oa.CompletionRequest)
@@ -201,14 +279,13 @@ class Ingress:
             return error
         try:
             if chat:
-                tokens = self.tokenizer.apply_chat_template([m.model_dump() for m in parsed.messages])
+                tokens = self._chat_tokens(parsed.messages)
                 params = parsed.sampling_params(self._default_max_tokens(tokens))
             else:
-                prompt = parsed.prompt_value()
-                tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+                tokens = encode_prompt(self.tokenizer, parsed.prompt_value())
                 params = parsed.sampling_params(self._default_max_tokens(tokens), parsed.logprobs)
             self.client.check(tokens, params)
-            self._admit()
+            admission = self._admit()
         except InputError as e:
             self.metrics.requests.labels(endpoint, "400").inc()
             return _error(400, str(e))
@@ -219,33 +296,34 @@ class Ingress:
         carrier = dict(request.headers)
         self.metrics.requests.labels(endpoint, "200").inc()
         if parsed.stream:
-            return StreamingResponse(self._sse(tokens, params, carrier, rid, chat), media_type="text/event-stream")
-        text, final, logprobs = "", None, []
-        async for delta, added in self._deltas(tokens, params, carrier, increments=False):
-            text += added
-            logprobs += delta.logprobs if not logprobs else delta.logprobs[len(logprobs):]
-            final = delta
+            return StreamingResponse(self._sse(tokens, params, carrier, rid, chat, admission),
+                                     media_type="text/event-stream")
+        text, final = "", None
+        async for delta, added in self._deltas(tokens, params, carrier, admission, increments=False):
+            text, final = text + added, delta
         make = oa.chat_response if chat else oa.completion_response
-        lp = None
-        if params.logprobs is not None:
-            lp = {"token_logprobs": logprobs, "tokens": [self.tokenizer.decode([t]) for t in final.token_ids]}
+        lp = self._logprobs(chat, params, final.token_ids, final.logprobs, final.top_logprobs)
         return make(rid, self.model_name, text, final.finish_reason, len(tokens), len(final.token_ids), lp)
 
     def _default_max_tokens(self, tokens: list[int]) -> int:
-        return max(1, min(256, self.args.max_seq_len - len(tokens)))
+        return defaults.max_tokens(len(tokens), self.args.max_seq_len)
 
-    async def _sse(self, tokens, params, carrier, rid, chat: bool):
-        if chat:
-            yield oa.sse_event(oa.chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}))
-        async for delta, added in self._deltas(tokens, params, carrier):
-            done = delta.finish_reason is not None
-            use = oa.usage(len(tokens), len(delta.token_ids)) if done else None
+    async def _sse(self, tokens, params, carrier, rid, chat: bool, admission: "Admission"):
+        try:
             if chat:
-                yield oa.sse_event(oa.chat_chunk(rid, self.model_name, {"content": added} if added else {},
-                                           delta.finish_reason, use))
-            else:
-                yield oa.sse_event(oa.completion_chunk(rid, self.model_name, added, delta.finish_reason, use))
-        yield "data: [DONE]\n\n"
+                yield oa.sse_event(oa.chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}))
+            async for delta, added in self._deltas(tokens, params, carrier, admission):
+                done = delta.finish_reason is not None
+                use = oa.usage(len(tokens), len(delta.token_ids)) if done else None
+                lp = self._logprobs(chat, params, delta.new_token_ids, delta.logprobs, delta.top_logprobs)
+                if chat:
+                    yield oa.sse_event(oa.chat_chunk(rid, self.model_name, {"content": added} if added else {},
+                                                     delta.finish_reason, use, lp))
+                else:
+                    yield oa.sse_event(oa.completion_chunk(rid, self.model_name, added, delta.finish_reason, use, lp))
+            yield "data: [DONE]\n\n"
+        finally:
+            admission.release()  # a stream whose client left before it began never ran `_deltas`
 
     # ---- HTTP routes ----------------------------------------------------------------------------------------
 
@@ -274,55 +352,63 @@ class Ingress:
 
     # ---- gRPC -----------------------------------------------------------------------------------------------
 
-    def _grpc_request(self, request, grpc_context) -> tuple[Optional[list[int]], Optional[SamplingParams]]:
+    def _grpc_request(self, request, grpc_context, endpoint: str):
+        """(tokens, params, admission) of a valid request, or Nones with the status set on the context."""
+        code = grpc.StatusCode.INVALID_ARGUMENT
         try:
+            if isinstance(request, stubs.UnreadableRequest):
+                raise InputError(request.reason)
             if request.prompt and request.prompt_token_ids:
                 raise InputError("give prompt or prompt_token_ids, not both")
             if not request.prompt and not request.prompt_token_ids:
                 raise InputError("both prompt and prompt_token_ids are empty")
-            if request.prompt and self.tokenizer is None:
-                raise InputError("this model has no tokenizer: send prompt_token_ids")
-            tokens = self.tokenizer.encode(request.prompt) if request.prompt else list(request.prompt_token_ids)
-            params = SamplingParams(max_tokens=request.max_tokens or 16, temperature=request.temperature,
-                                    top_p=request.top_p or 1.0, top_k=request.top_k,
-                                    seed=request.seed or None, stop=list(request.stop), ignore_eos=request.ignore_eos)
+            tokens = encode_prompt(self.tokenizer, request.prompt or list(request.prompt_token_ids))
+
+            def given(name):
+                return getattr(request, name) if request.HasField(name) else None
+            params = defaults.sampling_params(
+                max_tokens=given("max_tokens"), default_max_tokens=self._default_max_tokens(tokens),
+                temperature=given("temperature"), top_p=given("top_p"), seed=given("seed"), top_k=request.top_k,
+                stop=list(request.stop), ignore_eos=request.ignore_eos)
             self.client.check(tokens, params)
-            self._admit()
-            return tokens, params
+            admission = self._admit()
+            self.metrics.requests.labels(endpoint, "OK").inc()
+            return tokens, params, admission
         except InputError as e:
-            grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
             grpc_context.set_details(str(e))
         except OverflowError as e:
-            grpc_context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
             grpc_context.set_details(str(e))
-        return None, None
+        grpc_context.set_code(code)
+        self.metrics.requests.labels(endpoint, code.name).inc()
+        return None, None, None
 
     async def Generate(self, request, grpc_context=None):
-        from moeserve.cluster.api.stubs import pb2
-        tokens, params = self._grpc_request(request, grpc_context)
+        tokens, params, admission = self._grpc_request(request, grpc_context, "grpc_generate")
         if tokens is None:
-            return pb2.GenerateResponse()
+            return stubs.pb2.GenerateResponse()
         text, final = "", None
         async for delta, added in self._deltas(tokens, params, dict(grpc_context.invocation_metadata() or []),
-                                               increments=False):
+                                               admission, increments=False):
             text, final = text + added, delta
         n = len(final.token_ids)
-        return pb2.GenerateResponse(text=text, token_ids=final.token_ids, finish_reason=final.finish_reason,
-                                    request_id=final.request_id,
-                                    usage=pb2.Usage(prompt_tokens=len(tokens), completion_tokens=n,
-                                                    total_tokens=len(tokens) + n))
+        return stubs.pb2.GenerateResponse(text=text, token_ids=final.token_ids, finish_reason=final.finish_reason,
+                                          request_id=final.request_id,
+                                          usage=stubs.pb2.Usage(prompt_tokens=len(tokens), completion_tokens=n,
+                                                                total_tokens=len(tokens) + n))
 
     async def GenerateStream(self, request, grpc_context=None):
-        from moeserve.cluster.api.stubs import pb2
-        tokens, params = self._grpc_request(request, grpc_context)
-        if tokens is None:
-            return
-        async for delta, added in self._deltas(tokens, params, dict(grpc_context.invocation_metadata() or [])):
+        tokens, params, admission = self._grpc_request(request, grpc_context, "grpc_generate_stream")
+        if tokens is None:  # a stream's status travels with an exception; Serve keeps the code set above
+            raise InputError(grpc_context.details())
+        async for delta, added in self._deltas(tokens, params, dict(grpc_context.invocation_metadata() or []),
+                                               admission):
             n = len(delta.token_ids)
-            usage = pb2.Usage(prompt_tokens=len(tokens), completion_tokens=n, total_tokens=len(tokens) + n) \
+            usage = stubs.pb2.Usage(prompt_tokens=len(tokens), completion_tokens=n, total_tokens=len(tokens) + n) \
                 if delta.finish_reason else None
-            yield pb2.GenerateChunk(text=added, token_ids=delta.new_token_ids, finish_reason=delta.finish_reason or "",
-                                    usage=usage, request_id=delta.request_id)
+            yield stubs.pb2.GenerateChunk(text=added, token_ids=delta.new_token_ids,
+                                          finish_reason=delta.finish_reason or "", usage=usage,
+                                          request_id=delta.request_id)
 
 
 # ---- running it -------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: Optional[str]
-    finish_reason: Optional[str]            # "stop", "length", or None while running
+    finish_reason: Optional[str]            # "stop", "length", "error" (see `error`), or None while running
     logprobs: Optional[list[float]] = None  # of each chosen token
     top_logprobs: Optional[list[dict[int, float]]] = None
     prompt_logprobs: Optional[list[Optional[float]]] = None
@@ -55,6 +55,7 @@ class RequestOutput:
     drafts_proposed: int = 0
     drafts_accepted: int = 0
     decode_steps: int = 0
+    error: Optional[str] = None             # with finish_reason "error": what failed, for this request alone
 
     @property
     def finished(self) -> bool:
@@ -192,7 +193,8 @@ class Engine:
         drafting = []
         for b, seq in enumerate(seqs):
             n = len(seq)
-            accepted, alive = self._verify_and_append(seq, logits[b] if seq.params.needs_logits else None, argmax[b])
+            accepted, alive = self._alone(seq, (0, False), self._verify_and_append, seq,
+                                          logits[b] if seq.params.needs_logits else None, argmax[b])
             seq.num_computed_tokens = n + accepted
             seq.num_steps += 1
             if alive and self.config.mtp:
@@ -242,7 +244,7 @@ class Engine:
             alive = True
             if not seq.is_prefilling:
                 last = self.model.logits(h[b, n - 1])
-                alive = self._append(seq, self._sample(seq, last), last)
+                alive = self._alone(seq, False, lambda: self._append(seq, self._sample(seq, last), last))
             if alive and self.config.mtp:
                 drafting.append((b, seq, start, min(n, len(seq) - start - 1)))
         self._draft([d for d in drafting if d[3] > 0], h)
@@ -267,12 +269,26 @@ class Engine:
         for r, (_, seq, _, n) in enumerate(drafting):
             if seq.is_prefilling:
                 continue  # a middle prefill chunk: the MTP cache is filled, no draft yet
-            last, p = logits[r, n - 1], seq.params
-            if p.greedy:
-                seq.draft = Draft(int(greedy(last)))
-            else:
-                q = sampling_probs(last, p.temperature, p.top_k, p.top_p)
-                seq.draft = Draft(int(torch.multinomial(q, 1, generator=seq.generator)[0]), q)
+            seq.draft = self._alone(seq, None, self._draft_token, seq, logits[r, n - 1])
+
+    @staticmethod
+    def _draft_token(seq: Sequence, logits: torch.Tensor) -> Draft:
+        p = seq.params
+        if p.greedy:
+            return Draft(int(greedy(logits)))
+        q = sampling_probs(logits, p.temperature, p.top_k, p.top_p)
+        return Draft(int(torch.multinomial(q, 1, generator=seq.generator)[0]), q)
+
+    @staticmethod
+    def _alone(seq: Sequence, failed, work, *args):
+        """work(*args) for one sequence of the batch; if it raises (a sampler that cannot draw from its
+        distribution, say), that sequence ends with the error and `failed` is returned: the rest of the batch
+        goes on."""
+        try:
+            return work(*args)
+        except Exception as e:  # noqa: BLE001  (reported on this request's output)
+            seq.finish_reason, seq.error = "error", f"{type(e).__name__}: {e}"
+            return failed
 
     # ---- tokens ---------------------------------------------------------------------------------------
 
@@ -337,7 +353,8 @@ class Engine:
             top_logprobs=list(seq.top_logprobs) if p.logprobs else None,
             prompt_logprobs=list(seq.prompt_logprobs) if p.prompt_logprobs is not None else None,
             new_token_ids=completion[tokens_sent:], new_text=new_text or "", num_cached_tokens=seq.num_cached_tokens,
-            drafts_proposed=seq.drafts_proposed, drafts_accepted=seq.drafts_accepted, decode_steps=seq.num_steps)
+            drafts_proposed=seq.drafts_proposed, drafts_accepted=seq.drafts_accepted, decode_steps=seq.num_steps,
+            error=seq.error)
 
     # ---- prefill/decode disaggregation ---------------------------------------------------------------------
 

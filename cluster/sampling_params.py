@@ -1,8 +1,33 @@
 """What a request asks of the sampler and when it stops."""
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 from moeserve.kernels.errors import InputError
+
+# Below this a positive temperature divides float32 logits into overflow (inf - inf = NaN): it is greedy in all
+# but name, so it is refused with that advice rather than served as a sampler that cannot draw.
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 100.0
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+INT32_MAX = 2**31 - 1
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -19,20 +44,39 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None  # None: none; k >= 0: each prompt token's log-probability (+ top-k)
 
     def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+        """Refuse every value the sampler could not honour: wrong types, non-finite or out-of-range numbers."""
+        if not _is_int(self.max_tokens) or not 0 < self.max_tokens <= INT32_MAX:
             raise InputError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        t = self.temperature
+        if not _is_real(t):
+            raise InputError(f"temperature must be a finite number, got {t!r}")
+        if t < 0:
+            raise InputError(f"temperature must be >= 0, got {t}")
+        if 0 < t < MIN_TEMPERATURE:
+            raise InputError(f"temperature {t:g} is below {MIN_TEMPERATURE:g}, where sampling is greedy in all but "
+                             "name and float32 overflows: use 0 for greedy")
+        if t > MAX_TEMPERATURE:
+            raise InputError(f"temperature must be <= {MAX_TEMPERATURE:g}, got {t}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= INT32_MAX:
+            raise InputError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise InputError(f"seed must be an integer in [-2^63, 2^64), got {self.seed!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and not 0 <= value <= 20:
-                raise InputError(f"{name} must be between 0 and 20, got {value}")
+            if value is not None and (not _is_int(value) or not 0 <= value <= 20):
+                raise InputError(f"{name} must be between 0 and 20, got {value!r}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            raise InputError("stop must be a list of strings")
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise InputError(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters")
         if any(not s for s in self.stop):
             raise InputError("stop strings must not be empty")
+        if not all(s.isascii() or _is_unicode(s) for s in self.stop):
+            raise InputError("stop strings must be valid Unicode (no lone surrogates)")
+        if not isinstance(self.stop_token_ids, list) or not all(_is_int(i) for i in self.stop_token_ids):
+            raise InputError("stop_token_ids must be a list of integers")
 
     @property
     def greedy(self) -> bool:

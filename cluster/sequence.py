@@ -42,6 +42,7 @@ class Sequence:
         self.top_logprobs: list[dict[int, float]] = []
         self.prompt_logprobs: list[Optional[float]] = []
         self.finish_reason: Optional[str] = None
+        self.error: Optional[str] = None           # why the request failed (finish_reason "error"), this one alone
         self.stop_text_len: Optional[int] = None  # text is cut here when a stop string matched
         self.text_decoder = None                   # the engine's IncrementalDecoder of the completion
         self.drafts_proposed = 0

@@ -1,5 +1,6 @@
 """The checkpoint's tokenizer (`tokenizer.json`, Hugging Face `tokenizers` format) and its special tokens
 (`tokenizer_config.json`), read without `transformers`."""
+import functools
 import json
 from pathlib import Path
 from typing import Optional
@@ -7,6 +8,10 @@ from typing import Optional
 from tokenizers import Tokenizer as _HFTokenizer
 
 from moeserve.kernels.errors import CheckpointError, InputError
+
+
+class TemplateRefusal(Exception):
+    """A chat template's `raise_exception(message)`."""
 
 
 def _token_text(value) -> Optional[str]:
@@ -35,20 +40,44 @@ class Tokenizer:
         return None if token is None else self._tok.token_to_id(token)
 
     def encode(self, text: str, add_bos: Optional[bool] = None) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates, which no text holds
+            raise InputError(f"the text is not valid Unicode: {e.reason} at character {e.start}") from None
         ids = self._tok.encode(text, add_special_tokens=False).ids
         bos = self.add_bos if add_bos is None else add_bos
         return [self.bos_token_id] + ids if bos and self.bos_token_id is not None else ids
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        """Render the checkpoint's chat template (it writes the BOS token itself) and encode it."""
+        """Render the checkpoint's chat template (it writes the BOS token itself) and encode it. The template
+        comes with the checkpoint, so it runs sandboxed: it can read the messages and call `raise_exception`
+        (as Hugging Face templates do to refuse a conversation), and nothing of Python's internals."""
         if not self.chat_template:
             raise InputError("this model has no chat template; use /v1/completions")
-        import jinja2
-        template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(self.chat_template)
-        text = template.render(messages=messages, add_generation_prompt=True,
-                               bos_token=self._tok.id_to_token(self.bos_token_id) if self.bos_token_id is not None else "",
-                               eos_token=self._tok.id_to_token(self.eos_token_id) if self.eos_token_id is not None else "")
+        try:
+            text = self._template.render(
+                messages=messages, add_generation_prompt=True,
+                bos_token=self._tok.id_to_token(self.bos_token_id) if self.bos_token_id is not None else "",
+                eos_token=self._tok.id_to_token(self.eos_token_id) if self.eos_token_id is not None else "")
+        except TemplateRefusal as e:
+            raise InputError(f"the chat template refused these messages: {e}") from None
+        except Exception as e:  # noqa: BLE001  (a template that fails, or reaches for what the sandbox forbids)
+            raise InputError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
         return self.encode(text, add_bos=False)
+
+    @functools.cached_property
+    def _template(self):
+        from jinja2 import StrictUndefined
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateRefusal(message)
+        env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template)
+        except Exception as e:  # noqa: BLE001  (jinja2's syntax errors)
+            raise CheckpointError(f"the checkpoint's chat template does not parse: {e}") from None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -6,7 +6,12 @@ Conventions (stated because the published figures depend on them):
   kv_lora_rank + qk_rope_head_dim values per layer; GQA caches 2 x kv_heads x head_dim.
 - Training compute per token: 6 x (parameters a token passes through, excluding the input embedding and
   counting only the activated experts) + causal attention, 3 x (2 x layers x heads x (qk_dim + v_dim) x seq)
-  / 2 (forward and backward, half the positions under the causal mask), at sequence length 4096.
+  / 2 (forward and backward, half the positions under the causal mask), at sequence length 4096. This is the
+  config-exact count; it gives DeepSeek-V3's 250 and V2's 155 GFLOPs.
+- The paper's dense figures (394 GFLOPs for Qwen-2.5-72B, 2,448 for LLaMA-3.1-405B) follow instead the classic
+  estimate 6 x (12 x layers x hidden^2 + vocab x hidden) (Kaplan et al.'s 12 L d^2 non-embedding parameters of
+  a transformer with a 4d FFN and full multi-head attention, plus the head), which ignores GQA, the real FFN
+  width and attention over the sequence. Both are reported.
 - TPOT (decode, expert parallel, one expert per GPU): each MoE layer dispatches `tokens_per_device` x
   `experts_per_token` hidden vectors in FP8 (1 byte per value) and combines them in BF16 (2 bytes), over
   the GPU's scale-out link; two micro-batches overlap compute with communication, so a layer costs twice
@@ -104,6 +109,10 @@ class Architecture:
         attention = 2 * self.layers * self.heads * (self.head_dim + self.v_head_dim) * seq_len
         return 6 * self.params(active=True) + 3 * attention / 2
 
+    def classic_train_flops_per_token(self) -> float:
+        """6 x (12 x layers x hidden^2 + vocab x hidden): the dense-model convention of the paper's 394 and 2,448."""
+        return 6 * (12 * self.layers * self.hidden ** 2 + self.vocab * self.hidden)
+
 
 def load_architecture(name_or_path: str) -> Architecture:
     path = MODEL_PRESETS.get(name_or_path) or Path(name_or_path)
@@ -150,6 +159,7 @@ def cost_report(arch: Architecture, spec: TopologySpec, tokens_per_device: int =
         "total_params": arch.params(active=False) + arch.vocab * arch.hidden,
         "active_params": arch.params(active=True),
         "train_gflops_per_token": arch.train_flops_per_token(seq_len) / 1e9, "seq_len": seq_len,
+        "train_gflops_per_token_classic": arch.classic_train_flops_per_token() / 1e9,
         "tpot_ms": tpot, "tokens_per_s": 1e3 / tpot,
         "tpot_assumptions": {"tokens_per_device": tokens_per_device, "experts_per_token": experts,
                              "hidden": hidden, "link_gbps": scale_out_gbps(spec), "dispatch": "fp8 (1 B)",

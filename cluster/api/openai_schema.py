@@ -1,27 +1,31 @@
 """OpenAI-compatible request and response shapes (`/v1/completions`, `/v1/chat/completions`, `/v1/models`),
 and their translation to and from moeserve's own types. Unknown fields are ignored, as OpenAI's clients send
-some we do not use; known fields of the wrong type or out of range are a 400 naming the field."""
+some we do not use; known fields of the wrong type or out of range are a 400 naming the field. A field left out
+takes the default every protocol shares (`defaults.py`)."""
 import json
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 from moeserve.kernels.errors import InputError
 
 from ..sampling_params import SamplingParams
+from . import defaults
+
+Number = Union[StrictInt, StrictFloat]  # JSON numbers, not strings or booleans
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: StrictStr
     max_tokens: Optional[StrictInt] = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: Optional[Number] = None
+    top_p: Optional[Number] = None
     seed: Optional[StrictInt] = None
-    stop: Optional[Union[str, list[str]]] = None
+    stop: Optional[Union[StrictStr, list[StrictStr]]] = None
     stream: StrictBool = False
     n: StrictInt = 1
     ignore_eos: StrictBool = False  # an extension (as in vLLM): keep generating past the end-of-sequence token
@@ -35,40 +39,57 @@ class _Request(BaseModel):
 
     def sampling_params(self, default_max_tokens: int, logprobs: Optional[int]) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(max_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
-                              temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,
-                              logprobs=logprobs, ignore_eos=self.ignore_eos)
+        return defaults.sampling_params(max_tokens=self.max_tokens, default_max_tokens=default_max_tokens,
+                                        temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,
+                                        logprobs=logprobs, ignore_eos=self.ignore_eos)
 
 
 class CompletionRequest(_Request):
-    prompt: Union[str, list[StrictInt], list[str]]
+    prompt: Union[StrictStr, list[StrictInt], list[StrictStr]]
     logprobs: Optional[StrictInt] = None
     echo: StrictBool = False
 
     def prompt_value(self) -> Union[str, list[int]]:
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            if len(self.prompt) != 1:
-                raise InputError("batched prompts are not supported; send one prompt per request")
-            return self.prompt[0]
         if self.echo:
             raise InputError("echo is not supported")
-        return self.prompt
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise InputError("batched prompts are not supported; send one prompt per request")
+            prompt = prompt[0]
+        if not prompt:
+            raise InputError("prompt is empty; give at least one character or token id")
+        return prompt
+
+
+class TextPart(BaseModel):
+    """One part of a message's content given as a list (OpenAI's content parts); text is the only kind here."""
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Union[StrictStr, list[TextPart]]
+
+    def as_template_input(self) -> dict:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": content}
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[StrictInt] = None
     logprobs: StrictBool = False
-    top_logprobs: Optional[StrictInt] = None
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
 
     def sampling_params(self, default_max_tokens: int, logprobs: Optional[int] = None) -> SamplingParams:
-        if self.max_tokens is None and self.max_completion_tokens is not None:
+        if self.max_completion_tokens is not None:  # the newer name of max_tokens
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise InputError(f"max_tokens ({self.max_tokens}) and max_completion_tokens "
+                                 f"({self.max_completion_tokens}) differ; give one")
             self.max_tokens = self.max_completion_tokens
         return super().sampling_params(default_max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
@@ -80,6 +101,34 @@ def completion_id(prefix: str) -> str:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+# ---- log-probabilities in OpenAI's two shapes ---------------------------------------------------------------------
+
+def completion_logprobs(token_text: Callable[[int], str], token_ids: list[int], logprobs: list[float],
+                        top: Optional[list[dict[int, float]]]) -> dict:
+    """The completions endpoint's shape: parallel lists, and per position a dict of the top alternatives
+    (token text -> log-probability) with the chosen token in it, as OpenAI's legacy API gives them."""
+    tokens = [token_text(t) for t in token_ids]
+    offsets, at = [], 0
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    tops = []
+    for i, (token, lp) in enumerate(zip(tokens, logprobs)):
+        alternatives = {token_text(t): v for t, v in (top[i].items() if top else ())}
+        tops.append({**alternatives, token: lp})
+    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(token_text: Callable[[int], str], token_ids: list[int], logprobs: list[float],
+                  top: Optional[list[dict[int, float]]]) -> dict:
+    """The chat endpoint's shape: `content`, one entry per token with its bytes and its top alternatives."""
+    def entry(t: int, lp: float) -> dict:
+        text = token_text(t)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in (top[i].items() if top else ())]}
+                        for i, (t, lp) in enumerate(zip(token_ids, logprobs))]}
 
 
 def completion_response(rid: str, model: str, text: str, finish_reason: Optional[str], prompt_tokens: int,
@@ -98,18 +147,18 @@ def chat_response(rid: str, model: str, text: str, finish_reason: Optional[str],
 
 
 def completion_chunk(rid: str, model: str, text: str, finish_reason: Optional[str] = None,
-                     usage_: Optional[dict] = None) -> dict:
+                     usage_: Optional[dict] = None, logprobs: Optional[dict] = None) -> dict:
     chunk = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+             "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if usage_ is not None:
         chunk["usage"] = usage_
     return chunk
 
 
 def chat_chunk(rid: str, model: str, delta: dict, finish_reason: Optional[str] = None,
-               usage_: Optional[dict] = None) -> dict:
+               usage_: Optional[dict] = None, logprobs: Optional[dict] = None) -> dict:
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if usage_ is not None:
         chunk["usage"] = usage_
     return chunk

@@ -16,6 +16,7 @@ def test_every_command_has_help():
     assert {"info", "generate", "quantize"} <= set(commands)
     for name, sub in commands.items():
         assert sub.description and len(sub.format_help()) > 200, name
+        assert "examples:\n  moeserve " in sub.format_help(), f"{name}: no examples in --help"
 
 
 def test_console_script_help_runs():

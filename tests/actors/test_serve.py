@@ -16,6 +16,7 @@ openai = pytest.importorskip("openai")
 from moeserve.actors.serve import Server  # noqa: E402
 from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
 from moeserve.cluster.api.stubs import GenerationStub, pb2  # noqa: E402
+from tests import fuzz, netstat  # noqa: E402
 
 HTTP_PORT, GRPC_PORT, MAX_PENDING = 18431, 19431, 3
 MODEL = "moeserve-demo"
@@ -97,10 +98,10 @@ def test_models_health_and_metrics(client, server):
 def test_grpc_unary_and_stream_equal_the_engine(server, engine):
     stub = GenerationStub(grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}"))
     expected = greedy(engine, "def main(", 14)
-    response = stub.Generate(pb2.GenerateRequest(prompt="def main(", max_tokens=14))
+    response = stub.Generate(pb2.GenerateRequest(prompt="def main(", max_tokens=14, temperature=0))
     assert response.text == expected.text and list(response.token_ids) == expected.token_ids
     assert response.usage.completion_tokens == 14 and response.finish_reason == expected.finish_reason
-    chunks = list(stub.GenerateStream(pb2.GenerateRequest(prompt="def main(", max_tokens=14)))
+    chunks = list(stub.GenerateStream(pb2.GenerateRequest(prompt="def main(", max_tokens=14, temperature=0)))
     assert "".join(c.text for c in chunks) == expected.text
     assert sum((list(c.token_ids) for c in chunks), []) == expected.token_ids
     with pytest.raises(grpc.RpcError) as err:
@@ -117,6 +118,11 @@ def test_grpc_unary_and_stream_equal_the_engine(server, engine):
     (b'{"model": "gpt-5", "prompt": "x"}', 404, "does not exist"),
     (b'{"model": "moeserve-demo", "prompt": "\xff\xfe"}', 400, "not valid UTF-8"),
     (b'{"model": "moeserve-demo", "prompt": "' + b"a" * (1 << 20) + b'"}', 413, "exceeds"),
+    (b'{"model": "moeserve-demo", "prompt": ""}', 400, "prompt is empty"),
+    (b'{"model": "moeserve-demo", "prompt": "x", "temperature": NaN}', 400, "NaN is not a JSON number"),
+    (b'{"model": "moeserve-demo", "prompt": "x", "temperature": 1e-310}', 400, "use 0 for greedy"),
+    (b'{"model": "moeserve-demo", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b'}', 400, "nested too deeply"),
+    (b'{"model": "moeserve-demo", "prompt": "\\ud800"}', 400, "not valid Unicode"),
 ])
 def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, body, status, message):
     code, payload = post("/v1/completions", body)
@@ -145,6 +151,106 @@ def test_a_full_queue_answers_429(server):
     for t in holders:
         t.join()
     assert code == 429 and "limit" in payload["error"]["message"]
+
+
+def test_malformed_http_bodies_get_a_4xx_never_a_500_or_silence(server, engine):
+    """A seeded fuzz of both endpoints from a grammar of the API; afterwards the server still serves the
+    engine's text."""
+    answers = {}
+    for path, body, what in fuzz.http_cases(seed=16, n=300):
+        code, payload = post(path, body)  # a dropped connection raises here
+        assert 400 <= code < 500 and payload["error"]["message"], (what, code, payload)
+        answers[code] = answers.get(code, 0) + 1
+    assert set(answers) <= {400, 404, 413} and answers[400] > 200
+    out = openai.OpenAI(base_url=f"http://127.0.0.1:{HTTP_PORT}/v1", api_key="unused", max_retries=0) \
+        .completions.create(model=MODEL, prompt="def fibonacci(", max_tokens=12, temperature=0)
+    assert out.choices[0].text == greedy(engine, "def fibonacci(", 12).text
+
+
+def test_malformed_grpc_messages_get_invalid_argument(server, engine):
+    channel = grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}")
+    raw = {"unary": channel.unary_unary("/moeserve.v1.Generation/Generate"),
+           "stream": channel.unary_stream("/moeserve.v1.Generation/GenerateStream")}
+    for i, (body, what) in enumerate(fuzz.grpc_cases(seed=16, n=100, pb2=pb2)):
+        kind = "unary" if i % 2 else "stream"
+        try:
+            reply = raw[kind](body, timeout=60)
+            code, details = grpc.StatusCode.OK, list(reply) if kind == "stream" else reply
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details()
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (what, kind, code, details)
+    stub = GenerationStub(channel)
+    response = stub.Generate(pb2.GenerateRequest(prompt="def main(", max_tokens=10, temperature=0))
+    assert response.text == greedy(engine, "def main(", 10).text
+
+
+def test_grpc_and_http_share_defaults_and_are_counted(server, client):
+    """A request that leaves temperature, top_p and max_tokens out samples alike over both protocols (same seed,
+    same tokens), and both protocols' requests are counted."""
+    http = client.completions.create(model=MODEL, prompt="import os\n", seed=7, extra_body={"ignore_eos": True})
+    stub = GenerationStub(grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}"))
+    rpc = stub.Generate(pb2.GenerateRequest(prompt="import os\n", seed=7, ignore_eos=True))
+    assert rpc.usage.completion_tokens == http.usage.completion_tokens == 256
+    assert rpc.text == http.choices[0].text
+    conn = http_client()
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    assert 'moeserve_requests_total{endpoint="grpc_generate",status="OK"}' in text
+
+
+def http_client():
+    return http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=30)
+
+
+def engine_logprobs(engine, tokens, n, k):
+    out = engine.generate([tokens], SamplingParams(max_tokens=n, temperature=0, logprobs=k))[0]
+    return out, [engine.tokenizer.decode([t], skip_special_tokens=False) for t in out.token_ids]
+
+
+def test_openai_client_reads_completion_logprobs_streamed_and_not(client, engine):
+    expected, texts = engine_logprobs(engine, engine.tokenizer.encode("def fibonacci("), 8, 3)
+    out = client.completions.create(model=MODEL, prompt="def fibonacci(", max_tokens=8, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert lp.tokens == texts
+    assert lp.token_logprobs == pytest.approx(expected.logprobs, abs=1e-4)
+    for i, top in enumerate(lp.top_logprobs):
+        alternatives = {engine.tokenizer.decode([t], skip_special_tokens=False): v
+                        for t, v in expected.top_logprobs[i].items()}
+        assert top == pytest.approx({**alternatives, texts[i]: expected.logprobs[i]}, abs=1e-4)
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model=MODEL, prompt="def fibonacci(", max_tokens=8, temperature=0, logprobs=3, stream=True)]
+    assert sum((c.tokens for c in streamed if c), []) == texts
+    assert sum((c.token_logprobs for c in streamed if c), []) == pytest.approx(expected.logprobs, abs=1e-4)
+    for got, want in zip(sum((c.top_logprobs for c in streamed if c), []), lp.top_logprobs, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_openai_client_reads_chat_logprobs_streamed_and_not(client, engine):
+    messages = [{"role": "user", "content": "class Stack:"}]
+    expected, texts = engine_logprobs(engine, engine.tokenizer.apply_chat_template(messages), 8, 2)
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0, logprobs=True,
+                                         top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert [c.token for c in content] == texts
+    assert [c.logprob for c in content] == pytest.approx(expected.logprobs, abs=1e-4)
+    assert [c.bytes for c in content] == [list(t.encode()) for t in texts]
+    for c, top in zip(content, expected.top_logprobs):
+        assert [a.logprob for a in c.top_logprobs] == pytest.approx(list(top.values()), abs=1e-4)
+        assert [a.token for a in c.top_logprobs] == [engine.tokenizer.decode([t], skip_special_tokens=False)
+                                                     for t in top]
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                            logprobs=True, top_logprobs=2, stream=True)
+    streamed = sum((c.choices[0].logprobs.content for c in stream if c.choices and c.choices[0].logprobs), [])
+    assert [c.model_dump() for c in streamed] == [c.model_dump() for c in content]
+
+
+def test_the_local_cluster_listens_on_loopback_only_and_keeps_its_files_private(server):
+    sockets = netstat.listening(os.getpid())
+    assert len(sockets) > 10  # Ray's servers, every actor's, the proxies: found, not missed
+    assert [s for s in sockets if not netstat.is_loopback(s[2])] == []
+    private = server.cluster.private_dir
+    assert os.stat(private).st_mode & 0o777 == 0o700 and os.stat(private).st_uid == os.getuid()
+    assert os.path.isdir(os.path.join(private, "ray"))  # Ray's own tree (world-writable) sits inside it
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_sequence(server):

@@ -175,6 +175,38 @@ def test_a_bad_request_is_refused_while_the_others_keep_running(model, reference
     assert outs[good].token_ids == expected[0]
 
 
+@pytest.mark.parametrize("mtp", [False, True])
+def test_a_request_whose_sampling_fails_fails_alone(model, mtp_checkpoint, reference, mtp, monkeypatch):
+    """NaN and denormal temperatures (past validation) and an exception in the sampler end their own requests
+    with an error; the greedy requests of the same batches finish with the plain loop's tokens."""
+    prompts, expected = reference
+    if mtp:
+        model = load_model(mtp_checkpoint, dtype=torch.float32, with_mtp=True)
+        expected = [g.token_ids for g in generate(model, prompts, GREEDY.max_tokens)]
+    import moeserve.cluster.engine as engine_module
+    real = engine_module.sampling_probs
+
+    def injected(logits, temperature, top_k, top_p):
+        if top_k == 7:
+            raise RuntimeError("injected sampling failure")
+        return real(logits, temperature, top_k, top_p)
+    monkeypatch.setattr(engine_module, "sampling_probs", injected)
+    engine = Engine(model, EngineConfig(mtp=mtp))
+    good = [engine.add_request(p, GREEDY) for p in prompts]
+    bad = []
+    for temperature in (float("nan"), 1e-310, 0.8):
+        params = SamplingParams(max_tokens=14, temperature=0.8, top_k=7 if temperature == 0.8 else 0, seed=0)
+        bad.append(engine.add_request(prompts[1], params))
+        params.temperature = temperature  # after add_request's validation, as a defect past it would
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert [outs[r].token_ids for r in good] == expected
+    assert all(outs[r].finish_reason == "error" and outs[r].error for r in bad)
+    assert "injected sampling failure" in outs[bad[2]].error
+    assert engine.block_manager.num_free_blocks == len(engine.block_manager.blocks)
+
+
 def test_streamed_increments_add_up_and_abort_frees_blocks(model, reference):
     prompts, expected = reference
     llm = LLM.__new__(LLM)

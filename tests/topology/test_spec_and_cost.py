@@ -48,6 +48,15 @@ def test_training_flops_per_token_match_the_paper(model, gflops, tolerance):
     assert load_architecture(model).train_flops_per_token(4096) / 1e9 == pytest.approx(gflops, rel=tolerance)
 
 
+@pytest.mark.parametrize("model, gflops", [("qwen2.5-72b", 394), ("llama3.1-405b", 2448)])
+def test_dense_figures_of_the_paper_follow_the_classic_estimate(model, gflops):
+    """The paper's dense figures are 6 x (12 L h^2 + V h), rounded to whole GFLOPs; the config-exact count differs."""
+    arch = load_architecture(model)
+    assert round(arch.classic_train_flops_per_token() / 1e9) == gflops
+    report = cost_report(arch, PRESETS["h800-mpft"])
+    assert round(report["train_gflops_per_token_classic"]) == gflops
+
+
 def test_parameter_counts_of_deepseek_v3():
     report = cost_report(load_architecture("deepseek-v3"), PRESETS["h800-mpft"])
     assert report["total_params"] / 1e9 == pytest.approx(671, rel=0.005)
