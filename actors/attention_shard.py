@@ -23,7 +23,7 @@ from moeserve.kernels.load import DTYPES, load_model
 from moeserve.topology.planner import Placement
 
 from . import collective, kv_transfer, tracing
-from .transport import ExpertRouter, RayExpertTransport
+from .transport import ExpertRouter, RayExpertTransport, payload_dtype
 
 STEP_EVENT_EVERY = 8  # decode steps between step events on a request's span
 
@@ -35,6 +35,18 @@ class Increment:
     new_token_ids: list[int]
     logprobs: list[float]
     top_logprobs: list[dict[int, float]]
+
+
+@dataclass
+class HandedOff:
+    """A prefill shard's last word on a request: its prompt is computed and the sequence, latent KV included, has
+    gone straight to `decode_shard`; the client gets the first token (and its log-probabilities) from here."""
+    token_ids: list[int]                 # prompt + the first generated token
+    num_prompt_tokens: int
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float]]
+    kv_bytes: int
+    decode_shard: int
 
 
 def increment_of(out: RequestOutput) -> Increment:
@@ -54,16 +66,18 @@ class AttentionShardWorker:
         args = ModelArgs.from_file(cfg.model)
         placements = {layer: Placement(torch.tensor(p), slots_per_gpu, spec.gpus_per_node, args.n_expert_groups)
                       for layer, p in phy2log.items()}
-        self.router = ExpertRouter(placements, groups, spec, src_gpu, args.dim, cfg.max_nodes, cfg.dispatch_dtype,
-                                   cfg.combine_dtype)
-        self.links = [collective.ShardLink(len(groups)) for _ in range(cfg.engine.micro_batches)] \
+        compute = DTYPES[cfg.dtype]
+        self.router = ExpertRouter(placements, spec, src_gpu, args.dim, cfg.max_nodes,
+                                   payload_dtype(cfg.dispatch_dtype, compute),
+                                   compute if cfg.combine_dtype == "auto" else payload_dtype(cfg.combine_dtype, compute))
+        self.links = [collective.ShardLink(spec, src_gpu, len(groups)) for _ in range(cfg.engine.micro_batches)] \
             if cfg.transport == "collective" else []
         if self.links:
             def make_experts(layer):
                 return collective.CollectiveExpertTransport(layer, self.router, self.links)
         else:
             def make_experts(layer):
-                return RayExpertTransport(layer, self.router)
+                return RayExpertTransport(layer, self.router, groups)
         model = load_model(cfg.model, dtype=DTYPES[cfg.dtype], with_mtp=cfg.mtp, make_experts=make_experts)
         tokenizer = Tokenizer(cfg.model) if Tokenizer.exists(cfg.model) else None
         settings = cfg.engine.model_dump()
@@ -78,6 +92,8 @@ class AttentionShardWorker:
         # for a step: they hand engine changes over through the inbox and take outputs from the outboxes, under
         # `mail`, held only for that. (Behind one lock held through whole steps, a hand-off waits several steps
         # to join the batch, and the batch runs smaller for it.)
+        self.decode_shards: list = []            # a prefill shard's: where it hands its sequences (set_decode_shards)
+        self.handoffs: dict[str, tuple] = {}     # request -> (decode shard, increments, trace), until handed off
         self.lock = threading.Lock()             # the engine's: the loop holds it through a step, stats() to read
         self.mail = threading.Condition()        # the inbox, the outboxes and `requests`
         self.inbox: list[tuple[str, Callable[[], None]]] = []   # (request, engine change), applied between steps
@@ -95,6 +111,9 @@ class AttentionShardWorker:
         self.stopped = False
         threading.Thread(target=self._loop, daemon=True, name=f"{role}-{shard_id}").start()
 
+    def set_decode_shards(self, decode_shards: list) -> None:
+        self.decode_shards = decode_shards
+
     def check_kv_transfer(self) -> None:
         if self.kv_transfer == "nccl":
             kv_transfer.check_nccl()
@@ -103,12 +122,12 @@ class AttentionShardWorker:
         """Send a parked latent to the decode shard pulling it (prefill role, NCCL transfer)."""
         self.kv_sender.send(request_id, group_name)
 
-    def join_collective(self, init_method: str, world_size: int, rank: int, pools: dict[int, int]) -> None:
+    def join_collective(self, init_method: str, world_size: int, rank: int, pools: dict) -> None:
         """Enter the process group of the collective transport (with every other member at once); `pools`: shard
-        rank -> rank of its pool's first expert group (see collective.join)."""
+        rank -> (rank of its pool's first expert group, its GPU slot) (see collective.join)."""
         subgroups = collective.join(init_method, rank, world_size, pools, self.links[0].n_groups, len(self.links))
         for m, link in enumerate(self.links):
-            link.group, link.first_rank = subgroups[rank, m], pools[rank]
+            link.group, link.first_rank = subgroups[rank, m], pools[rank][0]
 
     def ready(self) -> dict:
         return {"role": self.role, "shard": self.shard_id, "gpu_slot": self.src_gpu, "pid": os.getpid(),
@@ -117,26 +136,38 @@ class AttentionShardWorker:
     # ---- requests in ----------------------------------------------------------------------------------------
 
     def add(self, request_id: str, tokens: list[int], params: SamplingParams, trace: dict | None = None,
-            client: str = "") -> None:
-        """Queue a prompt (prefill role: it is handed off once computed); `client` polls for its outputs. A
-        request that can never be served raises InputError here."""
+            client: str = "", decode_shard: int = 0, increments: bool = True) -> None:
+        """Queue a prompt (prefill role: once computed, the sequence goes straight to decode shard
+        `decode_shard`, which sends `client` each step's tokens, or with `increments` False the final output
+        alone); `client` polls here for the first token. A request that can never be served raises InputError."""
         self.engine.check(tokens, params)  # reads only the engine's fixed settings: safe beside a step
+        if self.role == "prefill" and not 0 <= decode_shard < len(self.decode_shards):
+            raise InputError(f"decode shard {decode_shard} does not exist (there are {len(self.decode_shards)})")
 
         def change():
             self.engine.add_request(tokens, params, request_id=request_id)
+            self.handoffs[request_id] = (decode_shard, increments, trace)
             self._open_span(request_id, "prefill", trace, prompt_tokens=len(tokens))
         self._hand_over(request_id, client, change)
 
     def add_many(self, requests: list[tuple]) -> list[Exception | None]:
-        """`add` for a client's requests of the same moment, each (request_id, tokens, params, trace, client): they
-        share a prefill step. Returns each one's error, or None."""
+        """`add` for a client's requests of the same moment, each (request_id, tokens, params, trace, client,
+        decode_shard, increments): they share a prefill step. Returns each one's error, or None."""
         return self._all_at_once(self.add, requests)
 
     def submit_many(self, requests: list[tuple]) -> list[Exception | None]:
-        """`submit` for hand-offs of the same moment, each (pre, trace, source, client, increments): they join the
-        same decode step. Returns each one's error, or None."""
+        """`submit` for hand-offs of the same moment (a prefill shard's step), each (pre, trace, source, client,
+        increments): they join the same decode step. A request refused here gets its error in its client's
+        outbox (the client waits on this shard for it); also returns each one's error, or None."""
         pulled = [(self._attached(pre, source), trace, source, *rest) for pre, trace, source, *rest in requests]
-        return self._all_at_once(self.submit, pulled)  # NCCL pulls done first, outside `mail`
+        errors = self._all_at_once(self.submit, pulled)  # NCCL pulls done first, outside `mail`
+        with self.mail:
+            for (pre, _, _, client, _), error in zip(pulled, errors):
+                if error is not None:
+                    self.requests.setdefault(pre.request_id, client)
+                    self._send(pre.request_id, error, last=True)
+            self.mail.notify_all()
+        return errors
 
     def _all_at_once(self, call: Callable, requests: list[tuple]) -> list[Exception | None]:
         """call(*request) for each, under `mail`: the loop takes the inbox under it, so not before the last is in."""
@@ -227,6 +258,7 @@ class AttentionShardWorker:
             self.engine.abort(request_id)
             self._close_span(request_id, "error")
         self.streaming.clear()
+        self.handoffs.clear()
         return [(request_id, RuntimeError(message), True) for request_id in request_ids]
 
     def abort(self, request_id: str) -> None:
@@ -241,6 +273,7 @@ class AttentionShardWorker:
         def change():
             self.engine.abort(request_id)
             self.streaming.discard(request_id)
+            self.handoffs.pop(request_id, None)
             if self.kv_sender is not None:
                 self.kv_sender.drop(request_id)
             self._close_span(request_id, "aborted")
@@ -325,20 +358,36 @@ class AttentionShardWorker:
         sent = []
         for out in outputs:
             if out.finished:
+                self.handoffs.pop(out.request_id, None)  # finished at its first token: nothing to hand off
                 failed = out.error and RuntimeError(f"{self.role} shard {self.shard_id}: request failed: {out.error}")
                 sent.append((out.request_id, failed or out, True))
                 self.streaming.discard(out.request_id)
             elif out.request_id in self.streaming:
                 sent.append((out.request_id, increment_of(out), False))
         if self.role == "prefill":
-            for seq in self.engine.prefilled():
-                pre = self.engine.take_prefilled(seq)
-                self.kv_bytes_sent += pre.kv_bytes
-                if self.kv_transfer == "nccl":
-                    pre = self.kv_sender.detach(pre)
-                self._close_span(pre.request_id, "handed_off")
-                sent.append((pre.request_id, pre, True))
+            self._hand_off(sent)
         return sent
+
+    def _hand_off(self, sent: list) -> None:
+        """Send each sequence whose prompt is computed straight to its decode shard (one call per shard for the
+        step's sequences); its client gets a HandedOff notice, without the latent."""
+        batches: dict[int, list] = {}
+        with self.mail:
+            clients = {seq.request_id: self.requests.get(seq.request_id, "") for seq in self.engine.prefilled()}
+        for seq in self.engine.prefilled():
+            pre = self.engine.take_prefilled(seq)
+            rid = pre.request_id
+            decode, increments, trace = self.handoffs.pop(rid)
+            self.kv_bytes_sent += pre.kv_bytes
+            notice = HandedOff(list(pre.token_ids), pre.num_prompt_tokens, list(pre.logprobs),
+                               list(pre.top_logprobs), pre.kv_bytes, decode)
+            if self.kv_transfer == "nccl":
+                pre = self.kv_sender.detach(pre)
+            self._close_span(rid, "handed_off")
+            batches.setdefault(decode, []).append((pre, trace, self.shard_id, clients[rid], increments))
+            sent.append((rid, notice, True))
+        for decode, batch in batches.items():
+            self.decode_shards[decode].submit_many.remote(batch)
 
     def stop(self) -> None:
         with self.mail:

@@ -1,6 +1,7 @@
 """The cluster's front door, used by `Cluster.generate` and by the Serve ingress: checks a request, picks a
 prefill shard (prefix-cache affinity: prompts that share their first block go to the same shard; otherwise
-the least busy) and a decode shard (the least busy), hands the latent KV over, and streams the tokens back.
+the least busy) and a decode shard (the least busy), which the prefill shard hands the sequence and its latent
+KV to directly, and streams the tokens back.
 A request whose client goes away is aborted on the shard that holds it, so its cache blocks come back."""
 import asyncio
 import contextvars
@@ -12,12 +13,12 @@ from typing import AsyncIterator, Optional
 
 import ray
 
-from moeserve.cluster.engine import PrefilledSequence, RequestOutput, check_request
+from moeserve.cluster.engine import RequestOutput, check_request
 from moeserve.cluster.sampling_params import SamplingParams
 from moeserve.cluster.tokenizer import Tokenizer
 from moeserve.kernels.args import ModelArgs
 
-from .attention_shard import Increment
+from .attention_shard import HandedOff, Increment
 
 
 @dataclass
@@ -113,9 +114,9 @@ class ClusterClient:
     # ---- adds and hand-offs: those of one event-loop turn go to their shard in one call ----------------------
 
     async def _coalesced(self, shard, method: str, request: tuple) -> None:
-        """Call `shard.<method>` (add_many or submit_many) with this request and every other of the same
-        event-loop turn (a `generate` of many prompts, requests that reached a Serve replica together, the
-        hand-offs of one prefill step) in one call: they join the same step there. One by one, the first would
+        """Call `shard.<method>` (add_many) with this request and every other of the same event-loop turn (a
+        `generate` of many prompts, requests that reached a Serve replica together) in one call: they join the
+        same step there. One by one, the first would
         start a step alone and the rest would wait for it to end."""
         key = (id(shard), method)
         loop = asyncio.get_running_loop()
@@ -157,50 +158,51 @@ class ClusterClient:
         """Prefill, hand off, decode; yields the first token as soon as the prefill shard has it, then each
         decode step's tokens, or with `increments` False only the final output (a caller that waits for the
         whole completion spares the decode shard an output per request per step, and itself a poll per step).
-        `trace` is a W3C trace-context carrier the shards parent their spans on."""
+        The prefilled sequence, latent KV included, goes from the prefill shard straight to the decode shard
+        picked here; only a notice of it comes this way. `trace` is a W3C trace-context carrier the shards
+        parent their spans on."""
         rid = request_id or self.new_id()
-        p = self.pick_prefill(tokens)
+        p, d = self.pick_prefill(tokens), self.pick_decode()
+        prefill, decode = self.prefill_shards[p], self.decode_shards[d]
         self.outstanding_prefill[p] += 1
-        shard = self.prefill_shards[p]
-        item = None
-        try:
-            queue = self._subscribe(shard, rid)
-            await self._coalesced(shard, "add_many", (rid, tokens, params, trace, self.client_id))
-            item = (await self._next(queue))[-1]
-        finally:
-            self.outstanding_prefill[p] -= 1
-            self._unsubscribe(shard, rid)
-            if item is None:  # cancelled while prefilling
-                shard.abort.remote(rid)
-        if isinstance(item, RequestOutput):
-            yield Delta(rid, item.token_ids, item.token_ids, item.finish_reason, item.logprobs or [],
-                        item.top_logprobs or [], len(item.prompt_token_ids), final=item)
-            return
-        pre: PrefilledSequence = item
-        first = pre.token_ids[pre.num_prompt_tokens:]
-        self.kv_transfer_bytes += pre.kv_bytes
-        yield Delta(rid, first, first, None, list(pre.logprobs), list(pre.top_logprobs), pre.num_prompt_tokens,
-                    kv_bytes=pre.kv_bytes)
-        d = self.pick_decode()
         self.outstanding_decode[d] += 1
-        decode = self.decode_shards[d]
-        done = False
-        completion, logprobs, top_logprobs = list(first), list(pre.logprobs), list(pre.top_logprobs)
+        item, done = None, False
         try:
-            queue = self._subscribe(decode, rid)
-            await self._coalesced(decode, "submit_many", (pre, trace, p, self.client_id, increments))
+            # listening to both before anything is sent: the decode shard's first outputs may come before the
+            # prefill shard's notice is read
+            queue, decode_queue = self._subscribe(prefill, rid), self._subscribe(decode, rid)
+            try:
+                await self._coalesced(prefill, "add_many", (rid, tokens, params, trace, self.client_id, d,
+                                                            increments))
+                item = (await self._next(queue))[-1]
+            finally:
+                self.outstanding_prefill[p] -= 1
+                self._unsubscribe(prefill, rid)
+                if item is None:  # cancelled while prefilling
+                    prefill.abort.remote(rid)
+            if isinstance(item, RequestOutput):  # finished with its first token
+                done = True
+                yield Delta(rid, item.token_ids, item.token_ids, item.finish_reason, item.logprobs or [],
+                            item.top_logprobs or [], len(item.prompt_token_ids), final=item)
+                return
+            notice: HandedOff = item
+            first = notice.token_ids[notice.num_prompt_tokens:]
+            self.kv_transfer_bytes += notice.kv_bytes
+            yield Delta(rid, first, first, None, list(notice.logprobs), list(notice.top_logprobs),
+                        notice.num_prompt_tokens, kv_bytes=notice.kv_bytes)
+            completion, logprobs, top_logprobs = list(first), list(notice.logprobs), list(notice.top_logprobs)
             while not done:
-                for out in await self._next(queue):
+                for out in await self._next(decode_queue):
                     if isinstance(out, Increment):  # running: only the new tokens came
                         completion += out.new_token_ids
                         logprobs += out.logprobs
                         top_logprobs += out.top_logprobs
                         yield Delta(rid, out.new_token_ids, list(completion), None, list(logprobs),
-                                    list(top_logprobs), pre.num_prompt_tokens)
+                                    list(top_logprobs), notice.num_prompt_tokens)
                         continue
                     done = True
                     yield Delta(rid, out.new_token_ids, out.token_ids, out.finish_reason, out.logprobs or [],
-                                out.top_logprobs or [], pre.num_prompt_tokens, final=out)
+                                out.top_logprobs or [], notice.num_prompt_tokens, final=out)
         finally:
             self.outstanding_decode[d] -= 1
             self._unsubscribe(decode, rid)

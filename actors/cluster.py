@@ -66,6 +66,7 @@ class Cluster:
         self.started_ray = False
         self.groups, self.prefill_groups, self.prefill_shards, self.decode_shards = [], [], [], []
         self.where: dict[str, dict] = {}
+        self.shard_slots: list[int] = []         # each shard's GPU slot, prefill shards first
         self.client: Optional[ClusterClient] = None
         self.private_dir: Optional[str] = None   # the local Ray's temp tree, when this cluster made one
 
@@ -145,11 +146,13 @@ class Cluster:
                     resources={node_resource(slot // spec.gpus_per_node): 1},
                 ).remote(role, i, config, phy2log, groups, slot, list(self.prefill_shards))
                 pool.append(actor)
+                self.shard_slots.append(slot)
         names = [f"expert-group-{g}" for g in range(len(self.groups))] + \
             ([] if cfg.shared_expert_groups else [f"prefill-expert-group-{g}" for g in range(len(self.groups))]) + \
             [f"prefill-{i}" for i in range(len(self.prefill_shards))] + \
             [f"decode-{i}" for i in range(len(self.decode_shards))]
         reports = ray.get([a.ready.remote() for a in self.expert_groups + self.prefill_shards + self.decode_shards])
+        ray.get([p.set_decode_shards.remote(self.decode_shards) for p in self.prefill_shards])
         if cfg.transport == "collective":
             self._join_collective()
         if cfg.kv_transfer == "nccl":
@@ -177,12 +180,13 @@ class Cluster:
             experts = {layer: p[g * slots:(g + 1) * slots] for layer, p in phy2log.items()}
             groups.append(ray.remote(ExpertGroupWorker).options(
                 num_cpus=0, max_concurrency=16, resources={node_resource(g // spec.gpus_per_node): 1},
-                name=None).remote(g, cfg.model, cfg.dtype, experts, cfg.ray.threads_per_actor, spec.num_gpus,
-                                  first_rank))
+                name=None).remote(g, cfg.model, cfg.dtype, experts, cfg.transport, spec.model_dump(),
+                                  cfg.ray.threads_per_actor, first_rank))
         G = spec.gpus_per_node
-        for g, actor in enumerate(groups):
-            node = g // G
-            actor.set_peers.remote({h: groups[h] for h in range(node * G, (node + 1) * G)})
+        if cfg.transport == "ray":  # a relay reaches its node's groups by actor calls
+            for g, actor in enumerate(groups):
+                node = g // G
+                actor.set_peers.remote({h: groups[h] for h in range(node * G, (node + 1) * G)})
         return groups
 
     def _join_collective(self) -> None:
@@ -191,7 +195,8 @@ class Cluster:
         groups, shards = self.expert_groups, self.prefill_shards + self.decode_shards
         world = len(groups) + len(shards)
         prefill_first = 0 if self.prefill_groups is self.groups else len(self.groups)
-        pools = {len(groups) + i: prefill_first if i < len(self.prefill_shards) else 0 for i in range(len(shards))}
+        pools = {len(groups) + i: (prefill_first if i < len(self.prefill_shards) else 0, self.shard_slots[i])
+                 for i in range(len(shards))}
         if self.private_dir is not None:  # one machine: meet through a file only this user can reach
             init_method = "file://" + os.path.join(self.private_dir, "gloo-rendezvous")
         else:
@@ -279,6 +284,7 @@ class Cluster:
                 pids = [pid for pid in pids if _alive(pid)]
                 time.sleep(0.1)
         self.groups, self.prefill_groups, self.prefill_shards, self.decode_shards = [], [], [], []
+        self.shard_slots = []
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False

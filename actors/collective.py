@@ -1,90 +1,61 @@
-"""The collective transport: dispatch and combine as point-to-point messages of torch.distributed (gloo on the
-CPU) between an attention shard and the expert groups, instead of Ray actor calls.
+"""The collective transport, both halves: dispatch and combine as point-to-point messages of torch.distributed
+(gloo on the CPU) between an attention shard and the expert groups, in the wire format of `wire.py`.
 
 One process group spans every expert group (ranks 0..G-1, and G..2G-1 for the prefill shards' own groups when they
 do not share the decode shards') and attention shard (ranks after them). Each shard talks to its pool of groups
-over a subgroup of its own (itself and the groups), so two shards' messages never interleave, and each expert
-group serves the subgroups of its shards from a thread of its own. A message is any Python object whose tensors
-travel as raw bytes (see `Outbox`). An expert group's thread waits for a message
-from anyone in its subgroup (the shard, or a relay of its node), answers it to the sender, and waits again.
+over a subgroup per micro-batch (itself and the groups), so two shards' or two micro-batches' messages never
+interleave, and each expert group serves each such subgroup from a thread of its own.
+
+Every receive names its sender, as NCCL requires (it has no receive-from-anyone): on a shard's subgroup a group
+takes dispatches from exactly one sender, fixed by the topology (`request_sender`): the shard, for a group on the
+shard's node or the relay of its node, or else the relay of its node, which forwards them; replies go back the
+way the dispatch came. Pings and the stop travel the same way, relays passing them on.
+
+Why torch.distributed and not Ray's collective library (`ray.util.collective`): its gloo backend (Ray 2.60) puts
+every process in one world (a named group always spans all of it), sends only blocking and on that world rather
+than the named group, and meets through a TCP store that listens on every interface; the transport needs a
+subgroup per shard and micro-batch, non-blocking sends and a rendezvous that can stay on a private file. Its
+NCCL backend (cupy) is what the latent-KV hand-off uses between GPUs (`kv_transfer.py`).
 
 Why point-to-point and not `all_to_all_single`: only the groups a layer's tokens reach take part, and on a
 2-core machine a 5-rank gloo all_to_all of 40 bytes took 2.9 ms against 1.0 ms for a star of sends and
 receives reaching the same four peers (measured with torch 2.13).
 """
-import io
-import pickle
 import socket
+import sys
+import threading
 import time
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from moeserve.kernels.experts import MICRO_BATCH
+from moeserve.topology.planner import request_sender
+from moeserve.topology.spec import TopologySpec
+
+from . import wire
+from .transport import DispatchHandle, ExpertRouter, answer_of, reply_to
 
 TIMEOUT = timedelta(minutes=10)   # a peer silent this long is gone; an idle shard pings well within it
 PING_EVERY_S = 60.0
-
-
-# ---- messages ---------------------------------------------------------------------------------------------------
-
-def _tensor(data: bytes, dtype: str, shape: tuple) -> torch.Tensor:
-    if not data:
-        return torch.empty(shape, dtype=getattr(torch, dtype))
-    return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(shape)
-
-
-_NUMPY_DTYPES = {torch.float32, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool}
-
-
-class _Pickler(pickle.Pickler):
-    def reducer_override(self, obj):
-        if isinstance(obj, torch.Tensor):  # raw bytes: far cheaper than torch's own pickling of storages
-            t = obj.detach().contiguous()
-            if not t.numel():
-                raw = b""
-            elif t.dtype in _NUMPY_DTYPES:
-                raw = t.numpy().tobytes()
-            else:  # bfloat16, float8: NumPy has no such types, so their bytes
-                raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-            return _tensor, (raw, str(t.dtype).removeprefix("torch."), tuple(t.shape))
-        return NotImplemented
-
-
-def encode(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-    return buf.getvalue()
-
-
-def decode(body) -> Any:
-    """The object of `encode`'s bytes (any bytes-like object)."""
-    return pickle.loads(body)
-
-
-FIRST_BYTES = 16384  # a message's first part: its length (8 bytes) and up to this many bytes of its body
+FIRST_BYTES = 16384  # a message's first part: up to this many bytes of it (a decode step's fits whole)
 
 
 class Outbox:
     """Sends that have not completed yet; their buffers must live until they do. A message goes as a first part
-    of fixed size, which holds the whole of a decode step's payload, and a second part with any remainder:
-    one send, not a size and then a body, for all but large (prefill) messages. The parts are built as bytes
-    and handed to torch once each: a torch op costs microseconds, and every MoE layer sends a message each way
-    (building and reading one went from 77 and 50 us to 30 and 41 for a 32-token dispatch)."""
+    of fixed size, which holds the whole of a decode step's dispatch, and a second part with any remainder (its
+    header says how long the message is): one send, not a size and then a body, for all but large (prefill)
+    messages."""
 
     def __init__(self):
         self.pending = []
 
-    def send(self, obj: Any, dst: int, group) -> None:
-        body = memoryview(encode(obj))
-        n = len(body)
-        head = min(n, FIRST_BYTES - 8)
+    def send(self, body: bytes, dst: int, group) -> None:
         first = bytearray(FIRST_BYTES)
-        first[:8] = n.to_bytes(8, "little")
-        first[8:8 + head] = body[:head]
-        parts = [first] + ([bytearray(body[head:])] if n > head else [])
+        head = min(len(body), FIRST_BYTES)
+        first[:head] = body[:head]
+        parts = [first] + ([bytearray(body[head:])] if len(body) > head else [])
         for part in parts:
             t = torch.frombuffer(part, dtype=torch.uint8)
             self.pending.append((t, dist.isend(t, dst, group=group)))
@@ -95,41 +66,32 @@ class Outbox:
         self.pending.clear()
 
 
-def receive(group, src: Optional[int] = None) -> tuple[int, Any]:
-    """(sender's global rank, message) of the next message from `src`, or from anyone if None."""
+def receive(group, src: int) -> bytes:
+    """The next message from global rank `src` on `group`; WireError if what arrives is not one."""
     first = torch.empty(FIRST_BYTES, dtype=torch.uint8)
-    sender = dist.recv(first, src=src, group=group)
+    dist.recv(first, src=src, group=group)
     raw = memoryview(first.numpy())
-    n = int.from_bytes(raw[:8], "little")
-    head = min(n, FIRST_BYTES - 8)
-    if n == head:
-        return sender, decode(raw[8:8 + head])
-    rest = torch.empty(n - head, dtype=torch.uint8)
-    dist.recv(rest, src=sender, group=group)
-    return sender, decode(bytes(raw[8:8 + head]) + rest.numpy().tobytes())
-
-
-def reply_of(message: Any) -> Any:
-    """A reply, or the error an expert group answered with, raised here."""
-    if isinstance(message, dict) and "error" in message:
-        raise RuntimeError(message["error"])
-    return message
+    n = wire.message_bytes(raw)
+    if n <= FIRST_BYTES:
+        return bytes(raw[:n])
+    rest = torch.empty(n - FIRST_BYTES, dtype=torch.uint8)
+    dist.recv(rest, src=src, group=group)
+    return bytes(raw) + rest.numpy().tobytes()
 
 
 # ---- the process group ------------------------------------------------------------------------------------------
 
-def join(init_method: str, rank: int, world_size: int, pools: dict[int, int], n_groups: int,
+def join(init_method: str, rank: int, world_size: int, pools: dict[int, tuple[int, int]], n_groups: int,
          micro_batches: int) -> dict[tuple[int, int], Any]:
-    """Enter the cluster's process group (every member calls this at once). `pools` maps each shard's rank to the
-    rank of the first of the `n_groups` expert groups it uses (prefill and decode shards may use pools of their
-    own). Returns the subgroups by (shard rank, micro-batch): one per micro-batch of each shard, so that they never
-    wait on each other's messages. Every member creates all of them, in the same order, as torch.distributed
+    """Enter the cluster's process group (every member calls this at once). `pools` maps each shard's rank to
+    (the rank of the first of the `n_groups` expert groups it uses, its GPU slot). Returns the subgroups by
+    (shard rank, micro-batch). Every member creates all of them, in the same order, as torch.distributed
     requires."""
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=TIMEOUT)
     return {(shard, m): dist.new_group([shard] + list(range(first, first + n_groups)), timeout=TIMEOUT)
-            for shard, first in sorted(pools.items()) for m in range(micro_batches)}
+            for shard, (first, _) in sorted(pools.items()) for m in range(micro_batches)}
 
 
 def free_address(host: str) -> str:
@@ -144,64 +106,120 @@ def free_address(host: str) -> str:
 # ---- the shard's side -------------------------------------------------------------------------------------------
 
 class ShardLink:
-    """An attention shard's subgroup: the transports of its MoE layers send on it, the shard pings on it."""
+    """One micro-batch's subgroup of an attention shard: its MoE layers' transports send and receive on it."""
 
-    def __init__(self, n_groups: int):
-        self.group, self.n_groups = None, n_groups   # the subgroup, once the shard has joined
-        self.first_rank = 0                          # the global rank of expert group 0 of the shard's pool
+    def __init__(self, spec: TopologySpec, src_gpu: int, n_groups: int):
+        self.spec, self.src_gpu, self.n_groups = spec, src_gpu, n_groups
+        self.group = None          # the subgroup, once the shard has joined
+        self.first_rank = 0        # the global rank of expert group 0 of the shard's pool
         self.outbox = Outbox()
         self.last_message = time.monotonic()
 
-    def send(self, message: dict, group_id: int) -> None:
-        self.outbox.send(message, self.first_rank + group_id, self.group)
+    def send(self, body: bytes, group_id: int) -> None:
+        self.outbox.send(body, self.first_rank + group_id, self.group)
         self.last_message = time.monotonic()
 
-    def receive(self, group_id: int) -> Any:
-        return reply_of(receive(self.group, self.first_rank + group_id)[1])
+    def receive(self, group_id: int) -> wire.Reply:
+        return answer_of(receive(self.group, self.first_rank + group_id))
+
+    def _to_first_hops(self, message) -> None:
+        """A control message to every group the shard reaches directly; relays pass it on to the rest."""
+        body = wire.encode(message)
+        for g in range(self.n_groups):
+            if request_sender(self.spec, self.src_gpu, g) is None:
+                self.send(body, g)
+        self.outbox.flush()
 
     def ping_if_idle(self) -> None:
         """Keep the groups' receives from timing out while no request comes."""
         if self.group is not None and time.monotonic() - self.last_message > PING_EVERY_S:
-            for g in range(self.n_groups):
-                self.send({"op": "ping"}, g)
-            self.outbox.flush()
+            self._to_first_hops(wire.Ping())
 
     def stop(self) -> None:
-        """End the groups' threads that serve this shard."""
-        if self.group is None:
-            return
-        for g in range(self.n_groups):
-            self.send({"op": "stop"}, g)
-        self.outbox.flush()
+        """End the groups' threads that serve this link."""
+        if self.group is not None:
+            self._to_first_hops(wire.Stop())
 
 
 class CollectiveExpertTransport:
-    """Every route is one message to its group, on the link of the caller's micro-batch; combine receives the
+    """Every route is one message to its group, on the link of the dispatch's micro-batch; combine receives the
     replies in route order."""
 
-    def __init__(self, layer_id: int, router, links: list[ShardLink]):
+    def __init__(self, layer_id: int, router: ExpertRouter, links: list[ShardLink]):
         self.layer_id, self.router, self.links = layer_id, router, links
 
-    @property
-    def link(self) -> ShardLink:
-        return self.links[MICRO_BATCH.get()]
-
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                 micro_batch: int = 0) -> DispatchHandle:
         start = time.perf_counter()
-        r = self.router
-        routes = r.route(self.layer_id, x, indices, weights)
-        for route in routes:
-            self.link.send({"op": "relay" if route.relay else "compute", "layer": self.layer_id,
-                            "payload": route.payload, "work": route.work, "combine_dtype": r.combine_dtype},
-                           route.target)
-        r.count_time("dispatch_s", start)
-        return x.shape[0], x.dtype, routes
+        link = self.links[micro_batch]
+        sent = self.router.dispatches(self.layer_id, x, indices, weights)
+        for s in sent:
+            link.send(wire.encode(s.message), s.route.target)
+        self.router.count_time("dispatch_s", start)
+        return DispatchHandle(x.shape[0], x.dtype, micro_batch, sent)
 
-    def combine(self, handle) -> torch.Tensor:
+    def combine(self, handle: DispatchHandle) -> torch.Tensor:
         start = time.perf_counter()
-        T, dtype, routes = handle
-        replies = [self.link.receive(route.target) for route in routes]
-        self.link.outbox.flush()
-        y = self.router.combined(T, routes, replies)
+        link = self.links[handle.micro_batch]
+        replies = [link.receive(s.route.target) for s in handle.sent]
+        link.outbox.flush()
+        y = self.router.combined(handle, replies)
         self.router.count_time("combine_s", start)
-        return y.to(dtype)
+        return y
+
+
+# ---- the expert group's side ------------------------------------------------------------------------------------
+
+class CollectiveGroupServer:
+    """Serves the subgroups of the shards whose pool this group is in, a thread each."""
+
+    def __init__(self, group_id: int, compute: Callable, spec: TopologySpec, n_groups: int, first_rank: int):
+        self.group_id, self.compute, self.spec = group_id, compute, spec
+        self.n_groups, self.first_rank = n_groups, first_rank
+
+    def join(self, init_method: str, world_size: int, micro_batches: int,
+             pools: dict[int, tuple[int, int]]) -> None:
+        """Enter the process group (with every other member at once), then serve (`pools`: see `join`)."""
+        subgroups = join(init_method, self.first_rank + self.group_id, world_size, pools, self.n_groups,
+                         micro_batches)
+        for (shard, m), group in subgroups.items():
+            first, src_gpu = pools[shard]
+            if first != self.first_rank:
+                continue
+            relay = request_sender(self.spec, src_gpu, self.group_id)
+            sender = shard if relay is None else first + relay
+            passes_on = [first + g for g in range(self.n_groups) if request_sender(self.spec, src_gpu, g) ==
+                         self.group_id]
+            threading.Thread(target=self._serve, args=(group, sender, passes_on), daemon=True,
+                             name=f"serve-{shard}-{m}").start()
+
+    def _serve(self, group, sender: int, passes_on: list[int]) -> None:
+        """Answer `sender`'s dispatches on `group` until it says stop; pass pings and the stop on to the groups
+        this one relays to."""
+        outbox = Outbox()
+
+        def ask(gid: int, message: wire.Dispatch) -> int:
+            outbox.send(wire.encode(message), self.first_rank + gid, group)
+            return gid
+
+        def answer(gid: int) -> wire.Reply:
+            return answer_of(receive(group, self.first_rank + gid))
+
+        while True:
+            try:
+                body = receive(group, sender)
+                kind = int(wire.read_header(body)[1])
+            except wire.WireError as e:  # a sender out of step with the format: say so, keep serving
+                print(f"expert group {self.group_id}: refused a message: {e}", file=sys.stderr, flush=True)
+                outbox.send(wire.encode(wire.Error(f"expert group {self.group_id}: {e}")), sender, group)
+                outbox.flush()
+                continue
+            if kind in (wire.PING, wire.STOP):
+                for peer in passes_on:
+                    outbox.send(body, peer, group)
+                outbox.flush()
+                if kind == wire.STOP:
+                    return
+                continue
+            outbox.send(reply_to(self.group_id, body, self.compute, ask, answer), sender, group)
+            outbox.flush()

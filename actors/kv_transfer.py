@@ -1,7 +1,8 @@
 """How a prompt's latent KV moves from the prefill shard that computed it to the decode shard that continues it.
 
-`object_store` (default, works everywhere): the latent rides inside the `PrefilledSequence` that the client
-hands to the decode shard, through Ray's object store.
+`object_store` (default, works everywhere): the latent rides inside the `PrefilledSequence` that the prefill
+shard hands straight to the decode shard (one actor call per step and decode shard), through Ray's object store;
+the client never holds it.
 
 `nccl` (GPUs): the `PrefilledSequence` carries only the latent's shape (a tensor on the `meta` device, so its
 byte count is still reported); the prefill shard keeps the latent on its GPU until the decode shard pulls it

@@ -1,31 +1,33 @@
-"""The data plane's shared half and its default transport. `ExpertRouter` turns one MoE layer's routing into
-routes along the dispatch planner's plan, counting the bytes it moves per link class and plane; each transport
-(`RayExpertTransport` here, `CollectiveExpertTransport` in `collective.py`) only carries the routes.
+"""The data plane's shared half, and the `ray` transport. `ExpertRouter` turns one MoE layer's routing into the
+dispatch planner's routes and the wire messages that carry them (`wire.py`), and counts the bytes each moves
+per link class and plane; `serve_dispatch` is what an expert group does with a message, over any transport.
+Each transport file holds both halves of one transport: the shard's send side and the expert group's serve
+side (`RayExpertTransport` and `RayGroupServer` here, the collective ones in `collective.py`).
 
 Per step and layer: the planner picks a replica for each (token, expert); tokens for experts on the shard's
-own node go straight to those groups; for every other node the tokens cross once, as one payload to the
+own node go straight to those groups; for every other node the tokens cross once, as one message to the
 relay group (same in-node index, the shard's plane), which fans them out inside the node and returns one
 summed row per token. Combine waits for the replies and adds them up in route order.
 """
-import functools
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import ray
 import torch
 
 from moeserve.kernels.fp8 import act_quant
-from moeserve.topology.planner import Placement, plan_dispatch
+from moeserve.topology.planner import Placement, Route, plan_dispatch, relay_choice, routes_of
 from moeserve.topology.spec import TopologySpec
 
-from .expert_group import payload_bytes, slice_payload
+from . import wire
 
 
 @dataclass
 class LinkCounters:
-    """Bytes moved, measured from the payloads, and as the planner predicted them."""
+    """Bytes moved, measured from the tensors of the messages sent and received, and as the planner predicted."""
     inter_node: int = 0
     intra_node: int = 0
     per_plane: list = field(default_factory=list)
@@ -34,7 +36,7 @@ class LinkCounters:
     planned_per_plane: list = field(default_factory=list)
     crossings: int = 0
     naive_crossings: int = 0
-    dispatch_s: float = 0.0            # planning, quantising and sending the payloads
+    dispatch_s: float = 0.0            # planning, quantising and sending the messages
     combine_s: float = 0.0             # waiting for the experts' replies and summing them
 
     def as_dict(self) -> dict:
@@ -42,140 +44,194 @@ class LinkCounters:
 
 
 @dataclass
-class Route:
-    """One payload of a layer's dispatch: token `rows` of the batch go to group `target`, which serves `work`
-    (group -> (rows of the payload, logical expert ids, gate weights)): its own part, and as a relay
-    (`relay` True) the parts of the other groups of its node."""
-    target: int
-    rows: torch.Tensor
-    payload: dict
-    work: dict
-    relay: bool
+class Sent:
+    """One route of a dispatch as it went out: the plan's route and its message."""
+    route: Route
+    message: wire.Dispatch
+
+
+@dataclass
+class DispatchHandle:
+    """What combine needs of a dispatch: the batch's shape, the routes as sent, the micro-batch whose channel
+    carries their replies, and the transport's own pending state (Ray's object refs; nothing for messages)."""
+    tokens: int
+    dtype: torch.dtype
+    micro_batch: int
+    sent: list[Sent]
+    pending: Any = None
+
+
+def payload_dtype(dispatch_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """What token rows travel in: "auto" is the experts' compute dtype (exact), else as named."""
+    return {"auto": compute_dtype, "fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16,
+            "float32": torch.float32}[dispatch_dtype]
+
+
+def to_payload(x: torch.Tensor, dtype: torch.dtype) -> wire.Payload:
+    if dtype == torch.float8_e4m3fn:
+        q, scale = act_quant(x)
+        return wire.Payload(q, scale)
+    return wire.Payload(x.to(dtype))
 
 
 class ExpertRouter:
-    """What every MoE layer of one attention shard shares: the placement, the group actors, its own GPU slot,
-    the payload formats and the counters."""
+    """What every MoE layer of one attention shard shares: the placement, its own GPU slot, the payload formats
+    and the counters."""
 
-    def __init__(self, placements: dict[int, Placement], groups: list, spec: TopologySpec, src_gpu: int,
-                 hidden: int, max_nodes: int, dispatch_dtype: str, combine_dtype: str):
-        self.placements, self.groups, self.spec, self.src_gpu = placements, groups, spec, src_gpu
+    def __init__(self, placements: dict[int, Placement], spec: TopologySpec, src_gpu: int, hidden: int,
+                 max_nodes: int, dispatch_dtype: torch.dtype, combine_dtype: torch.dtype):
+        self.placements, self.spec, self.src_gpu = placements, spec, src_gpu
         self.hidden, self.max_nodes = hidden, max_nodes
         self.dispatch_dtype, self.combine_dtype = dispatch_dtype, combine_dtype
         self.counters = LinkCounters(per_plane=[0] * spec.planes, planned_per_plane=[0] * spec.planes)
         self.lock = threading.Lock()   # micro-batches route and count from threads of their own
+        self.plane = int(relay_choice(spec, np.array([src_gpu % spec.gpus_per_node]))[0][0])  # of our sends
+        self.row_bytes = (to_payload(torch.zeros(1, hidden), dispatch_dtype).nbytes,
+                          hidden * torch.empty(0, dtype=combine_dtype).element_size())
 
-    def payload(self, x: torch.Tensor) -> dict:
-        if self.dispatch_dtype == "fp8":
-            q, scale = act_quant(x)
-            return {"fp8": q.view(torch.uint8), "scale": scale}
-        return {"x": x.to(torch.bfloat16 if self.dispatch_dtype == "bf16" else torch.float32)}
-
-    @functools.cached_property
-    def row_bytes(self) -> tuple[int, int]:
-        """Bytes of one token's payload each way: dispatch (with its scales) and combine."""
-        one = self.payload(torch.zeros(1, self.hidden))
-        return payload_bytes(one), self.hidden * (2 if self.combine_dtype == "bf16" else 4)
-
-    def route(self, layer_id: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> list[Route]:
-        """The payloads of one layer's dispatch, x [T, dim], indices/weights [T, topk]; counts their bytes."""
-        with self.lock:
-            return self._route(layer_id, x, indices, weights)
-
-    def _route(self, layer_id: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> list[Route]:
-        # index bookkeeping in NumPy, like the planner's: a few dozen small ops a layer, each a fraction of a torch op
-        spec, c = self.spec, self.counters
+    def dispatches(self, layer_id: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> list[Sent]:
+        """The messages of one layer's dispatch, x [T, dim], indices/weights [T, topk]; counts the planned bytes."""
         d_bytes, c_bytes = self.row_bytes
-        plan = plan_dispatch(indices, self.src_gpu, self.placements[layer_id], spec, self.hidden, self.max_nodes,
-                             d_bytes, c_bytes, link_loads=False)
-        T, k = indices.shape
-        G = spec.gpus_per_node
-        src_node = self.src_gpu // G
-        payload = self.payload(x)
-        token = np.arange(T).repeat(k)
-        gpu, ids, w = plan.expert_gpu.numpy().ravel(), indices.numpy().ravel(), weights.float().numpy().ravel()
-        node = gpu // G
+        plan = plan_dispatch(indices, self.src_gpu, self.placements[layer_id], self.spec, self.hidden,
+                             self.max_nodes, d_bytes, c_bytes, link_loads=False)
+        routes = routes_of(plan, indices.numpy(), weights.float().numpy(), self.src_gpu, self.spec)
+        payload = to_payload(x, self.dispatch_dtype)
+        sent = []
+        for route in routes:
+            part = payload if len(route.rows) == x.shape[0] else payload.rows(torch.from_numpy(route.rows))
+            work = {g: wire.Assignments(*(torch.from_numpy(a) for a in assignments))
+                    for g, assignments in route.work.items()}
+            sent.append(Sent(route, wire.Dispatch(layer_id, part, work, self.combine_dtype, route.relay)))
+        with self.lock:
+            c = self.counters
+            c.naive_crossings += plan.naive_sends
+            c.planned_inter_node += plan.bytes["inter_node"]
+            c.planned_intra_node += plan.bytes["intra_node"]
+            for p, b in enumerate(plan.bytes_per_plane.tolist()):
+                c.planned_per_plane[p] += int(b)
+            if int(plan.relay_local[0]) != self.src_gpu % self.spec.gpus_per_node:
+                # our plane is down: each remote-bound token first moves over NVLink to a GPU on a live plane
+                G = self.spec.gpus_per_node
+                remote = np.unique(np.arange(len(indices)).repeat(indices.shape[1])[
+                    plan.expert_gpu.numpy().ravel() // G != self.src_gpu // G])
+                c.intra_node += len(remote) * (d_bytes + c_bytes)
+        return sent
 
-        def part(rows: np.ndarray) -> dict:
-            return payload if len(rows) == T else slice_payload(payload, torch.from_numpy(rows))  # rows are sorted
-
-        def assignments(local, sel) -> tuple:
-            return torch.from_numpy(local), torch.from_numpy(ids[sel]), torch.from_numpy(w[sel])
-        routes = []
-        for m in np.unique(node).tolist():
-            on_m = node == m
-            if m == src_node:  # same node: straight to each group, once per (token, GPU)
-                for g in np.unique(gpu[on_m]).tolist():
-                    sel = gpu == g
-                    rows, local = np.unique(token[sel], return_inverse=True)
-                    sub = part(rows)
-                    if g != self.src_gpu:
-                        c.intra_node += payload_bytes(sub) + len(rows) * c_bytes
-                    routes.append(Route(g, torch.from_numpy(rows), sub, {g: assignments(local, sel)}, relay=False))
-                continue
-            rows, local = np.unique(token[on_m], return_inverse=True)  # each token crosses to m once
-            plane = int(plan.plane[0])
-            work = {}
-            for g in np.unique(gpu[on_m]).tolist():
-                work[g] = assignments(local[gpu[on_m] == g], on_m & (gpu == g))
-            sub = part(rows)
-            sent = payload_bytes(sub) + len(rows) * c_bytes
-            c.inter_node += sent
-            c.per_plane[plane] += sent
-            c.crossings += len(rows)
-            routes.append(Route(m * G + int(plan.relay_local[0]), torch.from_numpy(rows), sub, work, relay=True))
-        if int(plan.relay_local[0]) != self.src_gpu % G:  # our plane is down: each remote-bound token first
-            remote_tokens = np.unique(token[node != src_node])  # moves over NVLink to a GPU on a live plane
-            c.intra_node += len(remote_tokens) * (d_bytes + c_bytes)
-        c.naive_crossings += plan.naive_sends
-        c.planned_inter_node += plan.bytes["inter_node"]
-        c.planned_intra_node += plan.bytes["intra_node"]
-        for p, b in enumerate(plan.bytes_per_plane.tolist()):
-            c.planned_per_plane[p] += int(b)
-        return routes
+    def count(self, sent: Sent, reply: wire.Reply) -> None:
+        """Measured bytes of one route, both ways, from its message's tensors and its reply's."""
+        moved = sent.message.payload.nbytes + reply.y.numel() * reply.y.element_size()
+        G = self.spec.gpus_per_node
+        with self.lock:
+            c = self.counters
+            c.intra_node += reply.forwarded
+            if sent.route.target // G != self.src_gpu // G:
+                c.inter_node += moved
+                c.per_plane[self.plane] += moved
+                c.crossings += len(sent.route.rows)
+            elif sent.route.target != self.src_gpu:
+                c.intra_node += moved
 
     def count_time(self, counter: str, start: float) -> None:
         with self.lock:
             setattr(self.counters, counter, getattr(self.counters, counter) + time.perf_counter() - start)
 
-    def combined(self, T: int, routes: list[Route], replies: list) -> torch.Tensor:
-        """Sum the groups' replies, one per route (a relay's also reports the bytes it moved in its node)."""
-        if len(routes) == 1 and not routes[0].relay and len(routes[0].rows) == T:  # one group had every token
-            return replies[0].float()
-        y = torch.zeros(T, self.hidden)
-        for route, reply in zip(routes, replies):
-            if route.relay:
-                reply, forwarded = reply
-                with self.lock:
-                    self.counters.intra_node += forwarded
-            y.index_add_(0, route.rows, reply.float())
+    def combined(self, handle: DispatchHandle, replies: list[wire.Reply]) -> torch.Tensor:
+        """Sum the groups' replies, one per route, into [T, dim]; count what each moved."""
+        for sent, reply in zip(handle.sent, replies):
+            self.count(sent, reply)
+        if len(handle.sent) == 1 and len(handle.sent[0].route.rows) == handle.tokens:  # one route had every token
+            return replies[0].y.to(handle.dtype)
+        y = torch.zeros(handle.tokens, self.hidden)
+        for sent, reply in zip(handle.sent, replies):
+            y.index_add_(0, torch.from_numpy(sent.route.rows), reply.y.float())
+        return y.to(handle.dtype)
+
+
+# ---- the expert group's side, for every transport -------------------------------------------------------------
+
+def serve_dispatch(group_id: int, compute: Callable, message: wire.Dispatch, ask: Callable,
+                   answer: Callable) -> wire.Reply:
+    """An expert group's answer to a dispatch: its own assignments computed here; as a relay, each other group's
+    rows forwarded with ask(group, dispatch) and their partial sums collected with answer(handle). compute(layer,
+    payload, assignments) -> [N, dim] float32."""
+    asked, forwarded, total = [], 0, None
+    for gid, work in message.work.items():
+        if gid == group_id:
+            continue
+        needed, local_rows = torch.unique(work.rows, return_inverse=True)  # each row once per GPU
+        sub = message.payload.rows(needed)
+        forwarded += sub.nbytes
+        part = wire.Dispatch(message.layer, sub, {gid: wire.Assignments(local_rows.int(), work.expert_ids,
+                                                                        work.weights)}, message.combine_dtype)
+        asked.append((needed, ask(gid, part)))
+    own = message.work.get(group_id)
+    if own is not None:
+        total = compute(message.layer, message.payload, own)
+    for needed, handle in asked:
+        reply = answer(handle)
+        forwarded += reply.y.numel() * reply.y.element_size()
+        if total is None:
+            total = torch.zeros(len(message.payload), reply.y.shape[1])
+        total.index_add_(0, needed, reply.y.float())
+    if total is None:
+        raise wire.WireError(f"a dispatch to group {group_id} with no work for it or its node")
+    return wire.Reply(total.to(message.combine_dtype), forwarded)
+
+
+def answer_of(body: bytes) -> wire.Reply:
+    """A reply's message, or the error an expert group answered with, raised here."""
+    message = wire.decode(body)
+    if isinstance(message, wire.Error):
+        raise RuntimeError(message.message)
+    if not isinstance(message, wire.Reply):
+        raise wire.WireError(f"expected a reply, got {type(message).__name__}")
+    return message
+
+
+def reply_to(group_id: int, body: bytes, compute: Callable, ask: Callable, answer: Callable) -> bytes:
+    """The encoded reply to an encoded dispatch; anything that fails becomes an Error reply (the sender waits for
+    one), and anything that is not a dispatch is refused."""
+    try:
+        message = wire.decode(body)
+        if not isinstance(message, wire.Dispatch):
+            raise wire.WireError(f"expected a dispatch, got {type(message).__name__}")
+        with torch.inference_mode():
+            return wire.encode(serve_dispatch(group_id, compute, message, ask, answer))
+    except Exception as e:  # noqa: BLE001  (the sender raises it)
+        return wire.encode(wire.Error(f"expert group {group_id}: {type(e).__name__}: {e}"))
+
+
+# ---- the ray transport: every route is one actor call carrying one message ------------------------------------
+
+class RayExpertTransport:
+    """The shard's side: each route's message is one call of its group's `serve_message`."""
+
+    def __init__(self, layer_id: int, router: ExpertRouter, groups: list):
+        self.layer_id, self.router, self.groups = layer_id, router, groups
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                 micro_batch: int = 0) -> DispatchHandle:
+        start = time.perf_counter()
+        sent = self.router.dispatches(self.layer_id, x, indices, weights)
+        refs = [self.groups[s.route.target].serve_message.remote(wire.encode(s.message)) for s in sent]
+        self.router.count_time("dispatch_s", start)
+        return DispatchHandle(x.shape[0], x.dtype, micro_batch, sent, refs)
+
+    def combine(self, handle: DispatchHandle) -> torch.Tensor:
+        start = time.perf_counter()
+        y = self.router.combined(handle, [answer_of(body) for body in ray.get(handle.pending)])
+        self.router.count_time("combine_s", start)
         return y
 
 
-class RayExpertTransport:
-    """Every route is one actor call: `compute` on a group of the shard's node, `relay` on another node's."""
+class RayGroupServer:
+    """The expert group's side: a message in, its reply out; a relay reaches its node's peers by actor calls."""
 
-    def __init__(self, layer_id: int, router: ExpertRouter):
-        self.layer_id, self.router = layer_id, router
+    def __init__(self, group_id: int, compute: Callable):
+        self.group_id, self.compute = group_id, compute
+        self.peers: dict[int, Any] = {}
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
-        start = time.perf_counter()
-        r = self.router
-        routes = r.route(self.layer_id, x, indices, weights)
-        refs = []
-        for route in routes:
-            group = r.groups[route.target]
-            if route.relay:
-                refs.append(group.relay.remote(self.layer_id, route.payload, route.work, r.combine_dtype))
-            else:
-                refs.append(group.compute.remote(self.layer_id, route.payload, *route.work[route.target],
-                                                 r.combine_dtype))
-        r.count_time("dispatch_s", start)
-        return x.shape[0], x.dtype, routes, refs
-
-    def combine(self, handle) -> torch.Tensor:
-        start = time.perf_counter()
-        T, dtype, routes, refs = handle
-        y = self.router.combined(T, routes, ray.get(refs))
-        self.router.count_time("combine_s", start)
-        return y.to(dtype)
+    def serve(self, body: bytes) -> bytes:
+        def ask(gid, message):
+            return self.peers[gid].serve_message.remote(wire.encode(message))
+        return reply_to(self.group_id, body, self.compute, ask, lambda ref: answer_of(ray.get(ref)))

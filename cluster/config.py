@@ -51,14 +51,18 @@ class ClusterConfig(BaseModel):
     shared_expert_groups: bool = Field(True, description="prefill and decode shards use the same expert groups; "
                                        "false gives the prefill shards a pool of their own (one group per slot)")
     mtp: bool = Field(False, description="MTP speculative decoding on the decode shards")
-    transport: Literal["ray", "collective"] = Field(
-        "ray", description="dispatch/combine over Ray actor calls, or torch.distributed (gloo) messages")
+    transport: Literal["collective", "ray"] = Field(
+        "collective", description="dispatch/combine as torch.distributed (gloo) messages between the shards and the "
+        "expert groups (fast), or as Ray actor calls; both carry the same wire format")
     kv_transfer: Literal["object_store", "nccl"] = Field(
         "object_store", description="how a prompt's latent KV reaches its decode shard: Ray's object store, or "
         "NCCL between GPU shards (needs cupy)")
-    dispatch_dtype: Literal["fp8", "bf16", "float32"] = Field(
-        "fp8", description="token payload to the experts: fp8 (1x128 tile scales), bf16, or float32 (exact)")
-    combine_dtype: Literal["bf16", "float32"] = "bf16"
+    dispatch_dtype: Literal["auto", "fp8", "bf16", "float32"] = Field(
+        "auto", description="token rows sent to the experts: auto = the experts' compute dtype (exact: the cluster "
+        "equals the single-process engine); fp8 (1x128 tile scales) or bf16 halve or quarter the bytes and are "
+        "lossy where the experts compute in a wider dtype")
+    combine_dtype: Literal["auto", "bf16", "float32"] = Field(
+        "auto", description="expert outputs sent back: auto = the compute dtype (exact), or bf16")
     topology: Union[str, TopologySpec] = Field("cpu-local", description="a preset name or an inline spec")
     max_nodes: int = Field(4, ge=1, description="node limit M of the dispatch planner")
     engine: EngineSettings = EngineSettings()

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from moeserve.kernels.cache import PagedLatentCache
-from moeserve.kernels.experts import MICRO_BATCH
 from moeserve.kernels.model import MoE, MLAForm, Transformer, cheaper_mla_form
 
 
@@ -48,17 +47,17 @@ class ModelRunner:
             self.expert_load[name] += moe.take_load()
 
     def _split(self, run: Callable, B: int, *per_row) -> torch.Tensor:
-        """run(*per_row) -> [b, S_b, ...] over micro-batches of the B rows (each per-row argument, a list or a
-        tensor, sliced along its first dimension), joined into [B, S, ...] with each part padded to the widest."""
+        """run(micro_batch, *per_row) -> [b, S_b, ...] over micro-batches of the B rows (each per-row argument, a
+        list or a tensor, sliced along its first dimension), joined into [B, S, ...] with each part padded to the
+        widest."""
         n = min(self.micro_batches, B)
         if n == 1:
-            return run(*per_row)
+            return run(0, *per_row)
         bounds = [B * i // n for i in range(n + 1)]
 
         def part(i: int) -> torch.Tensor:
-            MICRO_BATCH.set(i)
             with torch.inference_mode():
-                return run(*(rows[bounds[i]:bounds[i + 1]] for rows in per_row))
+                return run(i, *(rows[bounds[i]:bounds[i + 1]] for rows in per_row))
 
         parts = list(self.pool.map(part, range(n)))
         width = max(p.shape[1] for p in parts)
@@ -68,9 +67,9 @@ class ModelRunner:
     def forward(self, block_tables: list[list[int]], starts: list[int], rows: list[list[int]],
                 form: MLAForm) -> torch.Tensor:
         """Row b's tokens at positions starts[b]... -> hidden states [B, S, dim] (padding rows are junk)."""
-        def run(block_tables, starts, rows):
+        def run(micro_batch, block_tables, starts, rows):
             tokens, positions, valid, view = self._inputs(block_tables, starts, rows)
-            return self.model(tokens, positions, cache=view, form=form, valid=valid)
+            return self.model(tokens, positions, cache=view, form=form, valid=valid, micro_batch=micro_batch)
 
         h = self._split(run, len(rows), block_tables, starts, rows)
         self._count_load()
@@ -83,10 +82,10 @@ class ModelRunner:
         that follow them; also writes those positions into the MTP layer of the cache."""
         form = self.form_for(starts, next_tokens)
 
-        def run(block_tables, starts, next_tokens, h):
+        def run(micro_batch, block_tables, starts, next_tokens, h):
             tokens, positions, valid, view = self._inputs(block_tables, starts, next_tokens)
             return self.model.mtp_forward(h[:, :tokens.shape[1]], tokens, positions, cache=view, form=form,
-                                          valid=valid)
+                                          valid=valid, micro_batch=micro_batch)
 
         logits = self._split(run, len(next_tokens), block_tables, starts, next_tokens, h)
         self._count_load()

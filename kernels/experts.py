@@ -7,7 +7,6 @@ returns. Transports that send tokens to expert-group actors live in `actors/`, o
 
 Glossary: a *logical* expert is one of the model's `n_routed_experts`; `indices` hold logical ids.
 """
-from contextvars import ContextVar
 from typing import Any, Optional, Protocol
 
 import torch
@@ -28,15 +27,11 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-# Which micro-batch of a step the current call belongs to: micro-batches run in threads of their own so that one
-# computes attention while another waits for its experts, and a transport with a channel per micro-batch picks
-# its channel by this.
-MICRO_BATCH: ContextVar[int] = ContextVar("micro_batch", default=0)
-
-
 class ExpertTransport(Protocol):
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> Any:
-        """Send tokens x [T, dim] to their experts indices [T, topk] with gate weights [T, topk]."""
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, micro_batch: int = 0) -> Any:
+        """Send tokens x [T, dim] to their experts indices [T, topk] with gate weights [T, topk]. `micro_batch`
+        numbers the step's concurrent micro-batches (they run in threads of their own so that one computes
+        attention while another waits for its experts): a transport with a channel per micro-batch uses it."""
 
     def combine(self, handle: Any) -> torch.Tensor:
         """Collect the weighted sum of expert outputs, [T, dim], for the tokens of `dispatch`."""
@@ -85,7 +80,8 @@ class LocalExperts(nn.ModuleList):
             self._packed = pack_experts(list(self))
         return self._packed
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                 micro_batch: int = 0) -> torch.Tensor:
         if any(e is None for e in self) or torch.is_grad_enabled():  # training keeps its own parameters
             return run_experts(self, x, indices, weights)
         packed = self._pack()

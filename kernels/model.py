@@ -248,14 +248,16 @@ class MoE(nn.Module):
         loads, self.loads = self.loads, []
         return sum(loads, torch.zeros(self.gate.weight.shape[0], dtype=torch.long))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, micro_batch: int = 0) -> torch.Tensor:
+        """`micro_batch`: which of a step's concurrent micro-batches this is (a transport keeps their messages
+        apart)."""
         shape = x.shape
         x = x.view(-1, shape[-1])
         weights, indices = self.gate(x)
         # tokens per routed expert in this call: routing statistics for bias balancing and EPLB (an append is
         # atomic, so micro-batches running in threads each log theirs)
         self.loads.append(torch.bincount(indices.flatten(), minlength=self.gate.weight.shape[0]))
-        handle = self.experts.dispatch(x, indices, weights)
+        handle = self.experts.dispatch(x, indices, weights, micro_batch)
         z = self.shared_experts(x) if self.shared_experts is not None else 0  # overlaps remote experts
         return (self.experts.combine(handle) + z).view(shape)
 
@@ -270,11 +272,12 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.rms_norm_eps)
 
     def forward(self, x, freqs_cis, mask, cache: Optional[LatentCacheView], positions, form: MLAForm,
-                packing: Optional[Packing] = None):
+                packing: Optional[Packing] = None, micro_batch: int = 0):
         def latent_of(latent):
             return latent if cache is None else cache.update(self.layer_id, latent, positions)
         x = x + self.attn(self.attn_norm(x), freqs_cis, mask, latent_of, form, packing)
-        return x + self.ffn(self.ffn_norm(x))
+        ffn_in = self.ffn_norm(x)
+        return x + (self.ffn(ffn_in, micro_batch) if isinstance(self.ffn, MoE) else self.ffn(ffn_in))
 
 
 class MTP(nn.Module):
@@ -293,10 +296,10 @@ class MTP(nn.Module):
         self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
 
     def forward(self, h, next_tokens, freqs_cis, mask, cache, positions, form: MLAForm,
-                packing: Optional[Packing] = None) -> torch.Tensor:
+                packing: Optional[Packing] = None, micro_batch: int = 0) -> torch.Tensor:
         """h [B, S, dim] and next_tokens [B, S], or [T, dim] and [T] with a packing."""
         x = self.eh_proj(torch.cat([self.enorm(self.embed(next_tokens)), self.hnorm(h)], dim=-1))
-        return self.block(x, freqs_cis, mask, cache, positions, form, packing)
+        return self.block(x, freqs_cis, mask, cache, positions, form, packing, micro_batch)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(x)).float()
@@ -333,16 +336,17 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 cache: Optional[LatentCacheView] = None, form: Optional[MLAForm] = None,
-                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                valid: Optional[torch.Tensor] = None, micro_batch: int = 0) -> torch.Tensor:
         """tokens [B, S] at positions [B, S] (default 0..S-1) -> final-normed hidden states [B, S, dim].
         With a cache, each row attends to its cached positions 0..p; without, only to this call's tokens.
         `form` defaults to naive without a cache, else to the cheaper one (`cheaper_mla_form`).
-        `valid` [B, S] marks the real tokens of a padded batch: only those are computed (padding comes out 0)."""
+        `valid` [B, S] marks the real tokens of a padded batch: only those are computed (padding comes out 0).
+        `micro_batch` numbers this call among a step's concurrent ones (see MoE.forward)."""
         positions, mask, freqs_cis, form = self._prepare(tokens, positions, cache, form)
         packing = packing_of(valid)
         h = self.embed(tokens if packing is None else packing.unpad(tokens))
         for layer in self.layers:
-            h = layer(h, freqs_cis, mask, cache, positions, form, packing)
+            h = layer(h, freqs_cis, mask, cache, positions, form, packing, micro_batch)
         h = self.norm(h)
         return h if packing is None else packing.pad(h)
 
@@ -360,7 +364,7 @@ class Transformer(nn.Module):
 
     def mtp_forward(self, h: torch.Tensor, next_tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                     cache: Optional[LatentCacheView] = None, form: Optional[MLAForm] = None, depth: int = 0,
-                    valid: Optional[torch.Tensor] = None):
+                    valid: Optional[torch.Tensor] = None, micro_batch: int = 0):
         """Logits [B, S, vocab] for t_{i+depth+2} from hidden states h [B, S, dim] of positions i and the
         tokens t_{i+depth+1} [B, S]. The MTP block caches under its own layer id, n_layers + depth, so a cache
         that serves drafting has n_layers + n_mtp_layers layers. `valid` as in `forward` (padding's logits are
@@ -372,5 +376,5 @@ class Transformer(nn.Module):
         packing = packing_of(valid)
         if packing is not None:
             h, next_tokens = packing.unpad(h), packing.unpad(next_tokens)
-        logits = module.logits(module(h, next_tokens, freqs_cis, mask, cache, positions, form, packing))
+        logits = module.logits(module(h, next_tokens, freqs_cis, mask, cache, positions, form, packing, micro_batch))
         return logits if packing is None else packing.pad(logits)

@@ -117,6 +117,67 @@ def _occurrence(keys: np.ndarray) -> np.ndarray:
     return occ
 
 
+def relay_choice(spec: TopologySpec, src_local: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(plane, relay_local, plane_ok) for sources at in-node GPU indices src_local [T]: the plane a source's
+    inter-node sends use and the in-node index of the relay they reach on every other node, its own when its
+    plane is live; otherwise a live plane and the GPU index on it."""
+    live = np.array(spec.live_planes)
+    own_plane = np.array([spec.plane_of(l) for l in range(spec.gpus_per_node)])[src_local]
+    plane_ok = np.isin(np.arange(spec.planes), live)[own_plane]
+    plane = np.where(plane_ok, own_plane, live[src_local % len(live)])
+    relay_local = np.where(plane_ok, src_local, plane if spec.planes > 1 else src_local)
+    return plane, relay_local, plane_ok
+
+
+def request_sender(spec: TopologySpec, src_gpu: int, gpu: int) -> Optional[int]:
+    """Who sends GPU `gpu` the dispatches of a source at `src_gpu`: None for the source itself (gpu on its node,
+    or the relay of gpu's node), otherwise that relay. Fixed for a spec, so a receiver can name its sender."""
+    G = spec.gpus_per_node
+    if gpu // G == src_gpu // G:
+        return None
+    relay = gpu // G * G + int(relay_choice(spec, np.array([src_gpu % G]))[1][0])
+    return None if gpu == relay else relay
+
+
+@dataclass
+class Route:
+    """One message of a layer's dispatch: the token `rows` (ascending) go to GPU `target`; `work` maps each GPU
+    computing on them to its assignments (index into `rows`, logical expert id, gate weight); a `relay` target
+    forwards the other GPUs' work inside its node and answers for all of them."""
+    target: int
+    rows: np.ndarray
+    work: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
+    relay: bool
+
+
+def routes_of(plan: DispatchPlan, topk_ids: np.ndarray, weights: np.ndarray, src_gpu: int,
+              spec: TopologySpec) -> list[Route]:
+    """The plan of one source's tokens as messages: experts on its own node get the tokens straight, once per
+    (token, GPU); every other node gets each token once, at its relay. topk_ids, weights: [T, k]."""
+    T, k = topk_ids.shape
+    G = spec.gpus_per_node
+    token = np.arange(T).repeat(k)
+    gpu, ids, w = plan.expert_gpu.numpy().ravel(), topk_ids.ravel(), weights.ravel()
+    node = gpu // G
+    relay_local = int(plan.relay_local[0]) if T else src_gpu % G
+
+    def assignments(local, sel) -> tuple:
+        return local, ids[sel], w[sel]
+    routes = []
+    for m in np.unique(node).tolist():
+        on_m = node == m
+        if m == src_gpu // G:
+            for g in np.unique(gpu[on_m]).tolist():
+                sel = gpu == g
+                rows, local = np.unique(token[sel], return_inverse=True)
+                routes.append(Route(g, rows, {g: assignments(local, sel)}, relay=False))
+            continue
+        rows, local = np.unique(token[on_m], return_inverse=True)  # each token crosses to node m once
+        work = {g: assignments(local[gpu[on_m] == g], on_m & (gpu == g)) for g in np.unique(gpu[on_m]).tolist()}
+        routes.append(Route(m * G + relay_local, rows, work, relay=True))
+    return routes
+
+
 def _choose_replicas(topk_ids: np.ndarray, src_gpu: np.ndarray, placement: Placement, n_nodes: int,
                      max_nodes: Optional[int]) -> np.ndarray:
     """The physical slot serving each (token, expert), [T, k]: primaries define the token's nodes; replicas
@@ -176,11 +237,7 @@ def plan_dispatch(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, placement
     node_pairs = np.unique((token * N + node)[remote])                                    # (token, node)
     pair_token = node_pairs // N
     pair_node = node_pairs % N
-    live = np.array(spec.live_planes)
-    own_plane = np.array([spec.plane_of(l) for l in range(G)])[src_local]               # [T]
-    plane_ok = np.isin(np.arange(spec.planes), live)[own_plane]
-    plane = np.where(plane_ok, own_plane, live[src_local % len(live)])                  # [T]
-    relay_local = np.where(plane_ok, src_local, plane if spec.planes > 1 else src_local)
+    plane, relay_local, plane_ok = relay_choice(spec, src_local)                          # [T] each
     detour = ~plane_ok & (relay_local != src_local)                                       # NVLink hop first
 
     # intra-node forwards from the relay (remote experts) or the source (local experts), once per GPU

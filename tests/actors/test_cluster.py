@@ -18,6 +18,7 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster as RayCluster  # noqa: E402
 
+from moeserve.actors.attention_shard import HandedOff  # noqa: E402
 from moeserve.actors.client import ClusterClient  # noqa: E402
 from moeserve.actors.cluster import Cluster, node_resource  # noqa: E402
 from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
@@ -59,7 +60,7 @@ def config(path, engine=None, **kw):
 
 def test_one_prefill_one_decode_two_expert_groups(ray_cluster, mtp_checkpoint, prompts, expected):
     cfg = config(mtp_checkpoint, topology=TWO_NODES_ONE_GPU, expert_groups=2, redundant_experts=2,
-                 dispatch_dtype="float32", combine_dtype="float32", engine={"prefill_max_num_batched_tokens": 8})
+                 engine={"prefill_max_num_batched_tokens": 8})  # the default dtypes: exact
     with Cluster(cfg) as c:
         assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
         stats = c.stats()
@@ -100,7 +101,7 @@ def test_one_prefill_one_decode_two_expert_groups(ray_cluster, mtp_checkpoint, p
 def test_two_decode_shards_four_groups_redundant_replicas_and_mtp(ray_cluster, mtp_checkpoint, prompts, expected,
                                                                   transport, micro_batches):
     cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", decode_shards=2, expert_groups=4,
-                        redundant_experts=4, mtp=True, dispatch_dtype="float32", combine_dtype="float32",
+                        redundant_experts=4, mtp=True,
                         transport=transport,
                         engine={"kv_cache_tokens": 1024, "block_size": 4, "micro_batches": micro_batches})
     with Cluster(cfg) as c:
@@ -122,7 +123,7 @@ def test_prefill_and_decode_on_expert_groups_of_their_own(ray_cluster, mtp_check
     """shared_expert_groups: false gives the prefill shards a pool of expert groups of their own: each pool serves
     only its shards' tokens, relaying inside a node to its own pool's groups, and the outputs are the engine's."""
     cfg = config(mtp_checkpoint, topology="cpu-local", expert_groups=4, redundant_experts=4,
-                 shared_expert_groups=False, transport=transport, dispatch_dtype="float32", combine_dtype="float32")
+                 shared_expert_groups=False, transport=transport)
     with Cluster(cfg) as c:
         assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
         stats = c.stats()
@@ -168,12 +169,18 @@ def test_a_client_that_stops_polling_has_its_requests_aborted(ray_cluster, mtp_c
     with Cluster(cfg) as c:
         prefill, decode = c.prefill_shards[0], c.decode_shards[0]
         long = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
-        ray.get(prefill.add.remote("ghost-1", prompts[0], long, None, "ghost"))
+        ray.get(prefill.add.remote("ghost-1", prompts[0], long, None, "ghost", 0, True))
         handed = []
         while not handed:
             handed = ray.get(prefill.poll.remote("ghost", 0, 5.0))
-        pre = handed[0][2]
-        ray.get(decode.submit.remote(pre, None, 0, "ghost"))  # and "ghost" never polls the decode shard
+        # the prefill shard sent the sequence on to the decode shard itself; its client got a notice without the
+        # latent (and "ghost" never polls the decode shard)
+        notice = handed[0][2]
+        assert isinstance(notice, HandedOff) and not any(isinstance(v, torch.Tensor) for v in vars(notice).values())
+        deadline = time.monotonic() + 30
+        while ray.get(decode.stats.remote())["kv_bytes_received"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ray.get(decode.stats.remote())["kv_bytes_received"] == notice.kv_bytes > 0
         deadline = time.monotonic() + 60
         while ray.get(decode.stats.remote())["engine"]["running"] and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -202,7 +209,7 @@ def test_a_burst_of_prompts_shares_its_prefill_and_decode_steps(ray_cluster, mtp
     one call: one prefill step computes them all (68 tokens, within the prefill budget) and every decode step
     runs them together, rather than the first alone while the rest wait for the next step."""
     with Cluster(config(mtp_checkpoint, topology=TWO_NODES_ONE_GPU, expert_groups=2, redundant_experts=0,
-                        dispatch_dtype="float32", combine_dtype="float32")) as c:
+                        )) as c:
         assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
         steps = {s["role"]: s["engine"]["steps"] for s in c.stats()["shards"]}
         assert steps == {"prefill": 1, "decode": GREEDY.max_tokens - 1}  # the first token comes from the prefill

@@ -1,33 +1,152 @@
-"""The collective transport's messages: any object with tensors inside survives the trip bit for bit, and an
-expert group's error comes back as an error, not a hang."""
+"""The data plane's wire format: every message kind survives encoding bit for bit, nothing that is not the format
+is read (a pickle, truncated or padded bytes, counts that do not add up), and an expert group's error comes back
+as an error, not a hang. Also the senders a receiver names: who sends each group a shard's dispatches."""
+import pickle
+
 import pytest
 import torch
 
-from moeserve.actors.collective import decode, encode, reply_of
+from moeserve.actors import wire
+from moeserve.actors.transport import answer_of, reply_to, serve_dispatch
+from moeserve.kernels.fp8 import act_quant
+from moeserve.topology.planner import request_sender
+from moeserve.topology.spec import PRESETS, TopologySpec
 
 
-def test_messages_keep_every_tensor_bit_for_bit():
+def dispatch_message(dtype, n=5, dim=256, relay=True) -> wire.Dispatch:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 256, generator=g)
-    message = {"op": "relay", "layer": 3, "combine_dtype": "bf16",
-               "payload": {"fp8": x.to(torch.float8_e4m3fn).view(torch.uint8), "scale": torch.rand(5, 2)},
-               "work": {2: (torch.tensor([0, 4]), torch.tensor([7, 1]), torch.rand(2)),
-                        3: (torch.empty(0, dtype=torch.long),) * 3},
-               "bf16": x.to(torch.bfloat16)[:, ::2], "scalar": torch.tensor(1.5, dtype=torch.float64)}
-    body = encode(message)
-    assert isinstance(body, bytes)
-    back = decode(body)
-    assert back.keys() == message.keys() and back["op"] == "relay" and back["layer"] == 3
-    pairs = [(message["payload"][k], back["payload"][k]) for k in ("fp8", "scale")] + \
-        [(message[k], back[k]) for k in ("bf16", "scalar")]
-    for a, b in pairs:
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    for a, b in zip(message["work"][2], back["work"][2]):
-        assert torch.equal(a, b)
-    assert back["work"][3][0].shape == (0,) and back["work"][3][0].dtype == torch.long
+    x = torch.randn(n, dim, generator=g)
+    payload = wire.Payload(*act_quant(x)) if dtype == torch.float8_e4m3fn else wire.Payload(x.to(dtype))
+    work = {2: wire.Assignments(torch.tensor([0, 4, 4], dtype=torch.int32), torch.tensor([7, 1, 3], dtype=torch.int32),
+                                torch.rand(3, generator=g)),
+            3: wire.Assignments(torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32), torch.empty(0))}
+    return wire.Dispatch(layer=3, payload=payload, work=work, combine_dtype=torch.bfloat16, relay=relay)
 
 
-def test_an_expert_groups_error_is_raised_at_the_shard():
-    assert torch.equal(reply_of(torch.ones(2)), torch.ones(2))
-    with pytest.raises(RuntimeError, match="expert group 2: KeyError"):
-        reply_of(decode(encode({"error": "expert group 2: KeyError: 5"})))
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bits (NaNs and signed zeros included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_a_dispatch_survives_the_wire_bit_for_bit(dtype):
+    message = dispatch_message(dtype)
+    body = wire.encode(message)
+    assert isinstance(body, bytes) and wire.message_bytes(body) == len(body)
+    back = wire.decode(body)
+    assert isinstance(back, wire.Dispatch)
+    assert (back.layer, back.relay, back.combine_dtype) == (3, True, torch.bfloat16)
+    assert same(back.payload.x, message.payload.x)
+    assert (back.payload.scale is None) == (message.payload.scale is None)
+    if message.payload.scale is not None:
+        assert same(back.payload.scale, message.payload.scale)
+    assert sorted(back.work) == [2, 3]
+    for g in (2, 3):
+        for name in ("rows", "expert_ids", "weights"):
+            assert same(getattr(back.work[g], name), getattr(message.work[g], name))
+
+
+def test_a_dispatch_with_no_rows_and_the_other_kinds_survive_too():
+    empty = wire.Dispatch(0, wire.Payload(torch.empty(0, 64)), {}, torch.float32)
+    back = wire.decode(wire.encode(empty))
+    assert back.payload.x.shape == (0, 64) and back.work == {}
+    y = torch.tensor([[1.5, -0.0, float("inf")], [float("nan"), 2.0, -3.0]], dtype=torch.bfloat16)
+    reply = wire.decode(wire.encode(wire.Reply(y, forwarded=12345)))
+    assert same(reply.y, y) and reply.forwarded == 12345
+    assert wire.decode(wire.encode(wire.Error("expert group 2: KeyError: 5 ✓"))).message == "expert group 2: KeyError: 5 ✓"
+    assert isinstance(wire.decode(wire.encode(wire.Ping())), wire.Ping)
+    assert isinstance(wire.decode(wire.encode(wire.Stop())), wire.Stop)
+
+
+def corrupt(body: bytes, word: int, value: int) -> bytes:
+    raw = bytearray(body)
+    raw[8 * word:8 * word + 8] = value.to_bytes(8, "little", signed=True)
+    return bytes(raw)
+
+
+def test_anything_that_is_not_the_wire_format_is_refused():
+    body = wire.encode(dispatch_message(torch.float32))
+    not_messages = {
+        "a pickle of the same message": pickle.dumps(dispatch_message(torch.float32)),
+        "a pickle bomb's opening": b"\x80\x05cos\nsystem\n" + b"\0" * 200,
+        "empty": b"",
+        "truncated header": body[:50],
+        "truncated body": body[:-1],
+        "one byte too many": body + b"\0",
+        "another magic": corrupt(body, 0, 0x1234),
+        "unknown kind": corrupt(body, 1, 9),
+        "body longer than sent": corrupt(body, 2, len(body)),
+        "more rows than the body holds": corrupt(body, 5, 6),
+        "unknown dtype": corrupt(body, 7, 7),
+        "fp8 rows without scales": corrupt(body, 7, 2),
+        "assignments that do not add up": corrupt(body, 10, 4),
+        "negative rows": corrupt(body, 5, -1),
+    }
+    for what, raw in not_messages.items():
+        with pytest.raises(wire.WireError):
+            wire.decode(raw)
+            pytest.fail(what)
+    table_at = wire.HEADER_BYTES + 5 * 256 * 4
+    bad_row = bytearray(body)
+    bad_row[table_at + 16:table_at + 20] = (99).to_bytes(4, "little")  # first assignment's row: past the payload
+    with pytest.raises(wire.WireError, match="outside the payload"):
+        wire.decode(bytes(bad_row))
+    with pytest.raises(TypeError):
+        wire.encode({"op": "compute"})
+
+
+def test_an_expert_groups_error_is_raised_at_the_shard_and_junk_is_answered_with_one():
+    def compute(layer, payload, work):
+        raise KeyError(5)
+    message = dispatch_message(torch.float32, relay=False)
+    message.work = {2: message.work[2]}
+    body = reply_to(2, wire.encode(message), compute, None, None)
+    with pytest.raises(RuntimeError, match="expert group 2: KeyError: 5"):
+        answer_of(body)
+    with pytest.raises(RuntimeError, match="expert group 2: WireError"):
+        answer_of(reply_to(2, pickle.dumps({"op": "compute"}), compute, None, None))
+
+
+def test_a_relay_sums_its_own_work_and_its_peers():
+    """serve_dispatch against a direct sum: the relay computes its own rows, forwards each peer only the rows that
+    peer needs, and adds the partial outputs per row."""
+    message = dispatch_message(torch.float32)
+    message.work = {1: message.work[2], 2: wire.Assignments(torch.tensor([1, 2], dtype=torch.int32),
+                                                           torch.tensor([5, 6], dtype=torch.int32),
+                                                           torch.tensor([0.5, 0.25]))}
+    message.combine_dtype = torch.float32
+
+    def compute(layer, payload, work):  # expert e multiplies by e: easy to sum by hand
+        y = torch.zeros(len(payload), payload.x.shape[1])
+        y.index_add_(0, work.rows.long(), payload.x[work.rows.long()] * (work.expert_ids.float() * work.weights)[:, None])
+        return y
+    asked = {}
+
+    def ask(gid, part):
+        asked[gid] = wire.decode(wire.encode(part))
+        return gid
+
+    reply = serve_dispatch(1, compute, message, ask, lambda gid: wire.Reply(compute(0, asked[gid].payload,
+                                                                                    asked[gid].work[gid])))
+    x = message.payload.x
+    expected = torch.zeros_like(x)
+    for g in (1, 2):
+        w = message.work[g]
+        for r, e, wt in zip(w.rows.tolist(), w.expert_ids.tolist(), w.weights.tolist()):
+            expected[r] += x[r] * e * wt
+    torch.testing.assert_close(reply.y, expected)
+    assert list(asked) == [2] and torch.equal(asked[2].payload.x, x[[1, 2]])  # only the rows peer 2 needs
+    assert reply.forwarded == 2 * 256 * 4 * 2  # two rows there, their two partial rows back
+
+
+def test_every_group_has_one_named_sender_per_shard():
+    """Each group takes a shard's dispatches from the shard (its own node, or the relay of its node) or from the
+    relay of its node, never from two senders; with a plane down the relay index moves to a live plane."""
+    spec = PRESETS["cpu-local"]  # two nodes of two GPUs, planes 0 and 1
+    assert [request_sender(spec, 0, g) for g in range(4)] == [None, None, None, 2]
+    assert [request_sender(spec, 1, g) for g in range(4)] == [None, None, 3, None]
+    down = TopologySpec(**{**spec.model_dump(), "planes_down": [1]})
+    assert [request_sender(down, 1, g) for g in range(4)] == [None, None, None, 2]

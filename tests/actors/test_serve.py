@@ -24,10 +24,12 @@ MODEL = "moeserve-demo"
 
 @pytest.fixture(scope="module")
 def server():
-    exact = ClusterConfig(dispatch_dtype="float32", combine_dtype="float32")  # FP8 payloads shift near-ties
-    s = Server(exact, http_port=HTTP_PORT, grpc_port=GRPC_PORT, max_pending=MAX_PENDING).start()
+    # the default configuration, as `moeserve serve` runs it: its text must be the engine's
+    s = Server(ClusterConfig(), http_port=HTTP_PORT, grpc_port=GRPC_PORT, max_pending=MAX_PENDING).start()
+    private = s.cluster.private_dir
     yield s
     s.stop()
+    assert not os.path.exists(private), "stopping leaves nothing behind in the temp directory"
 
 
 @pytest.fixture(scope="module")
