@@ -32,7 +32,8 @@ class EngineSettings(BaseModel):
 class RaySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     address: Optional[str] = Field(None, description="join this Ray cluster; None starts a local one")
-    temp_dir: Optional[str] = Field(None, description="where a local Ray writes; default a fresh temp directory")
+    temp_dir: Optional[str] = Field(None, description="where a local Ray writes; default inside a fresh private "
+                                    "(0700) temp directory, removed at shutdown")
     dashboard: bool = Field(False, description="start Ray's dashboard (off: nothing listens that need not)")
     threads_per_actor: int = Field(1, ge=1, description="torch threads in each actor")
     client_timeout_s: float = Field(120.0, gt=0, description="a client (a driver or a Serve replica) that has not "

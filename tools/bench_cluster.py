@@ -2,7 +2,7 @@
 against the single-process engine, same demo model and prompts, on this machine.
 
     python tools/bench_cluster.py [--transport ray collective] [--layout default one-group one-group-each]
-                                  [--dispatch-dtype fp8|bf16|float32] [--json out.json]
+                                  [--dispatch-dtype auto|fp8|bf16|float32] [--json out.json]
 
 Layouts: `default` is `ClusterConfig()`'s, four expert groups over two simulated nodes with four redundant
 expert slots (tokens for the other node cross once to a relay group); `one-group` keeps the prefill and
@@ -11,7 +11,7 @@ prefill shard an expert group of its own (`shared_expert_groups: false`).
 
 Reports decode tokens/s and TPOT at batch 1 and with 32 concurrent requests, their ratio to the engine, and
 where the decode shard's step time goes: attention and the rest of the shard's own work, dispatch (planning,
-FP8 quantisation, sending), and waiting for the experts' replies (expert compute plus transfer). Every system
+encoding, sending), and waiting for the experts' replies (expert compute plus transfer). Every system
 first runs another 32-request workload untimed, so that none pays first-call costs in the timed runs. Each
 timed workload runs on a fresh engine and then on the cluster, three times over with new prompts each time;
 the ratio is the median of the three side-by-side ratios.
@@ -72,7 +72,7 @@ def bench_cluster(config: ClusterConfig, engine: LLM, workloads: dict, params) -
     step = spent["decode_steps"]
     share = {
         "attention and the shard's own work": (step - spent["dispatch"] - spent["combine_wait"]) / step,
-        "dispatch (plan, quantise, send)": spent["dispatch"] / step,
+        "dispatch (plan, encode, send)": spent["dispatch"] / step,
         "waiting for experts (compute + transfer)": spent["combine_wait"] / step,
     }
     med = statistics.median
@@ -90,8 +90,9 @@ def main() -> int:
                    help="the cluster layouts to measure (default: all)")
     p.add_argument("--micro-batches", type=int, nargs="+", default=[1],
                    help="micro-batches per decode step on the shards (engine.micro_batches; default: 1)")
-    p.add_argument("--dispatch-dtype", choices=["fp8", "bf16", "float32"], default="fp8",
-                   help="token payload to the experts (dispatch_dtype; default fp8, the cluster's default)")
+    p.add_argument("--dispatch-dtype", choices=["auto", "fp8", "bf16", "float32"], default="auto",
+                   help="token rows sent to the experts (dispatch_dtype; default auto, the cluster's default: the "
+                        "compute dtype, exact)")
     p.add_argument("--threads-per-actor", type=int, default=1,
                    help="torch threads in each actor (ray.threads_per_actor; default: 1)")
     p.add_argument("--json", type=Path)
