@@ -2,9 +2,11 @@
 prefill and decode attention shards beside them, and a driver-side `generate` that runs a request through
 prefill -> latent KV hand-off -> decode.
 
-Nodes: topology node i is the Ray node offering the custom resource `moeserve-node-i` (set with
-`ray start --resources='{"moeserve-node-0": 100}'`, or by the Helm chart). A local cluster started here
-declares every node's resource on this one machine, which then plays all the nodes.
+Nodes (`placement: topology`, the default): topology node i is the Ray node offering the custom resource
+`moeserve-node-i` (set with `ray start --resources='{"moeserve-node-0": 100}'`). A local cluster started here
+declares every node's resource on this one machine, which then plays all the nodes. With `placement: resources`
+(the Helm chart's) an expert group asks for one `moeserve-expert` and a shard for one `moeserve-attention`, which
+the chart's worker groups offer, so that Ray's autoscaler (KubeRay's) brings the nodes they need.
 """
 import logging
 import os
@@ -37,8 +39,18 @@ from .expert_group import ExpertGroupWorker
 LOCAL_ONLY_ENV = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR  # "0": Ray keeps to 127.0.0.1
 
 
+EXPERT_RESOURCE, ATTENTION_RESOURCE = "moeserve-expert", "moeserve-attention"
+
+
 def node_resource(node: int) -> str:
     return f"moeserve-node-{node}"
+
+
+def placed(config: ClusterConfig, role_resource: str, slot: int) -> dict[str, float]:
+    """The custom resource an actor asks Ray for: its topology node's, or its role's (see ClusterConfig.placement)."""
+    if config.placement == "resources":
+        return {role_resource: 1}
+    return {node_resource(slot // config.topology_spec.gpus_per_node): 1}
 
 
 def _alive(pid: int) -> bool:
@@ -143,7 +155,7 @@ class Cluster:
                 slot = (len(self.prefill_shards) + len(self.decode_shards)) % spec.num_gpus
                 actor = ray.remote(AttentionShardWorker).options(
                     num_cpus=0, num_gpus=1 if cfg.kv_transfer == "nccl" else 0, max_concurrency=256,
-                    resources={node_resource(slot // spec.gpus_per_node): 1},
+                    resources=placed(cfg, ATTENTION_RESOURCE, slot),
                 ).remote(role, i, config, phy2log, groups, slot, list(self.prefill_shards))
                 pool.append(actor)
                 self.shard_slots.append(slot)
@@ -179,7 +191,7 @@ class Cluster:
         for g in range(spec.num_gpus):
             experts = {layer: p[g * slots:(g + 1) * slots] for layer, p in phy2log.items()}
             groups.append(ray.remote(ExpertGroupWorker).options(
-                num_cpus=0, max_concurrency=16, resources={node_resource(g // spec.gpus_per_node): 1},
+                num_cpus=0, max_concurrency=16, resources=placed(cfg, EXPERT_RESOURCE, g),
                 name=None).remote(g, cfg.model, cfg.dtype, experts, cfg.transport, spec.model_dump(),
                                   cfg.ray.threads_per_actor, first_rank))
         G = spec.gpus_per_node

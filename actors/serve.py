@@ -32,7 +32,7 @@ from moeserve.cluster.llm import encode_prompt
 from moeserve.cluster.sampling_params import SamplingParams
 from moeserve.cluster.tokenizer import IncrementalDecoder, Tokenizer
 from moeserve.kernels.args import ModelArgs
-from moeserve.kernels.errors import InputError
+from moeserve.kernels.errors import ConfigError, InputError
 
 from . import tracing
 from .client import ClusterClient, Delta
@@ -146,14 +146,22 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", code:
 @serve.deployment(max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, model: str, model_name: str, prefill_shards: list, decode_shards: list, kv_cache_tokens: int,
-                 block_size: int, max_pending: int):
-        self.args = ModelArgs.from_file(model)
-        self.tokenizer = Tokenizer(model) if Tokenizer.exists(model) else None
+    def __init__(self, config: dict, model_name: str, max_pending: int, shards: Optional[tuple] = None):
+        """`shards`: (prefill, decode) actors of a cluster started beside Serve (`moeserve serve`); without them
+        (a RayService) this replica starts the cluster's shards and expert groups itself, in the Ray cluster it
+        runs in, and they live as long as it does."""
+        cfg = ClusterConfig(**config)
+        self.cluster = None
+        if shards is None:
+            self.cluster = Cluster(cfg).start()
+            shards = (self.cluster.prefill_shards, self.cluster.decode_shards)
+        prefill_shards, decode_shards = shards
+        self.args = ModelArgs.from_file(cfg.model)
+        self.tokenizer = Tokenizer(cfg.model) if Tokenizer.exists(cfg.model) else None
         self.model_name = model_name
         self.shards = prefill_shards + decode_shards
-        self.client = ClusterClient(self.args, self.tokenizer, prefill_shards, decode_shards, kv_cache_tokens,
-                                    block_size)
+        self.client = ClusterClient(self.args, self.tokenizer, prefill_shards, decode_shards,
+                                    cfg.engine.kv_cache_tokens, cfg.engine.block_size)
         self.max_pending = max_pending
         self.inflight = 0
         self.metrics = Metrics()
@@ -413,6 +421,19 @@ class Ingress:
 
 # ---- running it -------------------------------------------------------------------------------------------------
 
+def build_app(args: dict) -> serve.Application:
+    """The Serve application by import path, `moeserve.actors.serve:build_app` (a RayService's serveConfigV2, as the
+    Helm chart renders it): the cluster YAML from `args["config"]` or $MOESERVE_CONFIG, validated as
+    `ClusterConfig`; the ingress replica starts the shards and expert groups in the Ray cluster Serve runs in.
+    args: config (path), model_name (default: the checkpoint directory's name), max_pending (default 256)."""
+    path = args.get("config") or os.environ.get("MOESERVE_CONFIG")
+    if not path:
+        raise ConfigError("no cluster config: give the application args {config: PATH} or set MOESERVE_CONFIG")
+    config = ClusterConfig.from_yaml(path)
+    name = args.get("model_name") or os.path.basename(os.path.normpath(config.model))
+    return Ingress.bind(config.model_dump(), name, int(args.get("max_pending", 256)))
+
+
 class Server:
     """`moeserve serve`: the cluster, Ray Serve's HTTP and gRPC proxies, and the ingress; `stop` drains first."""
 
@@ -430,8 +451,8 @@ class Server:
         serve.start(http_options={"host": self.host, "port": self.http_port},
                     grpc_options={"port": self.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
         c = self.cluster
-        ingress = Ingress.bind(self.config.model, self.model_name, c.prefill_shards, c.decode_shards,
-                               self.config.engine.kv_cache_tokens, self.config.engine.block_size, self.max_pending)
+        ingress = Ingress.bind(self.config.model_dump(), self.model_name, self.max_pending,
+                               (c.prefill_shards, c.decode_shards))
         serve.run(ingress, name="moeserve", route_prefix="/")
         return self
 

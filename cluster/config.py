@@ -66,6 +66,10 @@ class ClusterConfig(BaseModel):
         "auto", description="expert outputs sent back: auto = the compute dtype (exact), or bf16")
     topology: Union[str, TopologySpec] = Field("cpu-local", description="a preset name or an inline spec")
     max_nodes: int = Field(4, ge=1, description="node limit M of the dispatch planner")
+    placement: Literal["topology", "resources"] = Field(
+        "topology", description="topology: topology node i is the Ray node offering moeserve-node-i (a fixed "
+        "cluster, or the local one); resources: each expert group asks Ray for one moeserve-expert and each "
+        "attention shard for one moeserve-attention, which autoscaled worker groups offer (the Helm chart)")
     engine: EngineSettings = EngineSettings()
     ray: RaySettings = RaySettings()
 
