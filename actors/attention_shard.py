@@ -62,12 +62,10 @@ class AttentionShardWorker:
         torch.set_num_threads(cfg.ray.threads_per_actor)
         self.role, self.shard_id, self.src_gpu = role, shard_id, src_gpu
         spec = cfg.topology_spec
-        slots_per_gpu = len(next(iter(phy2log.values()))) // spec.num_gpus
         args = ModelArgs.from_file(cfg.model)
-        placements = {layer: Placement(torch.tensor(p), slots_per_gpu, spec.gpus_per_node, args.n_expert_groups)
-                      for layer, p in phy2log.items()}
+        self.spec, self.n_expert_groups = spec, args.n_expert_groups
         compute = DTYPES[cfg.dtype]
-        self.router = ExpertRouter(placements, spec, src_gpu, args.dim, cfg.max_nodes,
+        self.router = ExpertRouter(self._placements(phy2log), spec, src_gpu, args.dim, cfg.max_nodes,
                                    payload_dtype(cfg.dispatch_dtype, compute),
                                    compute if cfg.combine_dtype == "auto" else payload_dtype(cfg.combine_dtype, compute))
         self.links = [collective.ShardLink(spec, src_gpu, len(groups)) for _ in range(cfg.engine.micro_batches)] \
@@ -110,6 +108,25 @@ class AttentionShardWorker:
         self.steps_traced = 0
         self.stopped = False
         threading.Thread(target=self._loop, daemon=True, name=f"{role}-{shard_id}").start()
+
+    def _placements(self, phy2log: dict[int, list[int]]) -> dict[int, Placement]:
+        slots_per_gpu = len(next(iter(phy2log.values()))) // self.spec.num_gpus
+        return {layer: Placement(torch.tensor(p), slots_per_gpu, self.spec.gpus_per_node, self.n_expert_groups)
+                for layer, p in phy2log.items()}
+
+    def set_placement(self, version: int, phy2log: dict[int, list[int]]) -> None:
+        """Plan dispatches against placement `version` from the next step on (the expert groups hold it already);
+        `placement_version` tells when the switch is made."""
+        placements = self._placements(phy2log)
+
+        def change():
+            self.router.switch(version, placements)
+        with self.mail:
+            self.inbox.append(("", change))
+            self.mail.notify_all()
+
+    def placement_version(self) -> int:
+        return self.router.version
 
     def set_decode_shards(self, decode_shards: list) -> None:
         self.decode_shards = decode_shards
@@ -397,6 +414,6 @@ class AttentionShardWorker:
     def stats(self) -> dict:
         with self.lock:
             return {**self.ready(), "engine": self.engine.stats(), "links": self.router.counters.as_dict(),
-                    "step_s": self.step_s,
+                    "step_s": self.step_s, "placement_version": self.router.version,
                     "tokens_per_expert": self.engine.stats()["expert_load"],
                     "kv_bytes_sent": self.kv_bytes_sent, "kv_bytes_received": self.kv_bytes_received}

@@ -29,7 +29,7 @@ from moeserve.cluster.tokenizer import Tokenizer
 from moeserve.kernels.args import ModelArgs
 from moeserve.kernels.errors import InputError
 from moeserve.kernels.load import DTYPES, check_cpu_dtype
-from moeserve.topology.eplb import rebalance_experts
+from moeserve.topology.eplb import gpu_imbalance, rebalance_experts, rebalance_with_migration
 
 from . import kv_transfer
 from .attention_shard import AttentionShardWorker
@@ -63,6 +63,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def moe_layer_of(module_name: str, n_layers: int) -> int:
+    """The MoE layer id of a model's MoE module: layers.<i>.ffn -> i, mtp.<k>.block.ffn -> n_layers + k."""
+    kind, index = module_name.split(".")[:2]
+    return int(index) + (n_layers if kind == "mtp" else 0)
+
+
 def moe_layer_ids(args: ModelArgs, mtp: bool) -> list[int]:
     layers = [i for i in range(args.n_layers) if args.is_moe_layer(i)]
     return layers + ([args.n_layers] if mtp and args.n_mtp_layers else [])
@@ -80,6 +86,9 @@ class Cluster:
         self.where: dict[str, dict] = {}
         self.shard_slots: list[int] = []         # each shard's GPU slot, prefill shards first
         self.client: Optional[ClusterClient] = None
+        self.phy2log: dict[int, list[int]] = {}  # the placement being served: MoE layer -> logical expert per slot
+        self.version = 0                          # its number
+        self._load_seen: dict[str, torch.Tensor] = {}  # tokens per expert the last rebalance counted, per layer
         self.private_dir: Optional[str] = None   # the local Ray's temp tree, when this cluster made one
 
     def __enter__(self) -> "Cluster":
@@ -144,7 +153,7 @@ class Cluster:
             self.shutdown()
             raise InputError(f"kv_transfer: nccl puts each attention shard on a GPU of its own: {shards} needed, "
                              f"the Ray cluster has {gpus:g}; use kv_transfer: object_store")
-        phy2log = self.placement()
+        phy2log = self.phy2log = self.placement()
         self.groups = self._start_expert_groups(phy2log, first_rank=0)
         self.prefill_groups = self.groups if cfg.shared_expert_groups else \
             self._start_expert_groups(phy2log, first_rank=spec.num_gpus)
@@ -245,6 +254,55 @@ class Cluster:
 
     # ---- reporting and teardown ---------------------------------------------------------------------------
 
+    # ---- the live layout ----------------------------------------------------------------------------------
+
+    def rebalance(self) -> dict:
+        """One round of EPLB (migration-aware, topology-aware) on the load the shards measured since the last round
+        (tokens per logical expert per MoE layer), applied as a new numbered placement version: every expert group
+        loads its new experts beside the ones it serves (no step waits for them), the shards switch between two
+        steps, and the old version is released once no shard plans against it. Returns the version, the experts
+        moved, the tokens counted, and the per-group load max/mean of each MoE layer before and after."""
+        spec, layers = self.config.topology_spec, sorted(self.phy2log)
+        load = self._measured_load(layers)                                     # [layers, E]
+        current = torch.tensor([self.phy2log[layer] for layer in layers])    # [layers, slots]
+        report = {"version": self.version, "moved_experts": 0, "tokens": int(load.sum()),
+                  "imbalance_before": None, "imbalance_after": None}
+        if not report["tokens"]:
+            return report
+        counts = torch.zeros_like(load, dtype=torch.long).scatter_add_(1, current, torch.ones_like(current))
+        new, _, new_counts, moved = rebalance_with_migration(load, current, current.shape[1],
+                                                             self.args.n_expert_groups, spec.nodes, spec.num_gpus)
+        report["imbalance_before"] = gpu_imbalance(load, current, counts, spec.num_gpus).tolist()
+        report["imbalance_after"] = gpu_imbalance(load, new, new_counts, spec.num_gpus).tolist()
+        if not moved:
+            return report
+        version = self.version + 1
+        phy2log = {layer: new[i].tolist() for i, layer in enumerate(layers)}
+        slots = current.shape[1] // spec.num_gpus
+        pools = [self.groups] + ([] if self.prefill_groups is self.groups else [self.prefill_groups])
+        ray.get([group.prepare.remote(version, {layer: p[g * slots:(g + 1) * slots] for layer, p in phy2log.items()})
+                 for pool in pools for g, group in enumerate(pool)])
+        shards = self.prefill_shards + self.decode_shards
+        ray.get([shard.set_placement.remote(version, phy2log) for shard in shards])
+        while any(v != version for v in ray.get([shard.placement_version.remote() for shard in shards])):
+            time.sleep(0.01)  # each switches before its next step
+        ray.get([group.release.remote(version) for group in self.expert_groups])
+        self.phy2log, self.version = phy2log, version
+        return {**report, "version": version, "moved_experts": moved}
+
+    def _measured_load(self, layers: list[int]) -> torch.Tensor:
+        """Tokens per logical expert [layers, E] that the shards routed since the last call."""
+        total: dict[int, torch.Tensor] = {}
+        for stats in ray.get([s.stats.remote() for s in self.prefill_shards + self.decode_shards]):
+            for name, load in stats["tokens_per_expert"].items():
+                key = f"{stats['role']}-{stats['shard']}/{name}"
+                now = torch.tensor(load)
+                since, self._load_seen[key] = now - self._load_seen.get(key, torch.zeros_like(now)), now
+                layer = moe_layer_of(name, self.args.n_layers)
+                total[layer] = total.get(layer, 0) + since
+        E = self.args.n_routed_experts
+        return torch.stack([total.get(layer, torch.zeros(E, dtype=torch.long)) for layer in layers]).float()
+
     def stats(self) -> dict:
         shards = ray.get([s.stats.remote() for s in self.prefill_shards + self.decode_shards])
         links = {key: 0 for key in ("inter_node", "intra_node", "planned_inter_node", "planned_intra_node",
@@ -275,6 +333,7 @@ class Cluster:
                       "inter_node_crossings": links["crossings"], "naive_crossings": links["naive_crossings"]},
             "tokens_per_expert": tokens_per_expert,
             "kv_transfer_bytes": self.kv_transfer_bytes,
+            "placement_version": self.version,
             "shards": shards,
             "expert_groups": groups,
         }

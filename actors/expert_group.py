@@ -30,24 +30,11 @@ class ExpertGroupWorker:
         torch.set_num_threads(threads)
         self.group_id = group_id
         self.dtype = DTYPES[dtype]
-        ckpt = Checkpoint(model)
-        wanted = {(layer, e) for layer, es in experts.items() for e in es}
-        self.experts: dict[int, dict[int, MLP]] = {layer: {} for layer in experts}
-        args = ckpt.args
-        for layer, es in experts.items():
-            for e in set(es):
-                self.experts[layer][e] = MLP(args.dim, args.moe_inter_dim).to(self.dtype)
-        for name, tensor in ckpt.tensors(select=lambda n: routed_expert_of(n) in wanted, dtype=self.dtype):
-            layer, e = routed_expert_of(name)
-            proj = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}[name.split(".")[-2]]
-            getattr(self.experts[layer][e], proj).weight = torch.nn.Parameter(tensor, requires_grad=False)
-        # per layer: the held experts' weights stacked for batched matmuls, and logical id -> index in the stack
-        self.packed, self.stack_index = {}, {}
-        for layer, held in self.experts.items():
-            ids = sorted(held)
-            self.packed[layer] = pack_experts([held[e] for e in ids])
-            self.stack_index[layer] = torch.full((args.n_routed_experts,), -1, dtype=torch.long)
-            self.stack_index[layer][ids] = torch.arange(len(ids))
+        self.ckpt = Checkpoint(model)
+        self.modules: dict[tuple[int, int], MLP] = {}   # (layer, logical expert) -> its weights, any version's
+        # placement version -> per MoE layer, the held experts' weights stacked for batched matmuls and logical id
+        # -> index in the stack; a dispatch names the version it was planned against
+        self.versions: dict[int, dict[int, tuple]] = {0: self._stacks(experts)}
         self.assignments_computed = 0   # (token, expert) pairs computed here, over every layer
         self.compute_s = 0.0
         spec = TopologySpec(**spec)
@@ -57,10 +44,51 @@ class ExpertGroupWorker:
     def ready(self) -> dict:
         return {"group": self.group_id, "pid": os.getpid(), "host": socket.gethostname(),
                 "ray_node": ray.get_runtime_context().get_node_id(),
-                "experts": {layer: sorted(es) for layer, es in self.experts.items()}}
+                "experts": self.held(max(self.versions))}
+
+    def held(self, version: int) -> dict[int, list[int]]:
+        """MoE layer -> the logical experts this group holds in a placement version."""
+        return {layer: sorted(torch.nonzero(index >= 0).flatten().tolist())
+                for layer, (_, index) in self.versions[version].items()}
+
+    def _stacks(self, experts: dict[int, list[int]]) -> dict[int, tuple]:
+        """The stacks of one placement (MoE layer -> logical experts), loading from the checkpoint, by name, the
+        experts no version here holds yet."""
+        args = self.ckpt.args
+        wanted = {(layer, e) for layer, es in experts.items() for e in es} - set(self.modules)
+        for key in wanted:
+            self.modules[key] = MLP(args.dim, args.moe_inter_dim).to(self.dtype)
+        for name, tensor in self.ckpt.tensors(select=lambda n: routed_expert_of(n) in wanted, dtype=self.dtype):
+            proj = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}[name.split(".")[-2]]
+            getattr(self.modules[routed_expert_of(name)], proj).weight = torch.nn.Parameter(tensor,
+                                                                                          requires_grad=False)
+        stacks = {}
+        for layer, es in experts.items():
+            ids = sorted(set(es))
+            index = torch.full((args.n_routed_experts,), -1, dtype=torch.long)
+            index[ids] = torch.arange(len(ids))
+            stacks[layer] = (pack_experts([self.modules[layer, e] for e in ids]), index)
+        return stacks
+
+    def prepare(self, version: int, experts: dict[int, list[int]]) -> int:
+        """Load placement `version` beside the ones being served (which go on serving meanwhile); returns how
+        many experts came from the checkpoint."""
+        before = len(self.modules)
+        self.versions[version] = self._stacks(experts)
+        return len(self.modules) - before
+
+    def release(self, current: int) -> None:
+        """Drop the placement versions before `current` (no shard plans against them any more) and the experts
+        only they held."""
+        for version in [v for v in self.versions if v < current]:
+            del self.versions[version]
+        kept = {(layer, e) for v in self.versions for layer, es in self.held(v).items() for e in es}
+        for key in set(self.modules) - kept:
+            del self.modules[key]
 
     def stats(self) -> dict:
-        return {"group": self.group_id, "assignments_computed": self.assignments_computed, "compute_s": self.compute_s}
+        return {"group": self.group_id, "assignments_computed": self.assignments_computed, "compute_s": self.compute_s,
+                "placement_versions": sorted(self.versions)}
 
     # ---- the serving half: the ray transport's calls, or the collective transport's threads ----------------
 
@@ -81,19 +109,22 @@ class ExpertGroupWorker:
     # ---- the experts ---------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def compute(self, layer: int, payload: wire.Payload, work: wire.Assignments) -> torch.Tensor:
-        """Partial outputs [N, dim] float32 for the payload's N rows: sum of weight x expert(row) over `work`."""
+    def compute(self, layer: int, payload: wire.Payload, work: wire.Assignments, version: int = 0) -> torch.Tensor:
+        """Partial outputs [N, dim] float32 for the payload's N rows: sum of weight x expert(row) over `work`, with
+        the experts of placement `version`."""
         start = time.perf_counter()
         if payload.scale is not None:
             x = act_dequant(payload.x, payload.scale, dtype=self.dtype)
         else:
             x = payload.x.to(self.dtype)
         self.assignments_computed += len(work)
-        stacked = self.stack_index[layer][work.expert_ids.long()]
+        if version not in self.versions:
+            raise RuntimeError(f"placement version {version} is not loaded here (versions {sorted(self.versions)})")
+        packed, stack_index = self.versions[version][layer]
+        stacked = stack_index[work.expert_ids.long()]
         if (stacked < 0).any():
             missing = sorted(set(work.expert_ids[stacked < 0].tolist()))
             raise RuntimeError(f"tokens routed to experts {missing} of layer {layer}, which this group does not hold")
-        packed = self.packed[layer]
         rows = work.rows.long()
         run = run_assignments_dense if dense_is_cheaper(packed, len(x), len(rows)) else run_assignments_packed
         y = run(packed, x, rows, stacked, work.weights.to(self.dtype))

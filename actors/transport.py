@@ -81,6 +81,7 @@ class ExpertRouter:
     def __init__(self, placements: dict[int, Placement], spec: TopologySpec, src_gpu: int, hidden: int,
                  max_nodes: int, dispatch_dtype: torch.dtype, combine_dtype: torch.dtype):
         self.placements, self.spec, self.src_gpu = placements, spec, src_gpu
+        self.version = 0               # the placement version every dispatch is planned against (see `switch`)
         self.hidden, self.max_nodes = hidden, max_nodes
         self.dispatch_dtype, self.combine_dtype = dispatch_dtype, combine_dtype
         self.counters = LinkCounters(per_plane=[0] * spec.planes, planned_per_plane=[0] * spec.planes)
@@ -92,7 +93,8 @@ class ExpertRouter:
     def dispatches(self, layer_id: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> list[Sent]:
         """The messages of one layer's dispatch, x [T, dim], indices/weights [T, topk]; counts the planned bytes."""
         d_bytes, c_bytes = self.row_bytes
-        plan = plan_dispatch(indices, self.src_gpu, self.placements[layer_id], self.spec, self.hidden,
+        version, placements = self.version, self.placements  # one version for the whole layer
+        plan = plan_dispatch(indices, self.src_gpu, placements[layer_id], self.spec, self.hidden,
                              self.max_nodes, d_bytes, c_bytes, link_loads=False)
         routes = routes_of(plan, indices.numpy(), weights.float().numpy(), self.src_gpu, self.spec)
         payload = to_payload(x, self.dispatch_dtype)
@@ -101,7 +103,7 @@ class ExpertRouter:
             part = payload if len(route.rows) == x.shape[0] else payload.rows(torch.from_numpy(route.rows))
             work = {g: wire.Assignments(*(torch.from_numpy(a) for a in assignments))
                     for g, assignments in route.work.items()}
-            sent.append(Sent(route, wire.Dispatch(layer_id, part, work, self.combine_dtype, route.relay)))
+            sent.append(Sent(route, wire.Dispatch(layer_id, part, work, self.combine_dtype, route.relay, version)))
         with self.lock:
             c = self.counters
             c.naive_crossings += plan.naive_sends
@@ -116,6 +118,11 @@ class ExpertRouter:
                     plan.expert_gpu.numpy().ravel() // G != self.src_gpu // G])
                 c.intra_node += len(remote) * (d_bytes + c_bytes)
         return sent
+
+    def switch(self, version: int, placements: dict[int, Placement]) -> None:
+        """Plan every later dispatch against placement `version`. The shard calls this between two steps, so no
+        step mixes versions."""
+        self.placements, self.version = placements, version
 
     def count(self, sent: Sent, reply: wire.Reply) -> None:
         """Measured bytes of one route, both ways, from its message's tensors and its reply's."""
@@ -153,7 +160,7 @@ def serve_dispatch(group_id: int, compute: Callable, message: wire.Dispatch, ask
                    answer: Callable) -> wire.Reply:
     """An expert group's answer to a dispatch: its own assignments computed here; as a relay, each other group's
     rows forwarded with ask(group, dispatch) and their partial sums collected with answer(handle). compute(layer,
-    payload, assignments) -> [N, dim] float32."""
+    payload, assignments, version) -> [N, dim] float32, with the experts of placement `version`."""
     asked, forwarded, total = [], 0, None
     for gid, work in message.work.items():
         if gid == group_id:
@@ -162,11 +169,12 @@ def serve_dispatch(group_id: int, compute: Callable, message: wire.Dispatch, ask
         sub = message.payload.rows(needed)
         forwarded += sub.nbytes
         part = wire.Dispatch(message.layer, sub, {gid: wire.Assignments(local_rows.int(), work.expert_ids,
-                                                                        work.weights)}, message.combine_dtype)
+                                                                        work.weights)}, message.combine_dtype,
+                             version=message.version)
         asked.append((needed, ask(gid, part)))
     own = message.work.get(group_id)
     if own is not None:
-        total = compute(message.layer, message.payload, own)
+        total = compute(message.layer, message.payload, own, message.version)
     for needed, handle in asked:
         reply = answer(handle)
         forwarded += reply.y.numel() * reply.y.element_size()

@@ -3,7 +3,8 @@ tensors. Nothing else crosses: no pickle, no Python objects, so a receiver only 
 tensors, and anything that is not this format is refused (WireError) before a byte of it is used.
 
     header   16 x int64: MAGIC, kind, body bytes, then the kind's counts (below)
-    DISPATCH layer, relay, rows N, dim, payload dtype, scale columns C, work groups W, assignments A, combine dtype
+    DISPATCH layer, relay, rows N, dim, payload dtype, scale columns C, work groups W, assignments A, combine dtype,
+             placement version
              body: rows [N, dim] (float32 / bfloat16, or FP8 e4m3 as uint8) | FP8 only: 1x128 scales fp32 [N, C]
                    | work table int32 [W, 2] (group, its assignments) | rows int32 [A] | logical expert ids int32 [A]
                    | gate weights fp32 [A]     (assignments of the work groups in table order)
@@ -72,6 +73,7 @@ class Dispatch:
     work: dict[int, Assignments]     # group id -> its assignments
     combine_dtype: torch.dtype
     relay: bool = False
+    version: int = 0                 # the placement version the routes were planned against
 
 
 @dataclass
@@ -122,7 +124,7 @@ def encode(message: Message) -> bytes:
         body = b"".join(parts)
         return _header(DISPATCH, len(body), message.layer, int(message.relay), N, dim, DTYPE_CODES[p.x.dtype],
                        0 if p.scale is None else p.scale.shape[1], len(groups), int(table[:, 1].sum()),
-                       DTYPE_CODES[message.combine_dtype]) + body
+                       DTYPE_CODES[message.combine_dtype], message.version) + body
     if isinstance(message, Reply):
         N, dim = message.y.shape
         body = _raw(message.y)
@@ -217,7 +219,8 @@ def decode(buf) -> Message:
             at += c
         if len(work) != W:
             raise WireError("a group appears twice in the work table")
-        return Dispatch(layer, payload, work, _dtype(int(words[11]), (torch.float32, torch.bfloat16)), relay)
+        return Dispatch(layer, payload, work, _dtype(int(words[11]), (torch.float32, torch.bfloat16)), relay,
+                        _count(words[12], 1 << 40, "placement version"))
     if kind == REPLY:
         N, dim = _count(words[3], MAX_ROWS, "rows"), _count(words[4], MAX_DIM, "dim")
         y = r.take(_dtype(int(words[5]), (torch.float32, torch.bfloat16)), (N, dim))

@@ -248,3 +248,42 @@ def test_nccl_kv_transfer_moves_exactly_the_latent_and_keeps_greedy(ray_cluster,
         assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
         a = c.args
         assert c.stats()["kv_transfer_bytes"] == sum(map(len, prompts)) * a.n_layers * a.latent_dim * 4
+
+
+@pytest.mark.parametrize("transport", ["collective", "ray"])
+def test_a_rebalance_under_running_requests_moves_experts_and_changes_no_token(ray_cluster, mtp_checkpoint, prompts,
+                                                                               transport):
+    """EPLB on the load the shards measured, applied while requests decode: the groups load the moved experts
+    beside the ones they serve, the shards switch between two steps, the old version is released, and every
+    token equals the engine's, before, during and after."""
+    long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    engine = LLM(mtp_checkpoint, kv_cache_tokens=1024)
+    expected = [o.token_ids for o in engine.generate(prompts * 2, long)]
+    cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", expert_groups=4, redundant_experts=4,
+                        transport=transport, engine={"kv_cache_tokens": 1024, "block_size": 4})
+    with Cluster(cfg) as c:
+        assert [o.token_ids for o in c.generate(prompts, long)] == expected[:len(prompts)]  # load to measure
+        before = c.phy2log
+        outcome = {}
+        thread = threading.Thread(target=lambda: outcome.update(outs=c.generate(prompts * 2, long)), daemon=True)
+        thread.start()
+        time.sleep(1.0)  # the requests are decoding
+        report = c.rebalance()
+        thread.join(300)
+        print(f"rebalance ({transport}): {report['moved_experts']} experts moved; per-group max/mean load by layer "
+              f"{[round(x, 2) for x in report['imbalance_before']]} -> {[round(x, 2) for x in report['imbalance_after']]}")
+        assert [o.token_ids for o in outcome["outs"]] == expected
+        assert report["version"] == 1 and report["moved_experts"] > 0 and report["tokens"] > 0
+        assert max(report["imbalance_after"]) < max(report["imbalance_before"])
+        assert c.phy2log != before
+        stats = c.stats()
+        assert stats["placement_version"] == 1
+        assert all(s["placement_version"] == 1 for s in stats["shards"])
+        assert all(g["placement_versions"] == [1] for g in stats["expert_groups"])  # version 0 released
+        held = ray.get([g.ready.remote() for g in c.groups])
+        slots = len(c.phy2log[next(iter(c.phy2log))]) // 4
+        for g, report_g in enumerate(held):  # each group holds exactly its new slots' experts
+            assert report_g["experts"] == {layer: sorted(set(p[g * slots:(g + 1) * slots]))
+                                           for layer, p in c.phy2log.items()}
+        assert [o.token_ids for o in c.generate(prompts, GREEDY)] == \
+            [o.token_ids for o in engine.generate(prompts, GREEDY)]

@@ -20,7 +20,7 @@ def dispatch_message(dtype, n=5, dim=256, relay=True) -> wire.Dispatch:
     work = {2: wire.Assignments(torch.tensor([0, 4, 4], dtype=torch.int32), torch.tensor([7, 1, 3], dtype=torch.int32),
                                 torch.rand(3, generator=g)),
             3: wire.Assignments(torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32), torch.empty(0))}
-    return wire.Dispatch(layer=3, payload=payload, work=work, combine_dtype=torch.bfloat16, relay=relay)
+    return wire.Dispatch(layer=3, payload=payload, work=work, combine_dtype=torch.bfloat16, relay=relay, version=7)
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -38,7 +38,7 @@ def test_a_dispatch_survives_the_wire_bit_for_bit(dtype):
     assert isinstance(body, bytes) and wire.message_bytes(body) == len(body)
     back = wire.decode(body)
     assert isinstance(back, wire.Dispatch)
-    assert (back.layer, back.relay, back.combine_dtype) == (3, True, torch.bfloat16)
+    assert (back.layer, back.relay, back.combine_dtype, back.version) == (3, True, torch.bfloat16, 7)
     assert same(back.payload.x, message.payload.x)
     assert (back.payload.scale is None) == (message.payload.scale is None)
     if message.payload.scale is not None:
@@ -99,7 +99,7 @@ def test_anything_that_is_not_the_wire_format_is_refused():
 
 
 def test_an_expert_groups_error_is_raised_at_the_shard_and_junk_is_answered_with_one():
-    def compute(layer, payload, work):
+    def compute(layer, payload, work, version):
         raise KeyError(5)
     message = dispatch_message(torch.float32, relay=False)
     message.work = {2: message.work[2]}
@@ -119,7 +119,7 @@ def test_a_relay_sums_its_own_work_and_its_peers():
                                                            torch.tensor([0.5, 0.25]))}
     message.combine_dtype = torch.float32
 
-    def compute(layer, payload, work):  # expert e multiplies by e: easy to sum by hand
+    def compute(layer, payload, work, version=0):  # expert e multiplies by e: easy to sum by hand
         y = torch.zeros(len(payload), payload.x.shape[1])
         y.index_add_(0, work.rows.long(), payload.x[work.rows.long()] * (work.expert_ids.float() * work.weights)[:, None])
         return y
@@ -139,6 +139,7 @@ def test_a_relay_sums_its_own_work_and_its_peers():
             expected[r] += x[r] * e * wt
     torch.testing.assert_close(reply.y, expected)
     assert list(asked) == [2] and torch.equal(asked[2].payload.x, x[[1, 2]])  # only the rows peer 2 needs
+    assert asked[2].version == 7  # planned against the same placement version
     assert reply.forwarded == 2 * 256 * 4 * 2  # two rows there, their two partial rows back
 
 
