@@ -1,7 +1,8 @@
 """The attention-shard actor: embedding, attention, dense FFN, shared experts, gates, norms, LM head and MTP
 module, with its own paged latent cache and engine; the routed experts live in the expert groups and are
-reached through `RayExpertTransport`. A `prefill` shard computes prompts and hands each sequence's latent KV
-to a decode shard; a `decode` shard runs the continuous-batching loop in a thread of its own."""
+reached through the configured transport (`collective.py` or `transport.py`). A `prefill` shard computes prompts
+and hands each sequence, latent KV included, straight to its decode shard; a `decode` shard runs the
+continuous-batching loop in a thread of its own."""
 import os
 import socket
 import threading

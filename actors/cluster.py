@@ -37,8 +37,6 @@ from .client import ClusterClient
 from .expert_group import ExpertGroupWorker
 
 LOCAL_ONLY_ENV = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR  # "0": Ray keeps to 127.0.0.1
-
-
 EXPERT_RESOURCE, ATTENTION_RESOURCE = "moeserve-expert", "moeserve-attention"
 
 
@@ -88,7 +86,7 @@ class Cluster:
         self.client: Optional[ClusterClient] = None
         self.phy2log: dict[int, list[int]] = {}  # the placement being served: MoE layer -> logical expert per slot
         self.version = 0                          # its number
-        self._load_seen: dict[str, torch.Tensor] = {}  # tokens per expert the last rebalance counted, per layer
+        self._load_seen: dict[str, torch.Tensor] = {}  # per (shard, layer): its tokens per expert at the last round
         self.private_dir: Optional[str] = None   # the local Ray's temp tree, when this cluster made one
 
     def __enter__(self) -> "Cluster":
