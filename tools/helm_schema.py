@@ -37,6 +37,9 @@ def pod_group(extra: dict) -> dict:
 def values_schema() -> dict:
     cluster = ClusterConfig.model_json_schema()
     defs = cluster.pop("$defs", {})
+    # the chart sets the model's path; its default (the demo model inside this checkout) would tie the schema to
+    # where the repository happens to be
+    cluster["properties"]["model"].pop("default", None)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "moeserve chart values",
