@@ -14,6 +14,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from typing import Optional, Sequence as Seq, Union
 
@@ -87,6 +88,9 @@ class Cluster:
         self.phy2log: dict[int, list[int]] = {}  # the placement being served: MoE layer -> logical expert per slot
         self.version = 0                          # its number
         self._load_seen: dict[str, torch.Tensor] = {}  # per (shard, layer): its tokens per expert at the last round
+        self.last_rebalance: Optional[dict] = None
+        self._rebalancing = threading.Lock()      # one round at a time (on demand, or the watcher's)
+        self._stopping = threading.Event()
         self.private_dir: Optional[str] = None   # the local Ray's temp tree, when this cluster made one
 
     def __enter__(self) -> "Cluster":
@@ -182,6 +186,9 @@ class Cluster:
                                 "gpu": slot % spec.gpus_per_node}
         self.client = ClusterClient(self.args, self.tokenizer, self.prefill_shards, self.decode_shards,
                                     cfg.engine.kv_cache_tokens, cfg.engine.block_size)
+        if cfg.rebalance.auto:
+            self._stopping.clear()
+            threading.Thread(target=self._watch_load, daemon=True, name="rebalance").start()
         return self
 
     @property
@@ -254,14 +261,20 @@ class Cluster:
 
     # ---- the live layout ----------------------------------------------------------------------------------
 
-    def rebalance(self) -> dict:
-        """One round of EPLB (migration-aware, topology-aware) on the load the shards measured since the last round
-        (tokens per logical expert per MoE layer), applied as a new numbered placement version: every expert group
-        loads its new experts beside the ones it serves (no step waits for them), the shards switch between two
-        steps, and the old version is released once no shard plans against it. Returns the version, the experts
-        moved, the tokens counted, and the per-group load max/mean of each MoE layer before and after."""
+    def rebalance(self, load: Optional[torch.Tensor] = None) -> dict:
+        """One round of EPLB (migration-aware, topology-aware) on `load`, by default the tokens per logical expert
+        per MoE layer the shards routed since the last round or check, applied as a new numbered placement
+        version: every expert group loads its new experts beside the ones it serves (no step waits for them), the
+        shards switch between two steps, and the old version is released once no shard plans against it. Returns
+        the version, the experts moved, the tokens counted, and the per-group load max/mean of each MoE layer
+        before and after."""
+        with self._rebalancing:
+            report = self._rebalance(self._measured_load(sorted(self.phy2log)) if load is None else load)
+        self.last_rebalance = report
+        return report
+
+    def _rebalance(self, load: torch.Tensor) -> dict:
         spec, layers = self.config.topology_spec, sorted(self.phy2log)
-        load = self._measured_load(layers)                                     # [layers, E]
         current = torch.tensor([self.phy2log[layer] for layer in layers])    # [layers, slots]
         report = {"version": self.version, "moved_experts": 0, "tokens": int(load.sum()),
                   "imbalance_before": None, "imbalance_after": None}
@@ -287,6 +300,26 @@ class Cluster:
         ray.get([group.release.remote(version) for group in self.expert_groups])
         self.phy2log, self.version = phy2log, version
         return {**report, "version": version, "moved_experts": moved}
+
+    def _watch_load(self) -> None:
+        """`rebalance.auto`: every interval, the load of that interval; a round when it routed enough tokens and
+        some MoE layer's per-group max/mean passes the threshold under the current placement."""
+        settings, spec = self.config.rebalance, self.config.topology_spec
+        while not self._stopping.wait(settings.interval_s):
+            try:
+                with self._rebalancing:
+                    layers = sorted(self.phy2log)
+                    load = self._measured_load(layers)
+                    if load.sum() < settings.min_tokens:
+                        continue
+                    current = torch.tensor([self.phy2log[layer] for layer in layers])
+                    counts = torch.zeros_like(load, dtype=torch.long).scatter_add_(1, current,
+                                                                                   torch.ones_like(current))
+                    uneven = float(gpu_imbalance(load, current, counts, spec.num_gpus).max()) > settings.threshold
+                if uneven:
+                    self.rebalance(load)
+            except Exception as e:  # noqa: BLE001  (a shard or group gone: the requests report it; keep watching)
+                logging.getLogger("moeserve").warning("automatic rebalance skipped: %s: %s", type(e).__name__, e)
 
     def _measured_load(self, layers: list[int]) -> torch.Tensor:
         """Tokens per logical expert [layers, E] that the shards routed since the last call."""
@@ -331,13 +364,14 @@ class Cluster:
                       "inter_node_crossings": links["crossings"], "naive_crossings": links["naive_crossings"]},
             "tokens_per_expert": tokens_per_expert,
             "kv_transfer_bytes": self.kv_transfer_bytes,
-            "placement_version": self.version,
+            "placement_version": self.version, "last_rebalance": self.last_rebalance,
             "shards": shards,
             "expert_groups": groups,
         }
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop every actor this cluster started and wait until their processes have exited."""
+        self._stopping.set()
         actors = self.prefill_shards + self.decode_shards + self.expert_groups
         if ray.is_initialized():
             for shard in self.prefill_shards + self.decode_shards:

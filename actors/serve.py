@@ -85,9 +85,12 @@ class Metrics:
                                    registry=r)
         self.plane_bytes = Gauge("moeserve_internode_bytes", "bytes sent between nodes, by plane", ["plane"],
                                  registry=r)
+        self.placement = Gauge("moeserve_placement_version", "the expert placement version the shards plan against "
+                               "(each rebalance adds one)", registry=r)
 
     def update(self, shards: list[dict]) -> None:
         self.queue.set(sum(s["engine"]["waiting"] for s in shards))
+        self.placement.set(min(s["placement_version"] for s in shards))
         self.running.set(sum(s["engine"]["running"] for s in shards))
         proposed = sum(s["engine"]["drafts_proposed"] for s in shards)
         self.mtp.set(sum(s["engine"]["drafts_accepted"] for s in shards) / proposed if proposed else 0.0)

@@ -29,6 +29,15 @@ class EngineSettings(BaseModel):
                                "its experts")
 
 
+class RebalanceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    auto: bool = Field(True, description="rebalance by itself when the measured load is uneven")
+    interval_s: float = Field(30.0, gt=0, description="how often the load of the last interval is checked")
+    threshold: float = Field(1.25, gt=1, description="rebalance when an MoE layer's per-group load max/mean, "
+                             "measured over the last interval, exceeds this")
+    min_tokens: int = Field(2048, ge=1, description="tokens an interval must have routed before its load counts")
+
+
 class RaySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     address: Optional[str] = Field(None, description="join this Ray cluster; None starts a local one")
@@ -71,6 +80,7 @@ class ClusterConfig(BaseModel):
         "cluster, or the local one); resources: each expert group asks Ray for one moeserve-expert and each "
         "attention shard for one moeserve-attention, which autoscaled worker groups offer (the Helm chart)")
     engine: EngineSettings = EngineSettings()
+    rebalance: RebalanceSettings = RebalanceSettings()
     ray: RaySettings = RaySettings()
 
     @model_validator(mode="after")

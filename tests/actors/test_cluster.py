@@ -260,7 +260,8 @@ def test_a_rebalance_under_running_requests_moves_experts_and_changes_no_token(r
     engine = LLM(mtp_checkpoint, kv_cache_tokens=1024)
     expected = [o.token_ids for o in engine.generate(prompts * 2, long)]
     cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", expert_groups=4, redundant_experts=4,
-                        transport=transport, engine={"kv_cache_tokens": 1024, "block_size": 4})
+                        transport=transport, engine={"kv_cache_tokens": 1024, "block_size": 4},
+                        rebalance={"auto": False})  # on demand only: this test counts the versions
     with Cluster(cfg) as c:
         assert [o.token_ids for o in c.generate(prompts, long)] == expected[:len(prompts)]  # load to measure
         before = c.phy2log
@@ -287,3 +288,23 @@ def test_a_rebalance_under_running_requests_moves_experts_and_changes_no_token(r
                                            for layer, p in c.phy2log.items()}
         assert [o.token_ids for o in c.generate(prompts, GREEDY)] == \
             [o.token_ids for o in engine.generate(prompts, GREEDY)]
+
+
+def test_uneven_load_triggers_a_rebalance_by_itself(ray_cluster, mtp_checkpoint, prompts):
+    """rebalance.auto: the watcher sees an interval's per-group max/mean over the threshold and runs a round by
+    itself; the tokens before and after are the engine's."""
+    long = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts * 2, long)]
+    cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", expert_groups=4, redundant_experts=4,
+                        engine={"kv_cache_tokens": 1024, "block_size": 4},
+                        rebalance={"interval_s": 0.5, "threshold": 1.1, "min_tokens": 16})
+    with Cluster(cfg) as c:
+        assert [o.token_ids for o in c.generate(prompts * 2, long)] == expected
+        deadline = time.monotonic() + 30
+        while c.version == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        report = c.stats()["last_rebalance"]
+        assert c.version >= 1 and report["moved_experts"] > 0
+        assert max(report["imbalance_before"]) > 1.1
+        assert max(report["imbalance_after"]) < max(report["imbalance_before"])
+        assert [o.token_ids for o in c.generate(prompts * 2, long)] == expected

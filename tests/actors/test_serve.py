@@ -93,7 +93,8 @@ def test_models_health_and_metrics(client, server):
     text = conn.getresponse().read().decode()
     for name in ("moeserve_ttft_seconds", "moeserve_tpot_seconds", "moeserve_queue_length",
                  "moeserve_running_sequences", "moeserve_kv_cache_usage", "moeserve_prefix_cache_hit_rate",
-                 "moeserve_mtp_acceptance", "moeserve_expert_tokens", "moeserve_internode_bytes"):
+                 "moeserve_mtp_acceptance", "moeserve_expert_tokens", "moeserve_internode_bytes",
+                 "moeserve_placement_version"):
         assert name in text, name
 
 
