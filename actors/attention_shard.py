@@ -100,6 +100,7 @@ class AttentionShardWorker:
         self.streaming: set[str] = set()         # running requests whose clients take each step's tokens (loop's)
         self.outboxes: dict[str, list[tuple[int, str, object]]] = {}  # client -> (number, request, output)
         self.last_heard: dict[str, float] = {}   # client -> when it last called (monotonic seconds)
+        self.polling: dict[str, int] = {}        # client -> its polls waiting here now
         self.client_timeout_s = cfg.ray.client_timeout_s
         self.sequence = 0
         self.kv_bytes_received = 0
@@ -239,8 +240,13 @@ class AttentionShardWorker:
             self.last_heard[client] = time.monotonic()
             outbox = [entry for entry in self.outboxes.get(client, []) if entry[0] > acked]
             self.outboxes[client] = outbox
-            self.mail.wait_for(lambda: self.outboxes[client], timeout)
-            return list(self.outboxes[client])
+            self.polling[client] = self.polling.get(client, 0) + 1  # a client waiting in a poll is not silent
+            try:
+                self.mail.wait_for(lambda: self.outboxes.get(client), timeout)
+            finally:
+                self.polling[client] -= 1
+                self.last_heard[client] = time.monotonic()
+            return list(self.outboxes.get(client, []))
 
     def _send(self, request_id: str, item, last: bool) -> None:
         """Queue `item` for the request's client (the caller holds `mail`); `last`: the request ends here
@@ -257,7 +263,8 @@ class AttentionShardWorker:
         it has requests here): abort its requests, which would otherwise run to their end into an outbox nobody
         reads, and keep only one error per request for it. The caller holds `mail`."""
         now = time.monotonic()
-        for client in [c for c, t in self.last_heard.items() if now - t > self.client_timeout_s]:
+        for client in [c for c, t in self.last_heard.items()
+                       if now - t > self.client_timeout_s and not self.polling.get(c)]:
             del self.last_heard[client]
             self.outboxes.pop(client, None)
             error = RuntimeError(f"{self.role} shard {self.shard_id}: aborted: this client had not polled for "
