@@ -106,6 +106,7 @@ class AttentionShardWorker:
         self.kv_bytes_received = 0
         self.kv_bytes_sent = 0
         self.step_s = 0.0
+        self.longest_step_s = 0.0                # since the last take_longest_step()
         self.spans: dict = {}
         self.steps_traced = 0
         self.stopped = False
@@ -129,6 +130,11 @@ class AttentionShardWorker:
 
     def placement_version(self) -> int:
         return self.router.version
+
+    def take_longest_step(self) -> float:
+        """The longest step since the last call, in seconds (a benchmark's view of a stall)."""
+        longest, self.longest_step_s = self.longest_step_s, 0.0
+        return longest
 
     def set_decode_shards(self, decode_shards: list) -> None:
         self.decode_shards = decode_shards
@@ -377,7 +383,9 @@ class AttentionShardWorker:
         # Clients get token ids each step, text at the end; when no request here streams (a prefill shard's never
         # do), only finished requests' outputs are built at all.
         outputs = self.engine.step(text=False, finished_only=not (self.streaming or self.spans))
-        self.step_s += time.perf_counter() - start
+        took = time.perf_counter() - start
+        self.step_s += took
+        self.longest_step_s = max(self.longest_step_s, took)
         if self.spans:
             self._trace_step(outputs, self.router.counters.dispatch_s - d0, self.router.counters.combine_s - c0)
         sent = []
