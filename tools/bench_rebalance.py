@@ -11,7 +11,6 @@ after. Reports each phase's tokens/s, the per-group load max/mean of every MoE l
 phase against the mean step of the phase before (the aim: no step longer than twice an ordinary one).
 """
 import argparse
-import json
 import random
 import sys
 import threading
@@ -100,7 +99,7 @@ def main() -> int:
             during = (lambda: cluster.rebalance(results["before"]["load"])) if name == "during" else None
             results[name] = phase(cluster, skewed_prompts(tok, a.requests, rng), params, during)
     move = results["during"]["rebalance"]
-    print(f"| phase | tokens/s | per-group max/mean by MoE layer | mean step | longest step |\n|---|---|---|---|---|")
+    print("| phase | tokens/s | per-group max/mean by MoE layer | mean step | longest step |\n|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['tokens_per_s']:.1f} | {r['imbalance']} | {r['mean_step_ms']:.1f} ms | "
               f"{r['longest_step_ms']:.1f} ms |")
