@@ -41,13 +41,13 @@ class Increment:
 @dataclass
 class HandedOff:
     """A prefill shard's last word on a request: its prompt is computed and the sequence, latent KV included, has
-    gone straight to `decode_shard`; the client gets the first token (and its log-probabilities) from here."""
+    gone straight to the decode shard the client picked; the client gets the first token (and its
+    log-probabilities) from here."""
     token_ids: list[int]                 # prompt + the first generated token
     num_prompt_tokens: int
     logprobs: list[float]
     top_logprobs: list[dict[int, float]]
     kv_bytes: int
-    decode_shard: int
 
 
 def increment_of(out: RequestOutput) -> Increment:
@@ -405,15 +405,16 @@ class AttentionShardWorker:
         """Send each sequence whose prompt is computed straight to its decode shard (one call per shard for the
         step's sequences); its client gets a HandedOff notice, without the latent."""
         batches: dict[int, list] = {}
+        ready = self.engine.prefilled()
         with self.mail:
-            clients = {seq.request_id: self.requests.get(seq.request_id, "") for seq in self.engine.prefilled()}
-        for seq in self.engine.prefilled():
+            clients = {seq.request_id: self.requests.get(seq.request_id, "") for seq in ready}
+        for seq in ready:
             pre = self.engine.take_prefilled(seq)
             rid = pre.request_id
             decode, increments, trace = self.handoffs.pop(rid)
             self.kv_bytes_sent += pre.kv_bytes
             notice = HandedOff(list(pre.token_ids), pre.num_prompt_tokens, list(pre.logprobs),
-                               list(pre.top_logprobs), pre.kv_bytes, decode)
+                               list(pre.top_logprobs), pre.kv_bytes)
             if self.kv_transfer == "nccl":
                 pre = self.kv_sender.detach(pre)
             self._close_span(rid, "handed_off")
