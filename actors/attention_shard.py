@@ -24,7 +24,7 @@ from moeserve.kernels.load import DTYPES, load_model
 from moeserve.topology.planner import Placement
 
 from . import collective, kv_transfer, tracing
-from .transport import ExpertRouter, RayExpertTransport, payload_dtype
+from .transport import ExpertRouter, RayExpertTransport, Recovery, payload_dtype
 
 STEP_EVENT_EVERY = 8  # decode steps between step events on a request's span
 
@@ -66,9 +66,15 @@ class AttentionShardWorker:
         args = ModelArgs.from_file(cfg.model)
         self.spec, self.n_expert_groups = spec, args.n_expert_groups
         compute = DTYPES[cfg.dtype]
+        failures = cfg.failures
+        # a step whose experts fail waits for the cluster's recovery only where the cluster recovers
+        self.recovery = Recovery(max(5.0, 4 * failures.health_interval_s) if failures.restart else 0.0,
+                                 failures.recover_timeout_s)
+        self.collective_timeout_s = failures.collective_timeout_s
         self.router = ExpertRouter(self._placements(phy2log), spec, src_gpu, args.dim, cfg.max_nodes,
                                    payload_dtype(cfg.dispatch_dtype, compute),
-                                   compute if cfg.combine_dtype == "auto" else payload_dtype(cfg.combine_dtype, compute))
+                                   compute if cfg.combine_dtype == "auto" else payload_dtype(cfg.combine_dtype, compute),
+                                   self.recovery)
         self.links = [collective.ShardLink(spec, src_gpu, len(groups)) for _ in range(cfg.engine.micro_batches)] \
             if cfg.transport == "collective" else []
         if self.links:
@@ -110,6 +116,13 @@ class AttentionShardWorker:
         self.spans: dict = {}
         self.steps_traced = 0
         self.stopped = False
+        # a shard Ray restarted after it died takes requests once the cluster has brought it up to the live
+        # placement and process group (`resume`); the first incarnation, at once
+        self.serving = threading.Event()
+        self.incarnation = os.urandom(8).hex()   # a client that sees it change knows the shard lost its requests
+        self.serve_wait_s = failures.recover_timeout_s
+        if not ray.get_runtime_context().was_current_actor_reconstructed:
+            self.serving.set()
         threading.Thread(target=self._loop, daemon=True, name=f"{role}-{shard_id}").start()
 
     def _placements(self, phy2log: dict[int, list[int]]) -> dict[int, Placement]:
@@ -148,11 +161,32 @@ class AttentionShardWorker:
         self.kv_sender.send(request_id, group_name)
 
     def join_collective(self, init_method: str, world_size: int, rank: int, pools: dict) -> None:
-        """Enter the process group of the collective transport (with every other member at once); `pools`: shard
-        rank -> (rank of its pool's first expert group, its GPU slot) (see collective.join)."""
-        subgroups = collective.join(init_method, rank, world_size, pools, self.links[0].n_groups, len(self.links))
+        """Enter the process group of the collective transport (with every other member at once; again after a
+        recovery); `pools`: shard rank -> (rank of its pool's first expert group, its GPU slot) (see
+        collective.join)."""
+        subgroups = collective.join(init_method, rank, world_size, pools, self.links[0].n_groups, len(self.links),
+                                    self.collective_timeout_s)
         for m, link in enumerate(self.links):
             link.group, link.first_rank = subgroups[rank, m], pools[rank][0]
+            link.outbox.pending.clear()
+
+    # ---- recovery: the cluster's calls while it brings a lost actor back -----------------------------------
+
+    def quiesce(self) -> bool:
+        """Hold every new MoE layer back until `resume`; True once none is in flight. (The process group is then
+        formed anew: leaving the old one closes its connections, which ends the expert groups' threads that
+        served this shard's links.)"""
+        return self.recovery.quiesce()
+
+    def resume(self) -> None:
+        """Recovery done: held and failed layers (re)send, and a restarted shard starts taking requests."""
+        self.recovery.resume()
+        self.serving.set()
+
+    def _wait_serving(self) -> None:
+        if not self.serving.wait(self.serve_wait_s):
+            raise RuntimeError(f"{self.role} shard {self.shard_id} was restarted and not brought back within "
+                               f"{self.serve_wait_s:g} s")
 
     def ready(self) -> dict:
         return {"role": self.role, "shard": self.shard_id, "gpu_slot": self.src_gpu, "pid": os.getpid(),
@@ -178,12 +212,14 @@ class AttentionShardWorker:
     def add_many(self, requests: list[tuple]) -> list[Exception | None]:
         """`add` for a client's requests of the same moment, each (request_id, tokens, params, trace, client,
         decode_shard, increments): they share a prefill step. Returns each one's error, or None."""
+        self._wait_serving()
         return self._all_at_once(self.add, requests)
 
     def submit_many(self, requests: list[tuple]) -> list[Exception | None]:
         """`submit` for hand-offs of the same moment (a prefill shard's step), each (pre, trace, source, client,
         increments): they join the same decode step. A request refused here gets its error in its client's
         outbox (the client waits on this shard for it); also returns each one's error, or None."""
+        self._wait_serving()
         pulled = [(self._attached(pre, source), trace, source, *rest) for pre, trace, source, *rest in requests]
         errors = self._all_at_once(self.submit, pulled)  # NCCL pulls done first, outside `mail`
         with self.mail:
@@ -236,12 +272,13 @@ class AttentionShardWorker:
 
     # ---- results out ----------------------------------------------------------------------------------------
 
-    def poll(self, client: str, acked: int, timeout: float = 1.0) -> list[tuple[int, str, object]]:
+    def poll(self, client: str, acked: int, timeout: float = 1.0) -> tuple[str, list[tuple[int, str, object]]]:
         """Every output for `client`'s requests after sequence number `acked`, as (number, request, output):
         per step one per running request (decode), or each request's hand-off or final output (prefill);
         waits up to `timeout` for the first. Outputs up to `acked` are dropped: a reply lost on the way (the
         caller gave up waiting) is sent again by the next poll. One call per shard and client brings the whole
-        batch, so the Ray calls per step do not grow with the batch."""
+        batch, so the Ray calls per step do not grow with the batch. Returned with this process's incarnation: a
+        shard Ray restarted has none of its predecessor's requests, and numbers its outputs from 1 again."""
         with self.mail:
             self.last_heard[client] = time.monotonic()
             outbox = [entry for entry in self.outboxes.get(client, []) if entry[0] > acked]
@@ -252,7 +289,7 @@ class AttentionShardWorker:
             finally:
                 self.polling[client] -= 1
                 self.last_heard[client] = time.monotonic()
-            return list(self.outboxes.get(client, []))
+            return self.incarnation, list(self.outboxes.get(client, []))
 
     def _send(self, request_id: str, item, last: bool) -> None:
         """Queue `item` for the request's client (the caller holds `mail`); `last`: the request ends here

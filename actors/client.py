@@ -2,11 +2,18 @@
 prefill shard (prefix-cache affinity: prompts that share their first block go to the same shard; otherwise
 the least busy) and a decode shard (the least busy), which the prefill shard hands the sequence and its latent
 KV to directly, and streams the tokens back.
-A request whose client goes away is aborted on the shard that holds it, so its cache blocks come back."""
+A request whose client goes away is aborted on the shard that holds it, so its cache blocks come back.
+
+A request whose shard dies resumes on a live one (or on the dead one's restarted process): its prompt and the tokens
+it had already streamed are prefilled again as one prompt, and it goes on with the tokens it had left; the stream
+shows neither a token twice nor a gap. Greedy requests resume exactly; a seeded sampled one draws on from a fresh
+generator, and a stop string that would span the point of resumption is not seen."""
 import asyncio
 import contextvars
+import dataclasses
 import hashlib
 import itertools
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
@@ -35,9 +42,31 @@ class Delta:
     final: Optional[RequestOutput] = None
 
 
+class ShardLost(Exception):
+    """The shard that held a request died, or was restarted without it."""
+
+
+@dataclass
+class Progress:
+    """What a request had streamed from shards that were lost, which its resumption carries on from."""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+
+    def add(self, delta: Optional[Delta]) -> None:
+        if delta is not None:
+            self.token_ids += delta.token_ids
+            self.logprobs += delta.logprobs
+            self.top_logprobs += delta.top_logprobs
+
+    def rest_of(self, params: SamplingParams) -> SamplingParams:
+        return dataclasses.replace(params, max_tokens=params.max_tokens - len(self.token_ids))
+
+
 class ClusterClient:
     def __init__(self, args: ModelArgs, tokenizer: Optional[Tokenizer], prefill_shards: list, decode_shards: list,
-                 kv_cache_tokens: int, block_size: int):
+                 kv_cache_tokens: int, block_size: int, recover_timeout_s: float = 0.0):
+        """`recover_timeout_s`: how long a request whose shard died keeps trying to resume (0: it fails)."""
         self.args, self.tokenizer = args, tokenizer
         self.prefill_shards, self.decode_shards = prefill_shards, decode_shards
         self.kv_cache_tokens, self.block_size = kv_cache_tokens, block_size
@@ -48,6 +77,9 @@ class ClusterClient:
         self._queues: dict[int, dict[str, asyncio.Queue]] = {}   # shard -> request -> its outputs
         self._pollers: dict[int, asyncio.Task] = {}
         self._acked: dict[int, int] = {}                          # shard -> last output number taken
+        self._incarnations: dict[int, str] = {}                   # shard -> the process that numbered them
+        self.recover_timeout_s = recover_timeout_s
+        self.resumed = 0                                          # requests resumed after losing their shard
         self._batches: dict[tuple, tuple[list, asyncio.Future]] = {}  # (shard, method) -> this loop turn's calls
         self._sending: set[asyncio.Task] = set()                  # their calls in flight (held: not collected)
         self.client_id = uuid.uuid4().hex      # shards keep each client's outputs apart
@@ -91,15 +123,28 @@ class ClusterClient:
 
     async def _poll_loop(self, shard, key: int) -> None:
         queues = self._queues[key]
+
+        def fail_all(error: Exception) -> None:
+            for queue in queues.values():
+                queue.put_nowait(error)
+            queues.clear()
+            self._acked.pop(key, None)
+
         while queues:
             try:
-                outputs = await shard.poll.remote(self.client_id, self._acked.get(key, 0), 1.0)
+                incarnation, outputs = await shard.poll.remote(self.client_id, self._acked.get(key, 0), 1.0)
             except ray.exceptions.TaskCancelledError:  # nothing is lost: the next poll brings the same outputs
                 continue
-            except Exception as e:  # the shard is gone: every request waiting on it fails, none hangs
-                for queue in queues.values():
-                    queue.put_nowait(e)
-                queues.clear()
+            except ray.exceptions.RayActorError as e:  # the shard died: its requests resume elsewhere, or fail
+                self._incarnations.pop(key, None)
+                fail_all(ShardLost(f"{type(e).__name__}: {e}"))
+                return
+            except Exception as e:  # noqa: BLE001  (every request waiting on the shard fails, none hangs)
+                fail_all(e)
+                return
+            if self._incarnations.setdefault(key, incarnation) != incarnation:  # restarted without our requests
+                self._incarnations[key] = incarnation
+                fail_all(ShardLost("the shard was restarted"))
                 return
             ready: dict[str, list] = {}
             for number, request_id, item in outputs:
@@ -136,7 +181,9 @@ class ClusterClient:
         async def send():
             try:
                 errors.set_result(await getattr(shard, method).remote(batch))
-            except Exception as e:  # noqa: BLE001  (the shard is gone: every request of the batch fails with it)
+            except ray.exceptions.RayActorError as e:  # the shard died: the batch's requests resume, or fail
+                errors.set_exception(ShardLost(f"{type(e).__name__}: {e}"))
+            except Exception as e:  # noqa: BLE001  (every request of the batch fails with it)
                 errors.set_exception(e)
         task = asyncio.ensure_future(send())
         self._sending.add(task)
@@ -155,13 +202,55 @@ class ClusterClient:
 
     async def stream(self, tokens: list[int], params: SamplingParams, request_id: Optional[str] = None,
                      trace: Optional[dict] = None, increments: bool = True) -> AsyncIterator[Delta]:
+        """Prefill, hand off, decode (see `_attempt`); a request whose shard dies resumes (see the module's
+        docstring) for up to `recover_timeout_s`."""
+        rid = request_id or self.new_id()
+        done, deadline = Progress(), None
+        for attempt in itertools.count():
+            last = None
+            try:
+                async for delta in self._attempt(tokens + done.token_ids, done.rest_of(params),
+                                                 rid if attempt == 0 else f"{rid}-resumed-{attempt}", trace,
+                                                 increments):
+                    last = delta
+                    yield self._joined(rid, tokens, params, done, delta) if attempt else delta
+                return
+            except ShardLost as e:
+                deadline = deadline or time.monotonic() + self.recover_timeout_s
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"request {rid}: its shard was lost and it could not resume within "
+                                       f"{self.recover_timeout_s:g} s (failures.recover_timeout_s): {e}") from None
+                done.add(last)
+                self.resumed += 1
+                await asyncio.sleep(min(0.5, 0.05 * 2 ** attempt))  # a restarted shard takes a moment to come back
+
+    def _joined(self, rid: str, prompt: list[int], params: SamplingParams, done: Progress, delta: Delta) -> Delta:
+        """A resumed attempt's delta as the request's own: its prompt, and the completion from the first token."""
+        final = delta.final
+        if final is not None:
+            token_ids = done.token_ids + final.token_ids
+            text = None
+            if self.tokenizer is not None:
+                text = self.tokenizer.decode(token_ids)
+                hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
+                text = text[:min(hits)] if hits else text
+            final = dataclasses.replace(
+                final, request_id=rid, prompt_token_ids=list(prompt), token_ids=token_ids, text=text,
+                logprobs=done.logprobs + final.logprobs if final.logprobs is not None else None,
+                top_logprobs=done.top_logprobs + final.top_logprobs if final.top_logprobs is not None else None,
+                prompt_logprobs=final.prompt_logprobs[:len(prompt)] if final.prompt_logprobs is not None else None)
+        return Delta(rid, delta.new_token_ids, done.token_ids + delta.token_ids, delta.finish_reason,
+                     done.logprobs + delta.logprobs, done.top_logprobs + delta.top_logprobs, len(prompt),
+                     delta.kv_bytes, final)
+
+    async def _attempt(self, tokens: list[int], params: SamplingParams, rid: str, trace: Optional[dict],
+                       increments: bool) -> AsyncIterator[Delta]:
         """Prefill, hand off, decode; yields the first token as soon as the prefill shard has it, then each
         decode step's tokens, or with `increments` False only the final output (a caller that waits for the
         whole completion spares the decode shard an output per request per step, and itself a poll per step).
         The prefilled sequence, latent KV included, goes from the prefill shard straight to the decode shard
         picked here; only a notice of it comes this way. `trace` is a W3C trace-context carrier the shards
-        parent their spans on."""
-        rid = request_id or self.new_id()
+        parent their spans on. A lost shard raises ShardLost."""
         p, d = self.pick_prefill(tokens), self.pick_decode()
         prefill, decode = self.prefill_shards[p], self.decode_shards[d]
         self.outstanding_prefill[p] += 1

@@ -91,6 +91,9 @@ class Cluster:
         self.last_rebalance: Optional[dict] = None
         self._rebalancing = threading.Lock()      # one round at a time (on demand, or the watcher's)
         self._stopping = threading.Event()
+        self.recoveries: list[dict] = []          # each recovery from lost actors: who, when, how long it took
+        self._epoch = 0                           # process groups formed (the collective transport's)
+        self.dead: set[str] = set()               # actors that did not come back
         self.private_dir: Optional[str] = None   # the local Ray's temp tree, when this cluster made one
 
     def __enter__(self) -> "Cluster":
@@ -166,30 +169,34 @@ class Cluster:
                 slot = (len(self.prefill_shards) + len(self.decode_shards)) % spec.num_gpus
                 actor = ray.remote(AttentionShardWorker).options(
                     num_cpus=0, num_gpus=1 if cfg.kv_transfer == "nccl" else 0, max_concurrency=256,
-                    resources=placed(cfg, ATTENTION_RESOURCE, slot),
+                    resources=placed(cfg, ATTENTION_RESOURCE, slot), max_restarts=self._restarts,
                 ).remote(role, i, config, phy2log, groups, slot, list(self.prefill_shards))
                 pool.append(actor)
                 self.shard_slots.append(slot)
-        names = [f"expert-group-{g}" for g in range(len(self.groups))] + \
-            ([] if cfg.shared_expert_groups else [f"prefill-expert-group-{g}" for g in range(len(self.groups))]) + \
-            [f"prefill-{i}" for i in range(len(self.prefill_shards))] + \
-            [f"decode-{i}" for i in range(len(self.decode_shards))]
-        reports = ray.get([a.ready.remote() for a in self.expert_groups + self.prefill_shards + self.decode_shards])
+        actors = self._actors()
+        reports = ray.get([a.ready.remote() for a in actors.values()])
         ray.get([p.set_decode_shards.remote(self.decode_shards) for p in self.prefill_shards])
         if cfg.transport == "collective":
             self._join_collective()
         if cfg.kv_transfer == "nccl":
             self._pair_kv_groups()
-        for name, report in zip(names, reports):
+        for name, report in zip(actors, reports):
             slot = report.get("gpu_slot", report.get("group"))
             self.where[name] = {**report, "topology_node": slot // spec.gpus_per_node,
                                 "gpu": slot % spec.gpus_per_node}
         self.client = ClusterClient(self.args, self.tokenizer, self.prefill_shards, self.decode_shards,
-                                    cfg.engine.kv_cache_tokens, cfg.engine.block_size)
+                                    cfg.engine.kv_cache_tokens, cfg.engine.block_size, self.recover_timeout_s)
+        self._stopping.clear()
         if cfg.rebalance.auto:
-            self._stopping.clear()
             threading.Thread(target=self._watch_load, daemon=True, name="rebalance").start()
+        if cfg.failures.restart:
+            threading.Thread(target=self._watch_health, daemon=True, name="health").start()
         return self
+
+    @property
+    def recover_timeout_s(self) -> float:
+        """How long a request whose shard died tries to resume (0 where dead actors stay dead)."""
+        return self.config.failures.recover_timeout_s if self.config.failures.restart else 0.0
 
     @property
     def expert_groups(self) -> list:
@@ -200,20 +207,32 @@ class Cluster:
         """One pool of expert groups, one actor per GPU slot holding that slot's experts, placed on the slot's
         node; each group's peers (whom it relays to) are its node's groups of the same pool."""
         cfg, spec = self.config, self.config.topology_spec
-        slots = len(next(iter(phy2log.values()))) // spec.num_gpus
         groups = []
         for g in range(spec.num_gpus):
-            experts = {layer: p[g * slots:(g + 1) * slots] for layer, p in phy2log.items()}
             groups.append(ray.remote(ExpertGroupWorker).options(
                 num_cpus=0, max_concurrency=16, resources=placed(cfg, EXPERT_RESOURCE, g),
-                name=None).remote(g, cfg.model, cfg.dtype, experts, cfg.transport, spec.model_dump(),
-                                  cfg.ray.threads_per_actor, first_rank))
-        G = spec.gpus_per_node
-        if cfg.transport == "ray":  # a relay reaches its node's groups by actor calls
-            for g, actor in enumerate(groups):
-                node = g // G
-                actor.set_peers.remote({h: groups[h] for h in range(node * G, (node + 1) * G)})
+                max_restarts=self._restarts).remote(g, cfg.model, cfg.dtype, self._experts_of(phy2log, g),
+                                                    cfg.transport, spec.model_dump(), cfg.ray.threads_per_actor,
+                                                    first_rank))
+        if cfg.transport == "ray":
+            ray.get([self._set_peers(groups, g) for g in range(len(groups))])
         return groups
+
+    @property
+    def _restarts(self) -> int:
+        """Ray restarts a dead actor in place (same resources, same handle) when the cluster recovers from deaths."""
+        return -1 if self.config.failures.restart else 0
+
+    def _experts_of(self, phy2log: dict[int, list[int]], g: int) -> dict[int, list[int]]:
+        """MoE layer -> the logical experts in GPU slot g's physical slots."""
+        slots = len(next(iter(phy2log.values()))) // self.config.topology_spec.num_gpus
+        return {layer: p[g * slots:(g + 1) * slots] for layer, p in phy2log.items()}
+
+    def _set_peers(self, groups: list, g: int):
+        """Tell group g the groups of its node, which it relays to by actor calls (ray transport)."""
+        G = self.config.topology_spec.gpus_per_node
+        node = g // G
+        return groups[g].set_peers.remote({h: groups[h] for h in range(node * G, (node + 1) * G)})
 
     def _join_collective(self) -> None:
         """One torch.distributed process group: the expert groups are ranks 0..G-1 (then the prefill shards' own,
@@ -223,12 +242,13 @@ class Cluster:
         prefill_first = 0 if self.prefill_groups is self.groups else len(self.groups)
         pools = {len(groups) + i: (prefill_first if i < len(self.prefill_shards) else 0, self.shard_slots[i])
                  for i in range(len(shards))}
+        self._epoch += 1
         if self.private_dir is not None:  # one machine: meet through a file only this user can reach
-            init_method = "file://" + os.path.join(self.private_dir, "gloo-rendezvous")
+            init_method = "file://" + os.path.join(self.private_dir, f"gloo-rendezvous-{self._epoch}")
         else:
             init_method = "tcp://" + ray.get(groups[0].collective_address.remote())
-        micro_batches = self.config.engine.micro_batches
-        ray.get([g.join_collective.remote(init_method, world, micro_batches, pools) for g in groups] +
+        micro_batches, timeout_s = self.config.engine.micro_batches, self.config.failures.collective_timeout_s
+        ray.get([g.join_collective.remote(init_method, world, micro_batches, pools, timeout_s) for g in groups] +
                 [s.join_collective.remote(init_method, world, len(groups) + i, pools) for i, s in enumerate(shards)])
 
     def _pair_kv_groups(self) -> None:
@@ -300,6 +320,101 @@ class Cluster:
         ray.get([group.release.remote(version) for group in self.expert_groups])
         self.phy2log, self.version = phy2log, version
         return {**report, "version": version, "moved_experts": moved}
+
+    # ---- failures: every actor restarts in place, and the cluster brings it back into the live layout --------
+
+    def _actors(self) -> dict[str, object]:
+        """Every actor by its name in `where`."""
+        names = [f"expert-group-{g}" for g in range(len(self.groups))] + \
+            ([] if self.prefill_groups is self.groups else
+             [f"prefill-expert-group-{g}" for g in range(len(self.prefill_groups))]) + \
+            [f"prefill-{i}" for i in range(len(self.prefill_shards))] + \
+            [f"decode-{i}" for i in range(len(self.decode_shards))]
+        return dict(zip(names, self.expert_groups + self.prefill_shards + self.decode_shards))
+
+    def _watch_health(self) -> None:
+        """Ask every actor for its process id each `health_interval_s`; one that does not answer because it died,
+        or answers from a new process (Ray restarted it), starts a recovery."""
+        settings = self.config.failures
+        while not self._stopping.wait(settings.health_interval_s):
+            try:
+                actors = {name: a for name, a in self._actors().items() if name not in self.dead}
+                refs = {name: actor.ready.remote() for name, actor in actors.items()}
+                lost = []
+                for name, ref in refs.items():
+                    try:
+                        report = ray.get(ref, timeout=max(5.0, 4 * settings.health_interval_s))
+                        if report["pid"] != self.where[name]["pid"]:
+                            lost.append(name)
+                    except ray.exceptions.RayActorError:
+                        lost.append(name)
+                    except ray.exceptions.GetTimeoutError:  # busy, not dead (a dead one fails at once)
+                        pass
+                if lost and not self._stopping.is_set():
+                    try:
+                        self.recover(lost)
+                    except TimeoutError as e:  # gone for good (killed without restart, or no node to restart on)
+                        self.dead.update(lost)
+                        logging.getLogger("moeserve").error("%s; its requests fail", e)
+            except Exception as e:  # noqa: BLE001  (keep watching; the next round tries again)
+                if not self._stopping.is_set():
+                    logging.getLogger("moeserve").warning("recovery failed: %s: %s", type(e).__name__, e)
+
+    def recover(self, lost: list[str]) -> dict:
+        """Bring actors Ray restarted back into the live layout: every shard holds its MoE layers back (a step
+        whose experts failed waits, then sends them again); each restarted expert group loads the live placement's
+        experts, each restarted shard plans against it; with the collective transport every member forms a new
+        process group; then the shards go on. A dead shard's requests resume on their clients' side."""
+        settings = self.config.failures
+        start = time.monotonic()
+        with self._rebalancing:  # no placement change in between
+            actors = self._actors()
+            reports = self._await_alive(actors, start + settings.recover_timeout_s)
+            restarted = [name for name, report in reports.items() if report["pid"] != self.where[name]["pid"]]
+            shards = self.prefill_shards + self.decode_shards
+            ray.get([shard.quiesce.remote() for shard in shards])
+            for name in restarted:
+                actor = actors[name]
+                if "expert-group" in name:
+                    g = int(name.rsplit("-", 1)[1])
+                    if self.version:
+                        ray.get(actor.prepare.remote(self.version, self._experts_of(self.phy2log, g)))
+                        ray.get(actor.release.remote(self.version))
+                    if self.config.transport == "ray":
+                        pool = self.prefill_groups if name.startswith("prefill-") else self.groups
+                        ray.get([self._set_peers(pool, h) for h in range(len(pool))])
+                else:
+                    if self.version:
+                        ray.get(actor.set_placement.remote(self.version, self.phy2log))
+                    if name.startswith("prefill-"):
+                        ray.get(actor.set_decode_shards.remote(self.decode_shards))
+            if self.config.transport == "collective":
+                self._join_collective()
+            ray.get([shard.resume.remote() for shard in shards])
+            for name in restarted:
+                self.where[name].update(pid=reports[name]["pid"], ray_node=reports[name]["ray_node"],
+                                        host=reports[name]["host"])
+        event = {"lost": restarted, "at": time.time(), "recovered_s": round(time.monotonic() - start, 3)}
+        self.recoveries.append(event)
+        logging.getLogger("moeserve").warning("recovered from lost actors %s in %.2f s", restarted,
+                                              event["recovered_s"])
+        return event
+
+    def _await_alive(self, actors: dict, deadline: float) -> dict[str, dict]:
+        """Every actor's `ready` report, waiting while Ray restarts the dead ones."""
+        reports: dict[str, dict] = {}
+        while len(reports) < len(actors):
+            for name, actor in actors.items():
+                if name in reports:
+                    continue
+                try:
+                    reports[name] = ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    if time.monotonic() > deadline or self._stopping.is_set():
+                        raise TimeoutError(f"{name} did not come back within "
+                                           f"{self.config.failures.recover_timeout_s:g} s") from None
+                    time.sleep(0.2)
+        return reports
 
     def _watch_load(self) -> None:
         """`rebalance.auto`: every interval, the load of that interval; a round when it routed enough tokens and

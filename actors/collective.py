@@ -35,10 +35,9 @@ from moeserve.topology.planner import request_sender
 from moeserve.topology.spec import TopologySpec
 
 from . import wire
-from .transport import DispatchHandle, ExpertRouter, answer_of, reply_to
+from .transport import DispatchHandle, ExpertRouter, ExpertTransport, Sent, answer_of, reply_to
 
-TIMEOUT = timedelta(minutes=10)   # a peer silent this long is gone; an idle shard pings well within it
-PING_EVERY_S = 60.0
+PING_EVERY_S = 60.0   # an idle shard pings its groups this often, well within the collective timeout
 FIRST_BYTES = 16384  # a message's first part: up to this many bytes of it (a decode step's fits whole)
 
 
@@ -82,15 +81,16 @@ def receive(group, src: int) -> bytes:
 # ---- the process group ------------------------------------------------------------------------------------------
 
 def join(init_method: str, rank: int, world_size: int, pools: dict[int, tuple[int, int]], n_groups: int,
-         micro_batches: int) -> dict[tuple[int, int], Any]:
-    """Enter the cluster's process group (every member calls this at once). `pools` maps each shard's rank to
-    (the rank of the first of the `n_groups` expert groups it uses, its GPU slot). Returns the subgroups by
-    (shard rank, micro-batch). Every member creates all of them, in the same order, as torch.distributed
-    requires."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=TIMEOUT)
-    return {(shard, m): dist.new_group([shard] + list(range(first, first + n_groups)), timeout=TIMEOUT)
+         micro_batches: int, timeout_s: float) -> dict[tuple[int, int], Any]:
+    """Enter the cluster's process group (every member calls this at once; again after a member was replaced,
+    leaving the old group). `pools` maps each shard's rank to (the rank of the first of the `n_groups` expert
+    groups it uses, its GPU slot). Returns the subgroups by (shard rank, micro-batch). Every member creates all of
+    them, in the same order, as torch.distributed requires."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+    return {(shard, m): dist.new_group([shard] + list(range(first, first + n_groups)), timeout=timeout)
             for shard, (first, _) in sorted(pools.items()) for m in range(micro_batches)}
 
 
@@ -123,12 +123,15 @@ class ShardLink:
         return answer_of(receive(self.group, self.first_rank + group_id))
 
     def _to_first_hops(self, message) -> None:
-        """A control message to every group the shard reaches directly; relays pass it on to the rest."""
+        """A control message to every live group the shard reaches directly; relays pass it on to the rest."""
         body = wire.encode(message)
         for g in range(self.n_groups):
             if request_sender(self.spec, self.src_gpu, g) is None:
-                self.send(body, g)
-        self.outbox.flush()
+                try:
+                    self.send(body, g)
+                    self.outbox.flush()
+                except RuntimeError:  # a lost group: its replacement joins the next process group
+                    self.outbox.pending.clear()
 
     def ping_if_idle(self) -> None:
         """Keep the groups' receives from timing out while no request comes."""
@@ -141,31 +144,27 @@ class ShardLink:
             self._to_first_hops(wire.Stop())
 
 
-class CollectiveExpertTransport:
+class CollectiveExpertTransport(ExpertTransport):
     """Every route is one message to its group, on the link of the dispatch's micro-batch; combine receives the
     replies in route order."""
 
     def __init__(self, layer_id: int, router: ExpertRouter, links: list[ShardLink]):
-        self.layer_id, self.router, self.links = layer_id, router, links
+        super().__init__(layer_id, router)
+        self.links = links
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                 micro_batch: int = 0) -> DispatchHandle:
-        start = time.perf_counter()
+    def _send(self, sent: list[Sent], micro_batch: int) -> None:
         link = self.links[micro_batch]
-        sent = self.router.dispatches(self.layer_id, x, indices, weights)
         for s in sent:
             link.send(wire.encode(s.message), s.route.target)
-        self.router.count_time("dispatch_s", start)
-        return DispatchHandle(x.shape[0], x.dtype, micro_batch, sent)
 
-    def combine(self, handle: DispatchHandle) -> torch.Tensor:
-        start = time.perf_counter()
+    def _replies(self, handle: DispatchHandle) -> list[wire.Reply]:
         link = self.links[handle.micro_batch]
         replies = [link.receive(s.route.target) for s in handle.sent]
         link.outbox.flush()
-        y = self.router.combined(handle, replies)
-        self.router.count_time("combine_s", start)
-        return y
+        return replies
+
+    def _abandon(self, handle: DispatchHandle) -> None:
+        self.links[handle.micro_batch].outbox.pending.clear()
 
 
 # ---- the expert group's side ------------------------------------------------------------------------------------
@@ -178,10 +177,10 @@ class CollectiveGroupServer:
         self.n_groups, self.first_rank = n_groups, first_rank
 
     def join(self, init_method: str, world_size: int, micro_batches: int,
-             pools: dict[int, tuple[int, int]]) -> None:
+             pools: dict[int, tuple[int, int]], timeout_s: float) -> None:
         """Enter the process group (with every other member at once), then serve (`pools`: see `join`)."""
         subgroups = join(init_method, self.first_rank + self.group_id, world_size, pools, self.n_groups,
-                         micro_batches)
+                         micro_batches, timeout_s)
         for (shard, m), group in subgroups.items():
             first, src_gpu = pools[shard]
             if first != self.first_rank:
@@ -214,12 +213,20 @@ class CollectiveGroupServer:
                 outbox.send(wire.encode(wire.Error(f"expert group {self.group_id}: {e}")), sender, group)
                 outbox.flush()
                 continue
+            except RuntimeError:  # the sender is gone (its replacement meets us in the next process group)
+                return
             if kind in (wire.PING, wire.STOP):
                 for peer in passes_on:
-                    outbox.send(body, peer, group)
-                outbox.flush()
+                    try:
+                        outbox.send(body, peer, group)
+                        outbox.flush()
+                    except RuntimeError:  # a lost peer of the node
+                        outbox.pending.clear()
                 if kind == wire.STOP:
                     return
                 continue
-            outbox.send(reply_to(self.group_id, body, self.compute, ask, answer), sender, group)
-            outbox.flush()
+            try:
+                outbox.send(reply_to(self.group_id, body, self.compute, ask, answer), sender, group)
+                outbox.flush()
+            except RuntimeError:  # the sender is gone
+                return

@@ -103,8 +103,9 @@ class ExpertGroupWorker:
     def collective_address(self) -> str:
         return collective.free_address(ray.util.get_node_ip_address())
 
-    def join_collective(self, init_method: str, world_size: int, micro_batches: int, pools: dict) -> None:
-        self.server.join(init_method, world_size, micro_batches, pools)
+    def join_collective(self, init_method: str, world_size: int, micro_batches: int, pools: dict,
+                        timeout_s: float) -> None:
+        self.server.join(init_method, world_size, micro_batches, pools, timeout_s)
 
     # ---- the experts ---------------------------------------------------------------------------------------
 

@@ -164,7 +164,8 @@ class Ingress:
         self.model_name = model_name
         self.shards = prefill_shards + decode_shards
         self.client = ClusterClient(self.args, self.tokenizer, prefill_shards, decode_shards,
-                                    cfg.engine.kv_cache_tokens, cfg.engine.block_size)
+                                    cfg.engine.kv_cache_tokens, cfg.engine.block_size,
+                                    cfg.failures.recover_timeout_s if cfg.failures.restart else 0.0)
         self.max_pending = max_pending
         self.inflight = 0
         self.metrics = Metrics()

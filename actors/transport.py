@@ -4,6 +4,10 @@ per link class and plane; `serve_dispatch` is what an expert group does with a m
 Each transport file holds both halves of one transport: the shard's send side and the expert group's serve
 side (`RayExpertTransport` and `RayGroupServer` here, the collective ones in `collective.py`).
 
+A layer whose messages fail (a group died: Ray says so, or gloo finds its connection closed, or a relay answers
+that a peer of its node did) waits while the cluster recovers (`Recovery`), then dispatches again: the step goes on
+as if nothing had happened. The cluster's recovery starts by waiting for every layer in flight to finish or fail.
+
 Per step and layer: the planner picks a replica for each (token, expert); tokens for experts on the shard's
 own node go straight to those groups; for every other node the tokens cross once, as one message to the
 relay group (same in-node index, the shard's plane), which fans them out inside the node and returns one
@@ -12,7 +16,7 @@ summed row per token. Combine waits for the replies and adds them up in route or
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import ray
@@ -53,12 +57,63 @@ class Sent:
 @dataclass
 class DispatchHandle:
     """What combine needs of a dispatch: the batch's shape, the routes as sent, the micro-batch whose channel
-    carries their replies, and the transport's own pending state (Ray's object refs; nothing for messages)."""
+    carries their replies, the transport's own pending state (Ray's object refs; nothing for messages), and what
+    it takes to send the layer again after a recovery: its inputs, the recovery epoch it was sent in, and the
+    error its sending raised, if it did."""
     tokens: int
     dtype: torch.dtype
     micro_batch: int
     sent: list[Sent]
     pending: Any = None
+    inputs: tuple = ()
+    epoch: int = 0
+    error: Optional[Exception] = None
+
+
+class Recovery:
+    """A shard's side of the cluster's recovery from a lost actor. Layers `enter` before they dispatch and `leave`
+    once combined or failed; `quiesce` (the cluster's first move) holds new layers back and waits until none is in
+    flight; `resume` (its last, once the lost actor is back and the shard's channels are new) lets them go and
+    starts a new epoch. A layer that failed waits in `await_recovery` for the epoch to change, and raises its error
+    if no recovery begins within `grace_s` (an error that no dead actor explains) or ends within `timeout_s`."""
+
+    def __init__(self, grace_s: float, timeout_s: float):
+        self.grace_s, self.timeout_s = grace_s, timeout_s
+        self.cond = threading.Condition()
+        self.epoch = 0
+        self.recovering = False
+        self.in_flight = 0
+
+    def enter(self) -> int:
+        with self.cond:
+            if not self.cond.wait_for(lambda: not self.recovering, self.timeout_s):
+                raise TimeoutError(f"the cluster did not recover within {self.timeout_s:g} s")
+            self.in_flight += 1
+            return self.epoch
+
+    def leave(self) -> None:
+        with self.cond:
+            self.in_flight -= 1
+            self.cond.notify_all()
+
+    def await_recovery(self, epoch: int, error: Exception) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.recovering or self.epoch != epoch, self.grace_s):
+                raise error
+            if not self.cond.wait_for(lambda: self.epoch != epoch, self.timeout_s):
+                raise TimeoutError(f"the cluster did not recover within {self.timeout_s:g} s") from error
+
+    def quiesce(self) -> bool:
+        """Hold new layers back; True once none is in flight (False if some still is after `timeout_s`)."""
+        with self.cond:
+            self.recovering = True
+            return self.cond.wait_for(lambda: self.in_flight == 0, self.timeout_s)
+
+    def resume(self) -> None:
+        with self.cond:
+            self.epoch += 1
+            self.recovering = False
+            self.cond.notify_all()
 
 
 def payload_dtype(dispatch_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
@@ -79,8 +134,9 @@ class ExpertRouter:
     and the counters."""
 
     def __init__(self, placements: dict[int, Placement], spec: TopologySpec, src_gpu: int, hidden: int,
-                 max_nodes: int, dispatch_dtype: torch.dtype, combine_dtype: torch.dtype):
+                 max_nodes: int, dispatch_dtype: torch.dtype, combine_dtype: torch.dtype, recovery: Recovery):
         self.placements, self.spec, self.src_gpu = placements, spec, src_gpu
+        self.recovery = recovery
         self.version = 0               # the placement version every dispatch is planned against (see `switch`)
         self.hidden, self.max_nodes = hidden, max_nodes
         self.dispatch_dtype, self.combine_dtype = dispatch_dtype, combine_dtype
@@ -154,6 +210,54 @@ class ExpertRouter:
         return y.to(handle.dtype)
 
 
+class ExpertTransport:
+    """The shard's side of a transport for one MoE layer: `dispatch` sends the layer's routes, `combine` sums their
+    replies; a failure on the way waits for the cluster's recovery and sends the layer again. A transport supplies
+    `_send(sent, micro_batch) -> pending` and `_replies(handle) -> [Reply]` in route order."""
+
+    def __init__(self, layer_id: int, router: ExpertRouter):
+        self.layer_id, self.router = layer_id, router
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                 micro_batch: int = 0) -> DispatchHandle:
+        epoch = self.router.recovery.enter()
+        start = time.perf_counter()
+        handle = DispatchHandle(x.shape[0], x.dtype, micro_batch, [], inputs=(x, indices, weights), epoch=epoch)
+        try:
+            handle.sent = self.router.dispatches(self.layer_id, x, indices, weights)
+            handle.pending = self._send(handle.sent, micro_batch)
+        except Exception as e:  # noqa: BLE001  (a lost peer: combine waits for the recovery and sends again)
+            handle.error = e
+        self.router.count_time("dispatch_s", start)
+        return handle
+
+    def combine(self, handle: DispatchHandle) -> torch.Tensor:
+        while True:
+            start = time.perf_counter()
+            try:
+                if handle.error is not None:
+                    raise handle.error
+                y = self.router.combined(handle, self._replies(handle))
+                self.router.count_time("combine_s", start)
+                return y
+            except Exception as e:  # noqa: BLE001  (retried below, or raised if no recovery explains it)
+                error = e
+                self._abandon(handle)
+            finally:
+                self.router.recovery.leave()
+            self.router.recovery.await_recovery(handle.epoch, error)
+            handle = self.dispatch(*handle.inputs, micro_batch=handle.micro_batch)
+
+    def _send(self, sent: list[Sent], micro_batch: int) -> Any:
+        raise NotImplementedError
+
+    def _replies(self, handle: DispatchHandle) -> list[wire.Reply]:
+        raise NotImplementedError
+
+    def _abandon(self, handle: DispatchHandle) -> None:
+        """Forget what a failed layer left pending."""
+
+
 # ---- the expert group's side, for every transport -------------------------------------------------------------
 
 def serve_dispatch(group_id: int, compute: Callable, message: wire.Dispatch, ask: Callable,
@@ -211,25 +315,18 @@ def reply_to(group_id: int, body: bytes, compute: Callable, ask: Callable, answe
 
 # ---- the ray transport: every route is one actor call carrying one message ------------------------------------
 
-class RayExpertTransport:
+class RayExpertTransport(ExpertTransport):
     """The shard's side: each route's message is one call of its group's `serve_message`."""
 
     def __init__(self, layer_id: int, router: ExpertRouter, groups: list):
-        self.layer_id, self.router, self.groups = layer_id, router, groups
+        super().__init__(layer_id, router)
+        self.groups = groups
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                 micro_batch: int = 0) -> DispatchHandle:
-        start = time.perf_counter()
-        sent = self.router.dispatches(self.layer_id, x, indices, weights)
-        refs = [self.groups[s.route.target].serve_message.remote(wire.encode(s.message)) for s in sent]
-        self.router.count_time("dispatch_s", start)
-        return DispatchHandle(x.shape[0], x.dtype, micro_batch, sent, refs)
+    def _send(self, sent: list[Sent], micro_batch: int) -> list:
+        return [self.groups[s.route.target].serve_message.remote(wire.encode(s.message)) for s in sent]
 
-    def combine(self, handle: DispatchHandle) -> torch.Tensor:
-        start = time.perf_counter()
-        y = self.router.combined(handle, [answer_of(body) for body in ray.get(handle.pending)])
-        self.router.count_time("combine_s", start)
-        return y
+    def _replies(self, handle: DispatchHandle) -> list[wire.Reply]:
+        return [answer_of(body) for body in ray.get(handle.pending)]
 
 
 class RayGroupServer:

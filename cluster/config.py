@@ -38,6 +38,19 @@ class RebalanceSettings(BaseModel):
     min_tokens: int = Field(2048, ge=1, description="tokens an interval must have routed before its load counts")
 
 
+class FailureSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    restart: bool = Field(True, description="restart a dead expert group or attention shard in place (Ray restarts "
+                          "its process, the cluster brings it up to the live placement) and resume what it was "
+                          "doing: a step retries its experts, a request continues on a live shard; false: a dead "
+                          "actor's requests fail")
+    health_interval_s: float = Field(0.5, gt=0, description="how often every actor is asked whether it is alive")
+    recover_timeout_s: float = Field(120.0, gt=0, description="how long a step or a request waits for a dead actor "
+                                     "to come back before it fails")
+    collective_timeout_s: float = Field(300.0, gt=0, description="a collective message not answered in this long is "
+                                        "taken for a lost peer (a dead one is noticed at once)")
+
+
 class RaySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     address: Optional[str] = Field(None, description="join this Ray cluster; None starts a local one")
@@ -81,6 +94,7 @@ class ClusterConfig(BaseModel):
         "attention shard for one moeserve-attention, which autoscaled worker groups offer (the Helm chart)")
     engine: EngineSettings = EngineSettings()
     rebalance: RebalanceSettings = RebalanceSettings()
+    failures: FailureSettings = FailureSettings()
     ray: RaySettings = RaySettings()
 
     @model_validator(mode="after")

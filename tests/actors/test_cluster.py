@@ -3,6 +3,7 @@ raylet per topology node), against the single-process engine, token for token.""
 import asyncio
 import os
 import secrets
+import signal
 import tempfile
 import threading
 import time
@@ -143,8 +144,10 @@ def test_prefill_and_decode_on_expert_groups_of_their_own(ray_cluster, mtp_check
 
 
 def test_a_dead_expert_group_fails_the_requests_with_an_error_not_a_hang(ray_cluster, mtp_checkpoint, prompts):
-    """A step that raises (here: an expert group is gone) reaches every client of the shard as an error."""
-    with Cluster(config(mtp_checkpoint, topology=TWO_NODES_ONE_GPU, expert_groups=2, redundant_experts=2)) as c:
+    """Where dead actors stay dead (failures.restart: false), a step that raises (here: an expert group is gone)
+    reaches every client of the shard as an error."""
+    with Cluster(config(mtp_checkpoint, topology=TWO_NODES_ONE_GPU, expert_groups=2, redundant_experts=2,
+                        failures={"restart": False})) as c:
         ray.kill(c.groups[1])
         outcome = {}
 
@@ -160,6 +163,42 @@ def test_a_dead_expert_group_fails_the_requests_with_an_error_not_a_hang(ray_clu
         assert isinstance(outcome.get("error"), RuntimeError) and "prefill shard 0" in str(outcome["error"])
 
 
+@pytest.mark.parametrize("victim, transport", [("expert-group-1", "collective"), ("expert-group-2", "ray"),
+                                               ("decode-0", "collective"), ("prefill-0", "collective")])
+def test_an_actor_killed_under_running_requests_is_restarted_and_no_request_fails_or_changes(
+        ray_cluster, mtp_checkpoint, victim, transport):
+    """SIGKILL one actor while requests of mixed lengths prefill and decode: Ray restarts its process, the cluster
+    brings it back into the live layout (a later placement version, to be sure it is the live one that is
+    restored), the steps that lost their experts send them again and the requests on a dead shard resume on its
+    successor. Every request completes with the engine's tokens, and requests after it too."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 200, (n,), generator=g).tolist() for n in (5, 31, 12, 20, 7, 26)]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (80, 50, 120, 70, 100, 60)]
+    expected = [o.token_ids for o in LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts, params)]
+    cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", transport=transport, rebalance={"auto": False},
+                        engine={"kv_cache_tokens": 1024, "block_size": 4, "prefill_max_num_batched_tokens": 2})
+    with Cluster(cfg) as c:
+        c.generate(prompts[:2], GREEDY)
+        assert c.rebalance()["version"] == 1
+        outcome = {}
+        thread = threading.Thread(target=lambda: outcome.update(outs=c.generate(prompts, params)), daemon=True)
+        thread.start()
+        busy = c.prefill_shards[0] if victim.startswith("prefill") else c.decode_shards[0]
+        while not ray.get(busy.stats.remote())["engine"]["running"]:  # prompts of 2 tokens a step: prefill is long
+            time.sleep(0.01)
+        os.kill(c.where[victim]["pid"], signal.SIGKILL)
+        thread.join(180)
+        assert [o.token_ids for o in outcome["outs"]] == expected
+        assert [event["lost"] for event in c.recoveries] == [[victim]]
+        if "expert-group" in victim:
+            assert c.client.resumed == 0  # the steps sent their experts again: no request started over
+        else:
+            assert c.client.resumed > 0   # the dead shard's requests resumed on its successor
+        assert c.stats()["placement_version"] == 1
+        assert all(s["placement_version"] == 1 for s in c.stats()["shards"])
+        assert [o.token_ids for o in c.generate(prompts, params)] == expected
+
+
 def test_a_client_that_stops_polling_has_its_requests_aborted(ray_cluster, mtp_checkpoint, prompts):
     """A client that dies mid-request stops polling; after ray.client_timeout_s the decode shard aborts its request
     (it would otherwise decode to max_tokens for nobody) and leaves one error for it, while a live client's
@@ -173,7 +212,7 @@ def test_a_client_that_stops_polling_has_its_requests_aborted(ray_cluster, mtp_c
         ray.get(prefill.add.remote("ghost-1", prompts[0], long, None, "ghost", 0, True))
         handed = []
         while not handed:
-            handed = ray.get(prefill.poll.remote("ghost", 0, 5.0))
+            _, handed = ray.get(prefill.poll.remote("ghost", 0, 5.0))
         # the prefill shard sent the sequence on to the decode shard itself; its client got a notice without the
         # latent (and "ghost" never polls the decode shard)
         notice = handed[0][2]
@@ -186,7 +225,7 @@ def test_a_client_that_stops_polling_has_its_requests_aborted(ray_cluster, mtp_c
         while ray.get(decode.stats.remote())["engine"]["running"] and time.monotonic() < deadline:
             time.sleep(0.5)
         assert ray.get(decode.stats.remote())["engine"]["running"] == 0, "the silent client's request runs on"
-        left = ray.get(decode.poll.remote("ghost", 0, 0.0))
+        _, left = ray.get(decode.poll.remote("ghost", 0, 0.0))
         assert [(r, type(e)) for _, r, e in left] == [("ghost-1", RuntimeError)]
         assert "had not polled for 1 s" in str(left[0][2])
 
