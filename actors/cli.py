@@ -210,6 +210,40 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def format_status(status: dict) -> str:
+    """`GET /v1/cluster` as the table `moeserve status` prints."""
+    lines = [f"placement version {status['placement_version']}, transport {status['transport']}, "
+             f"{status.get('inflight', 0)} requests in flight, {status['failures_survived']} failures survived"]
+    rows = [("ACTOR", "ROLE", "NODE", "GPU", "PID", "STATE")] + [
+        (a["name"], a["role"], str(a["topology_node"]), str(a["gpu"]), str(a["pid"]), a["state"])
+        for a in status["actors"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    last = status.get("last_rebalance")
+    if last and last.get("imbalance_before"):
+        lines.append(f"last rebalance: version {last['version']}, {last['moved_experts']} experts moved, per-group "
+                     f"load max/mean (worst layer) {max(last['imbalance_before']):.2f} -> "
+                     f"{max(last['imbalance_after']):.2f}")
+    for event in status.get("recoveries", []):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["at"]))
+        lines.append(f"recovered {', '.join(event['lost'])} at {when} in {event['recovered_s']:.2f} s")
+    return "\n".join(lines)
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+    from moeserve.kernels.errors import MoeserveError
+    try:
+        with urllib.request.urlopen(a.url.rstrip("/") + "/v1/cluster", timeout=30) as response:
+            status = json.loads(response.read())
+    except (urllib.error.URLError, OSError) as e:
+        raise MoeserveError(f"no moeserve server answered at {a.url} ({e}); start one with `moeserve serve`, or "
+                            "give its address with --url") from None
+    print(json.dumps(status, indent=2) if a.json else format_status(status))
+    return 0
+
+
 def cmd_bench_serve(a: argparse.Namespace) -> int:
     from moeserve.actors.bench_serve import run
     print(f"load test: {a.requests} requests, Poisson {a.rate}/s, at most {a.clients} at a time, "
@@ -332,6 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=9000)
     p.add_argument("--max-pending", type=int, default=256, help="requests in flight before 429 (default 256)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="the live cluster of a running server: actors, placement, recoveries",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Ask a running moeserve server (GET /v1/cluster) for every actor (role, node, "
+                                   "process, state: alive, lost, recovering, dead), the expert placement version, "
+                                   "the last rebalance and the failures it recovered from.\n\nexamples:\n"
+                                   "  moeserve status\n  moeserve status --url http://10.0.0.5:8000 --json")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default http://127.0.0.1:8000)")
+    p.add_argument("--json", action="store_true", help="print the JSON as the server sent it")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("bench", help="load-test a running server (loopback only)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -73,6 +73,20 @@ def moe_layer_ids(args: ModelArgs, mtp: bool) -> list[int]:
     return layers + ([args.n_layers] if mtp and args.n_mtp_layers else [])
 
 
+class ClusterView:
+    """The live view of a cluster (`Cluster.status()`), published by the process that runs the cluster after every
+    health round and change, for those that only hold actor handles (the Serve ingress, `moeserve status`)."""
+
+    def __init__(self):
+        self.status: dict = {}
+
+    def publish(self, status: dict) -> None:
+        self.status = status
+
+    def read(self) -> dict:
+        return self.status
+
+
 class Cluster:
     """`with Cluster(ClusterConfig()) as c: c.generate(["def f("], SamplingParams(max_tokens=16))`."""
 
@@ -94,6 +108,8 @@ class Cluster:
         self.recoveries: list[dict] = []          # each recovery from lost actors: who, when, how long it took
         self._epoch = 0                           # process groups formed (the collective transport's)
         self.dead: set[str] = set()               # actors that did not come back
+        self.states: dict[str, str] = {}          # actor -> alive, lost (dead, not yet back), recovering, dead
+        self.view = None                          # the ClusterView actor this cluster publishes to
         self.private_dir: Optional[str] = None   # the local Ray's temp tree, when this cluster made one
 
     def __enter__(self) -> "Cluster":
@@ -182,15 +198,17 @@ class Cluster:
             self._pair_kv_groups()
         for name, report in zip(actors, reports):
             slot = report.get("gpu_slot", report.get("group"))
+            self.states[name] = "alive"
             self.where[name] = {**report, "topology_node": slot // spec.gpus_per_node,
                                 "gpu": slot % spec.gpus_per_node}
         self.client = ClusterClient(self.args, self.tokenizer, self.prefill_shards, self.decode_shards,
                                     cfg.engine.kv_cache_tokens, cfg.engine.block_size, self.recover_timeout_s)
+        self.view = ray.remote(ClusterView).options(num_cpus=0, max_restarts=self._restarts).remote()
+        self.publish()
         self._stopping.clear()
         if cfg.rebalance.auto:
             threading.Thread(target=self._watch_load, daemon=True, name="rebalance").start()
-        if cfg.failures.restart:
-            threading.Thread(target=self._watch_health, daemon=True, name="health").start()
+        threading.Thread(target=self._watch_health, daemon=True, name="health").start()
         return self
 
     @property
@@ -291,6 +309,7 @@ class Cluster:
         with self._rebalancing:
             report = self._rebalance(self._measured_load(sorted(self.phy2log)) if load is None else load)
         self.last_rebalance = report
+        self.publish()
         return report
 
     def _rebalance(self, load: torch.Tensor) -> dict:
@@ -333,8 +352,9 @@ class Cluster:
         return dict(zip(names, self.expert_groups + self.prefill_shards + self.decode_shards))
 
     def _watch_health(self) -> None:
-        """Ask every actor for its process id each `health_interval_s`; one that does not answer because it died,
-        or answers from a new process (Ray restarted it), starts a recovery."""
+        """Ask every actor for its process id each `health_interval_s` and publish what is seen; one that does not
+        answer because it died, or answers from a new process (Ray restarted it), starts a recovery (where
+        `failures.restart`; otherwise it stays lost)."""
         settings = self.config.failures
         while not self._stopping.wait(settings.health_interval_s):
             try:
@@ -350,15 +370,38 @@ class Cluster:
                         lost.append(name)
                     except ray.exceptions.GetTimeoutError:  # busy, not dead (a dead one fails at once)
                         pass
-                if lost and not self._stopping.is_set():
+                for name in lost:
+                    self.states[name] = "lost"
+                self.publish()
+                if lost and settings.restart and not self._stopping.is_set():
                     try:
                         self.recover(lost)
                     except TimeoutError as e:  # gone for good (killed without restart, or no node to restart on)
                         self.dead.update(lost)
+                        self.states.update({name: "dead" for name in lost})
                         logging.getLogger("moeserve").error("%s; its requests fail", e)
+                    self.publish()
             except Exception as e:  # noqa: BLE001  (keep watching; the next round tries again)
                 if not self._stopping.is_set():
-                    logging.getLogger("moeserve").warning("recovery failed: %s: %s", type(e).__name__, e)
+                    logging.getLogger("moeserve").warning("health round failed: %s: %s", type(e).__name__, e)
+
+    def status(self) -> dict:
+        """Every actor (role, node, process, state), the placement version, the last rebalance's per-group load
+        before and after, and the recoveries: what `GET /v1/cluster` and `moeserve status` show."""
+        actors = []
+        for name, where in self.where.items():
+            role = "expert-group" if "expert-group" in name else name.rsplit("-", 1)[0] + "-shard"
+            actors.append({"name": name, "role": role, "topology_node": where["topology_node"], "gpu": where["gpu"],
+                           "ray_node": where["ray_node"], "host": where["host"], "pid": where["pid"],
+                           "state": self.states.get(name, "alive")})
+        return {"placement_version": self.version, "transport": self.config.transport, "actors": actors,
+                "last_rebalance": self.last_rebalance, "recoveries": self.recoveries[-20:],
+                "failures_survived": sum(len(event["lost"]) for event in self.recoveries)}
+
+    def publish(self) -> None:
+        """Hand the current status to the ClusterView actor (for the Serve ingress and `moeserve status`)."""
+        if self.view is not None:
+            self.view.publish.remote(self.status())
 
     def recover(self, lost: list[str]) -> dict:
         """Bring actors Ray restarted back into the live layout: every shard holds its MoE layers back (a step
@@ -371,6 +414,8 @@ class Cluster:
             actors = self._actors()
             reports = self._await_alive(actors, start + settings.recover_timeout_s)
             restarted = [name for name, report in reports.items() if report["pid"] != self.where[name]["pid"]]
+            self.states.update({name: "recovering" for name in restarted})
+            self.publish()
             shards = self.prefill_shards + self.decode_shards
             ray.get([shard.quiesce.remote() for shard in shards])
             for name in restarted:
@@ -394,6 +439,7 @@ class Cluster:
             for name in restarted:
                 self.where[name].update(pid=reports[name]["pid"], ray_node=reports[name]["ray_node"],
                                         host=reports[name]["host"])
+                self.states[name] = "alive"
         event = {"lost": restarted, "at": time.time(), "recovered_s": round(time.monotonic() - start, 3)}
         self.recoveries.append(event)
         logging.getLogger("moeserve").warning("recovered from lost actors %s in %.2f s", restarted,
@@ -480,6 +526,7 @@ class Cluster:
             "tokens_per_expert": tokens_per_expert,
             "kv_transfer_bytes": self.kv_transfer_bytes,
             "placement_version": self.version, "last_rebalance": self.last_rebalance,
+            "recoveries": self.recoveries, "actors": self.status()["actors"],
             "shards": shards,
             "expert_groups": groups,
         }
@@ -494,8 +541,9 @@ class Cluster:
                     ray.get(shard.stop.remote(), timeout=10)
                 except Exception:  # already gone: nothing to stop
                     pass
-            for actor in actors:
+            for actor in actors + ([self.view] if self.view is not None else []):
                 ray.kill(actor)
+            self.view = None
             deadline = time.monotonic() + timeout_s
             pids = [w["pid"] for w in self.where.values() if w.get("host") == socket.gethostname()]
             while pids and time.monotonic() < deadline:

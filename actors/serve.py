@@ -87,8 +87,26 @@ class Metrics:
                                  registry=r)
         self.placement = Gauge("moeserve_placement_version", "the expert placement version the shards plan against "
                                "(each rebalance adds one)", registry=r)
+        self.actors = Gauge("moeserve_actors", "the cluster's actors by role and state", ["role", "state"],
+                            registry=r)
+        self.recovered = Gauge("moeserve_failures_survived", "dead actors brought back into the layout",
+                               registry=r)
+        self.imbalance = Gauge("moeserve_expert_imbalance", "per-group load max/mean of the worst MoE layer at "
+                               "the last rebalance, before and after it", ["when"], registry=r)
 
-    def update(self, shards: list[dict]) -> None:
+    def update(self, shards: list[dict], status: dict) -> None:
+        self.recovered.set(status.get("failures_survived", 0))
+        counts: dict[tuple[str, str], int] = {}
+        for actor in status.get("actors", []):
+            key = (actor["role"], actor["state"])
+            counts[key] = counts.get(key, 0) + 1
+        self.actors.clear()
+        for (role, state), n in counts.items():
+            self.actors.labels(role, state).set(n)
+        last = status.get("last_rebalance") or {}
+        for when in ("before", "after"):
+            if last.get(f"imbalance_{when}"):
+                self.imbalance.labels(when).set(max(last[f"imbalance_{when}"]))
         self.queue.set(sum(s["engine"]["waiting"] for s in shards))
         self.placement.set(min(s["placement_version"] for s in shards))
         self.running.set(sum(s["engine"]["running"] for s in shards))
@@ -149,15 +167,17 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", code:
 @serve.deployment(max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, config: dict, model_name: str, max_pending: int, shards: Optional[tuple] = None):
-        """`shards`: (prefill, decode) actors of a cluster started beside Serve (`moeserve serve`); without them
-        (a RayService) this replica starts the cluster's shards and expert groups itself, in the Ray cluster it
-        runs in, and they live as long as it does."""
+    def __init__(self, config: dict, model_name: str, max_pending: int, shards: Optional[tuple] = None,
+                 view=None):
+        """`shards`: (prefill, decode) actors of a cluster started beside Serve (`moeserve serve`), and `view` its
+        ClusterView; without them (a RayService) this replica starts the cluster's shards and expert groups
+        itself, in the Ray cluster it runs in, and they live as long as it does."""
         cfg = ClusterConfig(**config)
         self.cluster = None
         if shards is None:
             self.cluster = Cluster(cfg).start()
-            shards = (self.cluster.prefill_shards, self.cluster.decode_shards)
+            shards, view = (self.cluster.prefill_shards, self.cluster.decode_shards), self.cluster.view
+        self.view = view
         prefill_shards, decode_shards = shards
         self.args = ModelArgs.from_file(cfg.model)
         self.tokenizer = Tokenizer(cfg.model) if Tokenizer.exists(cfg.model) else None
@@ -356,10 +376,17 @@ class Ingress:
     async def health(self):
         return {"status": "ok", "inflight": self.inflight}
 
+    @app.get("/v1/cluster")
+    async def cluster_status(self):
+        """The live cluster: every actor (role, node, process, state), the placement version, the last
+        rebalance, the recoveries (`Cluster.status`)."""
+        return {**(await self.view.read.remote()), "inflight": self.inflight}
+
     @app.get("/metrics")
     async def metrics(self):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-        self.metrics.update(list(await asyncio.gather(*[s.stats.remote() for s in self.shards])))
+        self.metrics.update(list(await asyncio.gather(*[s.stats.remote() for s in self.shards])),
+                            await self.view.read.remote())
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # ---- gRPC -----------------------------------------------------------------------------------------------
@@ -456,7 +483,7 @@ class Server:
                     grpc_options={"port": self.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
         c = self.cluster
         ingress = Ingress.bind(self.config.model_dump(), self.model_name, self.max_pending,
-                               (c.prefill_shards, c.decode_shards))
+                               (c.prefill_shards, c.decode_shards), c.view)
         serve.run(ingress, name="moeserve", route_prefix="/")
         return self
 
