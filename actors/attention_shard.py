@@ -22,6 +22,7 @@ from moeserve.kernels.args import ModelArgs
 from moeserve.kernels.errors import InputError
 from moeserve.kernels.load import DTYPES, load_model
 from moeserve.topology.planner import Placement
+from moeserve.topology.spec import TopologySpec
 
 from . import collective, kv_transfer, tracing
 from .transport import ExpertRouter, RayExpertTransport, Recovery, payload_dtype
@@ -77,12 +78,13 @@ class AttentionShardWorker:
                                    self.recovery)
         self.links = [collective.ShardLink(spec, src_gpu, len(groups)) for _ in range(cfg.engine.micro_batches)] \
             if cfg.transport == "collective" else []
+        self.groups = list(groups)  # the ray transport's, changed in place when the expert groups are scaled
         if self.links:
             def make_experts(layer):
                 return collective.CollectiveExpertTransport(layer, self.router, self.links)
         else:
             def make_experts(layer):
-                return RayExpertTransport(layer, self.router, groups)
+                return RayExpertTransport(layer, self.router, self.groups)
         model = load_model(cfg.model, dtype=DTYPES[cfg.dtype], with_mtp=cfg.mtp, make_experts=make_experts)
         tokenizer = Tokenizer(cfg.model) if Tokenizer.exists(cfg.model) else None
         settings = cfg.engine.model_dump()
@@ -140,6 +142,19 @@ class AttentionShardWorker:
         with self.mail:
             self.inbox.append(("", change))
             self.mail.notify_all()
+
+    def set_layout(self, version: int, phy2log: dict[int, list[int]], spec: dict, groups: list) -> None:
+        """Another number of expert groups (`spec`'s GPU slots, `groups` their actors) and placement `version`
+        over them, from the next MoE layer on; only while quiesced (`Cluster.scale_experts`), so no layer in
+        flight sees the change."""
+        if not self.recovery.recovering:
+            raise RuntimeError("set_layout while MoE layers may be in flight: quiesce first")
+        self.spec = TopologySpec(**spec)
+        self.router.spec = self.spec
+        self.router.switch(version, self._placements(phy2log))
+        for link in self.links:
+            link.spec, link.n_groups = self.spec, self.spec.num_gpus
+        self.groups[:] = groups
 
     def placement_version(self) -> int:
         return self.router.version

@@ -99,6 +99,8 @@ class Cluster:
         self.where: dict[str, dict] = {}
         self.shard_slots: list[int] = []         # each shard's GPU slot, prefill shards first
         self.client: Optional[ClusterClient] = None
+        self.spec = self.config.topology_spec     # the live node shape and count (expert groups are scaled)
+        self.pending: Optional[dict] = None       # a scale-up waiting for its groups to be placed
         self.phy2log: dict[int, list[int]] = {}  # the placement being served: MoE layer -> logical expert per slot
         self.version = 0                          # its number
         self._load_seen: dict[str, torch.Tensor] = {}  # per (shard, layer): its tokens per expert at the last round
@@ -174,10 +176,11 @@ class Cluster:
             self.shutdown()
             raise InputError(f"kv_transfer: nccl puts each attention shard on a GPU of its own: {shards} needed, "
                              f"the Ray cluster has {gpus:g}; use kv_transfer: object_store")
+        self.spec = spec
         phy2log = self.phy2log = self.placement()
-        self.groups = self._start_expert_groups(phy2log, first_rank=0)
+        self.groups = self._start_expert_groups(phy2log, range(spec.num_gpus), first_rank=0)
         self.prefill_groups = self.groups if cfg.shared_expert_groups else \
-            self._start_expert_groups(phy2log, first_rank=spec.num_gpus)
+            self._start_expert_groups(phy2log, range(spec.num_gpus), first_rank=spec.num_gpus)
         config = cfg.model_dump()
         for role, count, pool, groups in (("prefill", cfg.prefill_shards, self.prefill_shards, self.prefill_groups),
                                           ("decode", cfg.decode_shards, self.decode_shards, self.groups)):
@@ -197,10 +200,8 @@ class Cluster:
         if cfg.kv_transfer == "nccl":
             self._pair_kv_groups()
         for name, report in zip(actors, reports):
-            slot = report.get("gpu_slot", report.get("group"))
             self.states[name] = "alive"
-            self.where[name] = {**report, "topology_node": slot // spec.gpus_per_node,
-                                "gpu": slot % spec.gpus_per_node}
+            self.where[name] = self._where_of(report)
         self.client = ClusterClient(self.args, self.tokenizer, self.prefill_shards, self.decode_shards,
                                     cfg.engine.kv_cache_tokens, cfg.engine.block_size, self.recover_timeout_s)
         self.view = ray.remote(ClusterView).options(num_cpus=0, max_restarts=self._restarts).remote()
@@ -209,6 +210,8 @@ class Cluster:
         if cfg.rebalance.auto:
             threading.Thread(target=self._watch_load, daemon=True, name="rebalance").start()
         threading.Thread(target=self._watch_health, daemon=True, name="health").start()
+        if cfg.scaling.max_expert_groups and cfg.scaling.max_expert_groups > spec.num_gpus:
+            threading.Thread(target=self._watch_scale, daemon=True, name="scaling").start()
         return self
 
     @property
@@ -221,18 +224,19 @@ class Cluster:
         """Every expert-group actor: the decode shards' (everyone's when shared), then the prefill shards' own."""
         return self.groups + ([] if self.prefill_groups is self.groups else self.prefill_groups)
 
-    def _start_expert_groups(self, phy2log: dict[int, list[int]], first_rank: int) -> list:
-        """One pool of expert groups, one actor per GPU slot holding that slot's experts, placed on the slot's
-        node; each group's peers (whom it relays to) are its node's groups of the same pool."""
-        cfg, spec = self.config, self.config.topology_spec
-        groups = []
-        for g in range(spec.num_gpus):
-            groups.append(ray.remote(ExpertGroupWorker).options(
-                num_cpus=0, max_concurrency=16, resources=placed(cfg, EXPERT_RESOURCE, g),
-                max_restarts=self._restarts).remote(g, cfg.model, cfg.dtype, self._experts_of(phy2log, g),
-                                                    cfg.transport, spec.model_dump(), cfg.ray.threads_per_actor,
-                                                    first_rank))
-        if cfg.transport == "ray":
+    def _start_expert_groups(self, phy2log: dict[int, list[int]], slots: range, first_rank: int,
+                             version: int = 0) -> list:
+        """Expert groups for GPU slots `slots` of the live topology, each holding its slot's experts of placement
+        `version`, placed on the slot's node (Ray starts them once a node offers their resource); a group's peers
+        (whom it relays to) are its node's groups of the same pool (set once the pool is complete)."""
+        cfg, spec = self.config, self.spec
+        groups = [ray.remote(ExpertGroupWorker).options(
+            num_cpus=0, max_concurrency=16, resources=placed(cfg, EXPERT_RESOURCE, g),
+            max_restarts=self._restarts).remote(g, cfg.model, cfg.dtype, self._experts_of(phy2log, g),
+                                                cfg.transport, spec.model_dump(), cfg.ray.threads_per_actor,
+                                                first_rank, version)
+            for g in slots]
+        if cfg.transport == "ray" and len(groups) == spec.num_gpus:
             ray.get([self._set_peers(groups, g) for g in range(len(groups))])
         return groups
 
@@ -243,12 +247,12 @@ class Cluster:
 
     def _experts_of(self, phy2log: dict[int, list[int]], g: int) -> dict[int, list[int]]:
         """MoE layer -> the logical experts in GPU slot g's physical slots."""
-        slots = len(next(iter(phy2log.values()))) // self.config.topology_spec.num_gpus
+        slots = len(next(iter(phy2log.values()))) // self.spec.num_gpus
         return {layer: p[g * slots:(g + 1) * slots] for layer, p in phy2log.items()}
 
     def _set_peers(self, groups: list, g: int):
         """Tell group g the groups of its node, which it relays to by actor calls (ray transport)."""
-        G = self.config.topology_spec.gpus_per_node
+        G = self.spec.gpus_per_node
         node = g // G
         return groups[g].set_peers.remote({h: groups[h] for h in range(node * G, (node + 1) * G)})
 
@@ -313,7 +317,7 @@ class Cluster:
         return report
 
     def _rebalance(self, load: torch.Tensor) -> dict:
-        spec, layers = self.config.topology_spec, sorted(self.phy2log)
+        spec, layers = self.spec, sorted(self.phy2log)
         current = torch.tensor([self.phy2log[layer] for layer in layers])    # [layers, slots]
         report = {"version": self.version, "moved_experts": 0, "tokens": int(load.sum()),
                   "imbalance_before": None, "imbalance_after": None}
@@ -364,10 +368,11 @@ class Cluster:
                 for name, ref in refs.items():
                     try:
                         report = ray.get(ref, timeout=max(5.0, 4 * settings.health_interval_s))
-                        if report["pid"] != self.where[name]["pid"]:
+                        if report["pid"] != self.where.get(name, report)["pid"]:
                             lost.append(name)
                     except ray.exceptions.RayActorError:
-                        lost.append(name)
+                        if name in self.where:  # not one a scale-down removed meanwhile
+                            lost.append(name)
                     except ray.exceptions.GetTimeoutError:  # busy, not dead (a dead one fails at once)
                         pass
                 for name in lost:
@@ -395,6 +400,7 @@ class Cluster:
                            "ray_node": where["ray_node"], "host": where["host"], "pid": where["pid"],
                            "state": self.states.get(name, "alive")})
         return {"placement_version": self.version, "transport": self.config.transport, "actors": actors,
+                "expert_groups": len(self.groups), "pending_scale_up": self.pending,
                 "last_rebalance": self.last_rebalance, "recoveries": self.recoveries[-20:],
                 "failures_survived": sum(len(event["lost"]) for event in self.recoveries)}
 
@@ -403,34 +409,38 @@ class Cluster:
         if self.view is not None:
             self.view.publish.remote(self.status())
 
-    def recover(self, lost: list[str]) -> dict:
+    def recover(self, lost: list[str]) -> Optional[dict]:
         """Bring actors Ray restarted back into the live layout: every shard holds its MoE layers back (a step
         whose experts failed waits, then sends them again); each restarted expert group loads the live placement's
         experts, each restarted shard plans against it; with the collective transport every member forms a new
-        process group; then the shards go on. A dead shard's requests resume on their clients' side."""
+        process group; then the shards go on. A dead shard's requests resume on their clients' side. Returns the
+        recovery (None when no actor had been restarted: one removed by a scale-down meanwhile)."""
         settings = self.config.failures
         start = time.monotonic()
         with self._rebalancing:  # no placement change in between
             actors = self._actors()
             reports = self._await_alive(actors, start + settings.recover_timeout_s)
             restarted = [name for name, report in reports.items() if report["pid"] != self.where[name]["pid"]]
+            if not restarted:
+                return None
             self.states.update({name: "recovering" for name in restarted})
             self.publish()
             shards = self.prefill_shards + self.decode_shards
             ray.get([shard.quiesce.remote() for shard in shards])
             for name in restarted:
                 actor = actors[name]
-                if "expert-group" in name:
+                if "expert-group" in name:  # restarted with its first arguments: bring it to the live layout
                     g = int(name.rsplit("-", 1)[1])
-                    if self.version:
-                        ray.get(actor.prepare.remote(self.version, self._experts_of(self.phy2log, g)))
-                        ray.get(actor.release.remote(self.version))
+                    ray.get(actor.set_layout.remote(self.spec.model_dump()))
+                    ray.get(actor.prepare.remote(self.version, self._experts_of(self.phy2log, g)))
+                    ray.get(actor.release.remote(self.version))
                     if self.config.transport == "ray":
                         pool = self.prefill_groups if name.startswith("prefill-") else self.groups
                         ray.get([self._set_peers(pool, h) for h in range(len(pool))])
                 else:
-                    if self.version:
-                        ray.get(actor.set_placement.remote(self.version, self.phy2log))
+                    pool = self.groups if name.startswith("decode-") or self.prefill_groups is self.groups else \
+                        self.prefill_groups
+                    ray.get(actor.set_layout.remote(self.version, self.phy2log, self.spec.model_dump(), pool))
                     if name.startswith("prefill-"):
                         ray.get(actor.set_decode_shards.remote(self.decode_shards))
             if self.config.transport == "collective":
@@ -462,10 +472,124 @@ class Cluster:
                     time.sleep(0.2)
         return reports
 
+    # ---- scaling the expert groups ---------------------------------------------------------------------------
+
+    @property
+    def slots_per_group(self) -> int:
+        return (self.args.n_routed_experts + self.config.redundant_experts) // self.config.topology_spec.num_gpus
+
+    def scale_experts(self, groups: int) -> dict:
+        """Serve with `groups` expert groups: a topology node's worth (gpus_per_node) at a time, at least the
+        configured `expert_groups`, at most `scaling.max_expert_groups` when set. EPLB places the experts over
+        the new number of slots (redundant replicas follow it) on the load measured since the last round, as
+        a new placement version. Added groups ask Ray for their resource and start once a node offers it (Ray's
+        autoscaler brings one), loading their experts meanwhile while the others serve; then every shard holds
+        its MoE layers back, switches to the new layout, the process group is formed anew and the shards go on.
+        Removed groups are drained first (nothing in flight, nothing planned against them), then stopped.
+        Returns the version, the groups before and after, and how long the groups took to start."""
+        cfg, base = self.config, self.config.topology_spec
+        G, most = base.gpus_per_node, cfg.scaling.max_expert_groups or base.num_gpus
+        if self.prefill_groups is not self.groups:
+            raise InputError("scaling expert groups needs shared_expert_groups: true")
+        if groups % G or not base.num_gpus <= groups <= most:
+            raise InputError(f"expert groups come and go a node ({G}) at a time between expert_groups "
+                             f"({base.num_gpus}) and scaling.max_expert_groups ({most}); {groups} is not one of them")
+        with self._rebalancing:
+            return self._scale(groups)
+
+    def _scale(self, groups: int) -> dict:
+        start, old = time.monotonic(), len(self.groups)
+        report = {"version": self.version, "expert_groups_before": old, "expert_groups": old, "start_s": 0.0}
+        if groups == old:
+            return report
+        spec = self.config.topology_spec.model_copy(update={"nodes": groups // self.spec.gpus_per_node})
+        layers = sorted(self.phy2log)
+        load = self._measured_load(layers) + 1.0  # +1: experts not seen yet still count
+        new, _, _ = rebalance_experts(load, groups * self.slots_per_group, self.args.n_expert_groups, spec.nodes,
+                                      groups)
+        phy2log, version = {layer: new[i].tolist() for i, layer in enumerate(layers)}, self.version + 1
+        previous_spec, self.spec = self.spec, spec  # the slots' experts and nodes of the new layout
+        added = self._start_expert_groups(phy2log, range(old, groups), first_rank=0, version=version)
+        try:
+            if added:
+                self.pending = {"expert_groups": groups, "since": time.time()}
+                self.publish()
+                reports = self._await_started(added, self.config.scaling.start_timeout_s)
+        except Exception:
+            for actor in added:
+                ray.kill(actor)
+            self.spec = previous_spec
+            raise
+        finally:
+            self.pending = None
+        report["start_s"] = round(time.monotonic() - start, 3)
+        kept, removed = self.groups[:groups], self.groups[groups:]
+        ray.get([g.prepare.remote(version, self._experts_of(phy2log, i)) for i, g in enumerate(kept)])
+        pool = kept + added
+        for g, actor in enumerate(added):  # known before it is watched
+            self.where[f"expert-group-{old + g}"] = self._where_of(reports[g])
+            self.states[f"expert-group-{old + g}"] = "alive"
+        shards = self.prefill_shards + self.decode_shards
+        ray.get([shard.quiesce.remote() for shard in shards])
+        ray.get([g.set_layout.remote(spec.model_dump()) for g in pool])
+        if self.config.transport == "ray":
+            ray.get([self._set_peers(pool, g) for g in range(len(pool))])
+        ray.get([s.set_layout.remote(version, phy2log, spec.model_dump(), pool) for s in shards])
+        self.groups = self.prefill_groups = pool
+        if self.config.transport == "collective":
+            self._join_collective()
+        ray.get([shard.resume.remote() for shard in shards])
+        ray.get([g.release.remote(version) for g in pool])
+        for g, actor in enumerate(removed):  # drained: no layer in flight, none planned against it
+            ray.kill(actor)
+            self.where.pop(f"expert-group-{groups + g}", None)
+            self.states.pop(f"expert-group-{groups + g}", None)
+        self.phy2log, self.version = phy2log, version
+        self.publish()
+        return {**report, "version": version, "expert_groups": groups}
+
+    def _await_started(self, actors: list, timeout_s: float) -> list[dict]:
+        """The actors' `ready` reports once Ray has placed and started them all."""
+        refs = [a.ready.remote() for a in actors]
+        done, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if waiting:
+            raise TimeoutError(f"{len(waiting)} of {len(refs)} new expert groups were not placed within "
+                               f"{timeout_s:g} s (scaling.start_timeout_s): no node offers their resource")
+        return ray.get(refs)
+
+    def _where_of(self, report: dict) -> dict:
+        slot = report.get("gpu_slot", report.get("group"))
+        return {**report, "topology_node": slot // self.spec.gpus_per_node, "gpu": slot % self.spec.gpus_per_node}
+
+    def _watch_scale(self) -> None:
+        """`scaling.max_expert_groups`: every interval, the (token, expert) pairs the groups computed per second;
+        above the target per group a node of groups is added, below half of it the last added node's removed."""
+        settings, G = self.config.scaling, self.spec.gpus_per_node
+        seen, since = None, time.monotonic()
+        while not self._stopping.wait(settings.interval_s):
+            try:
+                computed = sum(g["assignments_computed"] for g in ray.get([g.stats.remote() for g in self.groups]))
+                now = time.monotonic()
+                if seen is not None and computed >= seen:
+                    rate = (computed - seen) / (now - since) / len(self.groups)
+                    want = len(self.groups) + (G if rate > settings.target_tokens_per_s else
+                                               -G if rate < settings.target_tokens_per_s / 2 else 0)
+                    want = min(max(want, self.config.topology_spec.num_gpus), settings.max_expert_groups)
+                    if want != len(self.groups):
+                        logging.getLogger("moeserve").warning("scaling expert groups %d -> %d (%.0f per group/s)",
+                                                              len(self.groups), want, rate)
+                        self.scale_experts(want)
+                        computed = sum(g["assignments_computed"]
+                                       for g in ray.get([g.stats.remote() for g in self.groups]))
+                        now = time.monotonic()
+                seen, since = computed, now
+            except Exception as e:  # noqa: BLE001  (keep watching; the next interval tries again)
+                logging.getLogger("moeserve").warning("scaling skipped: %s: %s", type(e).__name__, e)
+
     def _watch_load(self) -> None:
         """`rebalance.auto`: every interval, the load of that interval; a round when it routed enough tokens and
         some MoE layer's per-group max/mean passes the threshold under the current placement."""
-        settings, spec = self.config.rebalance, self.config.topology_spec
+        settings = self.config.rebalance
         while not self._stopping.wait(settings.interval_s):
             try:
                 with self._rebalancing:
@@ -476,7 +600,8 @@ class Cluster:
                     current = torch.tensor([self.phy2log[layer] for layer in layers])
                     counts = torch.zeros_like(load, dtype=torch.long).scatter_add_(1, current,
                                                                                    torch.ones_like(current))
-                    uneven = float(gpu_imbalance(load, current, counts, spec.num_gpus).max()) > settings.threshold
+                    uneven = float(gpu_imbalance(load, current, counts, self.spec.num_gpus).max()) > \
+                        settings.threshold
                 if uneven:
                     self.rebalance(load)
             except Exception as e:  # noqa: BLE001  (a shard or group gone: the requests report it; keep watching)

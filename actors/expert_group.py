@@ -23,10 +23,10 @@ from .transport import RayGroupServer
 
 class ExpertGroupWorker:
     def __init__(self, group_id: int, model: str, dtype: str, experts: dict[int, list[int]], transport: str,
-                 spec: dict, threads: int = 1, first_rank: int = 0):
-        """experts: MoE layer id -> the logical experts this group holds for it (its physical slots). group_id is
-        its GPU slot; its pool's groups hold collective ranks first_rank.. in slot order. `transport` names the
-        serving half this actor hosts."""
+                 spec: dict, threads: int = 1, first_rank: int = 0, version: int = 0):
+        """experts: MoE layer id -> the logical experts this group holds for it (its physical slots) in placement
+        `version`. group_id is its GPU slot; its pool's groups hold collective ranks first_rank.. in slot order.
+        `transport` names the serving half this actor hosts."""
         torch.set_num_threads(threads)
         self.group_id = group_id
         self.dtype = DTYPES[dtype]
@@ -34,7 +34,7 @@ class ExpertGroupWorker:
         self.modules: dict[tuple[int, int], MLP] = {}   # (layer, logical expert) -> its weights, any version's
         # placement version -> per MoE layer, the held experts' weights stacked for batched matmuls and logical id
         # -> index in the stack; a dispatch names the version it was planned against
-        self.versions: dict[int, dict[int, tuple]] = {0: self._stacks(experts)}
+        self.versions: dict[int, dict[int, tuple]] = {version: self._stacks(experts)}
         self.assignments_computed = 0   # (token, expert) pairs computed here, over every layer
         self.compute_s = 0.0
         spec = TopologySpec(**spec)
@@ -91,6 +91,13 @@ class ExpertGroupWorker:
                 "placement_versions": sorted(self.versions)}
 
     # ---- the serving half: the ray transport's calls, or the collective transport's threads ----------------
+
+    def set_layout(self, spec: dict) -> None:
+        """Another number of expert groups in the pool (`spec`'s GPU slots): whom this group relays to and serves,
+        from the next process group on (collective transport)."""
+        if isinstance(self.server, collective.CollectiveGroupServer):
+            self.server.spec = TopologySpec(**spec)
+            self.server.n_groups = self.server.spec.num_gpus
 
     def set_peers(self, peers: dict) -> None:
         """The groups of this node, which a relay forwards to (ray transport)."""

@@ -38,6 +38,19 @@ class RebalanceSettings(BaseModel):
     min_tokens: int = Field(2048, ge=1, description="tokens an interval must have routed before its load counts")
 
 
+class ScalingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_expert_groups: Optional[int] = Field(None, ge=1, description="grow the expert groups up to this many, a "
+                                             "topology node's worth (gpus_per_node) at a time, when they are busy; "
+                                             "null: a fixed number (expert_groups), which is also the floor")
+    target_tokens_per_s: float = Field(2000.0, gt=0, description="(token, expert) pairs per second an expert group "
+                                       "should compute: above it a node of groups is added, below half of it the "
+                                       "last added node's groups are drained and removed")
+    interval_s: float = Field(30.0, gt=0, description="how often the groups' load is checked")
+    start_timeout_s: float = Field(600.0, gt=0, description="how long added groups may wait for a node offering "
+                                   "their resource (Ray's autoscaler brings one) before the scale-up is abandoned")
+
+
 class FailureSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     restart: bool = Field(True, description="restart a dead expert group or attention shard in place (Ray restarts "
@@ -47,8 +60,9 @@ class FailureSettings(BaseModel):
     health_interval_s: float = Field(0.5, gt=0, description="how often every actor is asked whether it is alive")
     recover_timeout_s: float = Field(120.0, gt=0, description="how long a step or a request waits for a dead actor "
                                      "to come back before it fails")
-    collective_timeout_s: float = Field(300.0, gt=0, description="a collective message not answered in this long is "
-                                        "taken for a lost peer (a dead one is noticed at once)")
+    collective_timeout_s: float = Field(300.0, ge=120, description="a collective message not answered in this long "
+                                        "is taken for a lost peer (a dead one is noticed at once); idle shards ping "
+                                        "every 60 s, so at least 120")
 
 
 class RaySettings(BaseModel):
@@ -94,6 +108,7 @@ class ClusterConfig(BaseModel):
         "attention shard for one moeserve-attention, which autoscaled worker groups offer (the Helm chart)")
     engine: EngineSettings = EngineSettings()
     rebalance: RebalanceSettings = RebalanceSettings()
+    scaling: ScalingSettings = ScalingSettings()
     failures: FailureSettings = FailureSettings()
     ray: RaySettings = RaySettings()
 
@@ -104,6 +119,13 @@ class ClusterConfig(BaseModel):
             raise ValueError(f"expert_groups ({self.expert_groups}) exceeds the topology's {spec.num_gpus} GPU slots")
         if spec.num_gpus % self.expert_groups:
             raise ValueError(f"expert_groups ({self.expert_groups}) must divide the topology's {spec.num_gpus} GPUs")
+        most = self.scaling.max_expert_groups
+        if most is not None and (most < self.expert_groups or most % spec.gpus_per_node):
+            raise ValueError(f"scaling.max_expert_groups ({most}) must be at least expert_groups "
+                             f"({self.expert_groups}) and a multiple of the topology's {spec.gpus_per_node} GPUs "
+                             "per node (groups come and go a node at a time)")
+        if most is not None and not self.shared_expert_groups:
+            raise ValueError("scaling.max_expert_groups needs shared_expert_groups: true")
         return self
 
     @property
