@@ -4,7 +4,9 @@ are the rendered RayService's groups (their `ray start` parameters and resources
 (`AutoscalingCluster`, every node a real raylet); the rendered serveConfigV2 deployed through Serve's REST API, as
 KubeRay's operator does; the ConfigMap's cluster YAML where its volume would be mounted. The expert groups need
 more `moeserve-expert` than the one expert pod at install offers, so the autoscaler must add a pod before the
-application runs. Then an HTTP and a gRPC request answer with the engine's text.
+application runs. Then an HTTP and a gRPC request answer with the engine's text; under load the scaling policy asks
+for a node's worth of expert groups more, the autoscaler launches a third expert pod and the groups start there;
+idle, they are removed and the autoscaler takes the pod back.
 
 `AutoscalingCluster` runs `ray stop --force`, which ends every Ray process on the machine: this module runs after
 the modules that start clusters of their own have stopped them, and never beside another Ray.
@@ -37,11 +39,13 @@ VALUES = {
     "model": {"path": str(DEMO_MODEL), "volume": {"kind": "hostPath", "hostPath": str(DEMO_MODEL.parent),
                                                   "mountPath": str(DEMO_MODEL.parent)}},
     "cluster": {"dtype": "float32", "expert_groups": 4, "redundant_experts": 4, "topology": "cpu-local",
-                "engine": {"kv_cache_tokens": 4096}},
+                "engine": {"kv_cache_tokens": 4096},
+                # a handful of requests decoding is load enough; the single requests of the first tests are not
+                "scaling": {"max_expert_groups": 6, "target_tokens_per_s": 150, "interval_s": 3}},
     "serve": {"host": "127.0.0.1", "httpPort": HTTP_PORT, "grpcPort": GRPC_PORT, "maxPending": 16},
     "head": {"resources": {"limits": {"cpu": "1", "memory": "2Gi"}}},
     "attention": {"gpus": 0, "shardsPerPod": 2, "resources": {"limits": {"cpu": "1", "memory": "4Gi"}}},
-    "experts": {"gpus": 0, "groupsPerPod": 2, "minReplicas": 1, "replicas": 1, "maxReplicas": 2,
+    "experts": {"gpus": 0, "groupsPerPod": 2, "minReplicas": 1, "replicas": 1, "maxReplicas": 3,
                 "resources": {"limits": {"cpu": "1", "memory": "4Gi"}}},
     "autoscaler": {"idleTimeoutSeconds": 6},
 }
@@ -160,3 +164,44 @@ def test_http_and_grpc_answer_with_the_engines_text(deployed):
     stub = GenerationStub(grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}"))
     reply = stub.Generate(pb2.GenerateRequest(prompt="def fibonacci(", max_tokens=16, temperature=0), timeout=120)
     assert reply.text == expected.text and list(reply.token_ids) == expected.token_ids
+
+
+def cluster_status() -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{HTTP_PORT}/v1/cluster", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def expert_nodes() -> list:
+    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("moeserve-expert")]
+
+
+def test_under_load_a_node_of_expert_groups_is_added_and_idle_it_goes(deployed):
+    import threading
+    prompts = ["def fibonacci(", "import os\n", "class Stack:\n", "def add(a, b):\n", "x = [1, 2, 3]\n",
+               "for i in range(10):\n"]
+    expected = [o.text for o in LLM().generate(prompts, SamplingParams(max_tokens=200, temperature=0,
+                                                                       ignore_eos=True))]
+    texts = [None] * len(prompts)
+
+    def complete(i: int) -> None:
+        body = {"model": "moeserve-demo", "prompt": prompts[i], "max_tokens": 200, "temperature": 0,
+                "ignore_eos": True}
+        req = urllib.request.Request(f"http://127.0.0.1:{HTTP_PORT}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as response:
+            texts[i] = json.loads(response.read())["choices"][0]["text"]
+
+    assert cluster_status()["expert_groups"] == 4 and len(expert_nodes()) == 2
+    threads = [threading.Thread(target=complete, args=(i,), daemon=True) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    status = wait_for(lambda: (lambda s: s if s["expert_groups"] == 6 else None)(cluster_status()), 180,
+                      "the policy to add a node of expert groups")
+    assert len(expert_nodes()) == 3  # the autoscaler launched a pod for them
+    added = {a["ray_node"] for a in status["actors"] if a["name"] in ("expert-group-4", "expert-group-5")}
+    assert len(added) == 1 and added <= {n["NodeID"] for n in expert_nodes()}
+    for t in threads:
+        t.join(300)
+    assert texts == expected  # while the groups were added
+    wait_for(lambda: cluster_status()["expert_groups"] == 4, 120, "the policy to remove the idle groups")
+    wait_for(lambda: len(expert_nodes()) == 2, 120, "the autoscaler to take the idle pod back")
