@@ -79,6 +79,7 @@ class AttentionShardWorker:
         self.links = [collective.ShardLink(spec, src_gpu, len(groups)) for _ in range(cfg.engine.micro_batches)] \
             if cfg.transport == "collective" else []
         self.groups = list(groups)  # the ray transport's, changed in place when the expert groups are scaled
+        self.phy2log = phy2log      # the placement planned against (with router.version)
         if self.links:
             def make_experts(layer):
                 return collective.CollectiveExpertTransport(layer, self.router, self.links)
@@ -139,6 +140,7 @@ class AttentionShardWorker:
 
         def change():
             self.router.switch(version, placements)
+            self.phy2log = phy2log
         with self.mail:
             self.inbox.append(("", change))
             self.mail.notify_all()
@@ -152,9 +154,15 @@ class AttentionShardWorker:
         self.spec = TopologySpec(**spec)
         self.router.spec = self.spec
         self.router.switch(version, self._placements(phy2log))
+        self.phy2log = phy2log
         for link in self.links:
             link.spec, link.n_groups = self.spec, self.spec.num_gpus
         self.groups[:] = groups
+
+    def layout(self) -> tuple[int, dict[int, list[int]], dict]:
+        """The placement version planned against, its experts per slot and the node count (a restarted
+        controller's view of the cluster)."""
+        return self.router.version, self.phy2log, self.spec.model_dump()
 
     def placement_version(self) -> int:
         return self.router.version

@@ -168,16 +168,16 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", code:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: dict, model_name: str, max_pending: int, shards: Optional[tuple] = None,
-                 view=None):
-        """`shards`: (prefill, decode) actors of a cluster started beside Serve (`moeserve serve`), and `view` its
-        ClusterView; without them (a RayService) this replica starts the cluster's shards and expert groups
-        itself, in the Ray cluster it runs in, and they live as long as it does."""
+                 controller=None):
+        """`shards`: (prefill, decode) actors of a cluster started beside Serve (`moeserve serve`), and `controller`
+        its controller actor; without them (a RayService) this replica starts the cluster itself, in the Ray
+        cluster it runs in, and it lives as long as the replica does."""
         cfg = ClusterConfig(**config)
         self.cluster = None
-        if shards is None:
-            self.cluster = Cluster(cfg).start()
-            shards, view = (self.cluster.prefill_shards, self.cluster.decode_shards), self.cluster.view
-        self.view = view
+        if shards is None:  # a replica that restarts finds its cluster running and attaches to it
+            self.cluster = Cluster(cfg, name=f"moeserve-{model_name}").start()
+            shards, controller = (self.cluster.prefill_shards, self.cluster.decode_shards), self.cluster.controller
+        self.controller = controller
         prefill_shards, decode_shards = shards
         self.args = ModelArgs.from_file(cfg.model)
         self.tokenizer = Tokenizer(cfg.model) if Tokenizer.exists(cfg.model) else None
@@ -380,13 +380,13 @@ class Ingress:
     async def cluster_status(self):
         """The live cluster: every actor (role, node, process, state), the placement version, the last
         rebalance, the recoveries (`Cluster.status`)."""
-        return {**(await self.view.read.remote()), "inflight": self.inflight}
+        return {**(await self.controller.status.remote()), "inflight": self.inflight}
 
     @app.get("/metrics")
     async def metrics(self):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         self.metrics.update(list(await asyncio.gather(*[s.stats.remote() for s in self.shards])),
-                            await self.view.read.remote())
+                            await self.controller.status.remote())
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # ---- gRPC -----------------------------------------------------------------------------------------------
@@ -483,7 +483,7 @@ class Server:
                     grpc_options={"port": self.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
         c = self.cluster
         ingress = Ingress.bind(self.config.model_dump(), self.model_name, self.max_pending,
-                               (c.prefill_shards, c.decode_shards), c.view)
+                               (c.prefill_shards, c.decode_shards), c.controller)
         serve.run(ingress, name="moeserve", route_prefix="/")
         return self
 

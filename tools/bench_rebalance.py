@@ -39,7 +39,7 @@ def measured(cluster: Cluster) -> tuple[list[float], torch.Tensor]:
     """The tokens per expert routed since the last call [layers, E], and per MoE layer their per-group load
     max/mean under the placement now."""
     layers = sorted(cluster.phy2log)
-    load = cluster._measured_load(layers)
+    load = cluster.measured_load(layers)
     current = torch.tensor([cluster.phy2log[layer] for layer in layers])
     counts = torch.zeros_like(load, dtype=torch.long).scatter_add_(1, current, torch.ones_like(current))
     ratios = gpu_imbalance(load, current, counts, cluster.config.topology_spec.num_gpus).tolist()

@@ -1,0 +1,628 @@
+"""The controller: the actor that owns the live layout of a cluster. It starts the expert groups (placed by EPLB on
+the topology's GPU slots) and the prefill and decode attention shards, and every change after goes through it as
+one mechanism, a numbered placement version applied while requests run: a rebalance on measured load, expert groups
+scaled up or down, an actor that died and was restarted by Ray. It watches every actor's health, the experts' load
+and (where configured) the groups' throughput. Clients do not go through it: they reach the shards directly.
+
+It is a Ray actor that Ray restarts when it dies; the new process rebuilds its view from the live actors, which
+are named after the cluster (`<prefix>-expert-group-0`, `<prefix>-decode-0`, ...): their processes from `ready`,
+the placement version, its expert layout and the node count from a shard (`layout`). Every actor of the cluster,
+the controller included, is detached: none dies with the process that created it (Ray would otherwise end the
+actors an actor created when it dies), and `stop` ends them all.
+
+Nodes (`placement: topology`, the default): topology node i is the Ray node offering the custom resource
+`moeserve-node-i` (set with `ray start --resources='{"moeserve-node-0": 100}'`). A local cluster declares every
+node's resource on its one machine, which then plays all the nodes. With `placement: resources` (the Helm chart's)
+an expert group asks for one `moeserve-expert` and a shard for one `moeserve-attention`, which the chart's worker
+groups offer, so that Ray's autoscaler (KubeRay's) brings the nodes they need.
+"""
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Optional
+
+import ray
+import torch
+
+from moeserve.cluster.config import ClusterConfig
+from moeserve.kernels.args import ModelArgs
+from moeserve.kernels.errors import InputError
+from moeserve.topology.eplb import gpu_imbalance, rebalance_experts, rebalance_with_migration
+from moeserve.topology.spec import TopologySpec
+
+from . import kv_transfer
+from .attention_shard import AttentionShardWorker
+from .expert_group import ExpertGroupWorker
+
+EXPERT_RESOURCE, ATTENTION_RESOURCE = "moeserve-expert", "moeserve-attention"
+
+
+def node_resource(node: int) -> str:
+    return f"moeserve-node-{node}"
+
+
+def placed(config: ClusterConfig, role_resource: str, slot: int) -> dict[str, float]:
+    """The custom resource an actor asks Ray for: its topology node's, or its role's (see ClusterConfig.placement)."""
+    if config.placement == "resources":
+        return {role_resource: 1}
+    return {node_resource(slot // config.topology_spec.gpus_per_node): 1}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def moe_layer_of(module_name: str, n_layers: int) -> int:
+    """The MoE layer id of a model's MoE module: layers.<i>.ffn -> i, mtp.<k>.block.ffn -> n_layers + k."""
+    kind, index = module_name.split(".")[:2]
+    return int(index) + (n_layers if kind == "mtp" else 0)
+
+
+def moe_layer_ids(args: ModelArgs, mtp: bool) -> list[int]:
+    layers = [i for i in range(args.n_layers) if args.is_moe_layer(i)]
+    return layers + ([args.n_layers] if mtp and args.n_mtp_layers else [])
+
+
+class Controller:
+    """Owns the live layout of one cluster (see the module's docstring); `start` once, then the Cluster facade in
+    the driver calls it."""
+
+    def __init__(self, config: dict, private_dir: Optional[str], prefix: str):
+        """`private_dir`: the local cluster's private directory (the process group meets through a file there),
+        None on a Ray cluster joined by address; `prefix`: the cluster's actor names start with it."""
+        self.config = ClusterConfig(**config)
+        self.args = ModelArgs.from_file(self.config.model)
+        self.private_dir, self.prefix = private_dir, prefix
+        self.groups, self.prefill_groups, self.prefill_shards, self.decode_shards = [], [], [], []
+        self.where: dict[str, dict] = {}
+        self.shard_slots: list[int] = []         # each shard's GPU slot, prefill shards first
+        self.spec = self.config.topology_spec     # the live node shape and count (expert groups are scaled)
+        self.pending: Optional[dict] = None       # a scale-up waiting for its groups to be placed
+        self.phy2log: dict[int, list[int]] = {}  # the placement being served: MoE layer -> logical expert per slot
+        self.version = 0                          # its number
+        self._load_seen: dict[str, torch.Tensor] = {}  # per (shard, layer): its tokens per expert at the last round
+        self.last_rebalance: Optional[dict] = None
+        self._rebalancing = threading.Lock()      # one change at a time (on demand, or a watcher's)
+        self._stopping = threading.Event()
+        self.recoveries: list[dict] = []          # each recovery from lost actors: who, when, how long it took
+        self.dead: set[str] = set()               # actors that did not come back
+        self.states: dict[str, str] = {}          # actor -> alive, lost (dead, not yet back), recovering, dead
+        self.restarts = 0                         # how often this controller was restarted
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            self._rebuild()
+
+    def start(self) -> None:
+        """Start every actor of the configured layout and wait until they serve; then the watchers."""
+        cfg, spec = self.config, self.config.topology_spec
+        phy2log = self.phy2log = self.placement()
+        self.groups = self._start_expert_groups(phy2log, range(spec.num_gpus), first_rank=0)
+        self.prefill_groups = self.groups if cfg.shared_expert_groups else \
+            self._start_expert_groups(phy2log, range(spec.num_gpus), first_rank=spec.num_gpus, pool="prefill-")
+        config = cfg.model_dump()
+        for role, count, pool, groups in (("prefill", cfg.prefill_shards, self.prefill_shards, self.prefill_groups),
+                                          ("decode", cfg.decode_shards, self.decode_shards, self.groups)):
+            for i in range(count):
+                slot = (len(self.prefill_shards) + len(self.decode_shards)) % spec.num_gpus
+                actor = ray.remote(AttentionShardWorker).options(
+                    num_cpus=0, num_gpus=1 if cfg.kv_transfer == "nccl" else 0, max_concurrency=256,
+                    resources=placed(cfg, ATTENTION_RESOURCE, slot), max_restarts=self._restarts,
+                    name=f"{self.prefix}-{role}-{i}", lifetime="detached",
+                ).remote(role, i, config, phy2log, groups, slot, list(self.prefill_shards))
+                pool.append(actor)
+                self.shard_slots.append(slot)
+        actors = self._actors()
+        reports = ray.get([a.ready.remote() for a in actors.values()])
+        ray.get([p.set_decode_shards.remote(self.decode_shards) for p in self.prefill_shards])
+        if cfg.transport == "collective":
+            self._join_collective()
+        if cfg.kv_transfer == "nccl":
+            self._pair_kv_groups()
+        for name, report in zip(actors, reports):
+            self.states[name] = "alive"
+            self.where[name] = self._where_of(report)
+        self._watch()
+
+    def _watch(self) -> None:
+        self._stopping.clear()
+        if self.config.rebalance.auto:
+            threading.Thread(target=self._watch_load, daemon=True, name="rebalance").start()
+        threading.Thread(target=self._watch_health, daemon=True, name="health").start()
+        most = self.config.scaling.max_expert_groups
+        if most and most > self.config.topology_spec.num_gpus:
+            threading.Thread(target=self._watch_scale, daemon=True, name="scaling").start()
+
+    def _rebuild(self) -> None:
+        """A restarted controller's view, from the live actors: found by name, their processes from `ready`, the
+        placement version, its layout and the node count from a shard."""
+        def named(kind: str) -> list:
+            found = []
+            while True:
+                try:
+                    found.append(ray.get_actor(f"{self.prefix}-{kind}-{len(found)}"))
+                except ValueError:
+                    return found
+        self.groups, self.prefill_shards, self.decode_shards = named("expert-group"), named("prefill"), named("decode")
+        own = named("prefill-expert-group")
+        self.prefill_groups = own or self.groups
+        version, phy2log, spec = ray.get(self.decode_shards[0].layout.remote())
+        self.version, self.phy2log, self.spec = version, {int(k): v for k, v in phy2log.items()}, TopologySpec(**spec)
+        actors = self._actors()
+        reports = ray.get([a.ready.remote() for a in actors.values()])
+        self.shard_slots = [r["gpu_slot"] for name, r in zip(actors, reports) if "expert-group" not in name]
+        for name, report in zip(actors, reports):
+            self.states[name] = "alive"
+            self.where[name] = self._where_of(report)
+        self.restarts = 1
+        self._watch()
+
+    def config_dump(self) -> dict:
+        return self.config.model_dump()
+
+    def shards(self) -> tuple[list, list]:
+        return self.prefill_shards, self.decode_shards
+
+    def view(self) -> dict:
+        """What the Cluster facade mirrors: where each actor is, the placement, the recoveries."""
+        return {"where": self.where, "version": self.version, "phy2log": self.phy2log, "groups": self.groups,
+                "prefill_groups": self.prefill_groups, "recoveries": self.recoveries, "states": self.states,
+                "last_rebalance": self.last_rebalance, "pid": os.getpid()}
+
+    def placement(self) -> dict[int, list[int]]:
+        """Initial EPLB placement (uniform load): MoE layer id -> phy2log over all expert slots."""
+        spec, cfg = self.config.topology_spec, self.config
+        layers = moe_layer_ids(self.args, cfg.mtp)
+        E = self.args.n_routed_experts
+        weight = torch.ones(len(layers), E)
+        phy2log, _, _ = rebalance_experts(weight, E + cfg.redundant_experts, self.args.n_expert_groups, spec.nodes,
+                                          spec.num_gpus)
+        return {layer: phy2log[i].tolist() for i, layer in enumerate(layers)}
+
+    @property
+    def recover_timeout_s(self) -> float:
+        """How long a request whose shard died tries to resume (0 where dead actors stay dead)."""
+        return self.config.failures.recover_timeout_s if self.config.failures.restart else 0.0
+
+    @property
+    def expert_groups(self) -> list:
+        """Every expert-group actor: the decode shards' (everyone's when shared), then the prefill shards' own."""
+        return self.groups + ([] if self.prefill_groups is self.groups else self.prefill_groups)
+
+    def _start_expert_groups(self, phy2log: dict[int, list[int]], slots: range, first_rank: int,
+                             version: int = 0, pool: str = "") -> list:
+        """Expert groups for GPU slots `slots` of the live topology, each holding its slot's experts of placement
+        `version`, placed on the slot's node (Ray starts them once a node offers their resource); a group's peers
+        (whom it relays to) are its node's groups of the same pool (set once the pool is complete)."""
+        cfg, spec = self.config, self.spec
+        groups = [ray.remote(ExpertGroupWorker).options(
+            num_cpus=0, max_concurrency=16, resources=placed(cfg, EXPERT_RESOURCE, g),
+            max_restarts=self._restarts, name=f"{self.prefix}-{pool}expert-group-{g}", lifetime="detached",
+        ).remote(g, cfg.model, cfg.dtype, self._experts_of(phy2log, g),
+                 cfg.transport, spec.model_dump(), cfg.ray.threads_per_actor, first_rank, version)
+            for g in slots]
+        if cfg.transport == "ray" and len(groups) == spec.num_gpus:
+            ray.get([self._set_peers(groups, g) for g in range(len(groups))])
+        return groups
+
+    @property
+    def _restarts(self) -> int:
+        """Ray restarts a dead actor in place (same resources, same handle) when the cluster recovers from deaths."""
+        return -1 if self.config.failures.restart else 0
+
+    def _experts_of(self, phy2log: dict[int, list[int]], g: int) -> dict[int, list[int]]:
+        """MoE layer -> the logical experts in GPU slot g's physical slots."""
+        slots = len(next(iter(phy2log.values()))) // self.spec.num_gpus
+        return {layer: p[g * slots:(g + 1) * slots] for layer, p in phy2log.items()}
+
+    def _set_peers(self, groups: list, g: int):
+        """Tell group g the groups of its node, which it relays to by actor calls (ray transport)."""
+        G = self.spec.gpus_per_node
+        node = g // G
+        return groups[g].set_peers.remote({h: groups[h] for h in range(node * G, (node + 1) * G)})
+
+    def _join_collective(self) -> None:
+        """One torch.distributed process group: the expert groups are ranks 0..G-1 (then the prefill shards' own,
+        G..2G-1, when they have them), the shards follow."""
+        groups, shards = self.expert_groups, self.prefill_shards + self.decode_shards
+        world = len(groups) + len(shards)
+        prefill_first = 0 if self.prefill_groups is self.groups else len(self.groups)
+        pools = {len(groups) + i: (prefill_first if i < len(self.prefill_shards) else 0, self.shard_slots[i])
+                 for i in range(len(shards))}
+        if self.private_dir is not None:  # one machine: meet through a file only this user can reach, new each time
+            init_method = "file://" + os.path.join(self.private_dir, f"gloo-rendezvous-{uuid.uuid4().hex}")
+        else:
+            init_method = "tcp://" + ray.get(groups[0].collective_address.remote())
+        micro_batches, timeout_s = self.config.engine.micro_batches, self.config.failures.collective_timeout_s
+        ray.get([g.join_collective.remote(init_method, world, micro_batches, pools, timeout_s) for g in groups] +
+                [s.join_collective.remote(init_method, world, len(groups) + i, pools) for i, s in enumerate(shards)])
+
+    def _pair_kv_groups(self) -> None:
+        """A two-rank NCCL group per (prefill, decode) pair for the latent KV hand-off."""
+        try:
+            ray.get([s.check_kv_transfer.remote() for s in self.prefill_shards + self.decode_shards])
+        except ray.exceptions.RayTaskError as e:
+            self.shutdown()
+            raise InputError(str(e.cause)) from None
+        kv_transfer.create_pair_groups(self.prefill_shards, self.decode_shards)
+
+    # ---- the live layout ----------------------------------------------------------------------------------
+
+    def rebalance(self, load: Optional[torch.Tensor] = None) -> dict:
+        """One round of EPLB (migration-aware, topology-aware) on `load`, by default the tokens per logical expert
+        per MoE layer the shards routed since the last round or check, applied as a new numbered placement
+        version: every expert group loads its new experts beside the ones it serves (no step waits for them), the
+        shards switch between two steps, and the old version is released once no shard plans against it. Returns
+        the version, the experts moved, the tokens counted, and the per-group load max/mean of each MoE layer
+        before and after."""
+        with self._rebalancing:
+            report = self._rebalance(self._measured_load(sorted(self.phy2log)) if load is None else load)
+        self.last_rebalance = report
+        return report
+
+    def _rebalance(self, load: torch.Tensor) -> dict:
+        spec, layers = self.spec, sorted(self.phy2log)
+        current = torch.tensor([self.phy2log[layer] for layer in layers])    # [layers, slots]
+        report = {"version": self.version, "moved_experts": 0, "tokens": int(load.sum()),
+                  "imbalance_before": None, "imbalance_after": None}
+        if not report["tokens"]:
+            return report
+        counts = torch.zeros_like(load, dtype=torch.long).scatter_add_(1, current, torch.ones_like(current))
+        new, _, new_counts, moved = rebalance_with_migration(load, current, current.shape[1],
+                                                             self.args.n_expert_groups, spec.nodes, spec.num_gpus)
+        report["imbalance_before"] = gpu_imbalance(load, current, counts, spec.num_gpus).tolist()
+        report["imbalance_after"] = gpu_imbalance(load, new, new_counts, spec.num_gpus).tolist()
+        if not moved:
+            return report
+        version = self.version + 1
+        phy2log = {layer: new[i].tolist() for i, layer in enumerate(layers)}
+        slots = current.shape[1] // spec.num_gpus
+        pools = [self.groups] + ([] if self.prefill_groups is self.groups else [self.prefill_groups])
+        ray.get([group.prepare.remote(version, {layer: p[g * slots:(g + 1) * slots] for layer, p in phy2log.items()})
+                 for pool in pools for g, group in enumerate(pool)])
+        shards = self.prefill_shards + self.decode_shards
+        ray.get([shard.set_placement.remote(version, phy2log) for shard in shards])
+        while any(v != version for v in ray.get([shard.placement_version.remote() for shard in shards])):
+            time.sleep(0.01)  # each switches before its next step
+        ray.get([group.release.remote(version) for group in self.expert_groups])
+        self.phy2log, self.version = phy2log, version
+        return {**report, "version": version, "moved_experts": moved}
+
+    # ---- failures: every actor restarts in place, and the cluster brings it back into the live layout --------
+
+    def _actors(self) -> dict[str, object]:
+        """Every actor by its name in `where`."""
+        names = [f"expert-group-{g}" for g in range(len(self.groups))] + \
+            ([] if self.prefill_groups is self.groups else
+             [f"prefill-expert-group-{g}" for g in range(len(self.prefill_groups))]) + \
+            [f"prefill-{i}" for i in range(len(self.prefill_shards))] + \
+            [f"decode-{i}" for i in range(len(self.decode_shards))]
+        return dict(zip(names, self.expert_groups + self.prefill_shards + self.decode_shards))
+
+    def _watch_health(self) -> None:
+        """Ask every actor for its process id each `health_interval_s`; one that does not
+        answer because it died, or answers from a new process (Ray restarted it), starts a recovery (where
+        `failures.restart`; otherwise it stays lost)."""
+        settings = self.config.failures
+        while not self._stopping.wait(settings.health_interval_s):
+            try:
+                actors = {name: a for name, a in self._actors().items() if name not in self.dead}
+                refs = {name: actor.ready.remote() for name, actor in actors.items()}
+                lost = []
+                for name, ref in refs.items():
+                    try:
+                        report = ray.get(ref, timeout=max(5.0, 4 * settings.health_interval_s))
+                        if report["pid"] != self.where.get(name, report)["pid"]:
+                            lost.append(name)
+                    except ray.exceptions.RayActorError:
+                        if name in self.where:  # not one a scale-down removed meanwhile
+                            lost.append(name)
+                    except ray.exceptions.GetTimeoutError:  # busy, not dead (a dead one fails at once)
+                        pass
+                for name in lost:
+                    self.states[name] = "lost"
+                if lost and settings.restart and not self._stopping.is_set():
+                    try:
+                        self.recover(lost)
+                    except TimeoutError as e:  # gone for good (killed without restart, or no node to restart on)
+                        self.dead.update(lost)
+                        self.states.update({name: "dead" for name in lost})
+                        logging.getLogger("moeserve").error("%s; its requests fail", e)
+            except Exception as e:  # noqa: BLE001  (keep watching; the next round tries again)
+                if not self._stopping.is_set():
+                    logging.getLogger("moeserve").warning("health round failed: %s: %s", type(e).__name__, e)
+
+    def status(self) -> dict:
+        """Every actor (role, node, process, state), the placement version, the last rebalance's per-group load
+        before and after, and the recoveries: what `GET /v1/cluster` and `moeserve status` show."""
+        actors = []
+        for name, where in self.where.items():
+            role = "expert-group" if "expert-group" in name else name.rsplit("-", 1)[0] + "-shard"
+            actors.append({"name": name, "role": role, "topology_node": where["topology_node"], "gpu": where["gpu"],
+                           "ray_node": where["ray_node"], "host": where["host"], "pid": where["pid"],
+                           "state": self.states.get(name, "alive")})
+        return {"placement_version": self.version, "transport": self.config.transport, "actors": actors,
+                "expert_groups": len(self.groups), "pending_scale_up": self.pending,
+                "last_rebalance": self.last_rebalance, "recoveries": self.recoveries[-20:],
+                "failures_survived": sum(len(event["lost"]) for event in self.recoveries),
+                "controller_restarts": self.restarts}
+
+    def recover(self, lost: list[str]) -> Optional[dict]:
+        """Bring actors Ray restarted back into the live layout: every shard holds its MoE layers back (a step
+        whose experts failed waits, then sends them again); each restarted expert group loads the live placement's
+        experts, each restarted shard plans against it; with the collective transport every member forms a new
+        process group; then the shards go on. A dead shard's requests resume on their clients' side. Returns the
+        recovery (None when no actor had been restarted: one removed by a scale-down meanwhile)."""
+        settings = self.config.failures
+        start = time.monotonic()
+        with self._rebalancing:  # no placement change in between
+            actors = self._actors()
+            reports = self._await_alive(actors, start + settings.recover_timeout_s)
+            restarted = [name for name, report in reports.items() if report["pid"] != self.where[name]["pid"]]
+            if not restarted:
+                return None
+            self.states.update({name: "recovering" for name in restarted})
+            shards = self.prefill_shards + self.decode_shards
+            ray.get([shard.quiesce.remote() for shard in shards])
+            for name in restarted:
+                actor = actors[name]
+                if "expert-group" in name:  # restarted with its first arguments: bring it to the live layout
+                    g = int(name.rsplit("-", 1)[1])
+                    ray.get(actor.set_layout.remote(self.spec.model_dump()))
+                    ray.get(actor.prepare.remote(self.version, self._experts_of(self.phy2log, g)))
+                    ray.get(actor.release.remote(self.version))
+                    if self.config.transport == "ray":
+                        pool = self.prefill_groups if name.startswith("prefill-") else self.groups
+                        ray.get([self._set_peers(pool, h) for h in range(len(pool))])
+                else:
+                    pool = self.groups if name.startswith("decode-") or self.prefill_groups is self.groups else \
+                        self.prefill_groups
+                    ray.get(actor.set_layout.remote(self.version, self.phy2log, self.spec.model_dump(), pool))
+                    if name.startswith("prefill-"):
+                        ray.get(actor.set_decode_shards.remote(self.decode_shards))
+            if self.config.transport == "collective":
+                self._join_collective()
+            ray.get([shard.resume.remote() for shard in shards])
+            for name in restarted:
+                self.where[name].update(pid=reports[name]["pid"], ray_node=reports[name]["ray_node"],
+                                        host=reports[name]["host"])
+                self.states[name] = "alive"
+        event = {"lost": restarted, "at": time.time(), "recovered_s": round(time.monotonic() - start, 3)}
+        self.recoveries.append(event)
+        logging.getLogger("moeserve").warning("recovered from lost actors %s in %.2f s", restarted,
+                                              event["recovered_s"])
+        return event
+
+    def _await_alive(self, actors: dict, deadline: float) -> dict[str, dict]:
+        """Every actor's `ready` report, waiting while Ray restarts the dead ones."""
+        reports: dict[str, dict] = {}
+        while len(reports) < len(actors):
+            for name, actor in actors.items():
+                if name in reports:
+                    continue
+                try:
+                    reports[name] = ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    if time.monotonic() > deadline or self._stopping.is_set():
+                        raise TimeoutError(f"{name} did not come back within "
+                                           f"{self.config.failures.recover_timeout_s:g} s") from None
+                    time.sleep(0.2)
+        return reports
+
+    # ---- scaling the expert groups ---------------------------------------------------------------------------
+
+    @property
+    def slots_per_group(self) -> int:
+        return (self.args.n_routed_experts + self.config.redundant_experts) // self.config.topology_spec.num_gpus
+
+    def scale_experts(self, groups: int) -> dict:
+        """Serve with `groups` expert groups: a topology node's worth (gpus_per_node) at a time, at least the
+        configured `expert_groups`, at most `scaling.max_expert_groups` when set. EPLB places the experts over
+        the new number of slots (redundant replicas follow it) on the load measured since the last round, as
+        a new placement version. Added groups ask Ray for their resource and start once a node offers it (Ray's
+        autoscaler brings one), loading their experts meanwhile while the others serve; then every shard holds
+        its MoE layers back, switches to the new layout, the process group is formed anew and the shards go on.
+        Removed groups are drained first (nothing in flight, nothing planned against them), then stopped.
+        Returns the version, the groups before and after, and how long the groups took to start."""
+        cfg, base = self.config, self.config.topology_spec
+        G, most = base.gpus_per_node, cfg.scaling.max_expert_groups or base.num_gpus
+        if self.prefill_groups is not self.groups:
+            raise InputError("scaling expert groups needs shared_expert_groups: true")
+        if groups % G or not base.num_gpus <= groups <= most:
+            raise InputError(f"expert groups come and go a node ({G}) at a time between expert_groups "
+                             f"({base.num_gpus}) and scaling.max_expert_groups ({most}); {groups} is not one of them")
+        with self._rebalancing:
+            return self._scale(groups)
+
+    def _scale(self, groups: int) -> dict:
+        start, old = time.monotonic(), len(self.groups)
+        report = {"version": self.version, "expert_groups_before": old, "expert_groups": old, "start_s": 0.0}
+        if groups == old:
+            return report
+        spec = self.config.topology_spec.model_copy(update={"nodes": groups // self.spec.gpus_per_node})
+        layers = sorted(self.phy2log)
+        load = self._measured_load(layers) + 1.0  # +1: experts not seen yet still count
+        new, _, _ = rebalance_experts(load, groups * self.slots_per_group, self.args.n_expert_groups, spec.nodes,
+                                      groups)
+        phy2log, version = {layer: new[i].tolist() for i, layer in enumerate(layers)}, self.version + 1
+        previous_spec, self.spec = self.spec, spec  # the slots' experts and nodes of the new layout
+        added = self._start_expert_groups(phy2log, range(old, groups), first_rank=0, version=version)
+        try:
+            if added:
+                self.pending = {"expert_groups": groups, "since": time.time()}
+                reports = self._await_started(added, self.config.scaling.start_timeout_s)
+        except Exception:
+            for actor in added:
+                ray.kill(actor)
+            self.spec = previous_spec
+            raise
+        finally:
+            self.pending = None
+        report["start_s"] = round(time.monotonic() - start, 3)
+        kept, removed = self.groups[:groups], self.groups[groups:]
+        ray.get([g.prepare.remote(version, self._experts_of(phy2log, i)) for i, g in enumerate(kept)])
+        pool = kept + added
+        for g, actor in enumerate(added):  # known before it is watched
+            self.where[f"expert-group-{old + g}"] = self._where_of(reports[g])
+            self.states[f"expert-group-{old + g}"] = "alive"
+        shards = self.prefill_shards + self.decode_shards
+        ray.get([shard.quiesce.remote() for shard in shards])
+        ray.get([g.set_layout.remote(spec.model_dump()) for g in pool])
+        if self.config.transport == "ray":
+            ray.get([self._set_peers(pool, g) for g in range(len(pool))])
+        ray.get([s.set_layout.remote(version, phy2log, spec.model_dump(), pool) for s in shards])
+        self.groups = self.prefill_groups = pool
+        if self.config.transport == "collective":
+            self._join_collective()
+        ray.get([shard.resume.remote() for shard in shards])
+        ray.get([g.release.remote(version) for g in pool])
+        for g, actor in enumerate(removed):  # drained: no layer in flight, none planned against it
+            ray.kill(actor)
+            self.where.pop(f"expert-group-{groups + g}", None)
+            self.states.pop(f"expert-group-{groups + g}", None)
+        for g in range(groups, old):  # their names are free again once they are gone (a later scale-up takes them)
+            self._await_gone(f"{self.prefix}-expert-group-{g}")
+        self.phy2log, self.version = phy2log, version
+        return {**report, "version": version, "expert_groups": groups}
+
+    def _await_started(self, actors: list, timeout_s: float) -> list[dict]:
+        """The actors' `ready` reports once Ray has placed and started them all."""
+        refs = [a.ready.remote() for a in actors]
+        done, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if waiting:
+            raise TimeoutError(f"{len(waiting)} of {len(refs)} new expert groups were not placed within "
+                               f"{timeout_s:g} s (scaling.start_timeout_s): no node offers their resource")
+        return ray.get(refs)
+
+    @staticmethod
+    def _await_gone(name: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name)
+            except ValueError:
+                return
+            time.sleep(0.05)
+
+    def _where_of(self, report: dict) -> dict:
+        slot = report.get("gpu_slot", report.get("group"))
+        return {**report, "topology_node": slot // self.spec.gpus_per_node, "gpu": slot % self.spec.gpus_per_node}
+
+    def _watch_scale(self) -> None:
+        """`scaling.max_expert_groups`: every interval, the (token, expert) pairs the groups computed per second;
+        above the target per group a node of groups is added, below half of it the last added node's removed."""
+        settings, G = self.config.scaling, self.spec.gpus_per_node
+        seen, since = None, time.monotonic()
+        while not self._stopping.wait(settings.interval_s):
+            try:
+                computed = sum(g["assignments_computed"] for g in ray.get([g.stats.remote() for g in self.groups]))
+                now = time.monotonic()
+                if seen is not None and computed >= seen:
+                    rate = (computed - seen) / (now - since) / len(self.groups)
+                    want = len(self.groups) + (G if rate > settings.target_tokens_per_s else
+                                               -G if rate < settings.target_tokens_per_s / 2 else 0)
+                    want = min(max(want, self.config.topology_spec.num_gpus), settings.max_expert_groups)
+                    if want != len(self.groups):
+                        logging.getLogger("moeserve").warning("scaling expert groups %d -> %d (%.0f per group/s)",
+                                                              len(self.groups), want, rate)
+                        self.scale_experts(want)
+                        computed = sum(g["assignments_computed"]
+                                       for g in ray.get([g.stats.remote() for g in self.groups]))
+                        now = time.monotonic()
+                seen, since = computed, now
+            except Exception as e:  # noqa: BLE001  (keep watching; the next interval tries again)
+                logging.getLogger("moeserve").warning("scaling skipped: %s: %s", type(e).__name__, e)
+
+    def _watch_load(self) -> None:
+        """`rebalance.auto`: every interval, the load of that interval; a round when it routed enough tokens and
+        some MoE layer's per-group max/mean passes the threshold under the current placement."""
+        settings = self.config.rebalance
+        while not self._stopping.wait(settings.interval_s):
+            try:
+                with self._rebalancing:
+                    layers = sorted(self.phy2log)
+                    load = self._measured_load(layers)
+                    if load.sum() < settings.min_tokens:
+                        continue
+                    current = torch.tensor([self.phy2log[layer] for layer in layers])
+                    counts = torch.zeros_like(load, dtype=torch.long).scatter_add_(1, current,
+                                                                                   torch.ones_like(current))
+                    uneven = float(gpu_imbalance(load, current, counts, self.spec.num_gpus).max()) > \
+                        settings.threshold
+                if uneven:
+                    self.rebalance(load)
+            except Exception as e:  # noqa: BLE001  (a shard or group gone: the requests report it; keep watching)
+                logging.getLogger("moeserve").warning("automatic rebalance skipped: %s: %s", type(e).__name__, e)
+
+    def _measured_load(self, layers: list[int]) -> torch.Tensor:
+        """Tokens per logical expert [layers, E] that the shards routed since the last call."""
+        total: dict[int, torch.Tensor] = {}
+        for stats in ray.get([s.stats.remote() for s in self.prefill_shards + self.decode_shards]):
+            for name, load in stats["tokens_per_expert"].items():
+                key = f"{stats['role']}-{stats['shard']}/{name}"
+                now = torch.tensor(load)
+                since, self._load_seen[key] = now - self._load_seen.get(key, torch.zeros_like(now)), now
+                layer = moe_layer_of(name, self.args.n_layers)
+                total[layer] = total.get(layer, 0) + since
+        E = self.args.n_routed_experts
+        return torch.stack([total.get(layer, torch.zeros(E, dtype=torch.long)) for layer in layers]).float()
+
+    def stats(self) -> dict:
+        shards = ray.get([s.stats.remote() for s in self.prefill_shards + self.decode_shards])
+        links = {key: 0 for key in ("inter_node", "intra_node", "planned_inter_node", "planned_intra_node",
+                                    "crossings", "naive_crossings")}
+        planes = [0] * self.config.topology_spec.planes
+        planned_planes = [0] * self.config.topology_spec.planes
+        tokens_per_expert: dict[int, list[int]] = {}
+        for s in shards:
+            for key in links:
+                links[key] += s["links"][key]
+            planes = [a + b for a, b in zip(planes, s["links"]["per_plane"])]
+            planned_planes = [a + b for a, b in zip(planned_planes, s["links"]["planned_per_plane"])]
+            for layer, load in s["tokens_per_expert"].items():
+                prev = tokens_per_expert.get(layer, [0] * len(load))
+                tokens_per_expert[layer] = [a + b for a, b in zip(prev, load)]
+        groups = ray.get([g.stats.remote() for g in self.expert_groups])
+        decode = [s for s in shards if s["role"] == "decode"]
+        return {
+            "where": self.where,
+            "time_s": {"decode_steps": sum(s["step_s"] for s in decode),
+                       "dispatch": sum(s["links"]["dispatch_s"] for s in decode),
+                       "combine_wait": sum(s["links"]["combine_s"] for s in decode),
+                       "experts": sum(g["compute_s"] for g in groups)},
+            "bytes": {"measured": {"inter_node": links["inter_node"], "intra_node": links["intra_node"],
+                                   "per_plane": planes},
+                      "planned": {"inter_node": links["planned_inter_node"], "intra_node": links["planned_intra_node"],
+                                  "per_plane": planned_planes},
+                      "inter_node_crossings": links["crossings"], "naive_crossings": links["naive_crossings"]},
+            "tokens_per_expert": tokens_per_expert,
+            "placement_version": self.version, "last_rebalance": self.last_rebalance,
+            "recoveries": self.recoveries, "actors": self.status()["actors"],
+            "shards": shards,
+            "expert_groups": groups,
+        }
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop every actor of the cluster and wait until their processes have exited."""
+        self._stopping.set()
+        with self._rebalancing:
+            for shard in self.prefill_shards + self.decode_shards:
+                try:
+                    ray.get(shard.stop.remote(), timeout=10)
+                except Exception:  # already gone: nothing to stop
+                    pass
+            for actor in self.prefill_shards + self.decode_shards + self.expert_groups:
+                ray.kill(actor)
+            deadline = time.monotonic() + timeout_s
+            pids = [w["pid"] for w in self.where.values() if w.get("host") == socket.gethostname()]
+            while pids and time.monotonic() < deadline:
+                pids = [pid for pid in pids if _alive(pid)]
+                time.sleep(0.1)
+            self.groups, self.prefill_groups, self.prefill_shards, self.decode_shards = [], [], [], []
