@@ -12,7 +12,7 @@ import torch
 
 from moeserve.kernels.checkpoint import Checkpoint, routed_expert_of
 from moeserve.kernels.experts import (MLP, dense_is_cheaper, pack_experts, run_assignments_dense,
-                                      run_assignments_packed)
+                                      run_assignments_grouped)
 from moeserve.kernels.fp8 import act_dequant
 from moeserve.kernels.load import DTYPES
 from moeserve.topology.spec import TopologySpec
@@ -134,7 +134,7 @@ class ExpertGroupWorker:
             missing = sorted(set(work.expert_ids[stacked < 0].tolist()))
             raise RuntimeError(f"tokens routed to experts {missing} of layer {layer}, which this group does not hold")
         rows = work.rows.long()
-        run = run_assignments_dense if dense_is_cheaper(packed, len(x), len(rows)) else run_assignments_packed
+        run = run_assignments_dense if dense_is_cheaper(packed, len(x), len(rows)) else run_assignments_grouped
         y = run(packed, x, rows, stacked, work.weights.to(self.dtype))
         self.compute_s += time.perf_counter() - start
         return y.float()

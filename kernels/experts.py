@@ -87,7 +87,7 @@ class LocalExperts(nn.ModuleList):
         packed = self._pack()
         if dense_is_cheaper(packed, x.shape[0], indices.numel()):
             return run_experts_dense(packed, x, indices, weights)
-        return run_experts_packed(packed, x, indices, weights)
+        return run_experts_grouped(packed, x, indices, weights)
 
     def combine(self, handle: torch.Tensor) -> torch.Tensor:
         return handle
@@ -106,10 +106,10 @@ def pack_experts(experts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(packed)
 
 
-def run_experts_packed(packed, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def run_experts_grouped(packed, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """`run_experts` with the stacked weights of `pack_experts`."""
     T, k = indices.shape
-    return run_assignments_packed(packed, x, torch.arange(T).repeat_interleave(k), indices.flatten(),
+    return run_assignments_grouped(packed, x, torch.arange(T).repeat_interleave(k), indices.flatten(),
                                   weights.flatten())
 
 
@@ -129,7 +129,7 @@ def run_experts_dense(packed, x: torch.Tensor, indices: torch.Tensor, weights: t
 
 def run_assignments_dense(packed, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
                           weights: torch.Tensor) -> torch.Tensor:
-    """`run_assignments_packed` with every expert on every row (see run_experts_dense)."""
+    """`run_assignments_grouped` with every expert on every row (see run_experts_dense)."""
     gate = x.new_zeros(packed[0].shape[0], x.shape[0])
     gate.index_put_((expert_ids, rows), weights.to(x.dtype), accumulate=True)  # [E, N]
     return _all_experts(packed, x, gate)
@@ -143,21 +143,22 @@ def _all_experts(packed, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return torch.bmm(h, w2).sum(0)
 
 
-def run_assignments_packed(packed, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
-                           weights: torch.Tensor) -> torch.Tensor:
-    """`run_assignments` with stacked weights (expert_ids index the stacks): rows are laid out per expert in a
-    zero-padded [E, max rows per expert, dim] buffer and all experts run in three batched matmuls."""
+def run_assignments_grouped(packed, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
+                            weights: torch.Tensor) -> torch.Tensor:
+    """`run_assignments` with stacked weights (expert_ids index the stacks): the rows sorted by expert and each
+    expert's run as one segment of `torch._grouped_mm` (offsets: where each expert's rows end), so no row is padded,
+    an expert with no rows costs nothing, and the sizes stay on the device. On the CPU it ran 1.1-1.3x the zero-padded
+    [E, max rows, dim] bmm it replaces at the demo model's sizes, and 4-22x at V2-Lite-like ones (64 experts, skewed
+    routing)."""
     w1, w3, w2 = packed
-    order = torch.sort(expert_ids, stable=True).indices
-    ids_sorted = expert_ids[order]
-    counts = torch.bincount(ids_sorted, minlength=w1.shape[0])
-    slot = torch.arange(len(ids_sorted)) - (torch.cumsum(counts, 0) - counts)[ids_sorted]  # place within expert
-    token = rows[order]
-    C = int(counts.max()) if len(counts) else 0
-    buf = x.new_zeros(w1.shape[0], C, x.shape[1])
-    buf[ids_sorted, slot] = x.index_select(0, token)
-    h = F.silu(torch.bmm(buf, w1)) * torch.bmm(buf, w3)  # [E, C, inter]
-    out = torch.bmm(h, w2).flatten(0, 1).index_select(0, ids_sorted * C + slot)  # [A, dim] sorted
     y = torch.zeros_like(x)
+    if not len(expert_ids):
+        return y
+    order = torch.sort(expert_ids, stable=True).indices
+    ends = torch.cumsum(torch.bincount(expert_ids, minlength=w1.shape[0]), 0, dtype=torch.int32)
+    token = rows[order]
+    xs = x.index_select(0, token)
+    h = F.silu(torch._grouped_mm(xs, w1, offs=ends)) * torch._grouped_mm(xs, w3, offs=ends)  # [A, inter]
+    out = torch._grouped_mm(h, w2, offs=ends)  # [A, dim], in expert order
     y.index_add_(0, token, (out * weights[order, None]).to(y.dtype))
     return y

@@ -1,15 +1,15 @@
-"""The three ways of running routed experts (one expert at a time, packed batched products, every expert on every
-token) give the same sums."""
+"""The three ways of running routed experts (one expert at a time, grouped products over rows sorted by expert,
+every expert on every token) give the same sums."""
 import pytest
 import torch
 
-from moeserve.kernels.experts import (LocalExperts, run_assignments_dense, run_experts, run_experts_dense,
-                                      run_experts_packed)
+from moeserve.kernels.experts import (LocalExperts, run_assignments_dense, run_assignments_grouped, run_experts,
+                                      run_experts_dense, run_experts_grouped)
 from tests.tiny import rel_err
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 40])
-def test_packed_and_dense_experts_equal_one_expert_at_a_time(tokens):
+def test_grouped_and_dense_experts_equal_one_expert_at_a_time(tokens):
     g = torch.Generator().manual_seed(tokens)
     experts = LocalExperts(16, 24, 8)
     with torch.no_grad():
@@ -21,8 +21,34 @@ def test_packed_and_dense_experts_equal_one_expert_at_a_time(tokens):
     with torch.inference_mode():
         expected = run_experts(experts, x, indices, weights)  # each expert module on its own rows
         packed = experts._pack()
-        assert rel_err(run_experts_packed(packed, x, indices, weights), expected) < 1e-6
+        assert rel_err(run_experts_grouped(packed, x, indices, weights), expected) < 1e-6
         assert rel_err(run_experts_dense(packed, x, indices, weights), expected) < 1e-6
         rows = torch.arange(tokens).repeat_interleave(4)
         assert rel_err(run_assignments_dense(packed, x, rows, indices.flatten(), weights.flatten()), expected) < 1e-6
         assert rel_err(experts.dispatch(x, indices, weights), expected) < 1e-6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grouped_experts_on_skewed_routing_with_empty_experts_equal_one_expert_at_a_time(seed):
+    """Most rows on two experts, most experts with none (their segments are empty), rows repeated across experts,
+    some rows with no expert at all; and no assignment at all."""
+    g = torch.Generator().manual_seed(seed)
+    experts = LocalExperts(32, 40, 24)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randn(50, 40, generator=g)
+    hot = torch.tensor([3, 17])
+    expert_ids = torch.cat([hot[torch.randint(0, 2, (150,), generator=g)], torch.randint(20, 24, (10,), generator=g)])
+    rows = torch.randint(0, 45, (160,), generator=g)  # rows 45.. get no expert
+    weights = torch.rand(160, generator=g)
+    with torch.inference_mode():
+        packed = experts._pack()
+        assert len(set(expert_ids.tolist())) <= 6  # 26 or more of the 32 segments are empty
+        y = run_assignments_grouped(packed, x, rows, expert_ids, weights)
+        expected = torch.zeros_like(x)
+        for r, e, w in zip(rows.tolist(), expert_ids.tolist(), weights.tolist()):  # one (row, expert) at a time
+            expected[r] += w * experts[e](x[r:r + 1])[0]
+        assert rel_err(y, expected) < 1e-6 and not y[45:].any()
+        empty = torch.zeros(0, dtype=torch.long)
+        assert not run_assignments_grouped(packed, x, empty, empty, torch.zeros(0)).any()
