@@ -17,6 +17,12 @@ def test_the_example_config_is_the_default():
     ("engine:\n  block_sise: 8\n", "engine.block_sise: Extra inputs are not permitted"),
     ("topology: h900\n", "is not a preset"),
     ("[unclosed\n", "not valid YAML"),
+    ("scaling:\n  max_expert_groups: 5\n", "multiple of the topology's 2 GPUs per node"),
+    ("scaling:\n  max_expert_groups: 2\n", "at least expert_groups"),
+    ("scaling:\n  max_expert_groups: 6\nshared_expert_groups: false\n", "needs shared_expert_groups: true"),
+    ("failures:\n  recover_timeout_s: 0\n", "failures.recover_timeout_s: Input should be greater than 0"),
+    ("failures:\n  collective_timeout_s: 30\n", "failures.collective_timeout_s: Input should be greater than or equal "
+                                                 "to 120"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
