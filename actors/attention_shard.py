@@ -212,8 +212,10 @@ class AttentionShardWorker:
                                f"{self.serve_wait_s:g} s")
 
     def ready(self) -> dict:
+        context = ray.get_runtime_context()
         return {"role": self.role, "shard": self.shard_id, "gpu_slot": self.src_gpu, "pid": os.getpid(),
-                "host": socket.gethostname(), "ray_node": ray.get_runtime_context().get_node_id()}
+                "host": socket.gethostname(), "ray_node": context.get_node_id(),
+                "restarted": context.was_current_actor_reconstructed}
 
     # ---- requests in ----------------------------------------------------------------------------------------
 

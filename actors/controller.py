@@ -96,7 +96,7 @@ class Controller:
         self.recoveries: list[dict] = []          # each recovery from lost actors: who, when, how long it took
         self.dead: set[str] = set()               # actors that did not come back
         self.states: dict[str, str] = {}          # actor -> alive, lost (dead, not yet back), recovering, dead
-        self.restarts = 0                         # how often this controller was restarted
+        self.rebuilt = False                      # this controller was restarted and rebuilt its view
         if ray.get_runtime_context().was_current_actor_reconstructed:
             self._rebuild()
 
@@ -161,7 +161,12 @@ class Controller:
         for name, report in zip(actors, reports):
             self.states[name] = "alive"
             self.where[name] = self._where_of(report)
-        self.restarts = 1
+        self.rebuilt = True
+        # an actor that Ray restarted at some point may have come back while no controller watched: bring every
+        # such one to the live layout again (for one recovered before, that only costs a short hold)
+        restarted = [name for name, report in zip(actors, reports) if report["restarted"]]
+        if restarted and self.config.failures.restart:
+            threading.Thread(target=self.recover, args=(restarted, True), daemon=True, name="recover").start()
         self._watch()
 
     def config_dump(self) -> dict:
@@ -185,11 +190,6 @@ class Controller:
         phy2log, _, _ = rebalance_experts(weight, E + cfg.redundant_experts, self.args.n_expert_groups, spec.nodes,
                                           spec.num_gpus)
         return {layer: phy2log[i].tolist() for i, layer in enumerate(layers)}
-
-    @property
-    def recover_timeout_s(self) -> float:
-        """How long a request whose shard died tries to resume (0 where dead actors stay dead)."""
-        return self.config.failures.recover_timeout_s if self.config.failures.restart else 0.0
 
     @property
     def expert_groups(self) -> list:
@@ -352,20 +352,22 @@ class Controller:
                 "expert_groups": len(self.groups), "pending_scale_up": self.pending,
                 "last_rebalance": self.last_rebalance, "recoveries": self.recoveries[-20:],
                 "failures_survived": sum(len(event["lost"]) for event in self.recoveries),
-                "controller_restarts": self.restarts}
+                "controller_rebuilt": self.rebuilt}
 
-    def recover(self, lost: list[str]) -> Optional[dict]:
+    def recover(self, lost: list[str], known_restarted: bool = False) -> Optional[dict]:
         """Bring actors Ray restarted back into the live layout: every shard holds its MoE layers back (a step
         whose experts failed waits, then sends them again); each restarted expert group loads the live placement's
         experts, each restarted shard plans against it; with the collective transport every member forms a new
         process group; then the shards go on. A dead shard's requests resume on their clients' side. Returns the
-        recovery (None when no actor had been restarted: one removed by a scale-down meanwhile)."""
+        recovery (None when no actor had been restarted: one removed by a scale-down meanwhile). `known_restarted`:
+        the `lost` actors are restarted ones whatever their process ids say (a rebuilt controller's)."""
         settings = self.config.failures
         start = time.monotonic()
         with self._rebalancing:  # no placement change in between
             actors = self._actors()
             reports = self._await_alive(actors, start + settings.recover_timeout_s)
-            restarted = [name for name, report in reports.items() if report["pid"] != self.where[name]["pid"]]
+            restarted = [name for name, report in reports.items() if report["pid"] != self.where[name]["pid"] or
+                         (known_restarted and name in lost)]
             if not restarted:
                 return None
             self.states.update({name: "recovering" for name in restarted})

@@ -42,8 +42,9 @@ class ExpertGroupWorker:
             collective.CollectiveGroupServer(group_id, self.compute, spec, spec.num_gpus, first_rank)
 
     def ready(self) -> dict:
+        context = ray.get_runtime_context()
         return {"group": self.group_id, "pid": os.getpid(), "host": socket.gethostname(),
-                "ray_node": ray.get_runtime_context().get_node_id(),
+                "ray_node": context.get_node_id(), "restarted": context.was_current_actor_reconstructed,
                 "experts": self.held(max(self.versions))}
 
     def held(self, version: int) -> dict[int, list[int]]:
