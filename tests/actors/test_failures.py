@@ -39,38 +39,41 @@ def wait_for(condition, timeout: float) -> float:
 
 
 def test_an_expert_group_then_the_decode_shard_killed_under_8_streams(server, capsys):
+    """Two rounds of 8 streams: an expert group killed under the first, the decode shard under the second (each
+    once every stream has its first tokens, so that every stream is running at the kill)."""
     engine = LLM()
     params = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
     expected = [o.text for o in engine.generate(PROMPTS, params)]
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{HTTP_PORT}/v1", api_key="unused", max_retries=0)
-    texts, errors = [None] * len(PROMPTS), []
-    started = [threading.Event() for _ in PROMPTS]
-
-    def stream(i: int) -> None:
-        try:
-            parts = []
-            for chunk in client.completions.create(model=MODEL, prompt=PROMPTS[i], max_tokens=TOKENS, temperature=0,
-                                                   stream=True, extra_body={"ignore_eos": True}, timeout=300):
-                parts.append(chunk.choices[0].text)
-                started[i].set()
-            texts[i] = "".join(parts)
-        except Exception as e:  # noqa: BLE001  (counted below)
-            errors.append(e)
-            started[i].set()
-
-    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    wait_for(lambda: all(e.is_set() for e in started), 120)
     cluster = server.cluster
     recovered = []
     for victim in ("expert-group-1", "decode-0"):
+        texts, errors = [None] * len(PROMPTS), []
+        started = [threading.Event() for _ in PROMPTS]
+
+        def stream(i: int) -> None:
+            try:
+                parts = []
+                for chunk in client.completions.create(model=MODEL, prompt=PROMPTS[i], max_tokens=TOKENS,
+                                                       temperature=0, stream=True, extra_body={"ignore_eos": True},
+                                                       timeout=300):
+                    parts.append(chunk.choices[0].text)
+                    started[i].set()
+                texts[i] = "".join(parts)
+            except Exception as e:  # noqa: BLE001  (counted below)
+                errors.append(e)
+                started[i].set()
+
+        threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        wait_for(lambda: all(e.is_set() for e in started), 120)
         assert all(t.is_alive() for t in threads), "the streams ended before the kill: make them longer"
         os.kill(cluster.where[victim]["pid"], signal.SIGKILL)
         recovered.append(wait_for(lambda: len(cluster.recoveries) == len(recovered) + 1, 120))
-    for t in threads:
-        t.join(300)
-    assert not errors and texts == expected  # 8 of 8, the engine's text
+        for t in threads:
+            t.join(300)
+        assert not errors and texts == expected  # 8 of 8, the engine's text
     out = client.completions.create(model=MODEL, prompt="def f(", max_tokens=20, temperature=0)
     assert out.choices[0].text == engine.generate(["def f("], SamplingParams(max_tokens=20, temperature=0))[0].text
 
