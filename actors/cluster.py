@@ -24,7 +24,7 @@ from moeserve.kernels.errors import InputError
 from moeserve.kernels.load import DTYPES, check_cpu_dtype
 
 from .client import ClusterClient
-from .controller import ATTENTION_RESOURCE, EXPERT_RESOURCE, Controller, node_resource  # noqa: F401  (re-exported)
+from .controller import Controller, node_resource
 
 LOCAL_ONLY_ENV = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR  # "0": Ray keeps to 127.0.0.1
 

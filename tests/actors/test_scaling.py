@@ -18,7 +18,8 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster as RayCluster  # noqa: E402
 
-from moeserve.actors.cluster import ATTENTION_RESOURCE, EXPERT_RESOURCE, Cluster  # noqa: E402
+from moeserve.actors.cluster import Cluster  # noqa: E402
+from moeserve.actors.controller import ATTENTION_RESOURCE, EXPERT_RESOURCE  # noqa: E402
 from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
 from moeserve.kernels.errors import InputError  # noqa: E402
 
