@@ -72,10 +72,9 @@ class AttentionShardWorker:
         self.recovery = Recovery(max(5.0, 4 * failures.health_interval_s) if failures.restart else 0.0,
                                  failures.recover_timeout_s)
         self.collective_timeout_s = failures.collective_timeout_s
+        combine = compute if cfg.combine_dtype == "auto" else payload_dtype(cfg.combine_dtype, compute)
         self.router = ExpertRouter(self._placements(phy2log), spec, src_gpu, args.dim, cfg.max_nodes,
-                                   payload_dtype(cfg.dispatch_dtype, compute),
-                                   compute if cfg.combine_dtype == "auto" else payload_dtype(cfg.combine_dtype, compute),
-                                   self.recovery)
+                                   payload_dtype(cfg.dispatch_dtype, compute), combine, self.recovery)
         self.links = [collective.ShardLink(spec, src_gpu, len(groups)) for _ in range(cfg.engine.micro_batches)] \
             if cfg.transport == "collective" else []
         self.groups = list(groups)  # the ray transport's, changed in place when the expert groups are scaled
@@ -215,7 +214,8 @@ class AttentionShardWorker:
         context = ray.get_runtime_context()
         return {"role": self.role, "shard": self.shard_id, "gpu_slot": self.src_gpu, "pid": os.getpid(),
                 "host": socket.gethostname(), "ray_node": context.get_node_id(),
-                "restarted": context.was_current_actor_reconstructed}
+                "restarted": context.was_current_actor_reconstructed,
+                "nccl_ib_hca": os.environ.get("NCCL_IB_HCA")}
 
     # ---- requests in ----------------------------------------------------------------------------------------
 

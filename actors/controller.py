@@ -44,6 +44,13 @@ def node_resource(node: int) -> str:
     return f"moeserve-node-{node}"
 
 
+def on_its_nic(spec: TopologySpec, slot: int) -> Optional[dict]:
+    """The runtime environment that puts GPU slot `slot`'s NCCL traffic on its own NIC, and so on the plane the
+    planner routes its tokens over (NCCL_IB_HCA, an exact match); None where the topology names no NICs."""
+    nic = spec.nic_name(slot)
+    return {"env_vars": {"NCCL_IB_HCA": f"={nic}"}} if nic else None
+
+
 def placed(config: ClusterConfig, role_resource: str, slot: int) -> dict[str, float]:
     """The custom resource an actor asks Ray for: its topology node's, or its role's (see ClusterConfig.placement)."""
     if config.placement == "resources":
@@ -115,7 +122,7 @@ class Controller:
                 actor = ray.remote(AttentionShardWorker).options(
                     num_cpus=0, num_gpus=1 if cfg.kv_transfer == "nccl" else 0, max_concurrency=256,
                     resources=placed(cfg, ATTENTION_RESOURCE, slot), max_restarts=self._restarts,
-                    name=f"{self.prefix}-{role}-{i}", lifetime="detached",
+                    name=f"{self.prefix}-{role}-{i}", lifetime="detached", runtime_env=on_its_nic(spec, slot),
                 ).remote(role, i, config, phy2log, groups, slot, list(self.prefill_shards))
                 pool.append(actor)
                 self.shard_slots.append(slot)
@@ -205,6 +212,7 @@ class Controller:
         groups = [ray.remote(ExpertGroupWorker).options(
             num_cpus=0, max_concurrency=16, resources=placed(cfg, EXPERT_RESOURCE, g),
             max_restarts=self._restarts, name=f"{self.prefix}-{pool}expert-group-{g}", lifetime="detached",
+            runtime_env=on_its_nic(spec, g),
         ).remote(g, cfg.model, cfg.dtype, self._experts_of(phy2log, g),
                  cfg.transport, spec.model_dump(), cfg.ray.threads_per_actor, first_rank, version)
             for g in slots]

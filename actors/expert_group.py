@@ -45,6 +45,7 @@ class ExpertGroupWorker:
         context = ray.get_runtime_context()
         return {"group": self.group_id, "pid": os.getpid(), "host": socket.gethostname(),
                 "ray_node": context.get_node_id(), "restarted": context.was_current_actor_reconstructed,
+                "nccl_ib_hca": os.environ.get("NCCL_IB_HCA"),
                 "experts": self.held(max(self.versions))}
 
     def held(self, version: int) -> dict[int, list[int]]:

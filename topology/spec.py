@@ -28,6 +28,9 @@ class TopologySpec(BaseModel):
     intra_node_latency_us: float = Field(default=2.0, ge=0)
     inter_node_latency_us: float = Field(default=5.0, ge=0)
     planes_down: list[int] = Field(default_factory=list, description="planes out of service")
+    nic_names: list[str] = Field(default_factory=list, description="the RDMA device of each NIC, NIC i first (e.g. "
+                                 "mlx5_0 ... mlx5_7): the actor of GPU slot i of a node gets NCCL_IB_HCA naming NIC "
+                                 "i's, so that its NCCL traffic leaves on the plane the planner chose")
 
     @model_validator(mode="after")
     def _consistent(self) -> "TopologySpec":
@@ -38,6 +41,8 @@ class TopologySpec(BaseModel):
                              "NIC i of every node sits on plane i")
         if self.nics_per_node > self.gpus_per_node:
             raise ValueError(f"nics_per_node ({self.nics_per_node}) exceeds gpus_per_node ({self.gpus_per_node})")
+        if self.nic_names and len(self.nic_names) != self.nics_per_node:
+            raise ValueError(f"nic_names names {len(self.nic_names)} NICs; the nodes have {self.nics_per_node}")
         bad = [p for p in self.planes_down if not 0 <= p < self.planes]
         if bad:
             raise ValueError(f"planes_down names plane {bad[0]}, but planes are 0..{self.planes - 1}")
@@ -54,6 +59,13 @@ class TopologySpec(BaseModel):
         if self.planes == 1:
             return 0
         return local_gpu % self.planes
+
+    def nic_name(self, gpu: int) -> Optional[str]:
+        """The RDMA device GPU slot `gpu` (a global index) sends through: its node's NIC of the same local index
+        (NIC i serves GPU i), or None where the spec names none."""
+        if not self.nic_names:
+            return None
+        return self.nic_names[(gpu % self.gpus_per_node) % self.nics_per_node]
 
     @property
     def live_planes(self) -> list[int]:

@@ -240,6 +240,22 @@ def test_a_killed_controller_restarts_rebuilds_its_view_and_recovers_failures(ra
         assert [event["lost"] for event in c.recoveries] == [["expert-group-1"], ["expert-group-2"]]
 
 
+def test_each_actor_sends_through_the_nic_of_its_gpu_slot(ray_cluster, mtp_checkpoint, prompts, expected):
+    """A topology that names its NICs: every expert group and shard gets NCCL_IB_HCA naming the NIC of its GPU
+    slot's local index (NIC i serves GPU i, on plane i), exactly; the cluster serves as before."""
+    spec = TopologySpec(name="named-nics", nodes=2, gpus_per_node=2, nics_per_node=2, planes=2, intra_node_gbps=10,
+                        nic_gbps=1, nic_names=["mlx5_0", "mlx5_1"])
+    with Cluster(config(mtp_checkpoint, topology=spec)) as c:
+        where = c.where
+        for g in range(4):
+            assert where[f"expert-group-{g}"]["nccl_ib_hca"] == f"=mlx5_{g % 2}"
+        for name in ("prefill-0", "decode-0"):
+            assert where[name]["nccl_ib_hca"] == f"=mlx5_{where[name]['gpu_slot'] % 2}"
+        assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
+    with pytest.raises(ValueError, match="nic_names names 1 NICs; the nodes have 2"):
+        TopologySpec(**{**spec.model_dump(), "nic_names": ["mlx5_0"]})
+
+
 def test_a_client_that_stops_polling_has_its_requests_aborted(ray_cluster, mtp_checkpoint, prompts):
     """A client that dies mid-request stops polling; after ray.client_timeout_s the decode shard aborts its request
     (it would otherwise decode to max_tokens for nobody) and leaves one error for it, while a live client's
