@@ -373,13 +373,22 @@ class Controller:
         start = time.monotonic()
         with self._rebalancing:  # no placement change in between
             actors = self._actors()
-            reports = self._await_alive(actors, start + settings.recover_timeout_s)
+            shards = self.prefill_shards + self.decode_shards
+            # the live shards hold their MoE layers back at once: a step that lost its experts then waits for the
+            # restart, however long it takes, instead of failing after its grace
+            live = [actor for name, actor in actors.items() if "expert-group" not in name and name not in lost]
+            ray.get([shard.quiesce.remote() for shard in live])
+            try:
+                reports = self._await_alive(actors, start + settings.recover_timeout_s)
+            except Exception:
+                ray.get([shard.resume.remote() for shard in live])  # their layers fail as they would have
+                raise
             restarted = [name for name, report in reports.items() if report["pid"] != self.where[name]["pid"] or
                          (known_restarted and name in lost)]
             if not restarted:
+                ray.get([shard.resume.remote() for shard in live])
                 return None
             self.states.update({name: "recovering" for name in restarted})
-            shards = self.prefill_shards + self.decode_shards
             ray.get([shard.quiesce.remote() for shard in shards])
             for name in restarted:
                 actor = actors[name]

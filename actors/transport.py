@@ -70,6 +70,12 @@ class DispatchHandle:
     error: Optional[Exception] = None
 
 
+def peer_died(error: Exception) -> bool:
+    """Whether a transport error says a peer's process is gone: Ray's word for an actor, or gloo's for a connection
+    (directly, or in a relay's answer)."""
+    return isinstance(error, ray.exceptions.RayActorError) or "Connection closed by peer" in str(error)
+
+
 class Recovery:
     """A shard's side of the cluster's recovery from a lost actor. Layers `enter` before they dispatch and `leave`
     once combined or failed; `quiesce` (the cluster's first move) holds new layers back and waits until none is in
@@ -97,8 +103,11 @@ class Recovery:
             self.cond.notify_all()
 
     def await_recovery(self, epoch: int, error: Exception) -> None:
+        """Wait for the recovery after `error`: up to `grace_s` for it to begin, or, where the error says a peer's
+        process is gone (a restart and a recovery will come), as long as a recovery may take."""
+        grace = self.timeout_s if self.grace_s and peer_died(error) else self.grace_s
         with self.cond:
-            if not self.cond.wait_for(lambda: self.recovering or self.epoch != epoch, self.grace_s):
+            if not self.cond.wait_for(lambda: self.recovering or self.epoch != epoch, grace):
                 raise error
             if not self.cond.wait_for(lambda: self.epoch != epoch, self.timeout_s):
                 raise TimeoutError(f"the cluster did not recover within {self.timeout_s:g} s") from error
