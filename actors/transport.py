@@ -73,7 +73,8 @@ class DispatchHandle:
 def peer_died(error: Exception) -> bool:
     """Whether a transport error says a peer's process is gone: Ray's word for an actor, or gloo's for a connection
     (directly, or in a relay's answer)."""
-    return isinstance(error, ray.exceptions.RayActorError) or "Connection closed by peer" in str(error)
+    text = str(error)
+    return isinstance(error, ray.exceptions.RayActorError) or "closed by peer" in text or "reset by peer" in text
 
 
 class Recovery:
