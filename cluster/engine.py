@@ -18,8 +18,9 @@ import torch
 from moeserve.kernels.cache import PagedLatentCache
 from moeserve.kernels.errors import InputError
 from moeserve.kernels.generate import check_prompt
+from moeserve.kernels.load import resolve_device
 from moeserve.kernels.model import Transformer
-from moeserve.kernels.sampling import accept_draft, greedy, sampling_probs
+from moeserve.kernels.sampling import accept_draft, greedy, greedy_tokens, sampling_probs, sampling_probs_rows
 
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
@@ -31,13 +32,35 @@ from .tokenizer import IncrementalDecoder
 
 @dataclass
 class EngineConfig:
+    device: str = "auto"                    # auto (a GPU where torch sees one, else the CPU), cpu, cuda, cuda:N
     block_size: int = 16
-    kv_cache_tokens: int = 32768            # capacity of the latent cache, in tokens
+    kv_cache_tokens: Optional[int] = None   # capacity of the latent cache, in tokens; None: CPU_KV_CACHE_TOKENS on
+                                            # a CPU, on a GPU what kv_cache_memory_fraction of its free memory holds
+    kv_cache_memory_fraction: float = 0.8   # of the device memory free once the weights are loaded
     max_num_seqs: int = 64                  # sequences decoding at once
     max_num_batched_tokens: int = 512       # tokens per step: decodes first, prefill chunks get the rest
     mtp: bool = False                       # MTP speculative decoding (needs the checkpoint's MTP module)
     prefix_caching: bool = True
     micro_batches: int = 1                  # micro-batches per step that overlap attention with remote experts
+
+CPU_KV_CACHE_TOKENS = 32768
+
+
+def kv_cache_tokens_that_fit(config: EngineConfig, device: torch.device, bytes_per_token: int,
+                             most: int) -> int:
+    """The latent cache's capacity: as configured, else on a GPU `kv_cache_memory_fraction` of its free memory
+    (in whole blocks, at most `most` tokens), on a CPU CPU_KV_CACHE_TOKENS."""
+    if config.kv_cache_tokens is not None:
+        return config.kv_cache_tokens
+    if device.type != "cuda":
+        return CPU_KV_CACHE_TOKENS
+    free, _ = torch.cuda.mem_get_info(device)
+    tokens = min(int(free * config.kv_cache_memory_fraction) // bytes_per_token, most)
+    if tokens < config.block_size:
+        raise InputError(f"the GPU has {free / 2**30:.1f} GiB free once the weights are loaded: no room for a KV "
+                         "cache (use more GPUs, FP8 weights, or set kv_cache_tokens)")
+    return tokens // config.block_size * config.block_size
+
 
 @dataclass
 class RequestOutput:
@@ -106,9 +129,16 @@ class Engine:
         self.tokenizer = tokenizer
         if config.mtp and not len(model.mtp):
             raise InputError("mtp=True needs a checkpoint with an MTP module (num_nextn_predict_layers >= 1)")
-        num_blocks = config.kv_cache_tokens // config.block_size
+        self.device = model.embed.weight.device
+        if config.device != "auto" and resolve_device(config.device).type != self.device.type:
+            raise InputError(f"EngineConfig.device is {config.device!r} but the model is on {self.device}; load it "
+                             "there (load_model(device=...)) or leave device 'auto'")
         n_layers = self.args.n_layers + (1 if config.mtp else 0)
-        self.cache = PagedLatentCache(self.args, num_blocks, config.block_size, model.embed.weight.dtype, n_layers)
+        per_token = n_layers * self.args.latent_dim * model.embed.weight.element_size()
+        tokens = kv_cache_tokens_that_fit(config, self.device, per_token, config.max_num_seqs * self.args.max_seq_len)
+        num_blocks = tokens // config.block_size
+        self.cache = PagedLatentCache(self.args, num_blocks, config.block_size, model.embed.weight.dtype, n_layers,
+                                      self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache, config.micro_batches)
@@ -128,7 +158,7 @@ class Engine:
         self.check(prompt, params)
         if request_id is not None and request_id in self.requests:
             raise InputError(f"request id {request_id!r} is already in use")
-        seq = Sequence(prompt, params, request_id)
+        seq = Sequence(prompt, params, request_id, self.device)
         self.requests[seq.request_id] = seq
         self._emitted[seq.request_id] = (0, 0)
         self.scheduler.add(seq)
@@ -189,34 +219,62 @@ class Engine:
         form = "absorbed"
         h = self.runner.forward([s.block_table for s in seqs], starts, rows, form)
         logits = self.model.logits(h)  # [B, S, V]
-        argmax = greedy(logits).tolist()  # [B][S]: greedy tokens for the whole batch in one op
+        chosen = self._choose(seqs, logits)  # [B][S]
         drafting = []
         for b, seq in enumerate(seqs):
             n = len(seq)
+            if seq.finish_reason is not None:  # its draw failed
+                continue
             accepted, alive = self._alone(seq, (0, False), self._verify_and_append, seq,
-                                          logits[b] if seq.params.needs_logits else None, argmax[b])
+                                          logits[b] if seq.params.needs_logits else None, chosen[b])
             seq.num_computed_tokens = n + accepted
             seq.num_steps += 1
             if alive and self.config.mtp:
                 drafting.append((b, seq, n - 1, 1 + accepted))
         self._draft(drafting, h)
 
-    def _verify_and_append(self, seq: Sequence, logits: Optional[torch.Tensor], argmax: list[int]) -> tuple[int, bool]:
-        """Append this step's tokens from logits [S, V] (argmax [S] their greedy tokens; logits None when the
-        request needs no more than those); returns (draft accepted 0/1, still running)."""
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor, verifying: bool = True) -> list[list[int]]:
+        """The tokens [B][S] a step chooses from logits [B, S, V], read back to the host in one copy: the argmax
+        everywhere, and at position 0 of each sampled row its draw, except rows `verifying` a draft (sampled
+        drafts are verified apart, by accept_draft). A row whose draw fails ends with the error (see _alone)."""
+        draw = [b for b, s in enumerate(seqs) if not s.params.greedy and not (verifying and s.draft is not None)]
+        if not draw:
+            return greedy_tokens(logits)
+        chosen = logits.argmax(dim=-1)
+        params = [seqs[b].params for b in draw]
+        try:
+            probs = sampling_probs_rows(logits[draw, 0], [p.temperature for p in params], [p.top_k for p in params],
+                                        [p.top_p for p in params])
+        except Exception:  # noqa: BLE001  (row by row below, so that only the rows at fault fail)
+            probs = None
+        for row, b in enumerate(draw):
+            seq, p = seqs[b], params[row]
+
+            def draw_one():
+                q = probs[row] if probs is not None else sampling_probs(logits[b, 0], p.temperature, p.top_k, p.top_p)
+                return torch.multinomial(q, 1, generator=seq.generator)
+            token = self._alone(seq, None, draw_one)
+            if token is not None:
+                chosen[b, :1] = token
+        return chosen.tolist()
+
+    def _verify_and_append(self, seq: Sequence, logits: Optional[torch.Tensor], chosen: list[int]) -> tuple[int, bool]:
+        """Append this step's tokens from logits [S, V] (chosen [S]: the argmax, or at position 0 the draw of a
+        sampled row without a draft; logits None when the request needs no more than those); returns (draft
+        accepted 0/1, still running)."""
         if logits is None:
             logits = [None, None]
         draft, seq.draft = seq.draft, None
         n_before = len(seq)
         if draft is None:
-            alive = self._append(seq, self._sample(seq, logits[0], argmax[0]), logits[0])
+            alive = self._append(seq, chosen[0], logits[0])
             self.num_decode_tokens += len(seq) - n_before
             return 0, alive
         seq.drafts_proposed += 1
         self.drafts_proposed += 1
         p = seq.params
         if p.greedy:
-            ok, replacement = argmax[0] == draft.token, argmax[0]
+            ok, replacement = chosen[0] == draft.token, chosen[0]
         else:
             ok, replacement = accept_draft(sampling_probs(logits[0], p.temperature, p.top_k, p.top_p),
                                            draft.token, draft.probs, seq.generator)
@@ -227,7 +285,7 @@ class Engine:
         seq.drafts_accepted += 1
         self.drafts_accepted += 1
         alive = self._append(seq, draft.token, logits[0]) and \
-            self._append(seq, self._sample(seq, logits[1], argmax[1]), logits[1])
+            self._append(seq, self._sample(seq, logits[1], chosen[1]), logits[1])
         self.num_decode_tokens += len(seq) - n_before
         return 1, alive
 
@@ -236,15 +294,22 @@ class Engine:
         rows = [seq.token_ids[start:start + n] for (seq, n), start in zip(items, starts)]
         form = self.runner.form_for(starts, rows)
         h = self.runner.forward([seq.block_table for seq, _ in items], starts, rows, form)
-        drafting = []
         for b, ((seq, n), start) in enumerate(zip(items, starts)):
             if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens:
                 self._record_prompt_logprobs(seq, start, self.model.logits(h[b, :n]))
             seq.num_computed_tokens = start + n
-            alive = True
-            if not seq.is_prefilling:
-                last = self.model.logits(h[b, n - 1])
-                alive = self._alone(seq, False, lambda: self._append(seq, self._sample(seq, last), last))
+        # prompts complete in this step choose their first token together: one read back for all of them
+        done = [b for b, (seq, _) in enumerate(items) if not seq.is_prefilling]
+        if done:
+            last = self.model.logits(h[done, [items[b][1] - 1 for b in done]])[:, None]  # [R, 1, V]
+            chosen = self._choose([items[b][0] for b in done], last, verifying=False)
+        first = {b: (last[r, 0], chosen[r][0]) for r, b in enumerate(done)} if done else {}
+        drafting = []
+        for b, ((seq, n), start) in enumerate(zip(items, starts)):
+            alive = seq.finish_reason is None
+            if b in first and alive:
+                logits, token = first[b]
+                alive = self._alone(seq, False, self._append, seq, token, logits)
             if alive and self.config.mtp:
                 drafting.append((b, seq, start, min(n, len(seq) - start - 1)))
         self._draft([d for d in drafting if d[3] > 0], h)
@@ -380,7 +445,7 @@ class Engine:
         batch at once; with no room it waits and is recomputed here from its tokens."""
         if pre.request_id in self.requests:
             raise InputError(f"request id {pre.request_id!r} is already in use")
-        seq = Sequence(pre.token_ids, pre.params, pre.request_id)
+        seq = Sequence(pre.token_ids, pre.params, pre.request_id, self.device)
         seq.num_prompt_tokens = pre.num_prompt_tokens
         seq.logprobs, seq.top_logprobs = list(pre.logprobs), list(pre.top_logprobs)
         seq.prompt_logprobs, seq.num_cached_tokens = list(pre.prompt_logprobs), pre.num_cached_tokens
@@ -404,8 +469,8 @@ class Engine:
 
     def _slots(self, block_table: list[int], n: int) -> torch.Tensor:
         bs = self.cache.block_size
-        positions = torch.arange(n)
-        return torch.tensor(block_table, dtype=torch.long)[positions // bs] * bs + positions % bs
+        positions = torch.arange(n, device=self.device)
+        return torch.tensor(block_table, dtype=torch.long, device=self.device)[positions // bs] * bs + positions % bs
 
     # ---- reporting ------------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence as Seq, Union
 
 from moeserve.kernels.errors import InputError
-from moeserve.kernels.load import DTYPES, load_model
+from moeserve.kernels.load import load_model, resolve_device, resolve_dtype
 
 from .engine import Engine, EngineConfig, RequestOutput
 from .sampling_params import SamplingParams
@@ -45,18 +45,23 @@ def as_requests(prompts: Union[Prompt, Seq[Prompt]], params: Union[SamplingParam
 class LLM:
     """A model in this process behind the continuous-batching engine.
 
-    `model` is a checkpoint directory (default: the demo model shipped with moeserve); `dtype` the compute
-    dtype ("float32" is fastest on CPUs); `mtp` turns on MTP speculative decoding; other keyword arguments
-    are `EngineConfig` fields (kv_cache_tokens, max_num_seqs, max_num_batched_tokens, block_size, ...)."""
+    `model` is a checkpoint directory (default: the demo model shipped with moeserve); `device` where it runs
+    ("auto": a GPU where torch sees one, else the CPU; "cpu"; "cuda"); `dtype` the compute dtype ("auto":
+    bfloat16 on a GPU, float32 on a CPU, the fastest on each); `mtp` turns on MTP speculative decoding; other
+    keyword arguments are `EngineConfig` fields (kv_cache_tokens, max_num_seqs, max_num_batched_tokens, ...).
+    Weights are read from the checkpoint straight to the device. An FP8 checkpoint's weights stay e4m3 and compute
+    in FP8 with `fp8_resident` (default: on a GPU; on a CPU they are dequantised, as the CPU's FP8 products are an
+    emulation, slower than the dequantised ones)."""
 
-    def __init__(self, model: Optional[Union[str, Path]] = None, dtype: str = "float32", mtp: bool = False,
-                 **engine_config):
+    def __init__(self, model: Optional[Union[str, Path]] = None, dtype: str = "auto", mtp: bool = False,
+                 device: str = "auto", fp8_resident: Optional[bool] = None, **engine_config):
         path = Path(model) if model is not None else DEMO_MODEL
-        if dtype not in DTYPES:
-            raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.model = load_model(path, dtype=DTYPES[dtype], with_mtp=mtp)
+        where = resolve_device(device)
+        resident = where.type == "cuda" if fp8_resident is None else fp8_resident
+        self.model = load_model(path, dtype=resolve_dtype(dtype, where), with_mtp=mtp, device=where,
+                                fp8_resident=resident)
         self.tokenizer = Tokenizer(path) if Tokenizer.exists(path) else None
-        self.engine = Engine(self.model, EngineConfig(mtp=mtp, **engine_config), self.tokenizer)
+        self.engine = Engine(self.model, EngineConfig(device=device, mtp=mtp, **engine_config), self.tokenizer)
 
     def encode(self, prompt: Prompt) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)

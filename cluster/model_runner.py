@@ -11,15 +11,27 @@ import torch
 import torch.nn.functional as F
 
 from moeserve.kernels.cache import PagedLatentCache
-from moeserve.kernels.model import MoE, MLAForm, Transformer, cheaper_mla_form
+from moeserve.kernels.model import MoE, MLAForm, Packing, Transformer, cheaper_mla_form
 
 
-def _pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists: (tokens [B, S], valid [B, S])."""
+def _pad(rows: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded host tensors for rows of tokens at positions starts[b]...: (tokens, positions, valid), each
+    [B, S]; padding is token 0 at position 0."""
     width = max(len(r) for r in rows)
-    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)  # one tensor, not B
-    valid = torch.arange(width) < torch.tensor([len(r) for r in rows])[:, None]
-    return tokens, valid
+    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device="cpu")  # one, not B
+    positions = torch.tensor([[st + j if j < len(r) else 0 for j in range(width)] for st, r in zip(starts, rows)],
+                             dtype=torch.long, device="cpu")
+    valid = torch.arange(width, device="cpu") < torch.tensor([len(r) for r in rows], device="cpu")[:, None]
+    return tokens, positions, valid
+
+
+def to_device_once(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host int64/bool tensors -> the same on `device`, in one host-to-device copy of their concatenation."""
+    if device.type == "cpu":
+        return tensors
+    flat = torch.cat([t.flatten().long() for t in tensors]).pin_memory().to(device, non_blocking=True)
+    parts = flat.split([t.numel() for t in tensors])
+    return [p.view(t.shape).to(t.dtype) for p, t in zip(parts, tensors)]
 
 
 class ModelRunner:
@@ -30,13 +42,22 @@ class ModelRunner:
         self.pool = ThreadPoolExecutor(micro_batches, thread_name_prefix="micro-batch") if micro_batches > 1 \
             else None
         self.moe_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
-        self.expert_load = {name: torch.zeros(model.args.n_routed_experts, dtype=torch.long)
+        self.device = model.embed.weight.device
+        self.expert_load = {name: torch.zeros(model.args.n_routed_experts, dtype=torch.long, device=self.device)
                             for name, _ in self.moe_layers}
 
     def _inputs(self, block_tables, starts, rows):
-        tokens, valid = _pad(rows)
-        positions = (torch.tensor(starts)[:, None] + torch.arange(tokens.shape[1])).masked_fill(~valid, 0)
-        return tokens, positions, valid, self.cache.view(block_tables, positions, valid)
+        """The step's inputs built on the host from what the scheduler knows (nothing is read back from the
+        device), then copied in one go: tokens, positions [B, S], the cache view, the packing (or None)."""
+        tokens, positions, valid = _pad(rows, starts)
+        length = max(st + len(r) for st, r in zip(starts, rows))
+        write_slots, read_slots = self.cache.slots(block_tables, positions, valid, length)
+        lengths = [len(r) for r in rows]
+        packing = Packing.of_lengths(lengths, tokens.shape[1]) if min(lengths) < tokens.shape[1] else None
+        host = [tokens, positions, write_slots, read_slots] + ([packing.index] if packing else [])
+        tokens, positions, write_slots, read_slots, *index = to_device_once(host, self.device)
+        packing = Packing(index[0], packing.shape) if packing else None
+        return tokens, positions, self.cache.view(write_slots, read_slots, length), packing
 
     def form_for(self, starts: list[int], rows: list[list[int]]) -> MLAForm:
         """The cheaper MLA form for rows of tokens at positions starts[b]..., as the padded batch runs them."""
@@ -68,8 +89,8 @@ class ModelRunner:
                 form: MLAForm) -> torch.Tensor:
         """Row b's tokens at positions starts[b]... -> hidden states [B, S, dim] (padding rows are junk)."""
         def run(micro_batch, block_tables, starts, rows):
-            tokens, positions, valid, view = self._inputs(block_tables, starts, rows)
-            return self.model(tokens, positions, cache=view, form=form, valid=valid, micro_batch=micro_batch)
+            tokens, positions, view, packing = self._inputs(block_tables, starts, rows)
+            return self.model(tokens, positions, cache=view, form=form, micro_batch=micro_batch, packing=packing)
 
         h = self._split(run, len(rows), block_tables, starts, rows)
         self._count_load()
@@ -83,9 +104,9 @@ class ModelRunner:
         form = self.form_for(starts, next_tokens)
 
         def run(micro_batch, block_tables, starts, next_tokens, h):
-            tokens, positions, valid, view = self._inputs(block_tables, starts, next_tokens)
+            tokens, positions, view, packing = self._inputs(block_tables, starts, next_tokens)
             return self.model.mtp_forward(h[:, :tokens.shape[1]], tokens, positions, cache=view, form=form,
-                                          valid=valid, micro_batch=micro_batch)
+                                          micro_batch=micro_batch, packing=packing)
 
         logits = self._split(run, len(next_tokens), block_tables, starts, next_tokens, h)
         self._count_load()

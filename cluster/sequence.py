@@ -25,7 +25,8 @@ class Draft:
 class Sequence:
     _ids = itertools.count()
 
-    def __init__(self, token_ids: list[int], params: SamplingParams, request_id: Optional[str] = None):
+    def __init__(self, token_ids: list[int], params: SamplingParams, request_id: Optional[str] = None,
+                 device: torch.device | str = "cpu"):
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id or str(self.seq_id)
         self.token_ids = list(token_ids)
@@ -37,7 +38,8 @@ class Sequence:
         self.num_computed_tokens = 0   # positions whose latent KV is in the cache and valid
         self.prefill_target = len(token_ids)  # positions to compute before decoding (all tokens on readmission)
         self.draft: Optional[Draft] = None
-        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        # a seeded request draws on the engine's device (a generator serves only tensors on its own device)
+        self.generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []
         self.prompt_logprobs: list[Optional[float]] = []

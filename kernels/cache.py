@@ -14,8 +14,10 @@ from .args import ModelArgs
 class LatentCache:
     """Contiguous cache for `batch` sequences of up to `max_len` tokens: [layers, batch, max_len, latent_dim]."""
 
-    def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype, n_layers: int | None = None):
-        self.kv = torch.zeros(n_layers or args.n_layers, batch, max_len, args.latent_dim, dtype=dtype)
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype, n_layers: int | None = None,
+                 device: torch.device | str = "cpu"):
+        self.kv = torch.zeros(n_layers or args.n_layers, batch, max_len, args.latent_dim, dtype=dtype,
+                              device=device)
 
     @property
     def nbytes(self) -> int:
@@ -23,7 +25,7 @@ class LatentCache:
 
     def view(self, rows: torch.Tensor | None = None) -> "LatentCacheView":
         """The sequences at batch `rows` (all when None), in that order."""
-        return LatentCacheView(self, torch.arange(self.kv.shape[1]) if rows is None else rows)
+        return LatentCacheView(self, torch.arange(self.kv.shape[1], device=self.kv.device) if rows is None else rows)
 
 
 class LatentCacheView:
@@ -35,8 +37,12 @@ class LatentCacheView:
         Entries past a row's own length are stale; the causal mask (key position <= query position) hides them."""
         kv = self.cache.kv[layer_id]
         kv[self.rows[:, None], positions] = latent.to(kv.dtype)
-        length = int(positions.max()) + 1
-        return kv[self.rows, :length]
+        return kv[self.rows, :self.length(positions)]
+
+    @staticmethod
+    def length(positions: torch.Tensor) -> int:
+        """How many positions a call at `positions` reads: the furthest one + 1 (read back from the device)."""
+        return int(positions.max()) + 1
 
 
 class PagedLatentCache:
@@ -45,10 +51,11 @@ class PagedLatentCache:
     table[p // block_size] * block_size + p % block_size. The one extra slot at the end absorbs the
     writes of padding tokens, so a padded batch never touches another sequence's rows."""
 
-    def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, n_layers: int):
+    def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, n_layers: int,
+                 device: torch.device | str = "cpu"):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.kv = torch.zeros(n_layers, num_blocks * block_size + 1, args.latent_dim, dtype=dtype)
+        self.kv = torch.zeros(n_layers, num_blocks * block_size + 1, args.latent_dim, dtype=dtype, device=device)
         self.scratch_slot = num_blocks * block_size
 
     @property
@@ -60,30 +67,36 @@ class PagedLatentCache:
         """Allocated bytes over token capacity (the scratch slot left out)."""
         return self.kv[:, :-1].numel() * self.kv.element_size() // (self.num_blocks * self.block_size)
 
-    def view(self, block_tables: list[list[int]], positions: torch.Tensor, valid: torch.Tensor) -> "PagedCacheView":
-        """A view for a padded batch: rows' block tables, positions [B, S], valid [B, S] (False = padding)."""
-        return PagedCacheView(self, block_tables, positions, valid)
+    def slots(self, block_tables: list[list[int]], positions: torch.Tensor, valid: torch.Tensor,
+              length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots of a padded batch, on the host where its inputs are built: (write_slots [B, S], each token's
+        slot, padding's the scratch slot; read_slots [B * length], positions 0..length-1 of every row in table
+        order). positions, valid [B, S] host tensors; length: the furthest position + 1."""
+        bs = self.block_size
+        n_blocks = max(-(-length // bs), max(len(t) for t in block_tables))
+        table = torch.tensor([t + [-1] * (n_blocks - len(t)) for t in block_tables], dtype=torch.long, device="cpu")
+        block = table.gather(1, (positions // bs).clamp(max=n_blocks - 1))
+        write = torch.where(block >= 0, block * bs + positions % bs, self.scratch_slot)
+        write = write.masked_fill(~valid, self.scratch_slot)
+        # a row's positions past its own blocks read block 0: stale rows that the causal mask hides like any
+        # other past a row's length
+        read = table.clamp(min=0).unsqueeze(-1) * bs + torch.arange(bs, device="cpu")  # [B, blocks, bs]
+        return write, read.flatten(1)[:, :length].flatten()
+
+    def view(self, write_slots: torch.Tensor, read_slots: torch.Tensor, length: int) -> "PagedCacheView":
+        """A view for a padded batch from its `slots`, on the cache's device."""
+        return PagedCacheView(self, write_slots, read_slots, length)
 
 
 class PagedCacheView:
-    def __init__(self, cache: PagedLatentCache, block_tables: list[list[int]], positions: torch.Tensor,
-                 valid: torch.Tensor):
-        bs = cache.block_size
-        length = int(positions.max()) + 1
-        n_blocks = max(-(-length // bs), max(len(t) for t in block_tables))
-        table = torch.tensor([t + [-1] * (n_blocks - len(t)) for t in block_tables], dtype=torch.long)
+    def __init__(self, cache: PagedLatentCache, write_slots: torch.Tensor, read_slots: torch.Tensor, length: int):
         self.kv = cache.kv
-        self.write_slots = self._slots(table, positions, bs, cache.scratch_slot).masked_fill(~valid, cache.scratch_slot)
-        self.read_shape = (len(block_tables), length)
-        # every slot of every block in table order, flat once and read by every layer; a row's positions past
-        # its own blocks read block 0, stale rows that the causal mask hides like any other past a row's length
-        slots = table.clamp(min=0).unsqueeze(-1) * bs + torch.arange(bs)  # [B, blocks, bs]
-        self.read_slots = slots.flatten(1)[:, :length].flatten()
+        self.write_slots = write_slots
+        self.read_slots = read_slots
+        self.read_shape = (read_slots.shape[0] // length, length)
 
-    @staticmethod
-    def _slots(table: torch.Tensor, positions: torch.Tensor, bs: int, scratch: int) -> torch.Tensor:
-        block = table.gather(1, (positions // bs).clamp(max=table.shape[1] - 1))
-        return torch.where(block >= 0, block * bs + positions % bs, scratch)
+    def length(self, positions: torch.Tensor) -> int:
+        return self.read_shape[1]
 
     def update(self, layer_id: int, latent: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         kv = self.kv[layer_id]

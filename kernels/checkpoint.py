@@ -162,15 +162,34 @@ class Checkpoint:
         """HF names of the weights (scale tensors excluded), filtered by `select`."""
         return [n for n in self._file_of if not n.endswith(SCALE_SUFFIX) and (select is None or select(n))]
 
+    def is_fp8(self, name: str) -> bool:
+        """Whether a weight is stored as e4m3 (read from the file's header, not its data)."""
+        return self._handle(self._file_of[name]).get_slice(name).get_dtype() == "F8_E4M3"
+
+    def fp8(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """An e4m3 weight as stored and its `weight_scale_inv`, checked against each other."""
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in self._file_of:
+            raise CheckpointError(f"{self.path}: FP8 tensor {name!r} has no {scale_name!r}")
+        weight, scale = self.raw(name), self.raw(scale_name)
+        block = self.args.weight_block_size or (128, 128)
+        expected = (-(-weight.shape[0] // block[0]), -(-weight.shape[1] // block[1]))
+        if tuple(scale.shape) != expected:
+            raise CheckpointError(f"{self.path}: {scale_name} has shape {tuple(scale.shape)}, expected {expected} for "
+                                  f"a {tuple(weight.shape)} weight in {block[0]}x{block[1]} blocks")
+        return weight, scale.float()
+
     def raw(self, name: str) -> torch.Tensor:
         """The tensor as stored (FP8 stays FP8)."""
-        file = self._file_of[name]
+        return self._handle(self._file_of[name]).get_tensor(name)
+
+    def _handle(self, file: str):
         if file not in self._handles:
             try:
                 self._handles[file] = safe_open(str(self.path / file), framework="pt")
             except Exception as e:  # safetensors raises its own error type for bad files
                 raise CheckpointError(f"{self.path / file}: cannot open ({e}); re-download it") from None
-        return self._handles[file].get_tensor(name)
+        return self._handles[file]
 
     def tensor(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """One weight, FP8 blocks dequantised exactly (fp8 x scale_inv), cast to `dtype` if given."""
@@ -178,14 +197,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: checkpoint has no tensor {name!r}")
         t = self.raw(name)
         if t.dtype == FP8_DTYPE:
-            scale_name = name + SCALE_SUFFIX
-            if scale_name not in self._file_of:
-                raise CheckpointError(f"{self.path}: FP8 tensor {name!r} has no {scale_name!r}")
-            block = self.args.weight_block_size or (128, 128)
-            try:
-                t = weight_dequant(t, self.raw(scale_name), block, torch.float32)
-            except ValueError as e:
-                raise CheckpointError(f"{self.path}: {name}: {e}") from None
+            t = weight_dequant(*self.fp8(name), self.args.weight_block_size or (128, 128), torch.float32)
         return t if dtype is None else t.to(dtype)
 
     def tensors(self, select: Optional[Callable[[str], bool]] = None,

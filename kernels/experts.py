@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fp8 import FP8Linear
+
 
 class MLP(nn.Module):
     """w2(silu(w1 x) * w3 x): the dense FFN, a shared-expert block, and each routed expert."""
@@ -37,10 +39,18 @@ class ExpertTransport(Protocol):
         """Collect the weighted sum of expert outputs, [T, dim], for the tokens of `dispatch`."""
 
 
+def tokens_per_expert(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """[E] counts of each expert id in indices. A scatter, not bincount: bincount reads the largest id back to
+    the host to size its output (a host sync per layer on GPUs)."""
+    flat = indices.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=indices.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def run_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{indices[t, k]}(x[t]) for every token t; [T, dim]."""
     T, k = indices.shape
-    return run_assignments(experts, x, torch.arange(T).repeat_interleave(k), indices.flatten(), weights.flatten())
+    rows = torch.arange(T, device=x.device).repeat_interleave(k)
+    return run_assignments(experts, x, rows, indices.flatten(), weights.flatten())
 
 
 def run_assignments(experts, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor,
@@ -82,7 +92,8 @@ class LocalExperts(nn.ModuleList):
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                  micro_batch: int = 0) -> torch.Tensor:
-        if any(e is None for e in self) or torch.is_grad_enabled():  # training keeps its own parameters
+        # training keeps its own parameters; FP8 experts run one at a time, each through its FP8Linear layers
+        if any(e is None for e in self) or torch.is_grad_enabled() or isinstance(self[0].w1, FP8Linear):
             return run_experts(self, x, indices, weights)
         packed = self._pack()
         if dense_is_cheaper(packed, x.shape[0], indices.numel()):
@@ -109,8 +120,8 @@ def pack_experts(experts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def run_experts_grouped(packed, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """`run_experts` with the stacked weights of `pack_experts`."""
     T, k = indices.shape
-    return run_assignments_grouped(packed, x, torch.arange(T).repeat_interleave(k), indices.flatten(),
-                                  weights.flatten())
+    rows = torch.arange(T, device=x.device).repeat_interleave(k)
+    return run_assignments_grouped(packed, x, rows, indices.flatten(), weights.flatten())
 
 
 def dense_is_cheaper(packed, rows: int, assignments: int) -> bool:
@@ -155,7 +166,7 @@ def run_assignments_grouped(packed, x: torch.Tensor, rows: torch.Tensor, expert_
     if not len(expert_ids):
         return y
     order = torch.sort(expert_ids, stable=True).indices
-    ends = torch.cumsum(torch.bincount(expert_ids, minlength=w1.shape[0]), 0, dtype=torch.int32)
+    ends = torch.cumsum(tokens_per_expert(expert_ids, w1.shape[0]), 0, dtype=torch.int32)
     token = rows[order]
     xs = x.index_select(0, token)
     h = F.silu(torch._grouped_mm(xs, w1, offs=ends)) * torch._grouped_mm(xs, w3, offs=ends)  # [A, inter]

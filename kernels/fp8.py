@@ -62,3 +62,64 @@ def act_dequant(q: torch.Tensor, scale: torch.Tensor, tile: int = 128,
 def fp8_payload_bytes(n_values: int, tile: int = 128) -> int:
     """Bytes on the wire for n values in FP8 with one fp32 scale per tile."""
     return n_values + 4 * -(-n_values // tile)
+
+
+def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
+                     block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """x W^T as DeepSeek-V3's FP8 GEMM computes it: x quantised to e4m3 in 1 x block[1] tiles (`act_quant`),
+    W e4m3 [N, K] in block[0] x block[1] blocks with `scale_inv`; each K tile's e4m3 products are summed in fp32,
+    then scaled by the tile's two scales. x [..., K] -> [..., N] fp32.
+
+    On SM90 GPUs `torch._scaled_mm` takes the block scales as they are; elsewhere (CPUs, older GPUs) one row-wise
+    scaled product per K tile, whose row scales are the activation tile's and whose column scales are the weight
+    blocks' of that tile, expanded over their rows."""
+    N, K = weight.shape
+    bn, bk = block
+    xq, sx = act_quant(x.reshape(-1, K), bk)  # [M, K], [M, K tiles]
+    if x.is_cuda:
+        y = _blockwise_scaled_mm(xq, sx, weight, scale_inv, block)
+        if y is not None:
+            return y.view(*x.shape[:-1], N)
+    y = torch.zeros(xq.shape[0], N, dtype=torch.float32, device=x.device)
+    for t, start in enumerate(range(0, K, bk)):
+        col_scale = scale_inv[:, t].repeat_interleave(bn)[:N]
+        y += torch._scaled_mm(xq[:, start:start + bk], weight[:, start:start + bk].t(),
+                              scale_a=sx[:, t:t + 1].contiguous(), scale_b=col_scale[None].contiguous(),
+                              out_dtype=torch.float32)
+    return y.view(*x.shape[:-1], N)
+
+
+def _blockwise_scaled_mm(xq, sx, weight, scale_inv, block):
+    """`torch._scaled_mm` with 1x128 activation and 128x128 weight scales (SM90 and CUDA >= 12.9; the scales in
+    their outer-dimension-major layout), or None where this GPU or torch build lacks it."""
+    if block != (128, 128) or xq.shape[1] % 128 or weight.shape[0] % 128 or torch.cuda.get_device_capability() < (9, 0):
+        return None
+    try:
+        return torch._scaled_mm(xq, weight.t(), scale_a=sx.t().contiguous().t(), scale_b=scale_inv.t().contiguous().t(),
+                                out_dtype=torch.float32)
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class FP8Linear(torch.nn.Module):
+    """A linear layer whose weight stays as the checkpoint stores it: e4m3 [out, in] and a fp32 `weight_scale_inv`
+    per block, half the bytes of BF16. Computes with `fp8_block_linear`; the output in the input's dtype."""
+
+    def __init__(self, in_features: int, out_features: int, block: tuple[int, int] = (128, 128)):
+        super().__init__()
+        self.block = tuple(block)
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE), requires_grad=False)
+        scales = (-(-out_features // block[0]), -(-in_features // block[1]))
+        self.weight_scale_inv = torch.nn.Parameter(torch.empty(scales, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_block_linear(x, self.weight, self.weight_scale_inv, self.block).to(x.dtype)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as fp8 x scale, [out, in] in `dtype` (for the einsums of MLA's absorbed form)."""
+        return weight_dequant(self.weight, self.weight_scale_inv, self.block, dtype)
+
+
+def dense_weight(linear: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A linear layer's weight [out, in] in `dtype`: an FP8Linear's dequantised, a plain one's as it is."""
+    return linear.dequantized(dtype) if isinstance(linear, FP8Linear) else linear.weight

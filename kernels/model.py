@@ -19,7 +19,8 @@ from torch import nn
 
 from .args import ModelArgs
 from .cache import LatentCacheView
-from .experts import MLP, ExpertTransport, LocalExperts
+from .fp8 import dense_weight
+from .experts import MLP, ExpertTransport, LocalExperts, tokens_per_expert
 from .rope import apply_rotary_emb, rope_freqs_cis, rope_inv_freq
 
 MLAForm = Literal["naive", "absorbed"]
@@ -53,12 +54,21 @@ def folding_pays(args: ModelArgs) -> bool:
 
 
 class Packing:
-    """The valid tokens of a padded batch, valid [B, S]: `unpad` keeps them ([B, S, ...] -> [T, ...]), `pad`
-    puts them back in place with zeros between ([T, ...] -> [B, S, ...])."""
+    """The valid tokens of a padded batch [B, S]: `unpad` keeps them ([B, S, ...] -> [T, ...]), `pad` puts them
+    back in place with zeros between ([T, ...] -> [B, S, ...]). `index` [T]: their flat positions in the batch."""
 
-    def __init__(self, valid: torch.Tensor):
-        self.shape = valid.shape
-        self.index = valid.flatten().nonzero().squeeze(1)
+    def __init__(self, index: torch.Tensor, shape: tuple[int, int]):
+        self.index = index
+        self.shape = torch.Size(shape)
+
+    @classmethod
+    def of_lengths(cls, lengths: list[int], width: int) -> "Packing":
+        """Rows of `lengths` valid tokens (left-aligned) in a batch `width` wide; the index built on the host."""
+        index = [b * width + j for b, n in enumerate(lengths) for j in range(n)]
+        return cls(torch.tensor(index, dtype=torch.long, device="cpu"), (len(lengths), width))
+
+    def to(self, device: torch.device) -> "Packing":
+        return Packing(self.index.to(device, non_blocking=True), self.shape)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(0, 1).index_select(0, self.index)
@@ -70,8 +80,11 @@ class Packing:
 
 
 def packing_of(valid: Optional[torch.Tensor]) -> Optional[Packing]:
-    """A Packing when some of the batch is padding, else None (the batch runs as it is)."""
-    return None if valid is None or bool(valid.all()) else Packing(valid)
+    """A Packing when some of the batch is padding, else None (the batch runs as it is). Reads `valid` on the
+    host: callers that serve (the engine's runner) build their Packing from lengths they know instead."""
+    if valid is None or bool(valid.all()):
+        return None
+    return Packing(valid.flatten().nonzero().squeeze(1), tuple(valid.shape))
 
 
 class RMSNorm(nn.Module):
@@ -165,7 +178,7 @@ class MLA(nn.Module):
             out = out.transpose(1, 2)[..., :self.v_head_dim]  # [B, S, H, v]
         else:
             if not folded:  # the einsums that fold_absorbed folds into the projections
-                w_uk, w_uv = self.wkv_b.weight.view(H, -1, self.kv_lora_rank).split(  # [H, nope or v, kv_lora_rank]
+                w_uk, w_uv = dense_weight(self.wkv_b, q_nope.dtype).view(H, -1, self.kv_lora_rank).split(  # [H, nope or v, kv_lora_rank]
                     [self.qk_nope_head_dim, self.v_head_dim], dim=1)
                 q_nope = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
             # the latent holds c_kv and k_pe side by side: one product scores both parts, one query row per (s, h)
@@ -246,7 +259,7 @@ class MoE(nn.Module):
     def take_load(self) -> torch.Tensor:
         """Tokens per routed expert [E] over the calls since the last take."""
         loads, self.loads = self.loads, []
-        return sum(loads, torch.zeros(self.gate.weight.shape[0], dtype=torch.long))
+        return sum(loads, torch.zeros(self.gate.weight.shape[0], dtype=torch.long, device=self.gate.weight.device))
 
     def forward(self, x: torch.Tensor, micro_batch: int = 0) -> torch.Tensor:
         """`micro_batch`: which of a step's concurrent micro-batches this is (a transport keeps their messages
@@ -256,7 +269,7 @@ class MoE(nn.Module):
         weights, indices = self.gate(x)
         # tokens per routed expert in this call: routing statistics for bias balancing and EPLB (an append is
         # atomic, so micro-batches running in threads each log theirs)
-        self.loads.append(torch.bincount(indices.flatten(), minlength=self.gate.weight.shape[0]))
+        self.loads.append(tokens_per_expert(indices, self.gate.weight.shape[0]))
         handle = self.experts.dispatch(x, indices, weights, micro_batch)
         z = self.shared_experts(x) if self.shared_experts is not None else 0  # overlaps remote experts
         return (self.experts.combine(handle) + z).view(shape)
@@ -332,18 +345,20 @@ class Transformer(nn.Module):
     def causal_mask(positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
         """[B, S, L] additive mask: a query attends to keys at its own position or before."""
         allowed = key_positions[:, None, :] <= positions[:, :, None]
-        return torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+        return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 cache: Optional[LatentCacheView] = None, form: Optional[MLAForm] = None,
-                valid: Optional[torch.Tensor] = None, micro_batch: int = 0) -> torch.Tensor:
+                valid: Optional[torch.Tensor] = None, micro_batch: int = 0,
+                packing: Optional[Packing] = None) -> torch.Tensor:
         """tokens [B, S] at positions [B, S] (default 0..S-1) -> final-normed hidden states [B, S, dim].
         With a cache, each row attends to its cached positions 0..p; without, only to this call's tokens.
         `form` defaults to naive without a cache, else to the cheaper one (`cheaper_mla_form`).
         `valid` [B, S] marks the real tokens of a padded batch: only those are computed (padding comes out 0).
-        `micro_batch` numbers this call among a step's concurrent ones (see MoE.forward)."""
+        `micro_batch` numbers this call among a step's concurrent ones (see MoE.forward). `packing`, when given,
+        stands for `valid` (built from lengths the caller knows, so nothing is read back from the device)."""
         positions, mask, freqs_cis, form = self._prepare(tokens, positions, cache, form)
-        packing = packing_of(valid)
+        packing = packing or packing_of(valid)
         h = self.embed(tokens if packing is None else packing.unpad(tokens))
         for layer in self.layers:
             h = layer(h, freqs_cis, mask, cache, positions, form, packing, micro_batch)
@@ -353,8 +368,9 @@ class Transformer(nn.Module):
     def _prepare(self, tokens, positions, cache, form):
         B, S = tokens.shape
         if positions is None:
-            positions = torch.arange(S).expand(B, S)
-        key_positions = torch.arange(int(positions.max()) + 1).expand(B, -1) if cache is not None else positions
+            positions = torch.arange(S, device=tokens.device).expand(B, S)
+        key_positions = torch.arange(cache.length(positions), device=tokens.device).expand(B, -1) \
+            if cache is not None else positions
         if form is None:
             form = "naive" if cache is None else cheaper_mla_form(self.args, S, key_positions.shape[1])
         return positions, self.causal_mask(positions, key_positions), self.rope(positions), form
@@ -364,16 +380,16 @@ class Transformer(nn.Module):
 
     def mtp_forward(self, h: torch.Tensor, next_tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                     cache: Optional[LatentCacheView] = None, form: Optional[MLAForm] = None, depth: int = 0,
-                    valid: Optional[torch.Tensor] = None, micro_batch: int = 0):
+                    valid: Optional[torch.Tensor] = None, micro_batch: int = 0, packing: Optional[Packing] = None):
         """Logits [B, S, vocab] for t_{i+depth+2} from hidden states h [B, S, dim] of positions i and the
         tokens t_{i+depth+1} [B, S]. The MTP block caches under its own layer id, n_layers + depth, so a cache
         that serves drafting has n_layers + n_mtp_layers layers. `valid` as in `forward` (padding's logits are
-        0: the head runs on the valid tokens only)."""
+        0: the head runs on the valid tokens only); `packing` as in `forward`."""
         if not len(self.mtp):
             raise RuntimeError("this model has no MTP module (num_nextn_predict_layers is 0 or it was not loaded)")
         positions, mask, freqs_cis, form = self._prepare(next_tokens, positions, cache, form)
         module = self.mtp[depth]
-        packing = packing_of(valid)
+        packing = packing or packing_of(valid)
         if packing is not None:
             h, next_tokens = packing.unpad(h), packing.unpad(next_tokens)
         logits = module.logits(module(h, next_tokens, freqs_cis, mask, cache, positions, form, packing, micro_batch))

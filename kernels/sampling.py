@@ -10,7 +10,7 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     set to -inf. temperature [B] > 0; top_k [B] (0 = all); top_p [B] in (0, 1]."""
     logits = logits / temperature[:, None]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(logits.shape[-1]).expand_as(logits)
+    rank = torch.arange(logits.shape[-1], device=logits.device).expand_as(logits)
     k = torch.where(top_k > 0, top_k, logits.shape[-1])
     drop = rank >= k[:, None]
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
@@ -24,22 +24,37 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     torch's argmax over a [32, 4096] batch took 150-300 us there against NumPy's 10 (torch 2.13)."""
     if logits.device.type != "cpu":
         return logits.argmax(dim=-1)
-    return torch.as_tensor(logits.detach().float().numpy().argmax(axis=-1))
+    return torch.as_tensor(logits.detach().float().numpy().argmax(axis=-1), device="cpu")
+
+
+def greedy_tokens(logits: torch.Tensor) -> list:
+    """`greedy` read back to the host as (nested) lists of ints: the one device-to-host copy of a greedy step."""
+    if logits.device.type != "cpu":
+        return logits.argmax(dim=-1).tolist()
+    return logits.detach().float().numpy().argmax(axis=-1).tolist()
+
+
+def sampling_probs_rows(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int],
+                        top_p: Sequence[float]) -> torch.Tensor:
+    """The distributions rows draw from, [B, V] logits -> [B, V] probabilities, on the logits' device."""
+    device = logits.device
+    return filter_logits(logits.float(), torch.tensor(temperature, dtype=torch.float32, device=device),
+                         torch.tensor(top_k, dtype=torch.long, device=device),
+                         torch.tensor(top_p, dtype=torch.float32, device=device)).softmax(dim=-1)
 
 
 def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int] = None,
            top_p: Sequence[float] = None, generators: Sequence[Optional[torch.Generator]] = None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. Rows with temperature 0 take the argmax."""
+    """logits [B, V] -> token ids [B] on the logits' device, nothing read back to the host. Rows with
+    temperature 0 take the argmax; each sampled row draws with its own generator (None: torch's default)."""
     B = logits.shape[0]
-    temperature = torch.tensor(temperature, dtype=torch.float32)
-    tokens = greedy(logits)
-    sampled = (temperature > 0).nonzero().flatten().tolist()
+    tokens = logits.argmax(dim=-1)
+    sampled = [b for b in range(B) if temperature[b] > 0]
     if not sampled:
         return tokens
-    top_k = torch.tensor(top_k if top_k is not None else [0] * B)
-    top_p = torch.tensor(top_p if top_p is not None else [1.0] * B, dtype=torch.float32)
-    idx = torch.tensor(sampled)
-    probs = filter_logits(logits[idx].float(), temperature[idx], top_k[idx], top_p[idx]).softmax(dim=-1)
+    top_k = [top_k[b] if top_k is not None else 0 for b in sampled]
+    top_p = [top_p[b] if top_p is not None else 1.0 for b in sampled]
+    probs = sampling_probs_rows(logits[sampled], [temperature[b] for b in sampled], top_k, top_p)
     for row, b in enumerate(sampled):
         generator = generators[b] if generators is not None else None
         tokens[b] = torch.multinomial(probs[row], 1, generator=generator)[0]
@@ -49,8 +64,7 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """The distribution a sampled row draws from: [V] logits -> [V] probabilities after temperature,
     top-k and top-p."""
-    return filter_logits(logits[None].float(), torch.tensor([temperature]), torch.tensor([top_k]),
-                         torch.tensor([top_p]))[0].softmax(dim=-1)
+    return sampling_probs_rows(logits[None], [temperature], [top_k], [top_p])[0]
 
 
 def accept_draft(target_probs: torch.Tensor, draft_token: int, draft_probs: torch.Tensor,
@@ -59,7 +73,7 @@ def accept_draft(target_probs: torch.Tensor, draft_token: int, draft_probs: torc
     min(1, p(d) / q(d)); otherwise draw from max(0, p - q), normalised. The kept or drawn token is
     distributed exactly as p. Returns (accepted, replacement token when rejected)."""
     p, q = target_probs[draft_token].item(), draft_probs[draft_token].item()
-    u = torch.rand((), generator=generator).item()
+    u = torch.rand((), generator=generator, device=target_probs.device).item()
     if q > 0 and u < min(1.0, p / q):
         return True, None
     residual = (target_probs - draft_probs).clamp(min=0)

@@ -184,13 +184,19 @@ def test_a_request_whose_sampling_fails_fails_alone(model, mtp_checkpoint, refer
         model = load_model(mtp_checkpoint, dtype=torch.float32, with_mtp=True)
         expected = [g.token_ids for g in generate(model, prompts, GREEDY.max_tokens)]
     import moeserve.cluster.engine as engine_module
-    real = engine_module.sampling_probs
+    real, real_rows = engine_module.sampling_probs, engine_module.sampling_probs_rows
 
     def injected(logits, temperature, top_k, top_p):
         if top_k == 7:
             raise RuntimeError("injected sampling failure")
         return real(logits, temperature, top_k, top_p)
+
+    def injected_rows(logits, temperature, top_k, top_p):  # a batch with the faulty row fails as a whole
+        if 7 in top_k:
+            raise RuntimeError("injected sampling failure")
+        return real_rows(logits, temperature, top_k, top_p)
     monkeypatch.setattr(engine_module, "sampling_probs", injected)
+    monkeypatch.setattr(engine_module, "sampling_probs_rows", injected_rows)
     engine = Engine(model, EngineConfig(mtp=mtp))
     good = [engine.add_request(p, GREEDY) for p in prompts]
     bad = []
@@ -251,3 +257,12 @@ def test_prefill_on_one_engine_and_decode_on_another_equals_one_engine(mtp_check
     while decode.has_unfinished():
         outs.update({o.request_id: o for o in decode.step() if o.finished})
     assert [outs[pre.request_id].token_ids for pre in moved] == expected
+
+
+def test_an_fp8_resident_model_serves_as_its_plain_loop():
+    """The engine's paged, packed and batched paths over FP8Linear layers and FP8 experts run one at a time."""
+    from moeserve.cluster.llm import DEMO_MODEL_FP8
+    llm = LLM(DEMO_MODEL_FP8, device="cpu", dtype="float32", fp8_resident=True, kv_cache_tokens=1024, block_size=8)
+    prompts = random_prompts([5, 23, 11], vocab=4000, seed=2)
+    expected = [g.token_ids for g in generate(llm.model, prompts, GREEDY.max_tokens)]
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
