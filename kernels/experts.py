@@ -169,7 +169,18 @@ def run_assignments_grouped(packed, x: torch.Tensor, rows: torch.Tensor, expert_
     ends = torch.cumsum(tokens_per_expert(expert_ids, w1.shape[0]), 0, dtype=torch.int32)
     token = rows[order]
     xs = x.index_select(0, token)
-    h = F.silu(torch._grouped_mm(xs, w1, offs=ends)) * torch._grouped_mm(xs, w3, offs=ends)  # [A, inter]
-    out = torch._grouped_mm(h, w2, offs=ends)  # [A, dim], in expert order
+    h = F.silu(grouped_mm(xs, w1, ends)) * grouped_mm(xs, w3, ends)  # [A, inter]
+    out = grouped_mm(h, w2, ends)  # [A, dim], in expert order
     y.index_add_(0, token, (out * weights[order, None]).to(y.dtype))
     return y
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows ends[e-1]:ends[e] of x [A, in] times w[e] [in, out]. `torch._grouped_mm` where the device takes these
+    dtypes and shapes (CPUs; CUDA takes bf16); elsewhere (fp32 on CUDA, say) one product per expert, which reads
+    the offsets back to the host."""
+    try:
+        return torch._grouped_mm(x, w, offs=ends)
+    except RuntimeError:
+        bounds = [0] + ends.tolist()
+        return torch.cat([x[a:b] @ w[e] for e, (a, b) in enumerate(zip(bounds, bounds[1:]))])

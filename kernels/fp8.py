@@ -33,7 +33,7 @@ def weight_quant(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> t
     M, N = weight.shape
     bm, bn = block
     gm, gn = -(-M // bm), -(-N // bn)
-    padded = torch.zeros(gm * bm, gn * bn, dtype=torch.float32)
+    padded = torch.zeros(gm * bm, gn * bn, dtype=torch.float32, device=weight.device)
     padded[:M, :N] = weight.to(torch.float32)
     amax = padded.view(gm, bm, gn, bn).abs().amax(dim=(1, 3))  # [gm, gn]
     scale_inv = (amax / FP8_MAX).clamp(min=_TINY)
@@ -76,29 +76,47 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Ten
     N, K = weight.shape
     bn, bk = block
     xq, sx = act_quant(x.reshape(-1, K), bk)  # [M, K], [M, K tiles]
-    if x.is_cuda:
-        y = _blockwise_scaled_mm(xq, sx, weight, scale_inv, block)
-        if y is not None:
-            return y.view(*x.shape[:-1], N)
-    y = torch.zeros(xq.shape[0], N, dtype=torch.float32, device=x.device)
+    y = _blockwise_scaled_mm(xq, sx, weight, scale_inv, block) if x.is_cuda else None
+    if y is None:
+        y = _scaled_mm_per_k_tile(xq, sx, weight, scale_inv, block)
+    return y.view(*x.shape[:-1], N)
+
+
+def _scaled_mm_per_k_tile(xq, sx, weight, scale_inv, block):
+    N, K = weight.shape
+    bn, bk = block
+    y = torch.zeros(xq.shape[0], N, dtype=torch.float32, device=xq.device)
     for t, start in enumerate(range(0, K, bk)):
         col_scale = scale_inv[:, t].repeat_interleave(bn)[:N]
         y += torch._scaled_mm(xq[:, start:start + bk], weight[:, start:start + bk].t(),
                               scale_a=sx[:, t:t + 1].contiguous(), scale_b=col_scale[None].contiguous(),
                               out_dtype=torch.float32)
-    return y.view(*x.shape[:-1], N)
+    return y
+
+
+_BLOCKWISE_OK: dict[str, bool] = {}  # per GPU: its blockwise _scaled_mm matched the per-tile product once
 
 
 def _blockwise_scaled_mm(xq, sx, weight, scale_inv, block):
-    """`torch._scaled_mm` with 1x128 activation and 128x128 weight scales (SM90 and CUDA >= 12.9; the scales in
-    their outer-dimension-major layout), or None where this GPU or torch build lacks it."""
-    if block != (128, 128) or xq.shape[1] % 128 or weight.shape[0] % 128 or torch.cuda.get_device_capability() < (9, 0):
+    """`torch._scaled_mm` with 1x128 activation and 128x128 weight scales (SM90 with CUDA >= 12.9; the activation
+    scales outer-dimension-major), or None where this GPU or torch build lacks it. Its first product on each GPU
+    is checked against the per-tile one, so a build that reads the scales otherwise is never used."""
+    if block != (128, 128) or xq.shape[1] % 128 or weight.shape[0] % 128:
+        return None
+    device = str(xq.device)
+    if not _BLOCKWISE_OK.get(device, True):
         return None
     try:
-        return torch._scaled_mm(xq, weight.t(), scale_a=sx.t().contiguous().t(), scale_b=scale_inv.t().contiguous().t(),
-                                out_dtype=torch.float32)
-    except (RuntimeError, NotImplementedError):
+        y = torch._scaled_mm(xq, weight.t(), scale_a=sx.t().contiguous().t(), scale_b=scale_inv.contiguous(),
+                             out_dtype=torch.float32)
+    except Exception:  # noqa: BLE001  (torch raises several kinds for an unsupported recipe)
+        _BLOCKWISE_OK[device] = False
         return None
+    if device not in _BLOCKWISE_OK:
+        reference = _scaled_mm_per_k_tile(xq, sx, weight, scale_inv, block)
+        _BLOCKWISE_OK[device] = bool((y - reference).abs().max() <= 1e-3 * reference.abs().max())
+        return y if _BLOCKWISE_OK[device] else reference
+    return y
 
 
 class FP8Linear(torch.nn.Module):

@@ -1,0 +1,251 @@
+"""moeserve on one GPU, without Ray or a network: fidelity, kernels and decode speed, in one run of a few minutes.
+
+    python tools/gpu_check.py [--json out.json] [--quick]
+
+Sections (each reports on its own; one that fails prints why and the rest go on):
+- demo: the demo model on cuda/bf16 against CPU/fp32, greedy: token agreement, and the largest difference of a
+  chosen token's log-probability with both fed the CPU's tokens;
+- fp8_gemm: the FP8 block-scaled GEMM (`fp8_block_linear`) on V2-Lite- and V3-shaped layers: error against the
+  dequantised fp32 product of the same quantised inputs, time against the BF16 product, which path ran;
+- grouped_experts: `torch._grouped_mm` over rows sorted by expert against the zero-padded [E, C_max, dim] bmm
+  it replaced, V2-Lite and V3 layer shapes, skewed routing: time and agreement;
+- mla_decode: one absorbed-MLA decode layer over the paged latent cache at B=64 and L up to 8k, V3 shapes;
+- decode: the demo model's decode tokens/s at batch 1/32/64 (equal work: the same prompts, the same number of
+  tokens, EOS ignored) against transformers' generate on the same GPU, and the bandwidth floor (weights + KV
+  bytes read per step / 4.8 TB/s).
+Times are medians of several runs after a warm-up, measured with CUDA events.
+"""
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+try:
+    import moeserve  # noqa: F401  (installed)
+except ImportError:  # a bare checkout: the repository root is the package
+    root = Path(tempfile.mkdtemp())
+    (root / "moeserve").symlink_to(Path(__file__).resolve().parents[1])
+    sys.path.insert(0, str(root))
+
+from moeserve.cluster.llm import DEMO_MODEL, LLM  # noqa: E402
+from moeserve.cluster.sampling_params import SamplingParams  # noqa: E402
+from moeserve.kernels.args import ModelArgs  # noqa: E402
+from moeserve.kernels.cache import PagedLatentCache  # noqa: E402
+from moeserve.kernels.experts import run_assignments_grouped  # noqa: E402
+from moeserve.kernels.fp8 import act_dequant, act_quant, fp8_block_linear, weight_dequant, weight_quant  # noqa: E402
+from moeserve.kernels.model import MLA  # noqa: E402
+
+HBM_BYTES_PER_S = 4.8e12  # H200
+PROMPTS = ["def fibonacci(", "import os\n", "class Stack:", "for i in range("]
+
+
+def timed(fn, repeats: int = 5, warmup: int = 2) -> float:
+    """Median seconds of fn() on the GPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def section_demo(quick: bool) -> dict:
+    n = 32
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    cpu = LLM(device="cpu", dtype="float32")
+    gpu = LLM(device="cuda")  # bf16 by default on a GPU
+    cpu_out = cpu.generate(PROMPTS, params)
+    gpu_out = gpu.generate(PROMPTS, params)
+    agree = [next((i for i, (a, b) in enumerate(zip(c.token_ids, g.token_ids)) if a != b), n)
+             for c, g in zip(cpu_out, gpu_out)]
+    worst = 0.0
+    for prompt, out in zip(PROMPTS, cpu_out):
+        ids = cpu.encode(prompt) + out.token_ids
+        with torch.inference_mode():
+            ref = cpu.model.logits(cpu.model(torch.tensor([ids]))).log_softmax(-1)[0]
+            got = gpu.model.logits(gpu.model(torch.tensor([ids], device="cuda"))).log_softmax(-1)[0].cpu()
+        chosen = torch.tensor(ids[1:])[:, None]
+        worst = max(worst, (ref[:-1].gather(1, chosen) - got[:-1].gather(1, chosen)).abs().max().item())
+    return {"tokens_equal_before_first_difference": agree, "tokens_per_prompt": n,
+            "max_chosen_logprob_diff": worst, "gpu_text_0": gpu_out[0].text}
+
+
+# (name, in_features K, out_features N)
+GEMM_SHAPES = [("v2-lite expert w1", 2048, 1408), ("v2-lite expert w2", 1408, 2048),
+               ("v3 q_b", 1536, 24576), ("v3 o_proj", 16384, 7168), ("v3 expert w1", 7168, 2048),
+               ("v3 expert w2", 2048, 7168)]
+
+
+def section_fp8_gemm(quick: bool) -> list:
+    from moeserve.kernels import fp8 as fp8_module
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name, K, N in GEMM_SHAPES:
+        for M in (16, 512):
+            x = torch.randn(M, K, device="cuda", generator=g, dtype=torch.bfloat16)
+            wq, scale = weight_quant(torch.randn(N, K, device="cuda", generator=g) * 0.02)
+            blockwise = fp8_module._blockwise_scaled_mm(*act_quant(x), wq, scale, (128, 128)) is not None
+            y = fp8_block_linear(x, wq, scale)
+            ref = act_dequant(*act_quant(x)) @ weight_dequant(wq, scale).t()
+            dense = weight_dequant(wq, scale, dtype=torch.bfloat16)
+            rows.append({"layer": name, "M": M, "K": K, "N": N, "path": "blockwise _scaled_mm" if blockwise
+                         else "row-wise _scaled_mm per K tile",
+                         "rel_err": ((y - ref).abs().max() / ref.abs().max()).item(),
+                         "fp8_us": timed(lambda: fp8_block_linear(x, wq, scale)) * 1e6,
+                         "bf16_us": timed(lambda: torch.nn.functional.linear(x, dense)) * 1e6})
+    return rows
+
+
+def padded_bmm(packed, x, rows, expert_ids, weights):
+    """The zero-padded reference: every expert's rows in a [E, C_max, dim] block, one bmm per weight."""
+    w1, w3, w2 = packed
+    E = w1.shape[0]
+    counts = torch.bincount(expert_ids, minlength=E)
+    C = int(counts.max())
+    order = torch.sort(expert_ids, stable=True).indices
+    slot = torch.arange(len(order), device=x.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    xs = x.new_zeros(E, C, x.shape[1])
+    xs[expert_ids[order], slot] = x[rows[order]]
+    h = torch.nn.functional.silu(torch.bmm(xs, w1)) * torch.bmm(xs, w3)
+    out = torch.bmm(h, w2)[expert_ids[order], slot]
+    y = torch.zeros_like(x)
+    y.index_add_(0, rows[order], out * weights[order, None].to(x.dtype))
+    return y
+
+
+def section_grouped_experts(quick: bool) -> list:
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for name, E, dim, inter, k in (("v2-lite", 64, 2048, 1408, 6), ("v3", 256, 7168, 2048, 8)):
+        packed = tuple(torch.randn(E, a, b, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+                       for a, b in ((dim, inter), (dim, inter), (inter, dim)))
+        for T in (1, 64, 512):
+            x = torch.randn(T, dim, device="cuda", generator=g, dtype=torch.bfloat16)
+            skew = torch.distributions.Dirichlet(torch.full((E,), 0.3, device="cuda")).sample()  # uneven experts
+            ids = torch.stack([torch.multinomial(skew, k, generator=g) for _ in range(T)])
+            weights = torch.rand(T, k, device="cuda", generator=g)
+            args = (packed, x, torch.arange(T, device="cuda").repeat_interleave(k), ids.flatten(), weights.flatten())
+            a, b = run_assignments_grouped(*args), padded_bmm(*args)
+            rows.append({"layer": name, "tokens": T, "experts": E,
+                         "rel_diff": ((a.float() - b.float()).abs().max() / b.float().abs().max()).item(),
+                         "grouped_us": timed(lambda: run_assignments_grouped(*args)) * 1e6,
+                         "padded_bmm_us": timed(lambda: padded_bmm(*args)) * 1e6})
+        del packed
+        torch.cuda.empty_cache()
+    return rows
+
+
+def section_mla_decode(quick: bool) -> list:
+    args = ModelArgs()  # DeepSeek-V3's shapes
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        mla = MLA(args).to(torch.bfloat16)
+        for p in mla.parameters():
+            p.data.normal_(0, 0.02)
+    rows = []
+    B = 64
+    for L in ((1024, 4096) if quick else (1024, 4096, 8192)):
+        cache = PagedLatentCache(args, B * L // 64 + 1, 64, torch.bfloat16, 1, "cuda")
+        tables = [list(range(b * L // 64, (b + 1) * L // 64)) for b in range(B)]
+        positions = torch.full((B, 1), L - 1, dtype=torch.long)
+        write, read = cache.slots(tables, positions, torch.ones(B, 1, dtype=torch.bool), L)
+        view = cache.view(write.cuda(), read.cuda(), L)
+        x = torch.randn(B, 1, args.dim, device="cuda", dtype=torch.bfloat16)
+        from moeserve.kernels.rope import rope_freqs_cis, rope_inv_freq
+        freqs = rope_freqs_cis(rope_inv_freq(args).cuda(), positions.cuda(), args.rope_attention_factor)
+        mask = torch.zeros(B, 1, L, device="cuda")
+
+        def step():
+            with torch.inference_mode():
+                mla(x, freqs, mask, lambda latent: view.update(0, latent, positions), "absorbed")
+        seconds = timed(step)
+        kv_bytes = B * L * args.latent_dim * 2
+        rows.append({"B": B, "L": L, "us": seconds * 1e6, "kv_gb_per_s": kv_bytes / seconds / 1e9,
+                     "path": "gather [B, L, 576] + SDPA (paged kernel not built)"})
+        del cache, view
+        torch.cuda.empty_cache()
+    return rows
+
+
+def section_decode(quick: bool) -> list:
+    from transformers import AutoModelForCausalLM
+    n_new, prompt_len = 64, 32
+    llm = LLM(device="cuda", max_num_seqs=64)
+    hf = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.bfloat16).cuda().eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    per_token_kv = llm.engine.cache.bytes_per_token
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for batch in (1, 32, 64):
+        prompts = torch.randint(2, llm.model.args.vocab_size, (batch, prompt_len), generator=g)
+        params = SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True)
+
+        def ours():
+            llm.generate(prompts.tolist(), params)
+
+        def theirs():
+            with torch.inference_mode():
+                hf.generate(prompts.cuda(), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                            attention_mask=torch.ones_like(prompts).cuda())
+        ours()
+        theirs()
+        times = {"ours": [], "transformers": []}
+        for _ in range(3):
+            for side, fn in (("ours", ours), ("transformers", theirs)):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                times[side].append(time.perf_counter() - start)
+        mid_kv = batch * (prompt_len + n_new // 2) * per_token_kv
+        floor = (weight_bytes + mid_kv) / HBM_BYTES_PER_S  # seconds per decode step at the bandwidth limit
+        row = {"batch": batch, "new_tokens": n_new, "floor_tokens_per_s": batch / floor}
+        for side, ts in times.items():
+            row[f"{side}_tokens_per_s"] = batch * n_new / statistics.median(ts)
+            row[f"{side}_spread"] = [round(batch * n_new / t) for t in ts]
+        rows.append(row)
+    return rows
+
+
+SECTIONS = {"demo": section_demo, "fp8_gemm": section_fp8_gemm, "grouped_experts": section_grouped_experts,
+            "mla_decode": section_mla_decode, "decode": section_decode}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="example: python tools/gpu_check.py --json gpu.json")
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes (a smoke run)")
+    parser.add_argument("--only", nargs="*", choices=list(SECTIONS), help="run these sections alone")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check: torch sees no GPU here; run it on a machine with one (CUDA build of torch)")
+        return 2
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    print(json.dumps(results), flush=True)
+    for name in args.only or SECTIONS:
+        started = time.perf_counter()
+        print(f"[{name}] ...", flush=True)
+        try:
+            results[name] = SECTIONS[name](args.quick)
+        except Exception:  # noqa: BLE001  (a section that fails says why; the others still run)
+            results[name] = {"error": traceback.format_exc()}
+        print(f"[{name}] {time.perf_counter() - started:.1f} s: {json.dumps(results[name], indent=1)}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
