@@ -4,6 +4,8 @@ Weights: one fp32 `weight_scale_inv` per 128x128 block (edge blocks may be ragge
 `fp8 x scale_inv`. Activations: one scale per 1x128 tile of the last dimension. In both, the scale is the
 block's absolute maximum over 448, the largest finite e4m3 value, so every block uses the full range.
 """
+from typing import Optional
+
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -94,29 +96,48 @@ def _scaled_mm_per_k_tile(xq, sx, weight, scale_inv, block):
     return y
 
 
-_BLOCKWISE_OK: dict[str, bool] = {}  # per GPU: its blockwise _scaled_mm matched the per-tile product once
+def _blockwise_candidates(xq, sx, weight, scale_inv):
+    """Ways torch builds have spelled the SM90 block-scaled product (1x128 activation and 128x128 weight
+    scales; the activation scales outer-dimension-major): F.scaled_mm's recipes, then torch._scaled_mm, each
+    with the weight scales as [N/128, K/128] or transposed, in fp32 or BF16 out."""
+    sa = sx.t().contiguous().t()
+    F = torch.nn.functional
+    for out in (torch.float32, torch.bfloat16):
+        for sb in (scale_inv.contiguous(), scale_inv.t().contiguous(), scale_inv.t().contiguous().t()):
+            if hasattr(F, "scaled_mm"):
+                yield lambda sb=sb, out=out: F.scaled_mm(xq, weight.t(), sa, F.ScalingType.BlockWise1x128, sb,
+                                                         F.ScalingType.BlockWise128x128, output_dtype=out)
+            yield lambda sb=sb, out=out: torch._scaled_mm(xq, weight.t(), scale_a=sa, scale_b=sb, out_dtype=out)
+
+
+BLOCKWISE: dict[str, Optional[int]] = {}  # per GPU: which candidate matched the per-tile product, None: none did
+BLOCKWISE_ERRORS: list[str] = []          # why the others were passed over (tools/gpu_check.py reports them)
 
 
 def _blockwise_scaled_mm(xq, sx, weight, scale_inv, block):
-    """`torch._scaled_mm` with 1x128 activation and 128x128 weight scales (SM90 with CUDA >= 12.9; the activation
-    scales outer-dimension-major), or None where this GPU or torch build lacks it. Its first product on each GPU
-    is checked against the per-tile one, so a build that reads the scales otherwise is never used."""
+    """The block-scaled product in one call where this GPU and torch build have it, else None. The first product
+    on each GPU tries every spelling against the per-tile product; the one that matches serves from then on."""
     if block != (128, 128) or xq.shape[1] % 128 or weight.shape[0] % 128:
         return None
     device = str(xq.device)
-    if not _BLOCKWISE_OK.get(device, True):
-        return None
-    try:
-        y = torch._scaled_mm(xq, weight.t(), scale_a=sx.t().contiguous().t(), scale_b=scale_inv.contiguous(),
-                             out_dtype=torch.float32)
-    except Exception:  # noqa: BLE001  (torch raises several kinds for an unsupported recipe)
-        _BLOCKWISE_OK[device] = False
-        return None
-    if device not in _BLOCKWISE_OK:
-        reference = _scaled_mm_per_k_tile(xq, sx, weight, scale_inv, block)
-        _BLOCKWISE_OK[device] = bool((y - reference).abs().max() <= 1e-3 * reference.abs().max())
-        return y if _BLOCKWISE_OK[device] else reference
-    return y
+    candidates = list(_blockwise_candidates(xq, sx, weight, scale_inv))
+    if device in BLOCKWISE:
+        chosen = BLOCKWISE[device]
+        return None if chosen is None else candidates[chosen]().float()
+    reference = _scaled_mm_per_k_tile(xq, sx, weight, scale_inv, block)
+    BLOCKWISE[device] = None
+    for i, candidate in enumerate(candidates):
+        try:
+            y = candidate().float()
+        except Exception as e:  # noqa: BLE001  (torch raises several kinds for a recipe it lacks)
+            BLOCKWISE_ERRORS.append(f"{i}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        error = ((y - reference).abs().max() / reference.abs().max()).item()
+        if error <= 1e-2:
+            BLOCKWISE[device] = i
+            return y
+        BLOCKWISE_ERRORS.append(f"{i}: relative error {error:.3g}")
+    return None
 
 
 class FP8Linear(torch.nn.Module):

@@ -5,6 +5,8 @@
 Sections (each reports on its own; one that fails prints why and the rest go on):
 - demo: the demo model on cuda/bf16 against CPU/fp32, greedy: token agreement, and the largest difference of a
   chosen token's log-probability with both fed the CPU's tokens;
+- demo_fp8: the FP8 demo checkpoint with its weights resident in e4m3 against dequantised at load: token
+  agreement and weight bytes;
 - fp8_gemm: the FP8 block-scaled GEMM (`fp8_block_linear`) on V2-Lite- and V3-shaped layers: error against the
   dequantised fp32 product of the same quantised inputs, time against the BF16 product, which path ran;
 - grouped_experts: `torch._grouped_mm` over rows sorted by expert against the zero-padded [E, C_max, dim] bmm
@@ -33,7 +35,7 @@ except ImportError:  # a bare checkout: the repository root is the package
     (root / "moeserve").symlink_to(Path(__file__).resolve().parents[1])
     sys.path.insert(0, str(root))
 
-from moeserve.cluster.llm import DEMO_MODEL, LLM  # noqa: E402
+from moeserve.cluster.llm import DEMO_MODEL, DEMO_MODEL_FP8, LLM  # noqa: E402
 from moeserve.cluster.sampling_params import SamplingParams  # noqa: E402
 from moeserve.kernels.args import ModelArgs  # noqa: E402
 from moeserve.kernels.cache import PagedLatentCache  # noqa: E402
@@ -81,6 +83,19 @@ def section_demo(quick: bool) -> dict:
             "max_chosen_logprob_diff": worst, "gpu_text_0": gpu_out[0].text}
 
 
+def section_demo_fp8(quick: bool) -> dict:
+    """The FP8 demo checkpoint on the GPU, its weights resident in e4m3 against dequantised at load."""
+    n = 32
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    resident = LLM(DEMO_MODEL_FP8, device="cuda")
+    dequantised = LLM(DEMO_MODEL_FP8, device="cuda", fp8_resident=False)
+    a, b = resident.generate(PROMPTS, params), dequantised.generate(PROMPTS, params)
+    agree = [next((i for i, (x, y) in enumerate(zip(p.token_ids, q.token_ids)) if x != y), n) for p, q in zip(a, b)]
+    weight_bytes = {name: sum(t.numel() * t.element_size() for t in {p.data_ptr(): p for p in llm.model.parameters()}.values())
+                    for name, llm in (("resident", resident), ("dequantised", dequantised))}
+    return {"tokens_equal_before_first_difference": agree, "weight_bytes": weight_bytes}
+
+
 # (name, in_features K, out_features N)
 GEMM_SHAPES = [("v2-lite expert w1", 2048, 1408), ("v2-lite expert w2", 1408, 2048),
                ("v3 q_b", 1536, 24576), ("v3 o_proj", 16384, 7168), ("v3 expert w1", 7168, 2048),
@@ -95,8 +110,8 @@ def section_fp8_gemm(quick: bool) -> list:
         for M in (16, 512):
             x = torch.randn(M, K, device="cuda", generator=g, dtype=torch.bfloat16)
             wq, scale = weight_quant(torch.randn(N, K, device="cuda", generator=g) * 0.02)
-            blockwise = fp8_module._blockwise_scaled_mm(*act_quant(x), wq, scale, (128, 128)) is not None
             y = fp8_block_linear(x, wq, scale)
+            blockwise = fp8_module.BLOCKWISE.get(str(x.device)) is not None
             ref = act_dequant(*act_quant(x)) @ weight_dequant(wq, scale).t()
             dense = weight_dequant(wq, scale, dtype=torch.bfloat16)
             rows.append({"layer": name, "M": M, "K": K, "N": N, "path": "blockwise _scaled_mm" if blockwise
@@ -104,7 +119,7 @@ def section_fp8_gemm(quick: bool) -> list:
                          "rel_err": ((y - ref).abs().max() / ref.abs().max()).item(),
                          "fp8_us": timed(lambda: fp8_block_linear(x, wq, scale)) * 1e6,
                          "bf16_us": timed(lambda: torch.nn.functional.linear(x, dense)) * 1e6})
-    return rows
+    return {"blockwise_spelling": fp8_module.BLOCKWISE, "passed_over": fp8_module.BLOCKWISE_ERRORS, "layers": rows}
 
 
 def padded_bmm(packed, x, rows, expert_ids, weights):
@@ -218,7 +233,7 @@ def section_decode(quick: bool) -> list:
     return rows
 
 
-SECTIONS = {"demo": section_demo, "fp8_gemm": section_fp8_gemm, "grouped_experts": section_grouped_experts,
+SECTIONS = {"demo": section_demo, "demo_fp8": section_demo_fp8, "fp8_gemm": section_fp8_gemm, "grouped_experts": section_grouped_experts,
             "mla_decode": section_mla_decode, "decode": section_decode}
 
 
