@@ -80,7 +80,10 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Ten
     xq, sx = act_quant(x.reshape(-1, K), bk)  # [M, K], [M, K tiles]
     y = _blockwise_scaled_mm(xq, sx, weight, scale_inv, block) if x.is_cuda else None
     if y is None:
-        y = _scaled_mm_per_k_tile(xq, sx, weight, scale_inv, block)
+        try:
+            y = _scaled_mm_per_k_tile(xq, sx, weight, scale_inv, block)
+        except RuntimeError:  # cuBLAS refuses some ragged FP8 shapes (a 64-wide K tile of one row, say)
+            y = act_dequant(xq, sx, bk) @ weight_dequant(weight, scale_inv, block).t()
     return y.view(*x.shape[:-1], N)
 
 
@@ -99,11 +102,15 @@ def _scaled_mm_per_k_tile(xq, sx, weight, scale_inv, block):
 def _blockwise_candidates(xq, sx, weight, scale_inv):
     """Ways torch builds have spelled the SM90 block-scaled product (1x128 activation and 128x128 weight
     scales; the activation scales outer-dimension-major): F.scaled_mm's recipes, then torch._scaled_mm, each
-    with the weight scales as [N/128, K/128] or transposed, in fp32 or BF16 out."""
+    with the weight scales as [K/128 padded to a multiple of 4, N/128] seen through .t() (torch 2.11's layout),
+    as [N/128, K/128], or transposed, in fp32 or BF16 out."""
     sa = sx.t().contiguous().t()
+    n_blocks, k_blocks = scale_inv.shape
+    padded = torch.ones(n_blocks, -(-k_blocks // 4) * 4, dtype=torch.float32, device=scale_inv.device)
+    padded[:, :k_blocks] = scale_inv
     F = torch.nn.functional
     for out in (torch.float32, torch.bfloat16):
-        for sb in (scale_inv.contiguous(), scale_inv.t().contiguous(), scale_inv.t().contiguous().t()):
+        for sb in (padded.t(), scale_inv.contiguous(), scale_inv.t().contiguous().t()):
             if hasattr(F, "scaled_mm"):
                 yield lambda sb=sb, out=out: F.scaled_mm(xq, weight.t(), sa, F.ScalingType.BlockWise1x128, sb,
                                                          F.ScalingType.BlockWise128x128, output_dtype=out)
@@ -123,7 +130,10 @@ def _blockwise_scaled_mm(xq, sx, weight, scale_inv, block):
     candidates = list(_blockwise_candidates(xq, sx, weight, scale_inv))
     if device in BLOCKWISE:
         chosen = BLOCKWISE[device]
-        return None if chosen is None else candidates[chosen]().float()
+        try:
+            return None if chosen is None else candidates[chosen]().float()
+        except Exception:  # noqa: BLE001  (a shape this spelling refuses: the per-tile product serves it)
+            return None
     reference = _scaled_mm_per_k_tile(xq, sx, weight, scale_inv, block)
     BLOCKWISE[device] = None
     for i, candidate in enumerate(candidates):
