@@ -20,7 +20,7 @@ from moeserve.cluster.sampling_params import SamplingParams
 from moeserve.cluster.tokenizer import Tokenizer
 from moeserve.kernels.args import ModelArgs
 from moeserve.kernels.errors import InputError
-from moeserve.kernels.load import DTYPES, load_model
+from moeserve.kernels.load import DTYPES, load_model, resolve_device
 from moeserve.topology.planner import Placement
 from moeserve.topology.spec import TopologySpec
 
@@ -85,7 +85,10 @@ class AttentionShardWorker:
         else:
             def make_experts(layer):
                 return RayExpertTransport(layer, self.router, self.groups)
-        model = load_model(cfg.model, dtype=DTYPES[cfg.dtype], with_mtp=cfg.mtp, make_experts=make_experts)
+        # on a GPU Ray gave this shard, else the CPU
+        self.device = resolve_device(cfg.devices.attention) if ray.get_gpu_ids() else torch.device("cpu")
+        model = load_model(cfg.model, dtype=DTYPES[cfg.dtype], with_mtp=cfg.mtp, make_experts=make_experts,
+                           device=self.device)
         tokenizer = Tokenizer(cfg.model) if Tokenizer.exists(cfg.model) else None
         settings = cfg.engine.model_dump()
         prefill_budget = settings.pop("prefill_max_num_batched_tokens")
@@ -215,7 +218,8 @@ class AttentionShardWorker:
         return {"role": self.role, "shard": self.shard_id, "gpu_slot": self.src_gpu, "pid": os.getpid(),
                 "host": socket.gethostname(), "ray_node": context.get_node_id(),
                 "restarted": context.was_current_actor_reconstructed,
-                "nccl_ib_hca": os.environ.get("NCCL_IB_HCA")}
+                "nccl_ib_hca": os.environ.get("NCCL_IB_HCA"), "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+                "device": str(self.device)}
 
     # ---- requests in ----------------------------------------------------------------------------------------
 

@@ -94,6 +94,10 @@ class Cluster:
         self._init_ray(runtime_env)
         shards = cfg.prefill_shards + cfg.decode_shards
         gpus = ray.cluster_resources().get("GPU", 0)
+        for pool in ("attention", "experts"):
+            if getattr(cfg.devices, pool) == "cuda" and not gpus and cfg.placement == "topology":
+                self.shutdown()
+                raise InputError(f"devices.{pool}: cuda, but the Ray cluster has no GPUs; use auto or cpu")
         if cfg.kv_transfer == "nccl" and gpus < shards:
             self.shutdown()
             raise InputError(f"kv_transfer: nccl puts each attention shard on a GPU of its own: {shards} needed, "

@@ -120,7 +120,7 @@ class Controller:
             for i in range(count):
                 slot = (len(self.prefill_shards) + len(self.decode_shards)) % spec.num_gpus
                 actor = ray.remote(AttentionShardWorker).options(
-                    num_cpus=0, num_gpus=1 if cfg.kv_transfer == "nccl" else 0, max_concurrency=256,
+                    num_cpus=0, num_gpus=self._gpus("attention"), max_concurrency=256,
                     resources=placed(cfg, ATTENTION_RESOURCE, slot), max_restarts=self._restarts,
                     name=f"{self.prefix}-{role}-{i}", lifetime="detached", runtime_env=on_its_nic(spec, slot),
                 ).remote(role, i, config, phy2log, groups, slot, list(self.prefill_shards))
@@ -210,15 +210,21 @@ class Controller:
         (whom it relays to) are its node's groups of the same pool (set once the pool is complete)."""
         cfg, spec = self.config, self.spec
         groups = [ray.remote(ExpertGroupWorker).options(
-            num_cpus=0, max_concurrency=16, resources=placed(cfg, EXPERT_RESOURCE, g),
+            num_cpus=0, num_gpus=self._gpus("experts"), max_concurrency=16, resources=placed(cfg, EXPERT_RESOURCE, g),
             max_restarts=self._restarts, name=f"{self.prefix}-{pool}expert-group-{g}", lifetime="detached",
             runtime_env=on_its_nic(spec, g),
         ).remote(g, cfg.model, cfg.dtype, self._experts_of(phy2log, g),
-                 cfg.transport, spec.model_dump(), cfg.ray.threads_per_actor, first_rank, version)
+                 cfg.transport, spec.model_dump(), cfg.ray.threads_per_actor, first_rank, version, cfg.devices.experts)
             for g in slots]
         if cfg.transport == "ray" and len(groups) == spec.num_gpus:
             ray.get([self._set_peers(groups, g) for g in range(len(groups))])
         return groups
+
+    def _gpus(self, pool: str) -> float:
+        """GPUs each actor of a pool asks Ray for (see ClusterConfig.gpus_per_actor); an attention shard that hands
+        its KV over NCCL holds a GPU of its own."""
+        gpus = self.config.gpus_per_actor(pool, ray.cluster_resources().get("GPU", 0))
+        return max(gpus, 1.0) if pool == "attention" and self.config.kv_transfer == "nccl" else gpus
 
     @property
     def _restarts(self) -> int:
@@ -348,13 +354,14 @@ class Controller:
                     logging.getLogger("moeserve").warning("health round failed: %s: %s", type(e).__name__, e)
 
     def status(self) -> dict:
-        """Every actor (role, node, process, state), the placement version, the last rebalance's per-group load
+        """Every actor (role, node, process, device and Ray's GPU ids, state), the placement version, the last rebalance's per-group load
         before and after, and the recoveries: what `GET /v1/cluster` and `moeserve status` show."""
         actors = []
         for name, where in self.where.items():
             role = "expert-group" if "expert-group" in name else name.rsplit("-", 1)[0] + "-shard"
             actors.append({"name": name, "role": role, "topology_node": where["topology_node"], "gpu": where["gpu"],
                            "ray_node": where["ray_node"], "host": where["host"], "pid": where["pid"],
+                           "device": where.get("device", "cpu"), "gpu_ids": where.get("gpu_ids", []),
                            "state": self.states.get(name, "alive")})
         return {"placement_version": self.version, "transport": self.config.transport, "actors": actors,
                 "expert_groups": len(self.groups), "pending_scale_up": self.pending,

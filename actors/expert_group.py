@@ -14,7 +14,7 @@ from moeserve.kernels.checkpoint import Checkpoint, routed_expert_of
 from moeserve.kernels.experts import (MLP, dense_is_cheaper, pack_experts, run_assignments_dense,
                                       run_assignments_grouped)
 from moeserve.kernels.fp8 import act_dequant
-from moeserve.kernels.load import DTYPES
+from moeserve.kernels.load import DTYPES, resolve_device
 from moeserve.topology.spec import TopologySpec
 
 from . import collective, wire
@@ -23,13 +23,15 @@ from .transport import RayGroupServer
 
 class ExpertGroupWorker:
     def __init__(self, group_id: int, model: str, dtype: str, experts: dict[int, list[int]], transport: str,
-                 spec: dict, threads: int = 1, first_rank: int = 0, version: int = 0):
+                 spec: dict, threads: int = 1, first_rank: int = 0, version: int = 0, device: str = "auto"):
         """experts: MoE layer id -> the logical experts this group holds for it (its physical slots) in placement
         `version`. group_id is its GPU slot; its pool's groups hold collective ranks first_rank.. in slot order.
-        `transport` names the serving half this actor hosts."""
+        `transport` names the serving half this actor hosts. `device`: where the experts compute, among the GPUs
+        Ray gave this actor (none: the CPU)."""
         torch.set_num_threads(threads)
         self.group_id = group_id
         self.dtype = DTYPES[dtype]
+        self.device = resolve_device(device) if ray.get_gpu_ids() else torch.device("cpu")
         self.ckpt = Checkpoint(model)
         self.modules: dict[tuple[int, int], MLP] = {}   # (layer, logical expert) -> its weights, any version's
         # placement version -> per MoE layer, the held experts' weights stacked for batched matmuls and logical id
@@ -45,8 +47,8 @@ class ExpertGroupWorker:
         context = ray.get_runtime_context()
         return {"group": self.group_id, "pid": os.getpid(), "host": socket.gethostname(),
                 "ray_node": context.get_node_id(), "restarted": context.was_current_actor_reconstructed,
-                "nccl_ib_hca": os.environ.get("NCCL_IB_HCA"),
-                "experts": self.held(max(self.versions))}
+                "nccl_ib_hca": os.environ.get("NCCL_IB_HCA"), "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+                "device": str(self.device), "experts": self.held(max(self.versions))}
 
     def held(self, version: int) -> dict[int, list[int]]:
         """MoE layer -> the logical experts this group holds in a placement version."""
@@ -59,10 +61,10 @@ class ExpertGroupWorker:
         args = self.ckpt.args
         wanted = {(layer, e) for layer, es in experts.items() for e in es} - set(self.modules)
         for key in wanted:
-            self.modules[key] = MLP(args.dim, args.moe_inter_dim).to(self.dtype)
+            self.modules[key] = MLP(args.dim, args.moe_inter_dim).to(self.dtype)  # weights replaced below
         for name, tensor in self.ckpt.tensors(select=lambda n: routed_expert_of(n) in wanted, dtype=self.dtype):
             proj = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}[name.split(".")[-2]]
-            getattr(self.modules[routed_expert_of(name)], proj).weight = torch.nn.Parameter(tensor,
+            getattr(self.modules[routed_expert_of(name)], proj).weight = torch.nn.Parameter(tensor.to(self.device),
                                                                                           requires_grad=False)
         stacks = {}
         for layer, es in experts.items():
@@ -137,6 +139,7 @@ class ExpertGroupWorker:
             raise RuntimeError(f"tokens routed to experts {missing} of layer {layer}, which this group does not hold")
         rows = work.rows.long()
         run = run_assignments_dense if dense_is_cheaper(packed, len(x), len(rows)) else run_assignments_grouped
-        y = run(packed, x, rows, stacked, work.weights.to(self.dtype))
+        x, rows, stacked, weights = (t.to(self.device) for t in (x, rows, stacked, work.weights.to(self.dtype)))
+        y = run(packed, x, rows, stacked, weights)
         self.compute_s += time.perf_counter() - start
-        return y.float()
+        return y.float().cpu()  # messages travel from host memory

@@ -64,6 +64,7 @@ class DispatchHandle:
     dtype: torch.dtype
     micro_batch: int
     sent: list[Sent]
+    device: torch.device = torch.device("cpu")  # where the layer's tokens are (the combined rows go back there)
     pending: Any = None
     inputs: tuple = ()
     epoch: int = 0
@@ -157,7 +158,9 @@ class ExpertRouter:
                           hidden * torch.empty(0, dtype=combine_dtype).element_size())
 
     def dispatches(self, layer_id: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> list[Sent]:
-        """The messages of one layer's dispatch, x [T, dim], indices/weights [T, topk]; counts the planned bytes."""
+        """The messages of one layer's dispatch, x [T, dim], indices/weights [T, topk]; counts the planned bytes.
+        Messages are built in host memory (the planner reads the routing there): tensors on a GPU come over."""
+        x, indices, weights = x.cpu(), indices.cpu(), weights.cpu()
         d_bytes, c_bytes = self.row_bytes
         version, placements = self.version, self.placements  # one version for the whole layer
         plan = plan_dispatch(indices, self.src_gpu, placements[layer_id], self.spec, self.hidden,
@@ -213,11 +216,11 @@ class ExpertRouter:
         for sent, reply in zip(handle.sent, replies):
             self.count(sent, reply)
         if len(handle.sent) == 1 and len(handle.sent[0].route.rows) == handle.tokens:  # one route had every token
-            return replies[0].y.to(handle.dtype)
-        y = torch.zeros(handle.tokens, self.hidden)
+            return replies[0].y.to(handle.device, handle.dtype)
+        y = torch.zeros(handle.tokens, self.hidden, device="cpu")
         for sent, reply in zip(handle.sent, replies):
             y.index_add_(0, torch.from_numpy(sent.route.rows), reply.y.float())
-        return y.to(handle.dtype)
+        return y.to(handle.device, handle.dtype)
 
 
 class ExpertTransport:
@@ -232,7 +235,8 @@ class ExpertTransport:
                  micro_batch: int = 0) -> DispatchHandle:
         epoch = self.router.recovery.enter()
         start = time.perf_counter()
-        handle = DispatchHandle(x.shape[0], x.dtype, micro_batch, [], inputs=(x, indices, weights), epoch=epoch)
+        handle = DispatchHandle(x.shape[0], x.dtype, micro_batch, [], x.device, inputs=(x, indices, weights),
+                                epoch=epoch)
         try:
             handle.sent = self.router.dispatches(self.layer_id, x, indices, weights)
             handle.pending = self._send(handle.sent, micro_batch)

@@ -65,6 +65,29 @@ class FailureSettings(BaseModel):
                                         "every 60 s, so at least 120")
 
 
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class DeviceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    attention: Device = Field("auto", description="where the attention shards compute: auto = on GPUs where the Ray "
+                              "cluster has some (each shard asks Ray for attention_gpus), else on CPUs; cuda = on "
+                              "GPUs, refused where there are none; cpu = never on a GPU")
+    experts: Device = Field("auto", description="where the expert groups compute, as for attention. attention on "
+                            "GPUs with experts: cpu is the CPU-offload layout (KTransformers' idea): the routed "
+                            "experts' weights in CPU nodes' memory, attention and the shared experts on the GPUs")
+    attention_gpus: Optional[float] = Field(None, gt=0, le=8, description="GPUs each attention shard asks Ray for; "
+                                            "null: 0.5 where the expert groups are on GPUs too (a shard shares its "
+                                            "slot's GPU with that slot's group), else 1")
+    expert_gpus: Optional[float] = Field(None, gt=0, le=8, description="GPUs each expert group asks Ray for; null: "
+                                         "0.5 where the attention shards are on GPUs too, else 1")
+
+
+def on_gpus(device: str, cluster_gpus: float) -> bool:
+    """Whether a pool configured for `device` runs on GPUs in a Ray cluster with `cluster_gpus` of them."""
+    return device == "cuda" or (device == "auto" and cluster_gpus > 0)
+
+
 class RaySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     address: Optional[str] = Field(None, description="join this Ray cluster; None starts a local one")
@@ -107,6 +130,7 @@ class ClusterConfig(BaseModel):
         "cluster, or the local one); resources: each expert group asks Ray for one moeserve-expert and each "
         "attention shard for one moeserve-attention, which autoscaled worker groups offer (the Helm chart)")
     engine: EngineSettings = EngineSettings()
+    devices: DeviceSettings = DeviceSettings()
     rebalance: RebalanceSettings = RebalanceSettings()
     scaling: ScalingSettings = ScalingSettings()
     failures: FailureSettings = FailureSettings()
@@ -127,6 +151,16 @@ class ClusterConfig(BaseModel):
         if most is not None and not self.shared_expert_groups:
             raise ValueError("scaling.max_expert_groups needs shared_expert_groups: true")
         return self
+
+    def gpus_per_actor(self, pool: Literal["attention", "experts"], cluster_gpus: float) -> float:
+        """The GPUs each actor of a pool asks Ray for, in a Ray cluster with `cluster_gpus` GPUs (0: on CPUs).
+        A shard of GPU slot i and slot i's expert group share one GPU when both pools are on GPUs."""
+        d = self.devices
+        if not on_gpus(getattr(d, pool), cluster_gpus):
+            return 0.0
+        other = d.experts if pool == "attention" else d.attention
+        asked = d.attention_gpus if pool == "attention" else d.expert_gpus
+        return asked if asked is not None else 0.5 if on_gpus(other, cluster_gpus) else 1.0
 
     @property
     def topology_spec(self) -> TopologySpec:

@@ -50,7 +50,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* The cluster YAML: the values' ClusterConfig with the keys the chart owns. */}}
 {{- define "moeserve.clusterYaml" -}}
 {{- $owned := dict "model" .Values.model.path "placement" "resources" "ray" (merge (dict "address" "auto") (default (dict) .Values.cluster.ray)) }}
-{{- toYaml (merge $owned (omit .Values.cluster "model" "placement" "ray")) }}
+{{- /* each pool on the pods' GPUs, a pod's GPUs split over the actors it hosts; cluster.devices overrides */}}
+{{- $devices := dict "attention" "cpu" "experts" "cpu" }}
+{{- if gt (int .Values.attention.gpus) 0 }}
+{{- $_ := set $devices "attention" "cuda" }}
+{{- $_ := set $devices "attention_gpus" (divf .Values.attention.gpus .Values.attention.shardsPerPod) }}
+{{- end }}
+{{- if gt (int .Values.experts.gpus) 0 }}
+{{- $_ := set $devices "experts" "cuda" }}
+{{- $_ := set $devices "expert_gpus" (divf .Values.experts.gpus .Values.experts.groupsPerPod) }}
+{{- end }}
+{{- $_ := set $owned "devices" (merge (default (dict) .Values.cluster.devices) $devices) }}
+{{- toYaml (merge $owned (omit .Values.cluster "model" "placement" "ray" "devices")) }}
 {{- end }}
 
 {{/* Volumes every Ray pod mounts: the model and the cluster YAML. */}}
