@@ -19,6 +19,7 @@ from moeserve.kernels.cache import PagedLatentCache
 from moeserve.kernels.errors import InputError
 from moeserve.kernels.generate import check_prompt
 from moeserve.kernels.load import resolve_device
+from moeserve.kernels.mla_decode import decode_kernel
 from moeserve.kernels.model import Transformer
 from moeserve.kernels.sampling import accept_draft, greedy, greedy_tokens, sampling_probs, sampling_probs_rows
 
@@ -42,6 +43,7 @@ class EngineConfig:
     mtp: bool = False                       # MTP speculative decoding (needs the checkpoint's MTP module)
     prefix_caching: bool = True
     micro_batches: int = 1                  # micro-batches per step that overlap attention with remote experts
+    mla_decode: str = "auto"                # decode attention: gather, paged (torch), triton; auto: triton on GPUs
 
 CPU_KV_CACHE_TOKENS = 32768
 
@@ -141,7 +143,11 @@ class Engine:
                                       self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.cache, config.micro_batches)
+        try:
+            decode = decode_kernel(config.mla_decode, self.device, config.block_size)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        self.runner = ModelRunner(model, self.cache, config.micro_batches, decode)
         self.requests: dict[str, Sequence] = {}
         self._emitted: dict[str, tuple[int, int]] = {}  # request -> (tokens, text chars) already reported
         self.num_steps = 0

@@ -35,9 +35,12 @@ def to_device_once(tensors: list[torch.Tensor], device: torch.device) -> list[to
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedLatentCache, micro_batches: int = 1):
+    def __init__(self, model: Transformer, cache: PagedLatentCache, micro_batches: int = 1, decode=None):
+        """`decode`: the paged MLA decode kernel absorbed-form calls run (mla_decode.decode_kernel), or None to
+        attend over each row's history gathered out of the pages."""
         self.model = model
         self.cache = cache
+        self.decode = decode
         self.micro_batches = micro_batches
         self.pool = ThreadPoolExecutor(micro_batches, thread_name_prefix="micro-batch") if micro_batches > 1 \
             else None
@@ -46,18 +49,21 @@ class ModelRunner:
         self.expert_load = {name: torch.zeros(model.args.n_routed_experts, dtype=torch.long, device=self.device)
                             for name, _ in self.moe_layers}
 
-    def _inputs(self, block_tables, starts, rows):
+    def _inputs(self, block_tables, starts, rows, form: MLAForm):
         """The step's inputs built on the host from what the scheduler knows (nothing is read back from the
         device), then copied in one go: tokens, positions [B, S], the cache view, the packing (or None)."""
         tokens, positions, valid = _pad(rows, starts)
         length = max(st + len(r) for st, r in zip(starts, rows))
-        write_slots, read_slots = self.cache.slots(block_tables, positions, valid, length)
+        paged = self.decode is not None and form == "absorbed"
+        write_slots, read_slots, tables = self.cache.slots(block_tables, positions, valid, length, gather=not paged)
         lengths = [len(r) for r in rows]
         packing = Packing.of_lengths(lengths, tokens.shape[1]) if min(lengths) < tokens.shape[1] else None
-        host = [tokens, positions, write_slots, read_slots] + ([packing.index] if packing else [])
-        tokens, positions, write_slots, read_slots, *index = to_device_once(host, self.device)
+        host = [tokens, positions, write_slots, tables if paged else read_slots] + ([packing.index] if packing else [])
+        tokens, positions, write_slots, slots, *index = to_device_once(host, self.device)
         packing = Packing(index[0], packing.shape) if packing else None
-        return tokens, positions, self.cache.view(write_slots, read_slots, length), packing
+        view = self.cache.view(write_slots, None, length, slots, positions, self.decode) if paged else \
+            self.cache.view(write_slots, slots, length)
+        return tokens, positions, view, packing
 
     def form_for(self, starts: list[int], rows: list[list[int]]) -> MLAForm:
         """The cheaper MLA form for rows of tokens at positions starts[b]..., as the padded batch runs them."""
@@ -89,7 +95,7 @@ class ModelRunner:
                 form: MLAForm) -> torch.Tensor:
         """Row b's tokens at positions starts[b]... -> hidden states [B, S, dim] (padding rows are junk)."""
         def run(micro_batch, block_tables, starts, rows):
-            tokens, positions, view, packing = self._inputs(block_tables, starts, rows)
+            tokens, positions, view, packing = self._inputs(block_tables, starts, rows, form)
             return self.model(tokens, positions, cache=view, form=form, micro_batch=micro_batch, packing=packing)
 
         h = self._split(run, len(rows), block_tables, starts, rows)
@@ -104,7 +110,7 @@ class ModelRunner:
         form = self.form_for(starts, next_tokens)
 
         def run(micro_batch, block_tables, starts, next_tokens, h):
-            tokens, positions, view, packing = self._inputs(block_tables, starts, next_tokens)
+            tokens, positions, view, packing = self._inputs(block_tables, starts, next_tokens, form)
             return self.model.mtp_forward(h[:, :tokens.shape[1]], tokens, positions, cache=view, form=form,
                                           micro_batch=micro_batch, packing=packing)
 

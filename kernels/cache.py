@@ -6,6 +6,8 @@ A cache hands the attention layers a view for the rows (sequences) of one forwar
 method, `update(layer_id, latent, positions) -> latent of every cached position`, so the paged cache of
 the engine can stand in for this contiguous one.
 """
+from typing import Optional
+
 import torch
 
 from .args import ModelArgs
@@ -46,16 +48,17 @@ class LatentCacheView:
 
 
 class PagedLatentCache:
-    """Latent rows in fixed-size blocks shared by all sequences: [layers, num_blocks * block_size + 1, C].
+    """Latent rows in fixed-size blocks shared by all sequences: [layers, (num_blocks + 1) * block_size, C].
     A sequence owns a block table (block ids in position order); position p lives in slot
-    table[p // block_size] * block_size + p % block_size. The one extra slot at the end absorbs the
-    writes of padding tokens, so a padded batch never touches another sequence's rows."""
+    table[p // block_size] * block_size + p % block_size. The extra block at the end is scratch: padding tokens
+    write there, so a padded batch never touches another sequence's rows, and every layer's cache reads as whole
+    pages [num_blocks + 1, block_size, C] (the paged MLA decode's view)."""
 
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, n_layers: int,
                  device: torch.device | str = "cpu"):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.kv = torch.zeros(n_layers, num_blocks * block_size + 1, args.latent_dim, dtype=dtype, device=device)
+        self.kv = torch.zeros(n_layers, (num_blocks + 1) * block_size, args.latent_dim, dtype=dtype, device=device)
         self.scratch_slot = num_blocks * block_size
 
     @property
@@ -64,36 +67,48 @@ class PagedLatentCache:
 
     @property
     def bytes_per_token(self) -> int:
-        """Allocated bytes over token capacity (the scratch slot left out)."""
-        return self.kv[:, :-1].numel() * self.kv.element_size() // (self.num_blocks * self.block_size)
+        """Allocated bytes over token capacity (the scratch block left out)."""
+        return self.kv.shape[0] * self.kv.shape[2] * self.kv.element_size()
+
+    def pages(self, layer_id: int) -> torch.Tensor:
+        return self.kv[layer_id].view(self.num_blocks + 1, self.block_size, -1)
 
     def slots(self, block_tables: list[list[int]], positions: torch.Tensor, valid: torch.Tensor,
-              length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slots of a padded batch, on the host where its inputs are built: (write_slots [B, S], each token's
-        slot, padding's the scratch slot; read_slots [B * length], positions 0..length-1 of every row in table
-        order). positions, valid [B, S] host tensors; length: the furthest position + 1."""
+              length: int, gather: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """The slots of a padded batch, on the host where its inputs are built: write_slots [B, S], each token's
+        slot, padding's in the scratch block; read_slots [B * length], positions 0..length-1 of every row in table
+        order (None without `gather`); the block tables [B, n] (-1 past a row's blocks). positions, valid [B, S]
+        host tensors; length: the furthest position + 1."""
         bs = self.block_size
         n_blocks = max(-(-length // bs), max(len(t) for t in block_tables))
         table = torch.tensor([t + [-1] * (n_blocks - len(t)) for t in block_tables], dtype=torch.long, device="cpu")
         block = table.gather(1, (positions // bs).clamp(max=n_blocks - 1))
         write = torch.where(block >= 0, block * bs + positions % bs, self.scratch_slot)
         write = write.masked_fill(~valid, self.scratch_slot)
+        if not gather:
+            return write, None, table
         # a row's positions past its own blocks read block 0: stale rows that the causal mask hides like any
         # other past a row's length
         read = table.clamp(min=0).unsqueeze(-1) * bs + torch.arange(bs, device="cpu")  # [B, blocks, bs]
-        return write, read.flatten(1)[:, :length].flatten()
+        return write, read.flatten(1)[:, :length].flatten(), table
 
-    def view(self, write_slots: torch.Tensor, read_slots: torch.Tensor, length: int) -> "PagedCacheView":
-        """A view for a padded batch from its `slots`, on the cache's device."""
-        return PagedCacheView(self, write_slots, read_slots, length)
+    def view(self, write_slots: torch.Tensor, read_slots: Optional[torch.Tensor], length: int,
+             tables: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
+             decode=None) -> "PagedCacheView":
+        """A view for a padded batch from its `slots`, on the cache's device; with a paged `decode` kernel
+        (mla_decode.decode_kernel), the block tables and positions it reads."""
+        return PagedCacheView(self, write_slots, read_slots, length, tables, positions, decode)
 
 
 class PagedCacheView:
-    def __init__(self, cache: PagedLatentCache, write_slots: torch.Tensor, read_slots: torch.Tensor, length: int):
+    def __init__(self, cache: PagedLatentCache, write_slots: torch.Tensor, read_slots: Optional[torch.Tensor],
+                 length: int, tables: Optional[torch.Tensor], positions: Optional[torch.Tensor], decode):
+        self.cache = cache
         self.kv = cache.kv
         self.write_slots = write_slots
         self.read_slots = read_slots
-        self.read_shape = (read_slots.shape[0] // length, length)
+        self.read_shape = (write_slots.shape[0], length)
+        self.tables, self.positions, self.decode = tables, positions, decode
 
     def length(self, positions: torch.Tensor) -> int:
         return self.read_shape[1]
@@ -103,3 +118,11 @@ class PagedCacheView:
         kv[self.write_slots] = latent.to(kv.dtype)
         # index_select over the flattened slots: about 3.5x faster on the CPU than kv[read_slots]
         return kv.index_select(0, self.read_slots).view(*self.read_shape, kv.shape[-1])
+
+    def attend(self, layer_id: int, latent: torch.Tensor, q: torch.Tensor, scale: float, C: int) -> torch.Tensor:
+        """Store this call's latent [B, S, D], then the paged decode of q [B, S * H, D] over every row's pages up
+        to each query's own position -> [B, S * H, C]."""
+        kv = self.kv[layer_id]
+        kv[self.write_slots] = latent.to(kv.dtype)
+        limits = self.positions.repeat_interleave(q.shape[1] // self.positions.shape[1], dim=1)
+        return self.decode(q.to(kv.dtype), self.cache.pages(layer_id), self.tables, limits, scale, C)

@@ -143,9 +143,11 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor,
                 latent_of: Callable[[torch.Tensor], torch.Tensor], form: MLAForm,
-                packing: Optional[Packing] = None) -> torch.Tensor:
+                packing: Optional[Packing] = None, attend: Optional[Callable] = None) -> torch.Tensor:
         """x [B, S, dim], or [T, dim] with a packing; freqs_cis [B, S, rope/2] complex; mask [B, S, L] additive;
-        `latent_of` stores this call's latent [B, S, C] and returns every position's [B, L, C]."""
+        `latent_of` stores this call's latent [B, S, C] and returns every position's [B, L, C]. `attend`, when
+        given, stands for both in the absorbed form: attend(latent [B, S, C], q [B, S * H, C], scale) stores the
+        latent and returns the attention output [B, S * H, kv_lora_rank] read from the cache's pages."""
         folded = form == "absorbed" and self.folded is not None
         q = x if self.q_lora_rank is None else self.q_norm(self.wq_a(x))
         if folded:
@@ -162,7 +164,9 @@ class MLA(nn.Module):
         kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         # the shared key rotates with the queries, as one more head: one rotation instead of two
         q_pe, k_pe = apply_rotary_emb(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), freqs_cis).split([H, 1], dim=2)
-        latent = latent_of(torch.cat([self.kv_norm(kv), k_pe.squeeze(2)], dim=-1))  # [B, L, C]
+        new_latent = torch.cat([self.kv_norm(kv), k_pe.squeeze(2)], dim=-1)  # [B, S, C]
+        paged = form == "absorbed" and attend is not None
+        latent = None if paged else latent_of(new_latent)  # [B, L, C]
         if form == "naive":
             # decompress keys and values per head, then fused attention: the CPU's flash kernel neither stores the
             # [B, H, S, L] scores nor allocates them afresh each layer (prefill attention about 2x faster); it
@@ -184,11 +188,15 @@ class MLA(nn.Module):
             # the latent holds c_kv and k_pe side by side: one product scores both parts, one query row per (s, h)
             # against the one shared latent "head"; the latent also serves as the values (c_kv, then k_pe,
             # whose outputs are dropped), which keeps v as wide as q for the fused kernel
-            q = torch.cat([q_nope, q_pe], dim=-1).view(B, 1, S * H, -1)
-            mask = mask.unsqueeze(2).expand(B, S, H, -1).reshape(B, 1, S * H, -1).to(q.dtype)
-            out = F.scaled_dot_product_attention(q, latent.unsqueeze(1), latent.unsqueeze(1), attn_mask=mask,
-                                                 scale=self.softmax_scale)
-            out = out.view(B, S, H, -1)[..., :self.kv_lora_rank]  # [B, S, H, kv_lora_rank]
+            q = torch.cat([q_nope, q_pe], dim=-1)
+            if paged:
+                out = attend(new_latent, q.view(B, S * H, -1), self.softmax_scale).view(B, S, H, -1)
+            else:
+                q = q.view(B, 1, S * H, -1)
+                mask = mask.unsqueeze(2).expand(B, S, H, -1).reshape(B, 1, S * H, -1).to(q.dtype)
+                out = F.scaled_dot_product_attention(q, latent.unsqueeze(1), latent.unsqueeze(1), attn_mask=mask,
+                                                     scale=self.softmax_scale)
+                out = out.view(B, S, H, -1)[..., :self.kv_lora_rank]  # [B, S, H, kv_lora_rank]
             if not folded:
                 out = torch.einsum("bshc,hdc->bshd", out, w_uv)
         out = out.flatten(2)
@@ -288,7 +296,11 @@ class Block(nn.Module):
                 packing: Optional[Packing] = None, micro_batch: int = 0):
         def latent_of(latent):
             return latent if cache is None else cache.update(self.layer_id, latent, positions)
-        x = x + self.attn(self.attn_norm(x), freqs_cis, mask, latent_of, form, packing)
+        attend = None
+        if getattr(cache, "decode", None) is not None:  # a paged cache view with a decode kernel
+            def attend(latent, q, scale):
+                return cache.attend(self.layer_id, latent, q, scale, self.attn.kv_lora_rank)
+        x = x + self.attn(self.attn_norm(x), freqs_cis, mask, latent_of, form, packing, attend)
         ffn_in = self.ffn_norm(x)
         return x + (self.ffn(ffn_in, micro_batch) if isinstance(self.ffn, MoE) else self.ffn(ffn_in))
 
@@ -369,10 +381,12 @@ class Transformer(nn.Module):
         B, S = tokens.shape
         if positions is None:
             positions = torch.arange(S, device=tokens.device).expand(B, S)
-        key_positions = torch.arange(cache.length(positions), device=tokens.device).expand(B, -1) \
-            if cache is not None else positions
+        length = cache.length(positions) if cache is not None else S
         if form is None:
-            form = "naive" if cache is None else cheaper_mla_form(self.args, S, key_positions.shape[1])
+            form = "naive" if cache is None else cheaper_mla_form(self.args, S, length)
+        if form == "absorbed" and getattr(cache, "decode", None) is not None:
+            return positions, None, self.rope(positions), form  # the paged decode masks as it reads
+        key_positions = torch.arange(length, device=tokens.device).expand(B, -1) if cache is not None else positions
         return positions, self.causal_mask(positions, key_positions), self.rope(positions), form
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
