@@ -41,9 +41,11 @@ def ragged_batch(block, lengths, S=1, H=4, C=64, rope=16, seed=0):
     return q, pages, tables, positions.repeat_interleave(H, dim=1), C
 
 
-@pytest.mark.parametrize("block,lengths,S", [(16, [1, 37, 70, 16], 1), (64, [5, 200, 129], 2), (16, [33], 2)])
-def test_paged_decode_equals_attention_over_the_gathered_history(block, lengths, S):
-    q, pages, tables, limits, C = ragged_batch(block, lengths, S)
+@pytest.mark.parametrize("block,lengths,S,H,C", [(16, [1, 37, 70, 16], 1, 4, 64), (64, [5, 200, 129], 2, 4, 64),
+                                                 (16, [33], 2, 4, 64), (16, [20, 45], 2, 12, 256)])
+def test_paged_decode_equals_attention_over_the_gathered_history(block, lengths, S, H, C):
+    """...the last case with a wide latent, whose 24 query rows the kernel takes in two tiles of 16."""
+    q, pages, tables, limits, C = ragged_batch(block, lengths, S, H, C)
     expected = gathered_attention(q, pages, tables, limits, 0.1, C)
     assert (paged_mla_decode(q, pages, tables, limits, 0.1, C) - expected).abs().max() < 1e-5
     triton_mla = pytest.importorskip("moeserve.kernels.triton_mla")
