@@ -57,7 +57,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(a.threads)
     start = time.perf_counter()
-    llm = LLM(a.model, dtype=a.dtype, mtp=a.mtp)
+    llm = LLM(a.model, dtype=a.dtype, mtp=a.mtp, device=a.device)
     loaded = time.perf_counter()
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             seed=a.seed, ignore_eos=a.ignore_eos, logprobs=0)
@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "optional MTP speculation) and generate, streaming the text as it comes."
                                    "\n\nexamples:\n  moeserve generate --prompt \"def fibonacci(\" --mtp\n"
                                    "  moeserve generate --model CKPT --prompt-ids 1,2,3 --max-tokens 16 "
-                                   "--temperature 0 --json")
+                                   "--temperature 0 --json\n  moeserve generate --model CKPT --device cuda --prompt \"import os\"")
     _add_model(p, required=False)
     p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
     p.add_argument("--prompt-ids", type=_token_ids, metavar="IDS", help="prompt as token ids, e.g. 1,2,3")
@@ -314,8 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     p.add_argument("--mtp", action="store_true",
                    help="speculative decoding with the checkpoint's MTP module: same output, fewer steps")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="compute dtype; FP8 weights are dequantised into it (default float32, fastest on CPU)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model runs (default auto: a GPU where torch sees one, else the CPU)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="compute dtype (default auto: bfloat16 on a GPU, float32 on a CPU, the fastest on each); "
+                        "an FP8 checkpoint's weights stay e4m3 on a GPU and are dequantised into it on a CPU")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true",
                    help="print {prompt_token_ids, token_ids, text, logprobs, finish_reason} as JSON")
