@@ -5,10 +5,10 @@
 Measures, in float32 on the CPU (greedy decoding):
 - batch 1: decode tokens/s for a 64-token prompt and 128 new tokens, ours with and without MTP speculation
   (median of 5 interleaved runs each, each run a prompt of its own);
-- 32 concurrent requests with mixed prompt (16-200 tokens) and output (16-128 tokens) lengths: useful
-  tokens/s. transformers runs them as one padded batch until the longest finishes (its native way to batch
-  requests); only the tokens each request asked for are counted. Each side first runs another workload of
-  the same kind, untimed; then 3 new workloads, each run by both sides in turn; medians.
+- 32 concurrent requests with mixed prompt lengths (16-200 tokens), each generating 64 tokens (EOS ignored): equal
+  work, tokens/s. transformers runs them as one left-padded batch (its native way to batch requests). Each side
+  first runs another workload of the same kind, untimed; then 3 new workloads, each run by both sides in turn;
+  medians.
 Every timed run has prompts not seen before, so that our prefix cache (which transformers lacks) saves
 nothing.
 Results print as a Markdown table of ratios.
@@ -30,6 +30,7 @@ from moeserve.cluster.tokenizer import Tokenizer
 
 REPEATS = 5
 REPEATS_32 = 3
+NEW_TOKENS_32 = 64
 
 
 def corpus_prompts(tokenizer: Tokenizer, n: int, rng: random.Random, lo: int, hi: int) -> list[list[int]]:
@@ -142,12 +143,13 @@ def main() -> int:
     del llms
     print(f"batch 1 done: {json.dumps(results)}", file=sys.stderr, flush=True)
 
-    # 32 concurrent requests, mixed lengths, a new workload each repeat (fresh prompts, as above); both sides
-    # first run another such workload, so that neither pays first-call costs (kernel selection for new
-    # shapes) in the timed runs
+    # 32 concurrent requests of mixed prompt lengths, every one generating the same number of tokens: equal work on
+    # both sides (transformers' padded batch generates each row to the longest; with equal outputs nothing it
+    # generates is thrown away). A new workload each repeat (fresh prompts, as above); both sides first run another
+    # such workload, so that neither pays first-call costs (kernel selection for new shapes) in the timed runs
     def workload():
         prompts = corpus_prompts(tok, 32, rng, 16, 200)
-        return prompts, [rng.randint(16, 128) for _ in prompts]
+        return prompts, [NEW_TOKENS_32] * len(prompts)
 
     llm = LLM(a.model)
     warm, warm_tokens = workload()
@@ -172,7 +174,8 @@ def main() -> int:
     rows = [
         ("batch 1 decode, tokens/s", r["batch1_ours_tokens_per_s"], r["batch1_transformers_tokens_per_s"]),
         ("batch 1 decode with MTP, tokens/s", r["batch1_ours_mtp_tokens_per_s"], r["batch1_transformers_tokens_per_s"]),
-        ("32 concurrent, mixed lengths, tokens/s", r["batch32_ours_tokens_per_s"], r["batch32_transformers_tokens_per_s"]),
+        (f"32 concurrent, prompts of 16-200 tokens, {NEW_TOKENS_32} new each (equal work), tokens/s",
+         r["batch32_ours_tokens_per_s"], r["batch32_transformers_tokens_per_s"]),
     ]
     print("| workload | moeserve | transformers | ratio |\n|---|---|---|---|")
     for name, ours, theirs in rows:

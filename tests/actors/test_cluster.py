@@ -17,10 +17,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every raylet on the loopback address
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster as RayCluster  # noqa: E402
 
 from moeserve.actors.attention_shard import HandedOff  # noqa: E402
 from moeserve.actors.client import ClusterClient  # noqa: E402
+from tests.actors.raylets import raylets  # noqa: E402
 from moeserve.actors.cluster import Cluster, node_resource  # noqa: E402
 from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
 from moeserve.kernels.errors import InputError  # noqa: E402
@@ -33,15 +33,10 @@ TWO_NODES_ONE_GPU = TopologySpec(name="two-by-one", nodes=2, gpus_per_node=1, ni
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    cluster = RayCluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "resources": {node_resource(0): 100}, "object_store_memory": 80 * 2**20,
-        "include_dashboard": False})
-    cluster.add_node(num_cpus=2, resources={node_resource(1): 100}, object_store_memory=80 * 2**20)
-    assert cluster.address.startswith("127.0.0.1:"), cluster.address
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    for cluster in raylets({"num_cpus": 2, "resources": {node_resource(0): 100}},
+                           {"num_cpus": 2, "resources": {node_resource(1): 100}}):
+        assert cluster.address.startswith("127.0.0.1:"), cluster.address
+        yield cluster
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster as RayCluster  # noqa: E402
 
+from tests.actors.raylets import raylets  # noqa: E402
 from moeserve.actors.cluster import Cluster, node_resource  # noqa: E402
 from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
 
@@ -23,14 +23,8 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def gpu_cluster():
-    cluster = RayCluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "num_gpus": 2, "resources": {node_resource(0): 100}, "object_store_memory": 80 * 2**20,
-        "include_dashboard": False})
-    cluster.add_node(num_cpus=2, num_gpus=2, resources={node_resource(1): 100}, object_store_memory=80 * 2**20)
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    yield from raylets({"num_cpus": 2, "num_gpus": 2, "resources": {node_resource(0): 100}},
+                       {"num_cpus": 2, "num_gpus": 2, "resources": {node_resource(1): 100}})
 
 
 @pytest.fixture(scope="module")

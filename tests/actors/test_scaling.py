@@ -16,8 +16,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster as RayCluster  # noqa: E402
 
+from tests.actors.raylets import raylets  # noqa: E402
 from moeserve.actors.cluster import Cluster  # noqa: E402
 from moeserve.actors.controller import ATTENTION_RESOURCE, EXPERT_RESOURCE  # noqa: E402
 from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
@@ -26,14 +26,8 @@ from moeserve.kernels.errors import InputError  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    cluster = RayCluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "resources": {ATTENTION_RESOURCE: 4}, "object_store_memory": 80 * 2**20,
-        "include_dashboard": False})
-    cluster.add_node(num_cpus=1, resources={EXPERT_RESOURCE: 4}, object_store_memory=80 * 2**20)
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    yield from raylets({"num_cpus": 2, "resources": {ATTENTION_RESOURCE: 4}},
+                       {"num_cpus": 1, "resources": {EXPERT_RESOURCE: 4}})
 
 
 @pytest.mark.parametrize("transport", ["collective", "ray"])

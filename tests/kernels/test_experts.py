@@ -28,10 +28,16 @@ def test_grouped_and_dense_experts_equal_one_expert_at_a_time(tokens):
         assert rel_err(experts.dispatch(x, indices, weights), expected) < 1e-6
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_grouped_experts_on_skewed_routing_with_empty_experts_equal_one_expert_at_a_time(seed):
+def test_grouped_experts_on_skewed_routing_with_empty_experts_equal_one_expert_at_a_time(seed, native, monkeypatch):
     """Most rows on two experts, most experts with none (their segments are empty), rows repeated across experts,
-    some rows with no expert at all; and no assignment at all."""
+    some rows with no expert at all; and no assignment at all. Also where the device lacks `torch._grouped_mm` for
+    the dtype (fp32 on CUDA): one product per expert."""
+    if not native:
+        def unsupported(*args, **kwargs):
+            raise RuntimeError("grouped gemm is not supported for this dtype here")
+        monkeypatch.setattr(torch, "_grouped_mm", unsupported)
     g = torch.Generator().manual_seed(seed)
     experts = LocalExperts(32, 40, 24)
     with torch.no_grad():
