@@ -87,8 +87,9 @@ class AttentionShardWorker:
                 return RayExpertTransport(layer, self.router, self.groups)
         # on a GPU Ray gave this shard, else the CPU
         self.device = resolve_device(cfg.devices.attention) if ray.get_gpu_ids() else torch.device("cpu")
+        fp8 = self.device.type == "cuda" if cfg.fp8_resident is None else cfg.fp8_resident
         model = load_model(cfg.model, dtype=DTYPES[cfg.dtype], with_mtp=cfg.mtp, make_experts=make_experts,
-                           device=self.device)
+                           device=self.device, fp8_resident=fp8)
         tokenizer = Tokenizer(cfg.model) if Tokenizer.exists(cfg.model) else None
         settings = cfg.engine.model_dump()
         prefill_budget = settings.pop("prefill_max_num_batched_tokens")

@@ -214,7 +214,8 @@ class Controller:
             max_restarts=self._restarts, name=f"{self.prefix}-{pool}expert-group-{g}", lifetime="detached",
             runtime_env=on_its_nic(spec, g),
         ).remote(g, cfg.model, cfg.dtype, self._experts_of(phy2log, g),
-                 cfg.transport, spec.model_dump(), cfg.ray.threads_per_actor, first_rank, version, cfg.devices.experts)
+                 cfg.transport, spec.model_dump(), cfg.ray.threads_per_actor, first_rank, version, cfg.devices.experts,
+                 cfg.fp8_resident)
             for g in slots]
         if cfg.transport == "ray" and len(groups) == spec.num_gpus:
             ray.get([self._set_peers(groups, g) for g in range(len(groups))])

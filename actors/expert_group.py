@@ -6,14 +6,15 @@ combined row per token back."""
 import os
 import socket
 import time
+from typing import Optional
 
 import ray
 import torch
 
 from moeserve.kernels.checkpoint import Checkpoint, routed_expert_of
-from moeserve.kernels.experts import (MLP, dense_is_cheaper, pack_experts, run_assignments_dense,
+from moeserve.kernels.experts import (MLP, dense_is_cheaper, pack_experts, run_assignments, run_assignments_dense,
                                       run_assignments_grouped)
-from moeserve.kernels.fp8 import act_dequant
+from moeserve.kernels.fp8 import FP8Linear, act_dequant
 from moeserve.kernels.load import DTYPES, resolve_device
 from moeserve.topology.spec import TopologySpec
 
@@ -23,15 +24,18 @@ from .transport import RayGroupServer
 
 class ExpertGroupWorker:
     def __init__(self, group_id: int, model: str, dtype: str, experts: dict[int, list[int]], transport: str,
-                 spec: dict, threads: int = 1, first_rank: int = 0, version: int = 0, device: str = "auto"):
+                 spec: dict, threads: int = 1, first_rank: int = 0, version: int = 0, device: str = "auto",
+                 fp8_resident: Optional[bool] = None):
         """experts: MoE layer id -> the logical experts this group holds for it (its physical slots) in placement
         `version`. group_id is its GPU slot; its pool's groups hold collective ranks first_rank.. in slot order.
         `transport` names the serving half this actor hosts. `device`: where the experts compute, among the GPUs
-        Ray gave this actor (none: the CPU)."""
+        Ray gave this actor (none: the CPU). `fp8_resident`: an FP8 checkpoint's experts stay e4m3 and compute in
+        FP8 as the engine's `FP8Linear` layers do (None: on a GPU)."""
         torch.set_num_threads(threads)
         self.group_id = group_id
         self.dtype = DTYPES[dtype]
         self.device = resolve_device(device) if ray.get_gpu_ids() else torch.device("cpu")
+        self.fp8 = self.device.type == "cuda" if fp8_resident is None else fp8_resident
         self.ckpt = Checkpoint(model)
         self.modules: dict[tuple[int, int], MLP] = {}   # (layer, logical expert) -> its weights, any version's
         # placement version -> per MoE layer, the held experts' weights stacked for batched matmuls and logical id
@@ -61,18 +65,33 @@ class ExpertGroupWorker:
         args = self.ckpt.args
         wanted = {(layer, e) for layer, es in experts.items() for e in es} - set(self.modules)
         for key in wanted:
-            self.modules[key] = MLP(args.dim, args.moe_inter_dim).to(self.dtype)  # weights replaced below
-        for name, tensor in self.ckpt.tensors(select=lambda n: routed_expert_of(n) in wanted, dtype=self.dtype):
+            with torch.device("meta"):  # each projection is read from the checkpoint below
+                self.modules[key] = MLP(args.dim, args.moe_inter_dim)
+        for name in self.ckpt.names(select=lambda n: routed_expert_of(n) in wanted):
             proj = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}[name.split(".")[-2]]
-            getattr(self.modules[routed_expert_of(name)], proj).weight = torch.nn.Parameter(tensor.to(self.device),
-                                                                                          requires_grad=False)
+            setattr(self.modules[routed_expert_of(name)], proj, self._linear(name))
         stacks = {}
         for layer, es in experts.items():
             ids = sorted(set(es))
             index = torch.full((args.n_routed_experts,), -1, dtype=torch.long)
             index[ids] = torch.arange(len(ids))
-            stacks[layer] = (pack_experts([self.modules[layer, e] for e in ids]), index)
+            held = [self.modules[layer, e] for e in ids]
+            # FP8 experts run one at a time through their FP8Linear layers; others stacked for batched products
+            stacks[layer] = (held if isinstance(held[0].w1, FP8Linear) else pack_experts(held), index)
         return stacks
+
+    def _linear(self, name: str) -> torch.nn.Module:
+        """One expert projection from the checkpoint on this group's device: e4m3 with its block scales where the
+        checkpoint stores it so and FP8 stays resident, else in the compute dtype."""
+        if self.fp8 and self.ckpt.is_fp8(name):
+            weight, scale = self.ckpt.fp8(name)
+            layer = FP8Linear(weight.shape[1], weight.shape[0], self.ckpt.args.weight_block_size or (128, 128))
+            layer.weight.data, layer.weight_scale_inv.data = weight.to(self.device), scale.to(self.device)
+            return layer
+        tensor = self.ckpt.tensor(name, self.dtype).to(self.device)
+        layer = torch.nn.Linear(tensor.shape[1], tensor.shape[0], bias=False, device="meta")
+        layer.weight = torch.nn.Parameter(tensor, requires_grad=False)
+        return layer
 
     def prepare(self, version: int, experts: dict[int, list[int]]) -> int:
         """Load placement `version` beside the ones being served (which go on serving meanwhile); returns how
@@ -91,8 +110,9 @@ class ExpertGroupWorker:
             del self.modules[key]
 
     def stats(self) -> dict:
+        weights = {str(p.dtype).removeprefix("torch.") for m in self.modules.values() for p in m.parameters()}
         return {"group": self.group_id, "assignments_computed": self.assignments_computed, "compute_s": self.compute_s,
-                "placement_versions": sorted(self.versions)}
+                "placement_versions": sorted(self.versions), "weight_dtypes": sorted(weights)}
 
     # ---- the serving half: the ray transport's calls, or the collective transport's threads ----------------
 
@@ -138,8 +158,11 @@ class ExpertGroupWorker:
             missing = sorted(set(work.expert_ids[stacked < 0].tolist()))
             raise RuntimeError(f"tokens routed to experts {missing} of layer {layer}, which this group does not hold")
         rows = work.rows.long()
-        run = run_assignments_dense if dense_is_cheaper(packed, len(x), len(rows)) else run_assignments_grouped
         x, rows, stacked, weights = (t.to(self.device) for t in (x, rows, stacked, work.weights.to(self.dtype)))
-        y = run(packed, x, rows, stacked, weights)
+        if isinstance(packed, list):  # FP8 experts
+            y = run_assignments(packed, x, rows, stacked, weights)
+        else:
+            run = run_assignments_dense if dense_is_cheaper(packed, len(x), len(rows)) else run_assignments_grouped
+            y = run(packed, x, rows, stacked, weights)
         self.compute_s += time.perf_counter() - start
         return y.float().cpu()  # messages travel from host memory

@@ -104,6 +104,9 @@ class ClusterConfig(BaseModel):
 
     model: str = Field(str(DEMO_MODEL), description="checkpoint directory")
     dtype: Literal["float32", "bfloat16"] = "float32"
+    fp8_resident: Optional[bool] = Field(None, description="an FP8 checkpoint's weights stay e4m3 and compute in "
+                                         "FP8, attention and experts alike (true), are dequantised into dtype at "
+                                         "load (false), or stay e4m3 on the actors that compute on GPUs (null)")
     prefill_shards: int = Field(1, ge=1)
     decode_shards: int = Field(1, ge=1)
     expert_groups: int = Field(4, ge=1, description="expert-group actors, one per topology GPU slot")

@@ -403,3 +403,17 @@ def test_uneven_load_triggers_a_rebalance_by_itself(ray_cluster, mtp_checkpoint,
         assert max(report["imbalance_before"]) > 1.1
         assert max(report["imbalance_after"]) < max(report["imbalance_before"])
         assert [o.token_ids for o in c.generate(prompts * 2, long)] == expected
+
+
+def test_an_fp8_checkpoint_resident_in_the_cluster_equals_the_fp8_engine(ray_cluster, prompts):
+    """FP8 weights stay e4m3 in the shards and the expert groups, which compute as the engine's FP8Linear layers do:
+    with the default dispatch the experts quantise the rows the engine quantises; with FP8 dispatch they receive
+    them quantised in the same 1x128 tiles, which quantise again to themselves in float32."""
+    from moeserve.cluster import DEMO_MODEL_FP8
+    engine = LLM(DEMO_MODEL_FP8, device="cpu", dtype="float32", fp8_resident=True, kv_cache_tokens=1024)
+    expected = [o.token_ids for o in engine.generate(prompts, GREEDY)]
+    for dispatch in ("auto", "fp8"):
+        with Cluster(config(DEMO_MODEL_FP8, fp8_resident=True, dispatch_dtype=dispatch)) as c:
+            assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected, dispatch
+            # the experts' e4m3 weights and their fp32 block scales, nothing dequantised
+            assert all(g["weight_dtypes"] == ["float32", "float8_e4m3fn"] for g in c.stats()["expert_groups"])
