@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	@echo "moeserve set-up [2/3]: torch 2.13.0$(if $(TORCH_INDEX), from $(TORCH_INDEX)), the largest download"
 	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar on "torch==2.13.0" \
 		$(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
-	@echo "moeserve set-up [3/3]: moeserve, Ray, gRPC and the test tools (transformers, openai)"
+	@echo "moeserve set-up [3/3]: moeserve, Ray, gRPC and the test tools (transformers, openai, triton)"
 	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar on -e ".[test]"
 	touch $(STAMP)
 	@echo "moeserve set-up: done; the commands are in $(BIN) (moeserve, python)"
