@@ -47,7 +47,8 @@ def act_quant(x: torch.Tensor, tile: int = 128) -> tuple[torch.Tensor, torch.Ten
     """x: [..., N] -> (e4m3 [..., N], scale fp32 [..., ceil(N/tile)]); a ragged last tile is allowed."""
     N = x.shape[-1]
     tiles = -(-N // tile)
-    padded = torch.nn.functional.pad(x.to(torch.float32), (0, tiles * tile - N))
+    x = x.to(torch.float32)
+    padded = x if N == tiles * tile else torch.nn.functional.pad(x, (0, tiles * tile - N))  # whole tiles: no copy
     amax = padded.unflatten(-1, (tiles, tile)).abs().amax(dim=-1)  # [..., tiles]
     scale = (amax / FP8_MAX).clamp(min=_TINY)
     q = (padded.unflatten(-1, (tiles, tile)) / scale[..., None]).flatten(-2)[..., :N].to(FP8_DTYPE)
@@ -67,10 +68,11 @@ def fp8_payload_bytes(n_values: int, tile: int = 128) -> int:
 
 
 def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
-                     block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+                     block: tuple[int, int] = (128, 128), layouts: Optional[dict] = None) -> torch.Tensor:
     """x W^T as DeepSeek-V3's FP8 GEMM computes it: x quantised to e4m3 in 1 x block[1] tiles (`act_quant`),
     W e4m3 [N, K] in block[0] x block[1] blocks with `scale_inv`; each K tile's e4m3 products are summed in fp32,
-    then scaled by the tile's two scales. x [..., K] -> [..., N] fp32.
+    then scaled by the tile's two scales. x [..., K] -> [..., N] fp32. `layouts`: a dict in which to keep the weight
+    scales in the layout the GPU's product reads (an FP8Linear's own), so that they are arranged once.
 
     On SM90 GPUs `torch._scaled_mm` takes the block scales as they are; elsewhere (CPUs, older GPUs) one row-wise
     scaled product per K tile, whose row scales are the activation tile's and whose column scales are the weight
@@ -78,7 +80,8 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Ten
     N, K = weight.shape
     bn, bk = block
     xq, sx = act_quant(x.reshape(-1, K), bk)  # [M, K], [M, K tiles]
-    y = _blockwise_scaled_mm(xq, sx, weight, scale_inv, block) if x.is_cuda else None
+    y = _blockwise_scaled_mm(xq, sx, weight, scale_inv, block, {} if layouts is None else layouts) \
+        if x.is_cuda else None
     if y is None:
         try:
             y = _scaled_mm_per_k_tile(xq, sx, weight, scale_inv, block)
@@ -99,54 +102,67 @@ def _scaled_mm_per_k_tile(xq, sx, weight, scale_inv, block):
     return y
 
 
-def _blockwise_candidates(xq, sx, weight, scale_inv):
-    """Ways torch builds have spelled the SM90 block-scaled product (1x128 activation and 128x128 weight
-    scales; the activation scales outer-dimension-major): F.scaled_mm's recipes, then torch._scaled_mm, each
-    with the weight scales as [K/128 padded to a multiple of 4, N/128] seen through .t() (torch 2.11's layout),
-    as [N/128, K/128], or transposed, in fp32 or BF16 out."""
-    sa = sx.t().contiguous().t()
+def _k_major_padded(scale_inv: torch.Tensor) -> torch.Tensor:
+    """[N/128, K/128] -> [K/128 rounded up to 4, N/128] seen through .t() (torch 2.11's BlockWise128x128 layout)."""
     n_blocks, k_blocks = scale_inv.shape
     padded = torch.ones(n_blocks, -(-k_blocks // 4) * 4, dtype=torch.float32, device=scale_inv.device)
     padded[:, :k_blocks] = scale_inv
-    F = torch.nn.functional
-    for out in (torch.float32, torch.bfloat16):
-        for sb in (padded.t(), scale_inv.contiguous(), scale_inv.t().contiguous().t()):
-            if hasattr(F, "scaled_mm"):
-                yield lambda sb=sb, out=out: F.scaled_mm(xq, weight.t(), sa, F.ScalingType.BlockWise1x128, sb,
-                                                         F.ScalingType.BlockWise128x128, output_dtype=out)
-            yield lambda sb=sb, out=out: torch._scaled_mm(xq, weight.t(), scale_a=sa, scale_b=sb, out_dtype=out)
+    return padded.t()
 
 
-BLOCKWISE: dict[str, Optional[int]] = {}  # per GPU: which candidate matched the per-tile product, None: none did
+# The weight-scale layouts torch builds have asked of the SM90 block-scaled product
+SCALE_LAYOUTS = {"k-major, padded to 4": _k_major_padded, "n-major": torch.Tensor.contiguous,
+                 "n-major, outer-dim-major": lambda s: s.t().contiguous().t()}
+# Ways of spelling the product: (output dtype, weight-scale layout, function)
+SPELLINGS = [(out, layout, api) for out in (torch.float32, torch.bfloat16) for layout in SCALE_LAYOUTS
+             for api in ("F.scaled_mm", "torch._scaled_mm")]
+
+
+def _blockwise_call(spelling, xq, sx, weight, scale_inv, layouts: dict) -> torch.Tensor:
+    """One spelling of the block-scaled product (1x128 activation scales outer-dimension-major); the weight scales
+    arranged for it are kept in `layouts`."""
+    out, layout, api = spelling
+    if layout not in layouts:
+        layouts[layout] = SCALE_LAYOUTS[layout](scale_inv)
+    sa, sb = sx.t().contiguous().t(), layouts[layout]
+    if api == "F.scaled_mm":
+        F = torch.nn.functional
+        return F.scaled_mm(xq, weight.t(), sa, F.ScalingType.BlockWise1x128, sb, F.ScalingType.BlockWise128x128,
+                           output_dtype=out)
+    return torch._scaled_mm(xq, weight.t(), scale_a=sa, scale_b=sb, out_dtype=out)
+
+
+BLOCKWISE: dict[str, Optional[int]] = {}  # per GPU: which spelling matched the per-tile product, None: none did
 BLOCKWISE_ERRORS: list[str] = []          # why the others were passed over (tools/gpu_check.py reports them)
 
 
-def _blockwise_scaled_mm(xq, sx, weight, scale_inv, block):
+def _blockwise_scaled_mm(xq, sx, weight, scale_inv, block, layouts: dict):
     """The block-scaled product in one call where this GPU and torch build have it, else None. The first product
     on each GPU tries every spelling against the per-tile product; the one that matches serves from then on."""
     if block != (128, 128) or xq.shape[1] % 128 or weight.shape[0] % 128:
         return None
     device = str(xq.device)
-    candidates = list(_blockwise_candidates(xq, sx, weight, scale_inv))
     if device in BLOCKWISE:
         chosen = BLOCKWISE[device]
         try:
-            return None if chosen is None else candidates[chosen]().float()
+            return None if chosen is None else _blockwise_call(SPELLINGS[chosen], xq, sx, weight, scale_inv,
+                                                               layouts).float()
         except Exception:  # noqa: BLE001  (a shape this spelling refuses: the per-tile product serves it)
             return None
     reference = _scaled_mm_per_k_tile(xq, sx, weight, scale_inv, block)
     BLOCKWISE[device] = None
-    for i, candidate in enumerate(candidates):
+    for i, spelling in enumerate(SPELLINGS):
         try:
-            y = candidate().float()
+            y = _blockwise_call(spelling, xq, sx, weight, scale_inv, {}).float()
         except Exception as e:  # noqa: BLE001  (torch raises several kinds for a recipe it lacks)
-            BLOCKWISE_ERRORS.append(f"{i}: {type(e).__name__}: {str(e)[:200]}")
+            BLOCKWISE_ERRORS.append(f"{spelling[1]} via {spelling[2]} ({spelling[0]}): {type(e).__name__}: "
+                                    f"{str(e)[:200]}")
             continue
         error = ((y - reference).abs().max() / reference.abs().max()).item()
         if error <= 1e-2:
             BLOCKWISE[device] = i
             return y
-        BLOCKWISE_ERRORS.append(f"{i}: relative error {error:.3g}")
+        BLOCKWISE_ERRORS.append(f"{spelling[1]} via {spelling[2]} ({spelling[0]}): relative error {error:.3g}")
     return None
 
 
@@ -160,9 +176,10 @@ class FP8Linear(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE), requires_grad=False)
         scales = (-(-out_features // block[0]), -(-in_features // block[1]))
         self.weight_scale_inv = torch.nn.Parameter(torch.empty(scales, dtype=torch.float32), requires_grad=False)
+        self.layouts: dict = {}  # the weight scales as the GPU's block-scaled product reads them, made once
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_block_linear(x, self.weight, self.weight_scale_inv, self.block).to(x.dtype)
+        return fp8_block_linear(x, self.weight, self.weight_scale_inv, self.block, self.layouts).to(x.dtype)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight as fp8 x scale, [out, in] in `dtype` (for the einsums of MLA's absorbed form)."""

@@ -11,6 +11,7 @@ A padded batch (rows of different lengths) runs *packed*: only its valid tokens 
 [T, dim], and only attention, which needs each row's tokens together, sees them padded to [B, S]. With prompts
 of mixed lengths, half of a padded batch can be padding.
 """
+import functools
 from typing import Callable, Literal, Optional
 
 import torch
@@ -298,8 +299,7 @@ class Block(nn.Module):
             return latent if cache is None else cache.update(self.layer_id, latent, positions)
         attend = None
         if getattr(cache, "decode", None) is not None:  # a paged cache view with a decode kernel
-            def attend(latent, q, scale):
-                return cache.attend(self.layer_id, latent, q, scale, self.attn.kv_lora_rank)
+            attend = functools.partial(cache.attend, self.layer_id, C=self.attn.kv_lora_rank)
         x = x + self.attn(self.attn_norm(x), freqs_cis, mask, latent_of, form, packing, attend)
         ffn_in = self.ffn_norm(x)
         return x + (self.ffn(ffn_in, micro_batch) if isinstance(self.ffn, MoE) else self.ffn(ffn_in))
