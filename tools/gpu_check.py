@@ -132,16 +132,16 @@ def section_fp8_gemm(quick: bool) -> dict:
 
 def padded_bmm(packed, x, rows, expert_ids, weights):
     """The zero-padded reference: every expert's rows in a [E, C_max, dim] block, one bmm per weight."""
-    w1, w3, w2 = packed
-    E = w1.shape[0]
+    w13, w2 = packed
+    E = w13.shape[0]
     counts = torch.bincount(expert_ids, minlength=E)
     C = int(counts.max())
     order = torch.sort(expert_ids, stable=True).indices
     slot = torch.arange(len(order), device=x.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     xs = x.new_zeros(E, C, x.shape[1])
     xs[expert_ids[order], slot] = x[rows[order]]
-    h = torch.nn.functional.silu(torch.bmm(xs, w1)) * torch.bmm(xs, w3)
-    out = torch.bmm(h, w2)[expert_ids[order], slot]
+    a, b = torch.bmm(xs, w13).chunk(2, dim=-1)
+    out = torch.bmm(torch.nn.functional.silu(a) * b, w2)[expert_ids[order], slot]
     y = torch.zeros_like(x)
     y.index_add_(0, rows[order], out * weights[order, None].to(x.dtype))
     return y
@@ -152,7 +152,7 @@ def section_grouped_experts(quick: bool) -> list:
     g = torch.Generator(device="cuda").manual_seed(1)
     for name, E, dim, inter, k in (("v2-lite", 64, 2048, 1408, 6), ("v3", 256, 7168, 2048, 8)):
         packed = tuple(torch.randn(E, a, b, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
-                       for a, b in ((dim, inter), (dim, inter), (inter, dim)))
+                       for a, b in ((dim, 2 * inter), (inter, dim)))  # w1 and w3 side by side, w2
         for T in (1, 64, 512):
             x = torch.randn(T, dim, device="cuda", generator=g, dtype=torch.bfloat16)
             skew = torch.distributions.Dirichlet(torch.full((E,), 0.3, device="cuda")).sample()  # uneven experts
