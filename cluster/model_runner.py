@@ -19,9 +19,9 @@ def _pad(rows: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, torch.
     [B, S]; padding is token 0 at position 0."""
     width = max(len(r) for r in rows)
     tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device="cpu")  # one, not B
-    positions = torch.tensor([[st + j if j < len(r) else 0 for j in range(width)] for st, r in zip(starts, rows)],
-                             dtype=torch.long, device="cpu")
-    valid = torch.arange(width, device="cpu") < torch.tensor([len(r) for r in rows], device="cpu")[:, None]
+    columns = torch.arange(width, device="cpu")
+    valid = columns < torch.tensor([len(r) for r in rows], device="cpu")[:, None]
+    positions = (torch.tensor(starts, device="cpu")[:, None] + columns).masked_fill(~valid, 0)
     return tokens, positions, valid
 
 
