@@ -143,10 +143,7 @@ class Engine:
                                       self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        try:
-            decode = decode_kernel(config.mla_decode, self.device, config.block_size)
-        except ValueError as e:
-            raise InputError(str(e)) from None
+        decode = decode_kernel(config.mla_decode, self.device, config.block_size)
         self.runner = ModelRunner(model, self.cache, config.micro_batches, decode)
         self.requests: dict[str, Sequence] = {}
         self._emitted: dict[str, tuple[int, int]] = {}  # request -> (tokens, text chars) already reported

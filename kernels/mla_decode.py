@@ -11,6 +11,8 @@ C = kv_lora_rank; pages [num_blocks + 1, block_size, D] (the last block is the c
 """
 import torch
 
+from .errors import InputError
+
 
 def paged_mla_decode(q: torch.Tensor, pages: torch.Tensor, tables: torch.Tensor, limits: torch.Tensor,
                      scale: float, C: int) -> torch.Tensor:
@@ -45,7 +47,7 @@ def decode_kernel(choice: str, device: torch.device, block_size: int):
     "paged" this module's torch recurrence, "triton" the kernel; "auto" the kernel on a GPU where triton imports
     and the block size fits it, else the gather path (on CPUs it is the faster: one fused op per layer)."""
     if choice not in MLA_DECODE:
-        raise ValueError(f"mla_decode must be one of {MLA_DECODE}, got {choice!r}")
+        raise InputError(f"mla_decode must be one of {MLA_DECODE}, got {choice!r}")
     if choice == "gather" or (choice == "auto" and device.type != "cuda"):
         return None
     if choice == "paged":
@@ -55,9 +57,9 @@ def decode_kernel(choice: str, device: torch.device, block_size: int):
     except ImportError:
         if choice == "auto":
             return None
-        raise ValueError("mla_decode 'triton' needs the triton package (pip install triton)") from None
+        raise InputError("mla_decode 'triton' needs the triton package (pip install triton)") from None
     if not triton_mla.fits(block_size):
         if choice == "auto":
             return None
-        raise ValueError(f"mla_decode 'triton' needs a power-of-two block_size of at least 16, got {block_size}")
+        raise InputError(f"mla_decode 'triton' needs a power-of-two block_size of at least 16, got {block_size}")
     return triton_mla.paged_mla_decode

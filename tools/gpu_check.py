@@ -7,7 +7,7 @@ Sections (each reports on its own; one that fails prints why and the rest go on)
   chosen token's log-probability with both fed the CPU's tokens;
 - demo_fp8: the FP8 demo checkpoint with its weights resident in e4m3 against dequantised at load: token
   agreement and weight bytes;
-- fp8_gemm: the FP8 block-scaled GEMM (`fp8_block_linear`) on V2-Lite- and V3-shaped layers: error against the
+- fp8_gemm: FP8Linear layers (the block-scaled GEMM) at V2-Lite and V3 shapes: error against the
   dequantised fp32 product of the same quantised inputs, time against the BF16 product, which path ran;
 - grouped_experts: `torch._grouped_mm` over rows sorted by expert against the zero-padded [E, C_max, dim] bmm
   it replaced, V2-Lite and V3 layer shapes, skewed routing: time and agreement;
