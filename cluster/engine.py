@@ -17,6 +17,7 @@ import torch
 
 from moeserve.kernels.cache import PagedLatentCache
 from moeserve.kernels.errors import InputError
+from moeserve.kernels.experts import LocalExperts, moe_kernel
 from moeserve.kernels.generate import check_prompt
 from moeserve.kernels.load import resolve_device
 from moeserve.kernels.mla_decode import decode_kernel
@@ -44,6 +45,7 @@ class EngineConfig:
     prefix_caching: bool = True
     micro_batches: int = 1                  # micro-batches per step that overlap attention with remote experts
     mla_decode: str = "auto"                # decode attention: gather, paged (torch), triton; auto: triton on GPUs
+    moe_kernel: str = "grouped"             # routed experts: grouped (torch._grouped_mm) or triton (fused kernel)
 
 CPU_KV_CACHE_TOKENS = 32768
 
@@ -145,6 +147,10 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         decode = decode_kernel(config.mla_decode, self.device, config.block_size)
         self.runner = ModelRunner(model, self.cache, config.micro_batches, decode)
+        routed = moe_kernel(config.moe_kernel)
+        for _, moe in self.runner.moe_layers:
+            if isinstance(moe.experts, LocalExperts):
+                moe.experts.routed = routed
         self.requests: dict[str, Sequence] = {}
         self._emitted: dict[str, tuple[int, int]] = {}  # request -> (tokens, text chars) already reported
         self.num_steps = 0

@@ -7,12 +7,13 @@ returns. Transports that send tokens to expert-group actors live in `actors/`, o
 
 Glossary: a *logical* expert is one of the model's `n_routed_experts`; `indices` hold logical ids.
 """
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
 from .fp8 import FP8Linear
 
 
@@ -88,6 +89,8 @@ class LocalExperts(nn.ModuleList):
     def __init__(self, n_experts: int, dim: int, inter_dim: int, held: Optional[set[int]] = None):
         super().__init__([MLP(dim, inter_dim) if held is None or i in held else None for i in range(n_experts)])
         self._packed: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        # the routed product where rows are routed (run_assignments_grouped's contract); see moe_kernel
+        self.routed: Callable = run_assignments_grouped
 
     def _pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._packed is None:
@@ -102,7 +105,7 @@ class LocalExperts(nn.ModuleList):
         packed = self._pack()
         if dense_is_cheaper(packed, x.shape[0], indices.numel()):
             return run_experts_dense(packed, x, indices, weights)
-        return run_experts_grouped(packed, x, indices, weights)
+        return run_experts_grouped(packed, x, indices, weights, self.routed)
 
     def combine(self, handle: torch.Tensor) -> torch.Tensor:
         return handle
@@ -123,11 +126,13 @@ def pack_experts(experts) -> tuple[torch.Tensor, torch.Tensor]:
     return w13, w2
 
 
-def run_experts_grouped(packed, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`run_experts` with the stacked weights of `pack_experts`."""
+def run_experts_grouped(packed, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                        routed: Optional[Callable] = None) -> torch.Tensor:
+    """`run_experts` with the stacked weights of `pack_experts`, through `routed` (run_assignments_grouped, or
+    the fused Triton kernel: see moe_kernel)."""
     T, k = indices.shape
     rows = torch.arange(T, device=x.device).repeat_interleave(k)
-    return run_assignments_grouped(packed, x, rows, indices.flatten(), weights.flatten())
+    return (routed or run_assignments_grouped)(packed, x, rows, indices.flatten(), weights.flatten())
 
 
 def dense_is_cheaper(packed, rows: int, assignments: int) -> bool:
@@ -190,3 +195,22 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Te
     except RuntimeError:
         bounds = [0] + ends.tolist()
         return torch.cat([x[a:b] @ w[e] for e, (a, b) in enumerate(zip(bounds, bounds[1:]))])
+
+
+MOE_KERNELS = ("grouped", "triton")
+
+
+def moe_kernel(choice: str) -> Callable:
+    """The routed experts' product (run_assignments_grouped's contract) for a kernel's name: "grouped",
+    `torch._grouped_mm` over rows sorted by expert; "triton", the fused kernel of `triton_moe` (row gather, SwiGLU and
+    gate weights inside its two products; GPUs, or Triton's interpreter). Grouped is the default: the Triton kernel is
+    exact (tested in the interpreter) but its speed against the grouped products is not measured on a GPU yet."""
+    if choice not in MOE_KERNELS:
+        raise InputError(f"moe_kernel must be one of {MOE_KERNELS}, got {choice!r}")
+    if choice == "grouped":
+        return run_assignments_grouped
+    try:
+        from .triton_moe import fused_moe
+    except ImportError:
+        raise InputError("moe_kernel 'triton' needs the triton package (pip install triton)") from None
+    return fused_moe

@@ -9,8 +9,9 @@ Sections (each reports on its own; one that fails prints why and the rest go on)
   agreement and weight bytes;
 - fp8_gemm: FP8Linear layers (the block-scaled GEMM) at V2-Lite and V3 shapes: error against the
   dequantised fp32 product of the same quantised inputs, time against the BF16 product, which path ran;
-- grouped_experts: `torch._grouped_mm` over rows sorted by expert against the zero-padded [E, C_max, dim] bmm
-  it replaced, V2-Lite and V3 layer shapes, skewed routing: time and agreement;
+- grouped_experts: `torch._grouped_mm` over rows sorted by expert, and the fused-MoE Triton kernel
+  (`kernels/triton_moe.py`), against the zero-padded [E, C_max, dim] bmm the grouped products replaced, V2-Lite and
+  V3 layer shapes, skewed routing: time and agreement;
 - mla_decode: one absorbed-MLA decode layer at V3's shapes, B=64 and L up to 8k: the history gathered then SDPA,
   against the Triton kernel reading the pages in place;
 - decode: the demo model's decode tokens/s at batch 1/32/64 (equal work: the same prompts, the same number of
@@ -148,6 +149,7 @@ def padded_bmm(packed, x, rows, expert_ids, weights):
 
 
 def section_grouped_experts(quick: bool) -> list:
+    from moeserve.kernels.triton_moe import fused_moe
     rows = []
     g = torch.Generator(device="cuda").manual_seed(1)
     for name, E, dim, inter, k in (("v2-lite", 64, 2048, 1408, 6), ("v3", 256, 7168, 2048, 8)):
@@ -159,10 +161,12 @@ def section_grouped_experts(quick: bool) -> list:
             ids = torch.stack([torch.multinomial(skew, k, generator=g) for _ in range(T)])
             weights = torch.rand(T, k, device="cuda", generator=g)
             args = (packed, x, torch.arange(T, device="cuda").repeat_interleave(k), ids.flatten(), weights.flatten())
-            a, b = run_assignments_grouped(*args), padded_bmm(*args)
+            a, b, c = run_assignments_grouped(*args), padded_bmm(*args), fused_moe(*args)
             rows.append({"layer": name, "tokens": T, "experts": E,
                          "rel_diff": ((a.float() - b.float()).abs().max() / b.float().abs().max()).item(),
+                         "fused_rel_diff": ((c.float() - b.float()).abs().max() / b.float().abs().max()).item(),
                          "grouped_us": timed(lambda: run_assignments_grouped(*args)) * 1e6,
+                         "fused_triton_us": timed(lambda: fused_moe(*args)) * 1e6,
                          "padded_bmm_us": timed(lambda: padded_bmm(*args)) * 1e6})
         del packed
         torch.cuda.empty_cache()
