@@ -7,7 +7,7 @@ returns. Transports that send tokens to expert-group actors live in `actors/`, o
 
 Glossary: a *logical* expert is one of the model's `n_routed_experts`; `indices` hold logical ids.
 """
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -92,16 +92,22 @@ class LocalExperts(nn.ModuleList):
         # the routed product where rows are routed (run_assignments_grouped's contract); see moe_kernel
         self.routed: Callable = run_assignments_grouped
 
-    def _pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pack(self):
         if self._packed is None:
-            self._packed = pack_experts(list(self))
+            fp8 = isinstance(self[0].w1, FP8Linear)
+            self._packed = pack_fp8_experts(list(self)) if fp8 else pack_experts(list(self))
         return self._packed
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                  micro_batch: int = 0) -> torch.Tensor:
-        # training keeps its own parameters; FP8 experts run one at a time, each through its FP8Linear layers
-        if any(e is None for e in self) or torch.is_grad_enabled() or isinstance(self[0].w1, FP8Linear):
+        if any(e is None for e in self) or torch.is_grad_enabled():  # training keeps its own parameters
             return run_experts(self, x, indices, weights)
+        if isinstance(self[0].w1, FP8Linear):
+            # torch has no block-scaled grouped product: FP8 experts run one at a time, each through its FP8Linear
+            # layers, unless the routed product is a kernel that takes them stacked (moe_kernel "triton")
+            if self.routed is run_assignments_grouped:
+                return run_experts(self, x, indices, weights)
+            return run_experts_grouped(self._pack(), x, indices, weights, self.routed)
         packed = self._pack()
         if dense_is_cheaper(packed, x.shape[0], indices.numel()):
             return run_experts_dense(packed, x, indices, weights)
@@ -124,6 +130,33 @@ def pack_experts(experts) -> tuple[torch.Tensor, torch.Tensor]:
         e.w3.weight = nn.Parameter(w13[i, :, inter:].t(), requires_grad=False)
         e.w2.weight = nn.Parameter(w2[i].t(), requires_grad=False)
     return w13, w2
+
+
+class FP8Experts(NamedTuple):
+    """FP8 experts stacked as the checkpoint stores each: e4m3 [E, out, in] weights, fp32 [E, out/128, in/128] block
+    scales (ragged edges rounded up). w1 and w3 stay apart: stacked side by side, w3's blocks would not line up with
+    the 128-row grid where the expert's intermediate size is not a multiple of 128."""
+    w1: torch.Tensor
+    s1: torch.Tensor
+    w3: torch.Tensor
+    s3: torch.Tensor
+    w2: torch.Tensor
+    s2: torch.Tensor
+
+
+def pack_fp8_experts(experts) -> FP8Experts:
+    """Stack FP8 MLPs' e4m3 weights and block scales as they are; each expert's FP8Linear layers become views into
+    the stacks, so nothing is stored twice."""
+    stacks = {}
+    for name in ("w1", "w3", "w2"):
+        layers = [getattr(e, name) for e in experts]
+        weight = torch.stack([layer.weight.detach() for layer in layers])
+        scale = torch.stack([layer.weight_scale_inv.detach() for layer in layers])
+        for i, layer in enumerate(layers):
+            layer.weight = nn.Parameter(weight[i], requires_grad=False)
+            layer.weight_scale_inv = nn.Parameter(scale[i], requires_grad=False)
+        stacks[name], stacks["s" + name[1]] = weight, scale
+    return FP8Experts(**stacks)
 
 
 def run_experts_grouped(packed, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
@@ -204,7 +237,8 @@ def moe_kernel(choice: str) -> Callable:
     """The routed experts' product (run_assignments_grouped's contract) for a kernel's name: "grouped",
     `torch._grouped_mm` over rows sorted by expert; "triton", the fused kernel of `triton_moe` (row gather, SwiGLU and
     gate weights inside its two products; GPUs, or Triton's interpreter). Grouped is the default: the Triton kernel is
-    exact (tested in the interpreter) but its speed against the grouped products is not measured on a GPU yet."""
+    exact (tested in the interpreter) but its speed against the grouped products is not measured on a GPU yet. The
+    Triton kernel also takes FP8 experts stacked (FP8Experts), which otherwise run one expert at a time."""
     if choice not in MOE_KERNELS:
         raise InputError(f"moe_kernel must be one of {MOE_KERNELS}, got {choice!r}")
     if choice == "grouped":

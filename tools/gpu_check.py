@@ -12,6 +12,8 @@ Sections (each reports on its own; one that fails prints why and the rest go on)
 - grouped_experts: `torch._grouped_mm` over rows sorted by expert, and the fused-MoE Triton kernel
   (`kernels/triton_moe.py`), against the zero-padded [E, C_max, dim] bmm the grouped products replaced, V2-Lite and
   V3 layer shapes, skewed routing: time and agreement;
+- fp8_experts: FP8 experts at the same shapes, the fused-MoE Triton kernel over their stacked e4m3 weights against
+  one expert at a time through FP8Linear layers (the default for FP8 experts): time and agreement;
 - mla_decode: one absorbed-MLA decode layer at V3's shapes, B=64 and L up to 8k: the history gathered then SDPA,
   against the Triton kernel reading the pages in place;
 - decode: the demo model's decode tokens/s at batch 1/32/64 (equal work: the same prompts, the same number of
@@ -173,6 +175,50 @@ def section_grouped_experts(quick: bool) -> list:
     return rows
 
 
+def section_fp8_experts(quick: bool) -> list:
+    """FP8 experts (e4m3 weights, 128x128 block scales) at V2-Lite and V3 layer shapes: the fused-MoE Triton kernel
+    over the stacks against one expert at a time through FP8Linear layers (the default), skewed routing."""
+    from moeserve.kernels.experts import FP8Experts, MLP, run_assignments
+    from moeserve.kernels.triton_moe import fused_moe
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for name, E, dim, inter, k in (("v2-lite", 64, 2048, 1408, 6), ("v3", 256, 7168, 2048, 8)):
+        stacks = {}
+        for w, (n_out, n_in) in (("w1", (inter, dim)), ("w3", (inter, dim)), ("w2", (dim, inter))):
+            stacks[w] = (torch.randn(E, n_out, n_in, device="cuda", generator=g, dtype=torch.bfloat16) * 64).clamp(
+                -448, 448).to(torch.float8_e4m3fn)  # past e4m3's largest finite value the cast gives NaN
+            stacks["s" + w[1]] = torch.rand(E, -(-n_out // 128), -(-n_in // 128), device="cuda", generator=g) * 1e-4
+        stacked = FP8Experts(**stacks)
+        experts = []
+        for e in range(E):  # the same weights as FP8Linear layers, one expert at a time
+            with torch.device("meta"):
+                mlp = MLP(dim, inter)
+            for w in ("w1", "w3", "w2"):
+                layer = FP8Linear(stacks[w].shape[2], stacks[w].shape[1]).to("cuda")
+                layer.weight.data, layer.weight_scale_inv.data = stacks[w][e], stacks["s" + w[1]][e]
+                setattr(mlp, w, layer)
+            experts.append(mlp)
+        for T in ((1, 64) if quick else (1, 64, 512)):
+            x = torch.randn(T, dim, device="cuda", generator=g, dtype=torch.bfloat16)
+            skew = torch.distributions.Dirichlet(torch.full((E,), 0.3, device="cuda")).sample()
+            ids = torch.stack([torch.multinomial(skew, k, generator=g) for _ in range(T)]).flatten()
+            token_rows = torch.arange(T, device="cuda").repeat_interleave(k)
+            weights = torch.rand(T * k, device="cuda", generator=g)
+            with torch.inference_mode():
+                a = fused_moe(stacked, x, token_rows, ids, weights).float()
+                b = run_assignments(experts, x, token_rows, ids, weights).float()
+                rows.append({"layer": name, "tokens": T, "experts": E,
+                             "rel_diff": ((a - b).abs().max() / b.abs().max()).item(),
+                             "fused_triton_us": timed(lambda: fused_moe(stacked, x, token_rows, ids, weights)) * 1e6,
+                             "one_at_a_time_us": timed(lambda: run_assignments(experts, x, token_rows, ids, weights),
+                                                       repeats=3, warmup=1) * 1e6})
+        stacked = None  # this layer's weights freed before the next is made
+        stacks.clear()
+        experts.clear()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def section_mla_decode(quick: bool) -> list:
     """One absorbed-MLA decode layer at V3's shapes, B=64 rows of L cached positions: the history gathered into
     [B, L, 576] then SDPA, against the Triton kernel reading the pages in place (blocks of 64, shuffled)."""
@@ -254,7 +300,8 @@ def section_decode(quick: bool) -> list:
     return rows
 
 
-SECTIONS = {"demo": section_demo, "demo_fp8": section_demo_fp8, "fp8_gemm": section_fp8_gemm, "grouped_experts": section_grouped_experts,
+SECTIONS = {"demo": section_demo, "demo_fp8": section_demo_fp8, "fp8_gemm": section_fp8_gemm,
+            "grouped_experts": section_grouped_experts, "fp8_experts": section_fp8_experts,
             "mla_decode": section_mla_decode, "decode": section_decode}
 
 

@@ -10,8 +10,10 @@ import torch  # noqa: E402
 triton_moe = pytest.importorskip("moeserve.kernels.triton_moe")
 
 from moeserve.cluster import LLM, SamplingParams  # noqa: E402
+from moeserve.cluster.llm import DEMO_MODEL_FP8  # noqa: E402
 from moeserve.kernels.errors import InputError  # noqa: E402
-from moeserve.kernels.experts import LocalExperts, moe_kernel  # noqa: E402
+from moeserve.kernels.experts import MLP, LocalExperts, moe_kernel, pack_fp8_experts, run_assignments  # noqa: E402
+from moeserve.kernels.fp8 import FP8Linear, weight_quant  # noqa: E402
 from tests.tiny import rel_err  # noqa: E402
 
 
@@ -66,6 +68,50 @@ def test_fused_moe_equals_each_row_and_expert_on_its_own(tokens, hot):
             assert not y[tokens - 5:].any()
         empty = torch.zeros(0, dtype=torch.long)
         assert not triton_moe.fused_moe(experts._pack(), x, empty, empty, torch.zeros(0)).any()
+
+
+def fp8_experts(n, dim, inter, g):
+    """n MLPs of FP8Linear layers, as an FP8 checkpoint loads them."""
+    experts = []
+    for _ in range(n):
+        mlp = MLP(dim, inter)
+        for name in ("w1", "w2", "w3"):
+            plain = getattr(mlp, name)
+            layer = FP8Linear(plain.in_features, plain.out_features)
+            layer.weight.data, layer.weight_scale_inv.data = weight_quant(torch.randn(plain.weight.shape, generator=g)
+                                                                          * 0.1)
+            setattr(mlp, name, layer)
+        experts.append(mlp)
+    return experts
+
+
+@pytest.mark.parametrize("tokens,dim,inter", [(1, 192, 80), (9, 200, 136), (60, 256, 128)])
+def test_fused_fp8_experts_equal_each_expert_through_its_fp8_layers(tokens, dim, inter):
+    """FP8 experts stacked (e4m3 weights, 128x128 block scales, ragged edges where dim or inter is not a multiple of
+    128) against each expert's FP8Linear layers one expert at a time, which quantise their inputs in 1x128 tiles."""
+    g = torch.Generator().manual_seed(tokens)
+    experts = fp8_experts(12, dim, inter, g)
+    x = torch.randn(tokens, dim, generator=g)
+    expert_ids = torch.rand(tokens, 12, generator=g).topk(3, dim=-1).indices.flatten()
+    rows = torch.arange(tokens).repeat_interleave(3)
+    weights = torch.rand(len(rows), generator=g)
+    with torch.inference_mode():
+        expected = run_assignments(experts, x, rows, expert_ids, weights)
+        stacked = pack_fp8_experts(experts)
+        assert stacked.w1.dtype == torch.float8_e4m3fn and stacked.s2.shape == (12, -(-dim // 128), -(-inter // 128))
+        assert rel_err(triton_moe.fused_moe(stacked, x, rows, expert_ids, weights), expected) < 1e-5
+        assert rel_err(run_assignments(experts, x, rows, expert_ids, weights), expected) == 0  # views, same values
+
+
+def test_an_fp8_engine_routing_through_the_kernel_keeps_its_tokens():
+    """The FP8 demo checkpoint resident in e4m3: its experts stacked through the kernel against one at a time."""
+    prompts = ["def fibonacci(", "class Stack:"]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    kwargs = dict(device="cpu", dtype="float32", fp8_resident=True)
+    expected = [o.token_ids for o in LLM(DEMO_MODEL_FP8, **kwargs).generate(prompts, params)]
+    fused = LLM(DEMO_MODEL_FP8, moe_kernel="triton", **kwargs)
+    assert [o.token_ids for o in fused.generate(prompts, params)] == expected
+    assert all(m.experts._packed is not None for _, m in fused.engine.runner.moe_layers)  # it ran stacked
 
 
 def test_an_engine_routing_through_the_kernel_keeps_its_tokens(monkeypatch):
