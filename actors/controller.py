@@ -215,7 +215,7 @@ class Controller:
             runtime_env=on_its_nic(spec, g),
         ).remote(g, cfg.model, cfg.dtype, self._experts_of(phy2log, g),
                  cfg.transport, spec.model_dump(), cfg.ray.threads_per_actor, first_rank, version, cfg.devices.experts,
-                 cfg.fp8_resident)
+                 cfg.fp8_resident, cfg.moe_kernel)
             for g in slots]
         if cfg.transport == "ray" and len(groups) == spec.num_gpus:
             ray.get([self._set_peers(groups, g) for g in range(len(groups))])

@@ -12,8 +12,8 @@ import ray
 import torch
 
 from moeserve.kernels.checkpoint import Checkpoint, routed_expert_of
-from moeserve.kernels.experts import (MLP, dense_is_cheaper, pack_experts, run_assignments, run_assignments_dense,
-                                      run_assignments_grouped)
+from moeserve.kernels.experts import (MLP, FP8Experts, dense_is_cheaper, moe_kernel, pack_experts, pack_fp8_experts,
+                                      run_assignments, run_assignments_dense, run_assignments_grouped)
 from moeserve.kernels.fp8 import FP8Linear, act_dequant
 from moeserve.kernels.load import DTYPES, resolve_device
 from moeserve.topology.spec import TopologySpec
@@ -25,17 +25,19 @@ from .transport import RayGroupServer
 class ExpertGroupWorker:
     def __init__(self, group_id: int, model: str, dtype: str, experts: dict[int, list[int]], transport: str,
                  spec: dict, threads: int = 1, first_rank: int = 0, version: int = 0, device: str = "auto",
-                 fp8_resident: Optional[bool] = None):
+                 fp8_resident: Optional[bool] = None, moe_kernel_name: str = "grouped"):
         """experts: MoE layer id -> the logical experts this group holds for it (its physical slots) in placement
         `version`. group_id is its GPU slot; its pool's groups hold collective ranks first_rank.. in slot order.
         `transport` names the serving half this actor hosts. `device`: where the experts compute, among the GPUs
         Ray gave this actor (none: the CPU). `fp8_resident`: an FP8 checkpoint's experts stay e4m3 and compute in
-        FP8 as the engine's `FP8Linear` layers do (None: on a GPU)."""
+        FP8 as the engine's `FP8Linear` layers do (None: on a GPU). `moe_kernel_name`: the routed product
+        (experts.moe_kernel)."""
         torch.set_num_threads(threads)
         self.group_id = group_id
         self.dtype = DTYPES[dtype]
         self.device = resolve_device(device) if ray.get_gpu_ids() else torch.device("cpu")
         self.fp8 = self.device.type == "cuda" if fp8_resident is None else fp8_resident
+        self.moe_kernel, self.routed = moe_kernel_name, moe_kernel(moe_kernel_name)
         self.ckpt = Checkpoint(model)
         self.modules: dict[tuple[int, int], MLP] = {}   # (layer, logical expert) -> its weights, any version's
         # placement version -> per MoE layer, the held experts' weights stacked for batched matmuls and logical id
@@ -76,9 +78,15 @@ class ExpertGroupWorker:
             index = torch.full((args.n_routed_experts,), -1, dtype=torch.long)
             index[ids] = torch.arange(len(ids))
             held = [self.modules[layer, e] for e in ids]
-            # FP8 experts run one at a time through their FP8Linear layers; others stacked for batched products
-            stacks[layer] = (held if isinstance(held[0].w1, FP8Linear) else pack_experts(held), index)
+            stacks[layer] = (self._pack(held), index)
         return stacks
+
+    def _pack(self, held: list[MLP]):
+        """Experts stacked for the routed product; FP8 experts where the product takes them stacked (the Triton
+        kernel), else left as modules to run one at a time through their FP8Linear layers."""
+        if not isinstance(held[0].w1, FP8Linear):
+            return pack_experts(held)
+        return held if self.routed is run_assignments_grouped else pack_fp8_experts(held)
 
     def _linear(self, name: str) -> torch.nn.Module:
         """One expert projection from the checkpoint on this group's device: e4m3 with its block scales where the
@@ -111,8 +119,11 @@ class ExpertGroupWorker:
 
     def stats(self) -> dict:
         weights = {str(p.dtype).removeprefix("torch.") for m in self.modules.values() for p in m.parameters()}
+        held_as = {"modules" if isinstance(packed, list) else "fp8 stacks" if isinstance(packed, FP8Experts) else "stacks"
+                   for layers in self.versions.values() for packed, _ in layers.values()}
         return {"group": self.group_id, "assignments_computed": self.assignments_computed, "compute_s": self.compute_s,
-                "placement_versions": sorted(self.versions), "weight_dtypes": sorted(weights)}
+                "placement_versions": sorted(self.versions), "weight_dtypes": sorted(weights),
+                "moe_kernel": self.moe_kernel, "experts_held_as": sorted(held_as)}
 
     # ---- the serving half: the ray transport's calls, or the collective transport's threads ----------------
 
@@ -159,10 +170,12 @@ class ExpertGroupWorker:
             raise RuntimeError(f"tokens routed to experts {missing} of layer {layer}, which this group does not hold")
         rows = work.rows.long()
         x, rows, stacked, weights = (t.to(self.device) for t in (x, rows, stacked, work.weights.to(self.dtype)))
-        if isinstance(packed, list):  # FP8 experts
+        if isinstance(packed, list):  # FP8 experts, one at a time
             y = run_assignments(packed, x, rows, stacked, weights)
+        elif isinstance(packed, FP8Experts):
+            y = self.routed(packed, x, rows, stacked, weights)
         else:
-            run = run_assignments_dense if dense_is_cheaper(packed, len(x), len(rows)) else run_assignments_grouped
+            run = run_assignments_dense if dense_is_cheaper(packed, len(x), len(rows)) else self.routed
             y = run(packed, x, rows, stacked, weights)
         self.compute_s += time.perf_counter() - start
         return y.float().cpu()  # messages travel from host memory

@@ -16,6 +16,7 @@ os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="moeserve-test-ray-"
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every raylet on the loopback address
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the actors' Triton kernels (moe_kernel: triton) on the CPU
 ray = pytest.importorskip("ray")
 
 from moeserve.actors.attention_shard import HandedOff  # noqa: E402
@@ -408,7 +409,8 @@ def test_uneven_load_triggers_a_rebalance_by_itself(ray_cluster, mtp_checkpoint,
 def test_an_fp8_checkpoint_resident_in_the_cluster_equals_the_fp8_engine(ray_cluster, prompts):
     """FP8 weights stay e4m3 in the shards and the expert groups, which compute as the engine's FP8Linear layers do:
     with the default dispatch the experts quantise the rows the engine quantises; with FP8 dispatch they receive
-    them quantised in the same 1x128 tiles, which quantise again to themselves in float32."""
+    them quantised in the same 1x128 tiles, which quantise again to themselves in float32. Then the groups' FP8
+    experts stacked through the fused-MoE Triton kernel (in the interpreter here)."""
     from moeserve.cluster import DEMO_MODEL_FP8
     engine = LLM(DEMO_MODEL_FP8, device="cpu", dtype="float32", fp8_resident=True, kv_cache_tokens=1024)
     expected = [o.token_ids for o in engine.generate(prompts, GREEDY)]
@@ -417,3 +419,10 @@ def test_an_fp8_checkpoint_resident_in_the_cluster_equals_the_fp8_engine(ray_clu
             assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected, dispatch
             # the experts' e4m3 weights and their fp32 block scales, nothing dequantised
             assert all(g["weight_dtypes"] == ["float32", "float8_e4m3fn"] for g in c.stats()["expert_groups"])
+            assert all(g["experts_held_as"] == ["modules"] for g in c.stats()["expert_groups"])  # one at a time
+    pytest.importorskip("triton")  # the groups' FP8 experts stacked, through the fused-MoE kernel
+    with Cluster(config(DEMO_MODEL_FP8, fp8_resident=True, moe_kernel="triton")) as c:
+        assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
+        groups = c.stats()["expert_groups"]
+        assert all(g["experts_held_as"] == ["fp8 stacks"] and g["moe_kernel"] == "triton" for g in groups)
+        assert all(g["weight_dtypes"] == ["float32", "float8_e4m3fn"] for g in groups)
