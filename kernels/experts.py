@@ -88,7 +88,7 @@ class LocalExperts(nn.ModuleList):
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, held: Optional[set[int]] = None):
         super().__init__([MLP(dim, inter_dim) if held is None or i in held else None for i in range(n_experts)])
-        self._packed: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._packed = None  # pack_experts' stacks, or FP8Experts, made at the first call that runs them stacked
         # the routed product where rows are routed (run_assignments_grouped's contract); see moe_kernel
         self.routed: Callable = run_assignments_grouped
 
