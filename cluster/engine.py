@@ -25,7 +25,7 @@ from moeserve.kernels.model import Transformer
 from moeserve.kernels.sampling import accept_draft, greedy, greedy_tokens, sampling_probs, sampling_probs_rows
 
 from .block_manager import BlockManager
-from .model_runner import ModelRunner
+from .model_runner import DecodeGraphs, ModelRunner
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Draft, Sequence, SequenceStatus
@@ -46,8 +46,21 @@ class EngineConfig:
     micro_batches: int = 1                  # micro-batches per step that overlap attention with remote experts
     mla_decode: str = "auto"                # decode attention: gather, paged (torch), triton; auto: triton on GPUs
     moe_kernel: str = "grouped"             # routed experts: grouped (torch._grouped_mm) or triton (fused kernel)
+    cuda_graphs: bool = False               # decode steps replayed as CUDA graphs, one per batch-size bucket (GPUs)
 
 CPU_KV_CACHE_TOKENS = 32768
+
+
+def check_cuda_graphs(config: EngineConfig, device: torch.device, decode, dtype: torch.dtype) -> None:
+    """Raise InputError where decode steps cannot be captured as CUDA graphs as configured."""
+    if device.type != "cuda":
+        raise InputError(f"cuda_graphs needs a GPU (the engine is on {device}); CPUs have no graphs")
+    if decode is None:
+        raise InputError("cuda_graphs needs the paged MLA decode: mla_decode 'triton' (the default on GPUs) or "
+                         "'paged', not 'gather' (its shapes follow each step's history)")
+    if dtype == torch.float32 and config.moe_kernel == "grouped":
+        raise InputError("cuda_graphs with float32 weights needs moe_kernel 'triton': torch's grouped product on "
+                         "CUDA takes BF16, and its float32 stand-in reads the row counts back to the host")
 
 
 def kv_cache_tokens_that_fit(config: EngineConfig, device: torch.device, bytes_per_token: int,
@@ -151,6 +164,9 @@ class Engine:
         for _, moe in self.runner.moe_layers:
             if isinstance(moe.experts, LocalExperts):
                 moe.experts.routed = routed
+        if config.cuda_graphs:
+            check_cuda_graphs(config, self.device, decode, model.embed.weight.dtype)
+            self.runner.graphs = DecodeGraphs(self.runner, config.max_num_seqs, capture=True)
         self.requests: dict[str, Sequence] = {}
         self._emitted: dict[str, tuple[int, int]] = {}  # request -> (tokens, text chars) already reported
         self.num_steps = 0

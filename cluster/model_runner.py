@@ -5,7 +5,7 @@ With `micro_batches` > 1 a batch is cut into that many micro-batches of rows tha
 (DeepSeek-V3's decode overlap): while one waits for its routed experts on other processes, another computes
 its attention. Rows never interact, so the outputs are those of one big batch."""
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,104 @@ def to_device_once(tensors: list[torch.Tensor], device: torch.device) -> list[to
     return [p.view(t.shape).to(t.dtype) for p, t in zip(parts, tensors)]
 
 
+# Batch sizes a decode step's CUDA graph is captured for: a step of B sequences replays the smallest bucket of at least
+# B, the bucket's other rows padding (token 0 at position 0, written to the scratch block, outputs dropped)
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class StaticDecode:
+    """One bucket's decode step at fixed addresses: the inputs a step copies in, the hidden states it leaves, the
+    routing each MoE layer computed (the rows' expert loads are counted from it), and its CUDA graph."""
+
+    def __init__(self, bucket: int, width: int, scratch_slot: int, device: torch.device):
+        self.tokens = torch.zeros(bucket, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(bucket, 1, dtype=torch.long, device=device)
+        self.write_slots = torch.full((bucket, 1), scratch_slot, dtype=torch.long, device=device)
+        self.tables = torch.full((bucket, width), -1, dtype=torch.long, device=device)
+        self.hidden: Optional[torch.Tensor] = None
+        self.routing: dict[str, torch.Tensor] = {}
+        self.graph = None
+
+
+class DecodeGraphs:
+    """Decode steps (one new token per sequence) as CUDA graphs, one per batch-size bucket: a step replays the
+    model's launches instead of issuing each from Python. A graph replays fixed shapes at fixed addresses, so a step
+    is padded to its bucket, its block tables to the most blocks a sequence can have (the paged decode kernel stops
+    at each row's own length), and its inputs are copied into the bucket's buffers. Needs the paged MLA decode (the
+    gather path's shapes follow the history's length) and no host read inside the step (float32 experts on CUDA read
+    their offsets back: BF16, or moe_kernel "triton"). Without `capture` (CPUs, which have no graphs) the same
+    static step runs eagerly, which is what the tests check there."""
+
+    def __init__(self, runner: "ModelRunner", max_batch: int, capture: bool):
+        if runner.decode is None:
+            raise ValueError("decode graphs need the paged MLA decode (mla_decode paged or triton), not the gather path")
+        self.runner, self.capture = runner, capture
+        cache, args = runner.cache, runner.model.args
+        self.width = -(-min(args.max_seq_len, cache.num_blocks * cache.block_size) // cache.block_size)
+        self.buckets = [b for b in DECODE_BUCKETS if b < max_batch] + [max_batch]
+        self.static: dict[int, StaticDecode] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None  # one memory pool for every bucket's graph
+
+    def bucket(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    def forward(self, block_tables: list[list[int]], starts: list[int], tokens: list[int]) -> torch.Tensor:
+        """Hidden states [B, 1, dim] for each sequence's token at positions starts[b]."""
+        B = len(tokens)
+        bucket = self.bucket(B)
+        static = self.static.get(bucket)
+        first = static is None
+        if first:
+            static = self.static[bucket] = StaticDecode(bucket, self.width, self.runner.cache.scratch_slot,
+                                                        self.runner.device)
+        self._copy_inputs(static, block_tables, starts, tokens)
+        if not self.capture:
+            self._step(static)
+        elif first:
+            self._capture(static)  # the capture's warm-up runs computed this step
+        else:
+            static.graph.replay()
+        for name, moe in self.runner.moe_layers:
+            if name in static.routing:
+                moe.loads.append(static.routing[name][:B])  # the real rows' routing, not the padding's
+        return static.hidden[:B]
+
+    def _copy_inputs(self, static: StaticDecode, block_tables, starts, tokens) -> None:
+        """Built on the host, padded to the bucket and the full table width, copied into the bucket's buffers."""
+        bucket, B = static.tokens.shape[0], len(tokens)
+        pad = bucket - B
+        positions = torch.tensor(starts + [0] * pad, device="cpu")[:, None]
+        valid = torch.arange(bucket, device="cpu")[:, None] < B
+        write, _, table = self.runner.cache.slots(block_tables + [[]] * pad, positions, valid, max(starts) + 1,
+                                                  gather=False)
+        tables = torch.full((bucket, self.width), -1, dtype=torch.long, device="cpu")
+        tables[:, :table.shape[1]] = table
+        host = (torch.tensor(tokens + [0] * pad, device="cpu")[:, None], positions, write, tables)
+        for buffer, values in zip((static.tokens, static.positions, static.write_slots, static.tables), host):
+            buffer.copy_(values, non_blocking=True)
+
+    def _step(self, static: StaticDecode) -> None:
+        """The model over the bucket's buffers; the hidden states and each MoE layer's routing left in `static`."""
+        runner = self.runner
+        view = runner.cache.view(static.write_slots, None, self.width * runner.cache.block_size, static.tables,
+                                 static.positions, runner.decode)
+        static.hidden = runner.model(static.tokens, static.positions, cache=view, form="absorbed")
+        static.routing = {name: moe.loads.pop() for name, moe in runner.moe_layers if moe.loads}  # MTP's: not run
+
+    def _capture(self, static: StaticDecode) -> None:
+        """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels: neither may happen while capturing),
+        then capture one step. The warm-up computes this step's values; the capture itself runs nothing."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(static)
+        torch.cuda.current_stream().wait_stream(side)
+        static.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(static.graph, pool=self.pool):
+            self._step(static)
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedLatentCache, micro_batches: int = 1, decode=None):
         """`decode`: the paged MLA decode kernel absorbed-form calls run (mla_decode.decode_kernel), or None to
@@ -48,6 +146,7 @@ class ModelRunner:
         self.device = model.embed.weight.device
         self.expert_load = {name: torch.zeros(model.args.n_routed_experts, dtype=torch.long, device=self.device)
                             for name, _ in self.moe_layers}
+        self.graphs: Optional[DecodeGraphs] = None  # decode steps of one token per sequence, when set
 
     def _inputs(self, block_tables, starts, rows, form: MLAForm):
         """The step's inputs built on the host from what the scheduler knows (nothing is read back from the
@@ -98,7 +197,11 @@ class ModelRunner:
             tokens, positions, view, packing = self._inputs(block_tables, starts, rows, form)
             return self.model(tokens, positions, cache=view, form=form, micro_batch=micro_batch, packing=packing)
 
-        h = self._split(run, len(rows), block_tables, starts, rows)
+        if self.graphs is not None and form == "absorbed" and all(len(r) == 1 for r in rows) \
+                and len(rows) <= self.graphs.buckets[-1]:
+            h = self.graphs.forward(block_tables, starts, [r[0] for r in rows])
+        else:
+            h = self._split(run, len(rows), block_tables, starts, rows)
         self._count_load()
         return h
 

@@ -263,12 +263,14 @@ class MoE(nn.Module):
         self.experts = experts
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) \
             if args.n_shared_experts else None
-        self.loads: list[torch.Tensor] = []
+        self.loads: list[torch.Tensor] = []  # each call's routing, [T, topk], until take_load counts it
 
     def take_load(self) -> torch.Tensor:
         """Tokens per routed expert [E] over the calls since the last take."""
         loads, self.loads = self.loads, []
-        return sum(loads, torch.zeros(self.gate.weight.shape[0], dtype=torch.long, device=self.gate.weight.device))
+        n_experts = self.gate.weight.shape[0]
+        return sum((tokens_per_expert(indices, n_experts) for indices in loads),
+                   torch.zeros(n_experts, dtype=torch.long, device=self.gate.weight.device))
 
     def forward(self, x: torch.Tensor, micro_batch: int = 0) -> torch.Tensor:
         """`micro_batch`: which of a step's concurrent micro-batches this is (a transport keeps their messages
@@ -276,9 +278,9 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.view(-1, shape[-1])
         weights, indices = self.gate(x)
-        # tokens per routed expert in this call: routing statistics for bias balancing and EPLB (an append is
+        # this call's routing, counted per expert by take_load: statistics for bias balancing and EPLB (an append is
         # atomic, so micro-batches running in threads each log theirs)
-        self.loads.append(tokens_per_expert(indices, self.gate.weight.shape[0]))
+        self.loads.append(indices)
         handle = self.experts.dispatch(x, indices, weights, micro_batch)
         z = self.shared_experts(x) if self.shared_experts is not None else 0  # overlaps remote experts
         return (self.experts.combine(handle) + z).view(shape)

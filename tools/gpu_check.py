@@ -17,8 +17,9 @@ Sections (each reports on its own; one that fails prints why and the rest go on)
 - mla_decode: one absorbed-MLA decode layer at V3's shapes, B=64 and L up to 8k: the history gathered then SDPA,
   against the Triton kernel reading the pages in place;
 - decode: the demo model's decode tokens/s at batch 1/32/64 (equal work: the same prompts, the same number of
-  tokens, EOS ignored) against transformers' generate on the same GPU, and the bandwidth floor (weights + KV
-  bytes read per step / 4.8 TB/s).
+  tokens, EOS ignored), eager and with decode steps as CUDA graphs (`cuda_graphs=True`; their tokens against the
+  eager ones), against transformers' generate on the same GPU, and the bandwidth floor (weights + KV bytes read
+  per step / 4.8 TB/s).
 Times are medians of several runs after a warm-up, measured with CUDA events.
 """
 import argparse
@@ -264,6 +265,7 @@ def section_decode(quick: bool) -> list:
     from transformers import AutoModelForCausalLM
     n_new, prompt_len = 64, 32
     llm = LLM(device="cuda", max_num_seqs=64)
+    graphed = LLM(device="cuda", max_num_seqs=64, cuda_graphs=True)  # decode steps replayed as CUDA graphs
     hf = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.bfloat16).cuda().eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     per_token_kv = llm.engine.cache.bytes_per_token
@@ -274,17 +276,20 @@ def section_decode(quick: bool) -> list:
         params = SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True)
 
         def ours():
-            llm.generate(prompts.tolist(), params)
+            return llm.generate(prompts.tolist(), params)
+
+        def ours_graphs():
+            return graphed.generate(prompts.tolist(), params)
 
         def theirs():
             with torch.inference_mode():
                 hf.generate(prompts.cuda(), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
                             attention_mask=torch.ones_like(prompts).cuda())
-        ours()
+        same = [a.token_ids == b.token_ids for a, b in zip(ours(), ours_graphs())]
         theirs()
-        times = {"ours": [], "transformers": []}
+        times = {"ours": [], "ours_graphs": [], "transformers": []}
         for _ in range(3):
-            for side, fn in (("ours", ours), ("transformers", theirs)):
+            for side, fn in (("ours", ours), ("ours_graphs", ours_graphs), ("transformers", theirs)):
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 fn()
@@ -292,7 +297,8 @@ def section_decode(quick: bool) -> list:
                 times[side].append(time.perf_counter() - start)
         mid_kv = batch * (prompt_len + n_new // 2) * per_token_kv
         floor = (weight_bytes + mid_kv) / HBM_BYTES_PER_S  # seconds per decode step at the bandwidth limit
-        row = {"batch": batch, "new_tokens": n_new, "floor_tokens_per_s": batch / floor}
+        row = {"batch": batch, "new_tokens": n_new, "floor_tokens_per_s": batch / floor,
+               "graphs_equal_eager": f"{sum(same)}/{len(same)}"}
         for side, ts in times.items():
             row[f"{side}_tokens_per_s"] = batch * n_new / statistics.median(ts)
             row[f"{side}_spread"] = [round(batch * n_new / t) for t in ts]

@@ -14,8 +14,10 @@ FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empty
              torch.linspace, torch.rand, torch.randn, torch.randint, torch.randperm, torch.eye, torch.scalar_tensor,
              torch.empty_strided}
 # reads of a tensor's values by the host: on a GPU each waits for the device to finish its queue
-SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::unique_consecutive",
-            "aten::unique_dim", "aten::unique_dim_consecutive"}
+# (under inference mode, which the engine's steps run in, int() and bool() of a tensor reach the dispatch mode as
+# aten::item and aten::is_nonzero, not decomposed into _local_scalar_dense)
+SYNC_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::_unique2",
+            "aten::unique_consecutive", "aten::unique_dim", "aten::unique_dim_consecutive"}
 SYNC_METHODS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.item}
 
 
@@ -98,11 +100,12 @@ def test_a_decode_step_reads_the_device_once_and_no_layer_reads_it(demo):
         counts.append(reads.count)
         assert outputs  # every step was a decode step of the four requests
     assert len(counts) == 11 and max(counts) <= 1, counts
-    # the counter sees a per-layer read where there is one
-    with HostReads() as reads:
-        x = torch.randn(4, 3)
-        x.nonzero(), int(x.max()), x.tolist()
-    assert reads.count == 3
+    # the counter sees a per-layer read where there is one, in inference mode as outside it
+    for inference in (False, True):
+        with torch.inference_mode(inference), HostReads() as reads:
+            x = torch.randn(4, 3)
+            x.nonzero(), int(x.max()), bool(x.any()), x.tolist()
+        assert reads.count == 4, inference
 
 
 def test_device_and_dtype_names():

@@ -1,0 +1,63 @@
+"""Decode steps as CUDA graphs need a static step: the batch padded to its bucket, the block tables to their full
+width, every input copied into the bucket's buffers, nothing read back to the host, the padding's routing left out
+of the expert loads. On the CPU (no graphs) the same static step runs eagerly; here it is checked against the
+engine's own decode steps."""
+import pytest
+import torch
+
+from moeserve.cluster import LLM, SamplingParams
+from moeserve.cluster.model_runner import DecodeGraphs
+from moeserve.kernels.errors import InputError
+from tests.cluster.test_device import HostReads
+
+PROMPTS = ["def fibonacci(", "import os\nimport sys\n", "class Stack:", "for i in range(", "# sort the list",
+           "x = [i for i in", "while True:"]
+
+
+def engine(static: bool) -> LLM:
+    llm = LLM(device="cpu", mla_decode="paged", kv_cache_tokens=1024, max_num_seqs=8)
+    if static:
+        llm.engine.runner.graphs = DecodeGraphs(llm.engine.runner, max_batch=8, capture=False)
+    return llm
+
+
+def test_static_decode_steps_keep_the_tokens_and_the_expert_loads():
+    """Seven requests ending at different lengths: the decode batch shrinks 7 -> 1 through buckets 8, 4, 2 and 1,
+    its padding rows in every bucket but the exact ones."""
+    params = [SamplingParams(max_tokens=3 + 2 * i, temperature=0, ignore_eos=True) for i in range(len(PROMPTS))]
+    plain, static = engine(False), engine(True)
+    expected = plain.generate(PROMPTS, params)
+    seen = []
+    forward = static.engine.runner.graphs.forward
+
+    def counted(block_tables, starts, tokens):
+        seen.append(len(tokens))
+        return forward(block_tables, starts, tokens)
+    static.engine.runner.graphs.forward = counted
+    assert [o.token_ids for o in static.generate(PROMPTS, params)] == [o.token_ids for o in expected]
+    assert {static.engine.runner.graphs.bucket(b) for b in seen} == {8, 4, 2, 1} and 7 in seen
+    loads, plain_loads = static.engine.runner.expert_load, plain.engine.runner.expert_load
+    assert all(torch.equal(loads[name], plain_loads[name]) for name in loads)  # no padding row counted
+    tables = static.engine.runner.graphs.static[8].tables
+    assert tables.shape == (8, 1024 // 16)  # the full width: as many blocks as the cache can give a sequence
+
+
+def test_a_static_decode_step_reads_nothing_back():
+    llm = engine(True)
+    eng = llm.engine
+    for prompt in PROMPTS[:5]:
+        eng.add_request(llm.encode(prompt), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    eng.step()  # the prompts
+    runner = eng.runner
+    seqs = list(eng.scheduler.running)
+    with HostReads() as reads, torch.inference_mode():
+        runner.graphs.forward([s.block_table for s in seqs], [len(s) - 1 for s in seqs],
+                              [s.token_ids[-1] for s in seqs])
+    assert reads.count == 0
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_run():
+    with pytest.raises(InputError, match="needs a GPU"):
+        LLM(device="cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match="paged MLA decode"):
+        DecodeGraphs(LLM(device="cpu").engine.runner, 8, capture=False)  # the CPU's default: the gather path
