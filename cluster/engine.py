@@ -55,9 +55,10 @@ def check_cuda_graphs(config: EngineConfig, device: torch.device, decode, dtype:
     """Raise InputError where decode steps cannot be captured as CUDA graphs as configured."""
     if device.type != "cuda":
         raise InputError(f"cuda_graphs needs a GPU (the engine is on {device}); CPUs have no graphs")
-    if decode is None:
-        raise InputError("cuda_graphs needs the paged MLA decode: mla_decode 'triton' (the default on GPUs) or "
-                         "'paged', not 'gather' (its shapes follow each step's history)")
+    if decode is None or config.mla_decode == "paged":
+        raise InputError("cuda_graphs needs the Triton paged MLA decode (mla_decode 'triton', or 'auto' where triton "
+                         "imports): the gather path's shapes follow each step's history, and the torch recurrence "
+                         "visits every column of the full-width block tables")
     if dtype == torch.float32 and config.moe_kernel == "grouped":
         raise InputError("cuda_graphs with float32 weights needs moe_kernel 'triton': torch's grouped product on "
                          "CUDA takes BF16, and its float32 stand-in reads the row counts back to the host")

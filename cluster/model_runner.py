@@ -58,9 +58,10 @@ class DecodeGraphs:
     model's launches instead of issuing each from Python. A graph replays fixed shapes at fixed addresses, so a step
     is padded to its bucket, its block tables to the most blocks a sequence can have (the paged decode kernel stops
     at each row's own length), and its inputs are copied into the bucket's buffers. Needs the paged MLA decode (the
-    gather path's shapes follow the history's length) and no host read inside the step (float32 experts on CUDA read
-    their offsets back: BF16, or moe_kernel "triton"). Without `capture` (CPUs, which have no graphs) the same
-    static step runs eagerly, which is what the tests check there."""
+    gather path's shapes follow the history's length; on GPUs the Triton kernel, as the torch recurrence visits every
+    table column) and no host read inside the step (float32 experts on CUDA read their offsets back: BF16, or
+    moe_kernel "triton"). Without `capture` (CPUs, which have no graphs) the same static step runs eagerly, which is
+    what the tests check there."""
 
     def __init__(self, runner: "ModelRunner", max_batch: int, capture: bool):
         if runner.decode is None:
@@ -87,10 +88,10 @@ class DecodeGraphs:
         self._copy_inputs(static, block_tables, starts, tokens)
         if not self.capture:
             self._step(static)
-        elif first:
-            self._capture(static)  # the capture's warm-up runs computed this step
         else:
-            static.graph.replay()
+            if first:
+                self._capture(static)
+            static.graph.replay()  # after a capture too: capturing records the launches, it computes nothing
         for name, moe in self.runner.moe_layers:
             if name in static.routing:
                 moe.loads.append(static.routing[name][:B])  # the real rows' routing, not the padding's
@@ -120,7 +121,8 @@ class DecodeGraphs:
 
     def _capture(self, static: StaticDecode) -> None:
         """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels: neither may happen while capturing),
-        then capture one step. The warm-up computes this step's values; the capture itself runs nothing."""
+        then capture one step. The warm-ups write this step's latents to the cache, as the replay after the capture
+        does again: the same values to the same slots."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
