@@ -2,6 +2,9 @@
 width, every input copied into the bucket's buffers, nothing read back to the host, the padding's routing left out
 of the expert loads. On the CPU (no graphs) the same static step runs eagerly; here it is checked against the
 engine's own decode steps."""
+import contextlib
+import functools
+
 import pytest
 import torch
 
@@ -61,3 +64,42 @@ def test_cuda_graphs_are_refused_where_they_cannot_run():
         LLM(device="cpu", cuda_graphs=True)
     with pytest.raises(ValueError, match="paged MLA decode"):
         DecodeGraphs(LLM(device="cpu").engine.runner, 8, capture=False)  # the CPU's default: the gather path
+
+
+def test_each_bucket_is_captured_once_then_replayed(monkeypatch):
+    """The capture-and-replay flow, with CUDA's stream and graph API stood in by one whose capture records the step
+    and whose replay reruns it: a bucket's first step captures (after warm-ups) and replays, later ones replay."""
+    events = []
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            events.append("replay")
+            self.step()
+
+    @contextlib.contextmanager
+    def capturing(graph, pool=None):
+        events.append("capture")
+        graph.step = functools.partial(DecodeGraphs._step, graphs, graphs.capturing)
+        yield
+
+    capture = DecodeGraphs._capture
+
+    def remember(self, static):
+        self.capturing = static
+        capture(self, static)
+    for name, fake in {"Stream": Stream, "current_stream": Stream, "stream": lambda s: contextlib.nullcontext(),
+                       "CUDAGraph": Graph, "graph": capturing, "graph_pool_handle": lambda: "pool"}.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(DecodeGraphs, "_capture", remember)
+    params = [SamplingParams(max_tokens=3 + 2 * i, temperature=0, ignore_eos=True) for i in range(4)]
+    expected = [o.token_ids for o in engine(False).generate(PROMPTS[:4], params)]
+    llm = engine(False)
+    graphs = llm.engine.runner.graphs = DecodeGraphs(llm.engine.runner, max_batch=8, capture=True)
+    assert [o.token_ids for o in llm.generate(PROMPTS[:4], params)] == expected
+    # decode batches of 4, 4, 3, 3, 2, 2, 1, 1 sequences: buckets 4, 2 and 1, each captured once; every step replays
+    assert events.count("capture") == 3 and sorted(graphs.static) == [1, 2, 4]
+    assert events.count("replay") == 8 and events[:2] == ["capture", "replay"]
