@@ -8,6 +8,7 @@ the engine can stand in for this contiguous one.
 """
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .args import ModelArgs
@@ -73,24 +74,26 @@ class PagedLatentCache:
     def pages(self, layer_id: int) -> torch.Tensor:
         return self.kv[layer_id].view(self.num_blocks + 1, self.block_size, -1)
 
-    def slots(self, block_tables: list[list[int]], positions: torch.Tensor, valid: torch.Tensor,
+    def slots(self, block_tables: list[list[int]], positions: np.ndarray, valid: np.ndarray,
               length: int, gather: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-        """The slots of a padded batch, on the host where its inputs are built: write_slots [B, S], each token's
-        slot, padding's in the scratch block; read_slots [B * length], positions 0..length-1 of every row in table
-        order (None without `gather`); the block tables [B, n] (-1 past a row's blocks). positions, valid [B, S]
-        host tensors; length: the furthest position + 1."""
+        """The slots of a padded batch, built on the host (in NumPy) with its inputs: write_slots [B, S], each
+        token's slot, padding's in the scratch block; read_slots [B * length], positions 0..length-1 of every row in
+        table order (None without `gather`); the block tables [B, n] (-1 past a row's blocks). positions, valid
+        [B, S] host arrays; length: the furthest position + 1. Returned as host int64 tensors."""
         bs = self.block_size
         n_blocks = max(-(-length // bs), max(len(t) for t in block_tables))
-        table = torch.tensor([t + [-1] * (n_blocks - len(t)) for t in block_tables], dtype=torch.long, device="cpu")
-        block = table.gather(1, (positions // bs).clamp(max=n_blocks - 1))
-        write = torch.where(block >= 0, block * bs + positions % bs, self.scratch_slot)
-        write = write.masked_fill(~valid, self.scratch_slot)
+        table = np.full((len(block_tables), n_blocks), -1, dtype=np.int64)
+        for row, t in zip(table, block_tables):
+            row[:len(t)] = t
+        block = np.take_along_axis(table, np.minimum(positions // bs, n_blocks - 1), axis=1)
+        write = np.where((block >= 0) & valid, block * bs + positions % bs, self.scratch_slot)
         if not gather:
-            return write, None, table
+            return torch.from_numpy(write), None, torch.from_numpy(table)
         # a row's positions past its own blocks read block 0: stale rows that the causal mask hides like any
         # other past a row's length
-        read = table.clamp(min=0).unsqueeze(-1) * bs + torch.arange(bs, device="cpu")  # [B, blocks, bs]
-        return write, read.flatten(1)[:, :length].flatten(), table
+        read = np.maximum(table, 0)[:, :, None] * bs + np.arange(bs)  # [B, blocks, bs]
+        return torch.from_numpy(write), torch.from_numpy(read.reshape(len(table), -1)[:, :length].ravel()), \
+            torch.from_numpy(table)
 
     def view(self, write_slots: torch.Tensor, read_slots: Optional[torch.Tensor], length: int,
              tables: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,

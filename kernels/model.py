@@ -14,6 +14,7 @@ of mixed lengths, half of a padded batch can be padding.
 import functools
 from typing import Callable, Literal, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,10 +64,9 @@ class Packing:
         self.shape = torch.Size(shape)
 
     @classmethod
-    def of_lengths(cls, lengths: list[int], width: int) -> "Packing":
-        """Rows of `lengths` valid tokens (left-aligned) in a batch `width` wide; the index built on the host."""
-        index = [b * width + j for b, n in enumerate(lengths) for j in range(n)]
-        return cls(torch.tensor(index, dtype=torch.long, device="cpu"), (len(lengths), width))
+    def of_valid(cls, valid: np.ndarray) -> "Packing":
+        """The valid tokens of a [B, S] host array of flags; the index built on the host."""
+        return cls(torch.from_numpy(np.flatnonzero(valid)), valid.shape)
 
     def to(self, device: torch.device) -> "Packing":
         return Packing(self.index.to(device, non_blocking=True), self.shape)

@@ -238,7 +238,7 @@ def section_mla_decode(quick: bool) -> list:
         order = torch.randperm(B * L // block).tolist()
         tables = [order[b * L // block:(b + 1) * L // block] for b in range(B)]
         positions = torch.full((B, 1), L - 1, dtype=torch.long)
-        write, read, table = cache.slots(tables, positions, torch.ones(B, 1, dtype=torch.bool), L)
+        write, read, table = cache.slots(tables, positions.numpy(), positions.numpy() >= 0, L)
         gather = cache.view(write.cuda(), read.cuda(), L)
         paged = cache.view(write.cuda(), None, L, table.cuda(), positions.cuda(), triton_mla.paged_mla_decode)
         x = torch.randn(B, 1, args.dim, device="cuda", dtype=torch.bfloat16)
