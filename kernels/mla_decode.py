@@ -43,9 +43,10 @@ MLA_DECODE = ("auto", "gather", "paged", "triton")
 
 
 def decode_kernel(choice: str, device: torch.device, block_size: int):
-    """The paged decode an engine runs, or None for the gather path (SDPA over each row's history copied out):
-    "paged" this module's torch recurrence, "triton" the kernel; "auto" the kernel on a GPU where triton imports
-    and the block size fits it, else the gather path (on CPUs it is the faster: one copy and two batched products per layer)."""
+    """The paged decode an engine runs, or None for the gather path (attention over each row's history copied
+    out): "paged" this module's torch recurrence, "triton" the kernel; "auto" the kernel on a GPU where triton
+    imports and the block size fits it, else the gather path (on CPUs it is the faster: one copy and two batched
+    products per layer)."""
     if choice not in MLA_DECODE:
         raise InputError(f"mla_decode must be one of {MLA_DECODE}, got {choice!r}")
     if choice == "gather" or (choice == "auto" and device.type != "cuda"):
