@@ -47,20 +47,35 @@ def align_to_blocks(expert_ids: torch.Tensor, n_experts: int, block_m: int) -> t
 
 
 @triton.jit
+def _block(SLOTS, BLOCK_EXPERT, A, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (m, n)'s work: block m's expert, its assignment ids and which of them are real (the rest padding),
+    tile n's output columns and which of them exist."""
+    m = tl.program_id(0)
+    expert = tl.load(BLOCK_EXPERT + m)
+    ids = tl.load(SLOTS + m * BLOCK_M + tl.arange(0, BLOCK_M))
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, ids, ids < A, cols, cols < N
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b summed in fp32; float32 inputs exactly so (GPUs would round them to TF32 by default)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _gate_up_kernel(X, W13, H, ROWS, SLOTS, BLOCK_EXPERT, A, K, inter, n_experts,
                     stride_xm, stride_we, stride_wk, stride_hm,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     """Program (m, n): H[a, n-tile] = silu(x[row a] @ w1[e]) * (x[row a] @ w3[e]) for the assignments a of block m,
     all of expert e; w13[e] [K, 2 * inter] has w1's columns, then w3's."""
-    m = tl.program_id(0)
-    expert = tl.load(BLOCK_EXPERT + m)
+    expert, ids, valid, cols, col_ok = _block(SLOTS, BLOCK_EXPERT, A, inter, BLOCK_M, BLOCK_N)
     if expert >= n_experts:
         return
-    ids = tl.load(SLOTS + m * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid = ids < A
     rows = tl.load(ROWS + ids, mask=valid, other=0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < inter
     ks = tl.arange(0, BLOCK_K)
     w = W13 + expert.to(tl.int64) * stride_we
     gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -72,12 +87,8 @@ def _gate_up_kernel(X, W13, H, ROWS, SLOTS, BLOCK_EXPERT, A, K, inter, n_experts
         w_ok = (k[:, None] < K) & col_ok[None, :]
         w1 = tl.load(w + k[:, None] * stride_wk + cols[None, :], mask=w_ok, other=0.0)
         w3 = tl.load(w + k[:, None] * stride_wk + (inter + cols)[None, :], mask=w_ok, other=0.0)
-        if IEEE:
-            gate += tl.dot(a, w1, input_precision="ieee")
-            up += tl.dot(a, w3, input_precision="ieee")
-        else:
-            gate += tl.dot(a, w1)
-            up += tl.dot(a, w3)
+        gate += _dot(a, w1, IEEE)
+        up += _dot(a, w3, IEEE)
     h = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(H + ids[:, None].to(tl.int64) * stride_hm + cols[None, :], h.to(H.dtype.element_ty),
              mask=valid[:, None] & col_ok[None, :])
@@ -88,14 +99,9 @@ def _down_kernel(H, W2, OUT, WEIGHTS, SLOTS, BLOCK_EXPERT, A, K, N, n_experts,
                  stride_hm, stride_we, stride_wk, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     """Program (m, n): OUT[a, n-tile] = weight[a] * (H[a] @ w2[e]) for the assignments a of block m."""
-    m = tl.program_id(0)
-    expert = tl.load(BLOCK_EXPERT + m)
+    expert, ids, valid, cols, col_ok = _block(SLOTS, BLOCK_EXPERT, A, N, BLOCK_M, BLOCK_N)
     if expert >= n_experts:
         return
-    ids = tl.load(SLOTS + m * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid = ids < A
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     w = W2 + expert.to(tl.int64) * stride_we
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -104,10 +110,7 @@ def _down_kernel(H, W2, OUT, WEIGHTS, SLOTS, BLOCK_EXPERT, A, K, N, n_experts,
         h = tl.load(H + ids[:, None].to(tl.int64) * stride_hm + k[None, :], mask=valid[:, None] & (k[None, :] < K),
                     other=0.0)
         w2 = tl.load(w + k[:, None] * stride_wk + cols[None, :], mask=(k[:, None] < K) & col_ok[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(h, w2, input_precision="ieee")
-        else:
-            acc += tl.dot(h, w2)
+        acc += _dot(h, w2, IEEE)
     acc = acc * tl.load(WEIGHTS + ids, mask=valid, other=0.0)[:, None]
     tl.store(OUT + ids[:, None].to(tl.int64) * stride_om + cols[None, :], acc.to(OUT.dtype.element_ty),
              mask=valid[:, None] & col_ok[None, :])
@@ -150,15 +153,10 @@ def _fp8_gate_up_kernel(XQ, XS, W1, S1, W3, S3, H, ROWS, SLOTS, BLOCK_EXPERT, A,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """`_gate_up_kernel` over e4m3 rows XQ with tile scales XS [N, K/BLOCK_K] and e4m3 w1, w3 [E, inter, K] with
     block scales [E, inter/BLOCK_K, K/BLOCK_K]: each K tile's product scaled by the row's and the block's scale."""
-    m = tl.program_id(0)
-    expert = tl.load(BLOCK_EXPERT + m)
+    expert, ids, valid, cols, col_ok = _block(SLOTS, BLOCK_EXPERT, A, inter, BLOCK_M, BLOCK_N)
     if expert >= n_experts:
         return
-    ids = tl.load(SLOTS + m * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid = ids < A
     rows = tl.load(ROWS + ids, mask=valid, other=0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < inter
     ks = tl.arange(0, BLOCK_K)
     w_off = expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn
     s_off = expert.to(tl.int64) * stride_se + (cols // BLOCK_K) * stride_sn
@@ -185,15 +183,10 @@ def _fp8_down_kernel(HQ, HS, W2, S2, OUT, WEIGHTS, SLOTS, BLOCK_EXPERT, A, K, N,
                      stride_hm, stride_hsm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """`_down_kernel` over e4m3 rows HQ (one per assignment) with tile scales HS and e4m3 w2 [E, N, K]."""
-    m = tl.program_id(0)
-    expert = tl.load(BLOCK_EXPERT + m)
+    expert, ids, valid, cols, col_ok = _block(SLOTS, BLOCK_EXPERT, A, N, BLOCK_M, BLOCK_N)
     if expert >= n_experts:
         return
-    ids = tl.load(SLOTS + m * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid = ids < A
     id64 = ids.to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     w_off = expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn
     s_off = expert.to(tl.int64) * stride_se + (cols // BLOCK_K) * stride_sn
