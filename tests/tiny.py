@@ -101,3 +101,13 @@ def add_mtp_shard(path, ref, seed=7):
     weight_map.update({k: "mtp.safetensors" for k in tensors})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return layer, own
+
+
+def random_experts(n: int, dim: int, inter: int, generator: torch.Generator):
+    """LocalExperts of n experts with weights drawn from `generator` (N(0, 0.3^2))."""
+    from moeserve.kernels.experts import LocalExperts
+    experts = LocalExperts(n, dim, inter)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return experts

@@ -3,18 +3,15 @@ every expert on every token) give the same sums."""
 import pytest
 import torch
 
-from moeserve.kernels.experts import (LocalExperts, run_assignments_dense, run_assignments_grouped, run_experts,
-                                      run_experts_dense, run_experts_grouped)
-from tests.tiny import rel_err
+from moeserve.kernels.experts import (run_assignments_dense, run_assignments_grouped, run_experts, run_experts_dense,
+                                      run_experts_grouped)
+from tests.tiny import random_experts, rel_err
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 40])
 def test_grouped_and_dense_experts_equal_one_expert_at_a_time(tokens):
     g = torch.Generator().manual_seed(tokens)
-    experts = LocalExperts(16, 24, 8)
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    experts = random_experts(16, 24, 8, g)
     x = torch.randn(tokens, 24, generator=g)
     indices = torch.rand(tokens, 16, generator=g).topk(4, dim=-1).indices
     weights = torch.rand(tokens, 4, generator=g)
@@ -39,10 +36,7 @@ def test_grouped_experts_on_skewed_routing_with_empty_experts_equal_one_expert_a
             raise RuntimeError("grouped gemm is not supported for this dtype here")
         monkeypatch.setattr(torch, "_grouped_mm", unsupported)
     g = torch.Generator().manual_seed(seed)
-    experts = LocalExperts(32, 40, 24)
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    experts = random_experts(32, 40, 24, g)
     x = torch.randn(50, 40, generator=g)
     hot = torch.tensor([3, 17])
     expert_ids = torch.cat([hot[torch.randint(0, 2, (150,), generator=g)], torch.randint(20, 24, (10,), generator=g)])

@@ -12,9 +12,9 @@ triton_moe = pytest.importorskip("moeserve.kernels.triton_moe")
 from moeserve.cluster import LLM, SamplingParams  # noqa: E402
 from moeserve.cluster.llm import DEMO_MODEL_FP8  # noqa: E402
 from moeserve.kernels.errors import InputError  # noqa: E402
-from moeserve.kernels.experts import MLP, LocalExperts, moe_kernel, pack_fp8_experts, run_assignments  # noqa: E402
+from moeserve.kernels.experts import MLP, moe_kernel, pack_fp8_experts, run_assignments  # noqa: E402
 from moeserve.kernels.fp8 import FP8Linear, weight_quant  # noqa: E402
-from tests.tiny import rel_err  # noqa: E402
+from tests.tiny import random_experts, rel_err  # noqa: E402
 
 
 @pytest.mark.parametrize("seed,n_experts,block_m", [(0, 8, 16), (1, 32, 4), (2, 5, 64)])
@@ -45,10 +45,7 @@ def test_fused_moe_equals_each_row_and_expert_on_its_own(tokens, hot):
     """Ragged sizes (dim 40, inter 24: neither a multiple of the 64-wide tiles); with `hot`, most assignments on two
     experts (runs over several blocks of 64), most experts empty, repeated rows, and rows with no expert at all."""
     g = torch.Generator().manual_seed(tokens)
-    experts = LocalExperts(32, 40, 24)
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    experts = random_experts(32, 40, 24, g)
     x = torch.randn(tokens, 40, generator=g)
     if hot:
         expert_ids = torch.cat([torch.tensor([3, 17])[torch.randint(0, 2, (150,), generator=g)],
