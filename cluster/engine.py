@@ -18,6 +18,7 @@ import torch
 from moeserve.kernels.cache import PagedLatentCache
 from moeserve.kernels.errors import InputError
 from moeserve.kernels.experts import LocalExperts, moe_kernel
+from moeserve.kernels.fp8 import FP8Linear
 from moeserve.kernels.generate import check_prompt
 from moeserve.kernels.load import resolve_device
 from moeserve.kernels.mla_decode import decode_kernel
@@ -51,7 +52,7 @@ class EngineConfig:
 CPU_KV_CACHE_TOKENS = 32768
 
 
-def check_cuda_graphs(config: EngineConfig, device: torch.device, decode, dtype: torch.dtype) -> None:
+def check_cuda_graphs(config: EngineConfig, device: torch.device, decode, model: Transformer) -> None:
     """Raise InputError where decode steps cannot be captured as CUDA graphs as configured."""
     if device.type != "cuda":
         raise InputError(f"cuda_graphs needs a GPU (the engine is on {device}); CPUs have no graphs")
@@ -59,9 +60,13 @@ def check_cuda_graphs(config: EngineConfig, device: torch.device, decode, dtype:
         raise InputError("cuda_graphs needs the Triton paged MLA decode (mla_decode 'triton', or 'auto' where triton "
                          "imports): the gather path's shapes follow each step's history, and the torch recurrence "
                          "visits every column of the full-width block tables")
-    if dtype == torch.float32 and config.moe_kernel == "grouped":
+    if model.embed.weight.dtype == torch.float32 and config.moe_kernel == "grouped":
         raise InputError("cuda_graphs with float32 weights needs moe_kernel 'triton': torch's grouped product on "
                          "CUDA takes BF16, and its float32 stand-in reads the row counts back to the host")
+    fp8_experts = any(isinstance(m, LocalExperts) and isinstance(m[0].w1, FP8Linear) for m in model.modules())
+    if fp8_experts and config.moe_kernel == "grouped":
+        raise InputError("cuda_graphs with FP8 experts needs moe_kernel 'triton': one at a time, FP8 experts read "
+                         "their row counts back to the host")
 
 
 def kv_cache_tokens_that_fit(config: EngineConfig, device: torch.device, bytes_per_token: int,
@@ -166,7 +171,7 @@ class Engine:
             if isinstance(moe.experts, LocalExperts):
                 moe.experts.routed = routed
         if config.cuda_graphs:
-            check_cuda_graphs(config, self.device, decode, model.embed.weight.dtype)
+            check_cuda_graphs(config, self.device, decode, model)
             self.runner.graphs = DecodeGraphs(self.runner, config.max_num_seqs, capture=True)
         self.requests: dict[str, Sequence] = {}
         self._emitted: dict[str, tuple[int, int]] = {}  # request -> (tokens, text chars) already reported

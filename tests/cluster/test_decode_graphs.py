@@ -8,9 +8,12 @@ import functools
 import pytest
 import torch
 
-from moeserve.cluster import LLM, SamplingParams
+from moeserve.cluster import LLM, EngineConfig, SamplingParams
+from moeserve.cluster.engine import check_cuda_graphs
+from moeserve.cluster.llm import DEMO_MODEL, DEMO_MODEL_FP8
 from moeserve.cluster.model_runner import DecodeGraphs
 from moeserve.kernels.errors import InputError
+from moeserve.kernels.load import load_model
 from tests.cluster.test_device import HostReads
 
 PROMPTS = ["def fibonacci(", "import os\nimport sys\n", "class Stack:", "for i in range(", "# sort the list",
@@ -64,6 +67,21 @@ def test_cuda_graphs_are_refused_where_they_cannot_run():
         LLM(device="cpu", cuda_graphs=True)
     with pytest.raises(ValueError, match="paged MLA decode"):
         DecodeGraphs(LLM(device="cpu").engine.runner, 8, capture=False)  # the CPU's default: the gather path
+    # what a GPU would refuse, asked of the rules directly (a device named cuda needs no GPU to be named)
+    cuda, triton = torch.device("cuda"), object()  # any paged decode kernel
+    float32 = load_model(DEMO_MODEL, torch.float32)
+    with pytest.raises(InputError, match="Triton paged MLA decode"):
+        check_cuda_graphs(EngineConfig(mla_decode="gather"), cuda, None, float32)
+    with pytest.raises(InputError, match="Triton paged MLA decode"):
+        check_cuda_graphs(EngineConfig(mla_decode="paged"), cuda, triton, float32)
+    with pytest.raises(InputError, match="float32 weights needs moe_kernel 'triton'"):
+        check_cuda_graphs(EngineConfig(), cuda, triton, float32)
+    check_cuda_graphs(EngineConfig(moe_kernel="triton"), cuda, triton, float32)
+    fp8 = load_model(DEMO_MODEL_FP8, torch.bfloat16, fp8_resident=True)
+    with pytest.raises(InputError, match="FP8 experts needs moe_kernel 'triton'"):
+        check_cuda_graphs(EngineConfig(), cuda, triton, fp8)
+    check_cuda_graphs(EngineConfig(moe_kernel="triton"), cuda, triton, fp8)
+    check_cuda_graphs(EngineConfig(), cuda, triton, load_model(DEMO_MODEL, torch.bfloat16))
 
 
 def test_each_bucket_is_captured_once_then_replayed(monkeypatch):
