@@ -57,7 +57,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(a.threads)
     start = time.perf_counter()
-    llm = LLM(a.model, dtype=a.dtype, mtp=a.mtp, device=a.device)
+    llm = LLM(a.model, dtype=a.dtype, mtp=a.mtp, device=a.device, moe_kernel=a.moe_kernel, cuda_graphs=a.cuda_graphs)
     loaded = time.perf_counter()
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             seed=a.seed, ignore_eos=a.ignore_eos, logprobs=0)
@@ -302,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "optional MTP speculation) and generate, streaming the text as it comes."
                                    "\n\nexamples:\n  moeserve generate --prompt \"def fibonacci(\" --mtp\n"
                                    "  moeserve generate --model CKPT --prompt-ids 1,2,3 --max-tokens 16 "
-                                   "--temperature 0 --json\n  moeserve generate --model CKPT --device cuda --prompt \"import os\"")
+                                   "--temperature 0 --json\n  moeserve generate --model CKPT --device cuda --prompt \"import os\"\n"
+                                   "  moeserve generate --model CKPT --device cuda --moe-kernel triton --cuda-graphs "
+                                   "--prompt \"import os\"")
     _add_model(p, required=False)
     p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
     p.add_argument("--prompt-ids", type=_token_ids, metavar="IDS", help="prompt as token ids, e.g. 1,2,3")
@@ -319,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="compute dtype (default auto: bfloat16 on a GPU, float32 on a CPU, the fastest on each); "
                         "an FP8 checkpoint's weights stay e4m3 on a GPU and are dequantised into it on a CPU")
+    p.add_argument("--moe-kernel", choices=["grouped", "triton"], default="grouped",
+                   help="routed experts: grouped (torch._grouped_mm; the default) or triton (the fused-MoE kernel, "
+                        "which also takes FP8 experts stacked; needs triton)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps as CUDA graphs, one per batch-size bucket (GPUs; BF16 or --moe-kernel "
+                        "triton)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true",
                    help="print {prompt_token_ids, token_ids, text, logprobs, finish_reason} as JSON")

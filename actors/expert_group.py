@@ -37,7 +37,7 @@ class ExpertGroupWorker:
         self.dtype = DTYPES[dtype]
         self.device = resolve_device(device) if ray.get_gpu_ids() else torch.device("cpu")
         self.fp8 = self.device.type == "cuda" if fp8_resident is None else fp8_resident
-        self.moe_kernel, self.routed = moe_kernel_name, moe_kernel(moe_kernel_name)
+        self.moe_kernel, self.routed = moe_kernel_name, moe_kernel(moe_kernel_name, self.device)
         self.ckpt = Checkpoint(model)
         self.modules: dict[tuple[int, int], MLP] = {}   # (layer, logical expert) -> its weights, any version's
         # placement version -> per MoE layer, the held experts' weights stacked for batched matmuls and logical id

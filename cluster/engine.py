@@ -166,7 +166,7 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         decode = decode_kernel(config.mla_decode, self.device, config.block_size)
         self.runner = ModelRunner(model, self.cache, config.micro_batches, decode)
-        routed = moe_kernel(config.moe_kernel)
+        routed = moe_kernel(config.moe_kernel, self.device)
         for _, moe in self.runner.moe_layers:
             if isinstance(moe.experts, LocalExperts):
                 moe.experts.routed = routed

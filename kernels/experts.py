@@ -7,6 +7,7 @@ returns. Transports that send tokens to expert-group actors live in `actors/`, o
 
 Glossary: a *logical* expert is one of the model's `n_routed_experts`; `indices` hold logical ids.
 """
+import os
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import torch
@@ -233,7 +234,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Te
 MOE_KERNELS = ("grouped", "triton")
 
 
-def moe_kernel(choice: str) -> Callable:
+def moe_kernel(choice: str, device: torch.device) -> Callable:
     """The routed experts' product (run_assignments_grouped's contract) for a kernel's name: "grouped",
     `torch._grouped_mm` over rows sorted by expert; "triton", the fused kernel of `triton_moe` (row gather, SwiGLU and
     gate weights inside its two products; GPUs, or Triton's interpreter). Grouped is the default: the Triton kernel is
@@ -243,6 +244,9 @@ def moe_kernel(choice: str) -> Callable:
         raise InputError(f"moe_kernel must be one of {MOE_KERNELS}, got {choice!r}")
     if choice == "grouped":
         return run_assignments_grouped
+    if device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+        raise InputError(f"moe_kernel 'triton' runs on GPUs, not on {device} (TRITON_INTERPRET=1 runs Triton's "
+                         "interpreter there, for checks); use moe_kernel 'grouped'")
     try:
         from .triton_moe import fused_moe
     except ImportError:

@@ -9,6 +9,8 @@ Shapes: B sequences, R query rows per sequence (new tokens x heads, token-major)
 C = kv_lora_rank; pages [num_blocks + 1, block_size, D] (the last block is the cache's scratch block).
 `paged_mla_decode` is the torch statement of it, and the reference of the Triton kernel in `triton_mla.py`.
 """
+import os
+
 import torch
 
 from .errors import InputError
@@ -53,6 +55,11 @@ def decode_kernel(choice: str, device: torch.device, block_size: int):
         return None
     if choice == "paged":
         return paged_mla_decode
+    if device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+        if choice == "auto":
+            return None
+        raise InputError(f"mla_decode 'triton' runs on GPUs, not on {device} (TRITON_INTERPRET=1 runs Triton's "
+                         "interpreter there, for checks); use 'gather' or 'paged'")
     try:
         from . import triton_mla
     except ImportError:

@@ -68,3 +68,12 @@ def test_the_triton_kernel_refuses_a_block_it_cannot_tile():
     pytest.importorskip("triton")
     with pytest.raises(InputError, match="power-of-two block_size"):
         LLM(device="cpu", block_size=8, mla_decode="triton")
+
+
+def test_the_triton_decode_is_refused_off_a_gpu(monkeypatch):
+    from moeserve.kernels.errors import InputError
+    from moeserve.kernels.mla_decode import decode_kernel
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(InputError, match="runs on GPUs, not on cpu"):
+        decode_kernel("triton", torch.device("cpu"), 16)
+    assert decode_kernel("auto", torch.device("cpu"), 16) is None  # the gather path

@@ -130,6 +130,10 @@ def test_an_engine_routing_through_the_kernel_keeps_its_tokens(monkeypatch):
     assert calls and max(calls) >= 200
 
 
-def test_an_unknown_moe_kernel_is_refused():
+def test_an_unknown_moe_kernel_is_refused_and_triton_off_a_gpu(monkeypatch):
     with pytest.raises(InputError, match="moe_kernel must be one of"):
-        moe_kernel("cutlass")
+        moe_kernel("cutlass", torch.device("cpu"))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(InputError, match="runs on GPUs, not on cpu"):
+        moe_kernel("triton", torch.device("cpu"))
+    assert moe_kernel("triton", torch.device("cuda")) is triton_moe.fused_moe
