@@ -13,7 +13,7 @@ import torch
 
 from moeserve.kernels.checkpoint import Checkpoint, routed_expert_of
 from moeserve.kernels.experts import (MLP, FP8Experts, dense_is_cheaper, moe_kernel, pack_experts, pack_fp8_experts,
-                                      run_assignments, run_assignments_dense, run_assignments_grouped)
+                                      run_assignments, run_assignments_dense, takes_fp8_stacks)
 from moeserve.kernels.fp8 import FP8Linear, act_dequant
 from moeserve.kernels.load import DTYPES, resolve_device
 from moeserve.topology.spec import TopologySpec
@@ -86,7 +86,7 @@ class ExpertGroupWorker:
         kernel), else left as modules to run one at a time through their FP8Linear layers."""
         if not isinstance(held[0].w1, FP8Linear):
             return pack_experts(held)
-        return held if self.routed is run_assignments_grouped else pack_fp8_experts(held)
+        return pack_fp8_experts(held) if takes_fp8_stacks(self.routed) else held
 
     def _linear(self, name: str) -> torch.nn.Module:
         """One expert projection from the checkpoint on this group's device: e4m3 with its block scales where the

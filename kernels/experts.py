@@ -103,10 +103,8 @@ class LocalExperts(nn.ModuleList):
                  micro_batch: int = 0) -> torch.Tensor:
         if any(e is None for e in self) or torch.is_grad_enabled():  # training keeps its own parameters
             return run_experts(self, x, indices, weights)
-        if isinstance(self[0].w1, FP8Linear):
-            # torch has no block-scaled grouped product: FP8 experts run one at a time, each through its FP8Linear
-            # layers, unless the routed product is a kernel that takes them stacked (moe_kernel "triton")
-            if self.routed is run_assignments_grouped:
+        if isinstance(self[0].w1, FP8Linear):  # stacked only where the routed product takes them so
+            if not takes_fp8_stacks(self.routed):
                 return run_experts(self, x, indices, weights)
             return run_experts_grouped(self._pack(), x, indices, weights, self.routed)
         packed = self._pack()
@@ -232,6 +230,12 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Te
 
 
 MOE_KERNELS = ("grouped", "triton")
+
+
+def takes_fp8_stacks(routed: Callable) -> bool:
+    """Whether a routed product (moe_kernel's) runs FP8 experts stacked (FP8Experts): the Triton kernel does; torch
+    has no block-scaled grouped product, so with it FP8 experts run one at a time through their FP8Linear layers."""
+    return routed is not run_assignments_grouped
 
 
 def moe_kernel(choice: str, device: torch.device) -> Callable:

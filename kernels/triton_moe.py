@@ -46,6 +46,13 @@ def align_to_blocks(expert_ids: torch.Tensor, n_experts: int, block_m: int) -> t
     return slots, block_expert
 
 
+def _layout(expert_ids: torch.Tensor, n_experts: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """`align_to_blocks` in blocks sized for this many assignments: 16 rows when decoding (an expert's few rows would
+    leave most of a wider block padding), 64 for prefill."""
+    block_m = 16 if expert_ids.numel() <= 4 * n_experts else 64
+    return (block_m, *align_to_blocks(expert_ids.flatten(), n_experts, block_m))
+
+
 @triton.jit
 def _block(SLOTS, BLOCK_EXPERT, A, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (m, n)'s work: block m's expert, its assignment ids and which of them are real (the rest padding),
@@ -129,9 +136,7 @@ def fused_moe(packed, x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Ten
     if not A:
         return y
     x = x.contiguous()
-    # a block per expert's few rows when decoding (most of a block would be padding), wider ones for prefill
-    block_m = 16 if A <= 4 * E else 64
-    slots, block_expert = align_to_blocks(expert_ids.flatten(), E, block_m)
+    block_m, slots, block_expert = _layout(expert_ids, E)
     n_blocks = block_expert.numel()
     ieee = x.dtype == torch.float32
     h = torch.empty(A, inter, dtype=x.dtype, device=x.device)
@@ -214,8 +219,7 @@ def fused_moe_fp8(experts: FP8Experts, x: torch.Tensor, rows: torch.Tensor, expe
     y = torch.zeros_like(x)
     if not A:
         return y
-    block_m = 16 if A <= 4 * E else 64
-    slots, block_expert = align_to_blocks(expert_ids.flatten(), E, block_m)
+    block_m, slots, block_expert = _layout(expert_ids, E)
     n_blocks = block_expert.numel()
     xq, xs = act_quant(x, FP8_TILE)
     h = torch.empty(A, inter, dtype=x.dtype, device=x.device)
