@@ -89,8 +89,8 @@ class OracleDrafts(Engine):
         super().__init__(model, config)
         self.truth, self.wrong = truth, wrong
 
-    def _draft(self, drafting, h):
-        super()._draft(drafting, h)
+    def _draft(self, drafting, h, **how):
+        super()._draft(drafting, h, **how)
         for _, seq, _, _ in drafting:
             if seq.draft is not None:
                 right = self.truth[tuple(seq.token_ids[:seq.num_prompt_tokens])]
