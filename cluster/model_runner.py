@@ -50,7 +50,7 @@ class StaticDecode:
         self.tokens = torch.zeros(bucket, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(bucket, 1, dtype=torch.long, device=device)
         self.write_slots = torch.full((bucket, 1), scratch_slot, dtype=torch.long, device=device)
-        self.tables = torch.full((bucket, width), -1, dtype=torch.long, device=device)
+        self.tables = torch.full((bucket, width), -1, dtype=torch.int32, device=device)
         self.hidden: Optional[torch.Tensor] = None
         self.routing: dict[str, torch.Tensor] = {}
         self.graph = None
@@ -108,7 +108,7 @@ class DecodeGraphs:
         valid = np.arange(bucket)[:, None] < B
         write, _, table = self.runner.cache.slots(block_tables + [[]] * pad, positions, valid, max(starts) + 1,
                                                   gather=False)
-        tables = torch.full((bucket, self.width), -1, dtype=torch.long, device="cpu")
+        tables = torch.full((bucket, self.width), -1, dtype=torch.int32, device="cpu")
         tables[:, :table.shape[1]] = table
         host = (torch.tensor(tokens + [0] * pad, device="cpu")[:, None], torch.from_numpy(positions), write, tables)
         for buffer, values in zip((static.tokens, static.positions, static.write_slots, static.tables), host):

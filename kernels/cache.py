@@ -79,19 +79,20 @@ class PagedLatentCache:
         """The slots of a padded batch, built on the host (in NumPy) with its inputs: write_slots [B, S], each
         token's slot, padding's in the scratch block; read_slots [B * length], positions 0..length-1 of every row in
         table order (None without `gather`); the block tables [B, n] (-1 past a row's blocks). positions, valid
-        [B, S] host arrays; length: the furthest position + 1. Returned as host int64 tensors."""
+        [B, S] host arrays; length: the furthest position + 1. Returned as host tensors: the slots int64, the tables
+        int32 (as the paged decode kernels read them: converted once here, not in every layer)."""
         bs = self.block_size
         n_blocks = max(-(-length // bs), max(len(t) for t in block_tables))
-        table = np.full((len(block_tables), n_blocks), -1, dtype=np.int64)
+        table = np.full((len(block_tables), n_blocks), -1, dtype=np.int32)
         for row, t in zip(table, block_tables):
             row[:len(t)] = t
-        block = np.take_along_axis(table, np.minimum(positions // bs, n_blocks - 1), axis=1)
+        block = np.take_along_axis(table, np.minimum(positions // bs, n_blocks - 1), axis=1).astype(np.int64)
         write = np.where((block >= 0) & valid, block * bs + positions % bs, self.scratch_slot)
         if not gather:
             return torch.from_numpy(write), None, torch.from_numpy(table)
         # a row's positions past its own blocks read block 0: stale rows that the causal mask hides like any
         # other past a row's length
-        read = np.maximum(table, 0)[:, :, None] * bs + np.arange(bs)  # [B, blocks, bs]
+        read = np.maximum(table, 0).astype(np.int64)[:, :, None] * bs + np.arange(bs)  # [B, blocks, bs]
         return torch.from_numpy(write), torch.from_numpy(read.reshape(len(table), -1)[:, :length].ravel()), \
             torch.from_numpy(table)
 
@@ -112,6 +113,7 @@ class PagedCacheView:
         self.read_slots = read_slots
         self.read_shape = (write_slots.shape[0], length)
         self.tables, self.positions, self.decode = tables, positions, decode
+        self.limits: Optional[torch.Tensor] = None  # the paged decode's, built at the first layer for all of them
 
     def length(self, positions: torch.Tensor) -> int:
         return self.read_shape[1]
@@ -127,5 +129,6 @@ class PagedCacheView:
         to each query's own position -> [B, S * H, C]."""
         kv = self.kv[layer_id]
         kv[self.write_slots] = latent.to(kv.dtype)
-        limits = self.positions.repeat_interleave(q.shape[1] // self.positions.shape[1], dim=1)
-        return self.decode(q.to(kv.dtype), self.cache.pages(layer_id), self.tables, limits, scale, C)
+        if self.limits is None or self.limits.shape[1] != q.shape[1]:  # each query row's last position, int32
+            self.limits = self.positions.repeat_interleave(q.shape[1] // self.positions.shape[1], dim=1).int()
+        return self.decode(q.to(kv.dtype), self.cache.pages(layer_id), self.tables, self.limits, scale, C)
