@@ -148,8 +148,10 @@ class Controller:
             threading.Thread(target=self._watch_scale, daemon=True, name="scaling").start()
 
     def _rebuild(self) -> None:
-        """A restarted controller's view, from the live actors: found by name, their processes from `ready`, the
-        placement version, its layout and the node count from a shard."""
+        """A restarted controller's view, from the live actors: found by name, their processes from `ready` (waiting
+        for any that Ray is restarting: one killed with this controller may not be back yet, and a call that reaches
+        it while it dies fails), the placement version, its layout and the node count from a shard that was not
+        restarted (a restarted one holds the layout it started with)."""
         def named(kind: str) -> list:
             found = []
             while True:
@@ -160,10 +162,13 @@ class Controller:
         self.groups, self.prefill_shards, self.decode_shards = named("expert-group"), named("prefill"), named("decode")
         own = named("prefill-expert-group")
         self.prefill_groups = own or self.groups
-        version, phy2log, spec = ray.get(self.decode_shards[0].layout.remote())
-        self.version, self.phy2log, self.spec = version, {int(k): v for k, v in phy2log.items()}, TopologySpec(**spec)
         actors = self._actors()
-        reports = ray.get([a.ready.remote() for a in actors.values()])
+        alive = self._await_alive(actors, time.monotonic() + self.config.failures.recover_timeout_s)
+        reports = [alive[name] for name in actors]
+        shards = [actors[name] for name, report in zip(actors, reports)
+                  if "expert-group" not in name and not report["restarted"]] or self.decode_shards
+        version, phy2log, spec = ray.get(shards[0].layout.remote())
+        self.version, self.phy2log, self.spec = version, {int(k): v for k, v in phy2log.items()}, TopologySpec(**spec)
         self.shard_slots = [r["gpu_slot"] for name, r in zip(actors, reports) if "expert-group" not in name]
         for name, report in zip(actors, reports):
             self.states[name] = "alive"
