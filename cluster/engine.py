@@ -262,7 +262,7 @@ class Engine:
             seq.num_steps += 1
             if alive and self.config.mtp:
                 drafting.append((b, seq, n - 1, 1 + accepted))
-        self._draft(drafting, h, decoded=(seqs, starts))
+        self._draft(drafting, h)
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor, verifying: bool = True) -> list[list[int]]:
         """The tokens [B][S] a step chooses from logits [B, S, V], read back to the host in one copy: the argmax
@@ -355,27 +355,14 @@ class Engine:
             if target < seq.num_prompt_tokens:
                 seq.prompt_logprobs.append(logprobs[j, seq.token_ids[target]].item())
 
-    def _draft(self, drafting: list[tuple[int, Sequence, int, int]], h: torch.Tensor,
-               decoded: Optional[tuple[list[Sequence], list[int]]] = None) -> None:
-        """Run MTP over each sequence's newly valid positions [start, start + n) (drafting: (row of h, sequence,
-        start, n)); draft from the last. `decoded`: the (sequences, starts) of the decode step that left h, whose
-        inputs the runner then reuses: the MTP runs over that step's rows and positions (each row fed the tokens that
-        follow them; rows that do not draft, and positions past a row's last, are computed and ignored)."""
+    def _draft(self, drafting: list[tuple[int, Sequence, int, int]], h: torch.Tensor) -> None:
+        """Run MTP over each sequence's newly valid positions [start, start + n); draft from the last. Greedy drafts
+        are read back in one copy."""
         if not drafting:
             return
-        if decoded is not None and self.runner.last_inputs is not None:
-            seqs, starts = decoded
-            last = [0] * len(seqs)
-            for b, _, _, n in drafting:
-                last[b] = n - 1
-            logits = self.runner.draft_after_forward([s.token_ids[st + 1:] for s, st in zip(seqs, starts)], h, last)
-            logits = logits[[b for b, _, _, _ in drafting]]
-        else:
-            rows = torch.tensor([b for b, _, _, _ in drafting])
-            logits = self.runner.draft_logits([s.block_table for _, s, _, _ in drafting],
-                                              [st for _, _, st, _ in drafting],
-                                              [s.token_ids[st + 1:st + 1 + n] for _, s, st, n in drafting], h[rows])
-            logits = logits[torch.arange(len(drafting)), [n - 1 for _, _, _, n in drafting]]
+        rows = torch.tensor([b for b, _, _, _ in drafting])
+        logits = self.runner.draft_logits([s.block_table for _, s, _, _ in drafting], [st for _, _, st, _ in drafting],
+                                          [s.token_ids[st + 1:st + 1 + n] for _, s, st, n in drafting], h[rows])
         greedy_drafts = greedy_tokens(logits) if any(s.params.greedy for _, s, _, _ in drafting) else None
         for r, (_, seq, _, _) in enumerate(drafting):
             if seq.is_prefilling:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moeserve.kernels.cache import PagedLatentCache
-from moeserve.kernels.model import MoE, MLAForm, Packing, StepInputs, Transformer, cheaper_mla_form
+from moeserve.kernels.model import MoE, MLAForm, Packing, Transformer, cheaper_mla_form
 
 
 def _pad(rows: list[list[int]], starts: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -152,8 +152,6 @@ class ModelRunner:
         self.expert_load = {name: torch.zeros(model.args.n_routed_experts, dtype=torch.long, device=self.device)
                             for name, _ in self.moe_layers}
         self.graphs: Optional[DecodeGraphs] = None  # decode steps of one token per sequence, when set
-        # the last forward's inputs, for the MTP module over the same positions (one batch, not graphed)
-        self.last_inputs: Optional[tuple[StepInputs, object, Optional[Packing]]] = None
 
     def _inputs(self, block_tables, starts, rows, form: MLAForm):
         """The step's inputs built on the host from what the scheduler knows (nothing is read back from the
@@ -202,12 +200,8 @@ class ModelRunner:
         """Row b's tokens at positions starts[b]... -> hidden states [B, S, dim] (padding rows are junk)."""
         def run(micro_batch, block_tables, starts, rows):
             tokens, positions, view, packing = self._inputs(block_tables, starts, rows, form)
-            prepared = self.model.prepare(tokens, positions, view, form)
-            if self.micro_batches == 1:
-                self.last_inputs = (prepared, view, packing)
-            return self.model(tokens, cache=view, micro_batch=micro_batch, packing=packing, prepared=prepared)
+            return self.model(tokens, positions, cache=view, form=form, micro_batch=micro_batch, packing=packing)
 
-        self.last_inputs = None
         if self.graphs is not None and form == "absorbed" and all(len(r) == 1 for r in rows) \
                 and len(rows) <= self.graphs.buckets[-1]:
             h = self.graphs.forward(block_tables, starts, [r[0] for r in rows])
@@ -219,31 +213,17 @@ class ModelRunner:
     @torch.inference_mode()
     def draft_logits(self, block_tables: list[list[int]], starts: list[int], next_tokens: list[list[int]],
                      h: torch.Tensor) -> torch.Tensor:
-        """MTP logits [B, S, V] from hidden states h [B, >=S, dim] at positions starts[b]... and the tokens
-        that follow them; also writes those positions into the MTP layer of the cache."""
+        """MTP logits [B, V] at each row's last position, from hidden states h [B, >=S, dim] at positions
+        starts[b]... and the tokens that follow them (a draft follows the last); also writes those positions into the
+        MTP layer of the cache."""
         form = self.form_for(starts, next_tokens)
 
         def run(micro_batch, block_tables, starts, next_tokens, h):
             tokens, positions, view, packing = self._inputs(block_tables, starts, next_tokens, form)
+            last = torch.tensor([len(t) - 1 for t in next_tokens], device=self.device)
             return self.model.mtp_forward(h[:, :tokens.shape[1]], tokens, positions, cache=view, form=form,
-                                          micro_batch=micro_batch, packing=packing)
+                                          micro_batch=micro_batch, packing=packing, last=last)[:, None]
 
-        logits = self._split(run, len(next_tokens), block_tables, starts, next_tokens, h)
-        self._count_load()
-        return logits
-
-    @torch.inference_mode()
-    def draft_after_forward(self, next_tokens: list[list[int]], h: torch.Tensor, last: list[int]) -> torch.Tensor:
-        """MTP logits [B, V] over the positions of the forward that just left h [B, S, dim], with its inputs and
-        cache view (nothing is built again): fed the tokens that follow those positions (next_tokens[b], up to S of
-        them; the rest padded), the logits at position last[b] of each row. Positions past a row's last compute junk
-        MTP entries, which the next forward over them overwrites before anything reads them."""
-        if self.last_inputs is None:
-            raise RuntimeError("draft_after_forward follows a forward of one batch (no micro-batches, no graph)")
-        prepared, view, packing = self.last_inputs
-        width = h.shape[1]
-        tokens = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in next_tokens], device=self.device)
-        logits = self.model.mtp_forward(h, tokens, cache=view, packing=packing, prepared=prepared,
-                                        last=torch.tensor(last, device=self.device))
+        logits = self._split(run, len(next_tokens), block_tables, starts, next_tokens, h)[:, 0]
         self._count_load()
         return logits

@@ -12,7 +12,7 @@ A padded batch (rows of different lengths) runs *packed*: only its valid tokens 
 of mixed lengths, half of a padded batch can be padding.
 """
 import functools
-from typing import Callable, Literal, NamedTuple, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -350,16 +350,6 @@ def local_experts_factory(args: ModelArgs) -> Callable[[int], ExpertTransport]:
     return lambda layer_id: LocalExperts(args.n_routed_experts, args.dim, args.moe_inter_dim)
 
 
-class StepInputs(NamedTuple):
-    """What every block of a forward needs besides the hidden states, built once per call: positions [B, S], the
-    causal mask (None where the paged decode masks as it reads), the rotary factors and the MLA form. The MTP module
-    over the same positions reuses a decode step's."""
-    positions: torch.Tensor
-    mask: Optional[torch.Tensor]
-    freqs_cis: torch.Tensor
-    form: MLAForm
-
-
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, make_experts: Optional[Callable[[int], ExpertTransport]] = None,
                  with_mtp: bool = True):
@@ -388,16 +378,14 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 cache: Optional[LatentCacheView] = None, form: Optional[MLAForm] = None,
                 valid: Optional[torch.Tensor] = None, micro_batch: int = 0,
-                packing: Optional[Packing] = None, prepared: Optional[StepInputs] = None) -> torch.Tensor:
+                packing: Optional[Packing] = None) -> torch.Tensor:
         """tokens [B, S] at positions [B, S] (default 0..S-1) -> final-normed hidden states [B, S, dim].
         With a cache, each row attends to its cached positions 0..p; without, only to this call's tokens.
         `form` defaults to naive without a cache, else to the cheaper one (`cheaper_mla_form`).
         `valid` [B, S] marks the real tokens of a padded batch: only those are computed (padding comes out 0).
         `micro_batch` numbers this call among a step's concurrent ones (see MoE.forward). `packing`, when given,
-        stands for `valid` (built from lengths the caller knows, so nothing is read back from the device).
-        `prepared`: `prepare`'s result for these arguments, when the caller built it (positions and form are then
-        taken from it)."""
-        positions, mask, freqs_cis, form = prepared or self.prepare(tokens, positions, cache, form)
+        stands for `valid` (built from lengths the caller knows, so nothing is read back from the device)."""
+        positions, mask, freqs_cis, form = self._prepare(tokens, positions, cache, form)
         packing = packing or packing_of(valid)
         h = self.embed(tokens if packing is None else packing.unpad(tokens))
         for layer in self.layers:
@@ -405,8 +393,7 @@ class Transformer(nn.Module):
         h = self.norm(h)
         return h if packing is None else packing.pad(h)
 
-    def prepare(self, tokens: torch.Tensor, positions: Optional[torch.Tensor], cache: Optional[LatentCacheView],
-                form: Optional[MLAForm]) -> StepInputs:
+    def _prepare(self, tokens, positions, cache, form):
         B, S = tokens.shape
         if positions is None:
             positions = torch.arange(S, device=tokens.device).expand(B, S)
@@ -414,9 +401,9 @@ class Transformer(nn.Module):
         if form is None:
             form = "naive" if cache is None else cheaper_mla_form(self.args, S, length)
         if form == "absorbed" and getattr(cache, "decode", None) is not None:
-            return StepInputs(positions, None, self.rope(positions), form)  # the paged decode masks as it reads
+            return positions, None, self.rope(positions), form  # the paged decode masks as it reads
         key_positions = torch.arange(length, device=tokens.device).expand(B, -1) if cache is not None else positions
-        return StepInputs(positions, self.causal_mask(positions, key_positions), self.rope(positions), form)
+        return positions, self.causal_mask(positions, key_positions), self.rope(positions), form
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h).float()
@@ -424,15 +411,15 @@ class Transformer(nn.Module):
     def mtp_forward(self, h: torch.Tensor, next_tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                     cache: Optional[LatentCacheView] = None, form: Optional[MLAForm] = None, depth: int = 0,
                     valid: Optional[torch.Tensor] = None, micro_batch: int = 0, packing: Optional[Packing] = None,
-                    prepared: Optional[StepInputs] = None, last: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    last: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [B, S, vocab] for t_{i+depth+2} from hidden states h [B, S, dim] of positions i and the
         tokens t_{i+depth+1} [B, S]. The MTP block caches under its own layer id, n_layers + depth, so a cache
-        that serves drafting has n_layers + n_mtp_layers layers. `valid`, `packing` and `prepared` as in `forward`
-        (padding's logits are 0: the head runs on the valid tokens only). With `last` [B], only the logits at
-        position last[b] of each row are computed: [B, vocab] (a draft needs no more)."""
+        that serves drafting has n_layers + n_mtp_layers layers. `valid` as in `forward` (padding's logits are
+        0: the head runs on the valid tokens only); `packing` as in `forward`. With `last` [B], only the logits at
+        position last[b] of each row: [B, vocab] (a draft needs no more)."""
         if not len(self.mtp):
             raise RuntimeError("this model has no MTP module (num_nextn_predict_layers is 0 or it was not loaded)")
-        positions, mask, freqs_cis, form = prepared or self.prepare(next_tokens, positions, cache, form)
+        positions, mask, freqs_cis, form = self._prepare(next_tokens, positions, cache, form)
         module = self.mtp[depth]
         packing = packing or packing_of(valid)
         if packing is not None:

@@ -89,14 +89,50 @@ class OracleDrafts(Engine):
         super().__init__(model, config)
         self.truth, self.wrong = truth, wrong
 
-    def _draft(self, drafting, h, **how):
-        super()._draft(drafting, h, **how)
+    def _draft(self, drafting, h):
+        super()._draft(drafting, h)
         for _, seq, _, _ in drafting:
             if seq.draft is not None:
                 right = self.truth[tuple(seq.token_ids[:seq.num_prompt_tokens])]
                 c = seq.num_completion_tokens
                 token = right[c] if c < len(right) else 0
                 seq.draft = Draft((token + 1) % 211 if self.wrong else token)
+
+
+class RecordedDrafts(Engine):
+    """Records every greedy draft with the length of its sequence when it was drafted."""
+
+    def __init__(self, model, config):
+        super().__init__(model, config)
+        self.drafted = []
+
+    def _draft(self, drafting, h):
+        super()._draft(drafting, h)
+        self.drafted += [(seq.request_id, len(seq), seq.draft.token) for _, seq, _, _ in drafting if seq.draft]
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_each_draft_is_the_mtp_modules_prediction_over_the_whole_sequence(mtp_checkpoint, micro_batches):
+    """A draft made when a sequence holds n tokens is MTP's prediction of token n from the main model's hidden state
+    at position n - 2 and token n - 1: the argmax of the MTP module run without a cache over the finished sequence
+    (the reference), within float32 ties. Prompts arrive at different steps, so drafts follow prefills and decode
+    steps that accepted or rejected the draft before."""
+    model = load_model(mtp_checkpoint, dtype=torch.float32)
+    prompts = random_prompts([6, 30, 13], seed=4)
+    engine = RecordedDrafts(model, EngineConfig(mtp=True, block_size=4, kv_cache_tokens=1024,
+                                                micro_batches=micro_batches))
+    outs = run_staggered(engine, prompts, GREEDY, [0, 1, 3])
+    sequences = {o.request_id: torch.tensor(p + o.token_ids)[None] for p, o in zip(prompts, outs)}
+    checked = 0
+    with torch.no_grad():
+        for request_id, n, token in engine.drafted:
+            seq = sequences[request_id]
+            if n >= seq.shape[1]:
+                continue  # drafted at the last token: never verified, and past what the reference knows
+            logits = model.mtp_forward(model(seq[:, :n])[:, :-1], seq[:, 1:n])[0, -1]
+            assert logits[token] >= logits.max() - 1e-4, (request_id, n)
+            checked += 1
+    assert checked >= 10
 
 
 @pytest.mark.parametrize("wrong", [False, True])
