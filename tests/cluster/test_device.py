@@ -127,3 +127,20 @@ def test_an_engine_refuses_a_model_on_another_device(checkpoints):
     assert all(p.device.type == "cpu" for p in model.parameters())
     with pytest.raises(InputError, match="cuda"):  # no GPU here, or the model is not on it
         Engine(model, EngineConfig(device="cuda"))
+
+
+def test_a_greedy_decode_step_with_mtp_reads_the_device_twice_and_no_layer_reads_it():
+    """With MTP a step reads the verified tokens, then the next drafts (they come from the positions the verification
+    accepted): two reads for the whole batch, not one per sequence."""
+    llm = LLM(device="cpu", mtp=True)
+    engine = llm.engine
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    for prompt in ["def main(", "for i in range(", "return x +", "# sort the"]:
+        engine.add_request(llm.encode(prompt), greedy)
+    engine.step()
+    counts = []
+    while engine.has_unfinished():
+        with HostReads() as reads:
+            engine.step()
+        counts.append(reads.count)
+    assert engine.drafts_proposed > 0 and len(counts) >= 4 and max(counts) <= 2, counts
