@@ -151,3 +151,54 @@ def test_every_group_has_one_named_sender_per_shard():
     assert [request_sender(spec, 1, g) for g in range(4)] == [None, None, 3, None]
     down = TopologySpec(**{**spec.model_dump(), "planes_down": [1]})
     assert [request_sender(down, 1, g) for g in range(4)] == [None, None, None, 2]
+
+
+def _echo_messages(rank: int, init_method: str, bodies: list[bytes], echoed) -> None:
+    """Rank 1 sends each body through an Outbox; rank 0 receives them with `receive` and puts what came in `echoed`
+    (a queue). Each rank is a process of its own: a gloo failure aborts its process, not the test's."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from moeserve.actors.collective import Outbox, receive
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2, timeout=timedelta(seconds=30))
+    try:
+        if rank == 1:
+            outbox = Outbox()
+            for body in bodies:
+                outbox.send(body, 0, None)
+            outbox.flush()
+        else:
+            echoed.put([receive(None, 1) for _ in bodies])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_messages_of_one_part_and_of_two_arrive_whole_and_in_order(tmp_path):
+    """The collective transport sends a message as a first part of FIRST_BYTES and, for a longer one, a second part
+    with the rest: messages just under, at and over that size, and several times it, arrive byte for byte between
+    two processes of a gloo group, one after another."""
+    import queue
+
+    import torch.multiprocessing as mp
+
+    from moeserve.actors.collective import FIRST_BYTES
+    sizes = (200, FIRST_BYTES - 1, FIRST_BYTES, FIRST_BYTES + 1, 3 * FIRST_BYTES + 5)
+    empty = len(wire.encode(wire.Error("")))
+    bodies = [wire.encode(wire.Error("abcdefghij"[n % 10] * (n - empty))) for n in sizes]  # of exactly these sizes
+    bodies.insert(2, wire.encode(dispatch_message(torch.float32, n=40)))
+    assert [len(b) for b in bodies[:2] + bodies[3:]] == list(sizes)
+    spawn = mp.get_context("spawn")
+    echoed = spawn.Queue()
+    ranks = [spawn.Process(target=_echo_messages, args=(rank, f"file://{tmp_path / 'rendezvous'}", bodies, echoed))
+             for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    try:
+        received = echoed.get(timeout=60)
+    except queue.Empty:
+        received = None
+    for process in ranks:
+        process.join(30)
+    assert received == bodies
+    assert [process.exitcode for process in ranks] == [0, 0]
