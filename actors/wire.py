@@ -216,7 +216,8 @@ def decode(buf) -> Message:
             raise WireError("the work table does not add up to its assignments")
         rows, experts, weights = (r.take(dtype_, (A,)) for dtype_ in (torch.int32, torch.int32, torch.float32))
         r.done()
-        if A and not 0 <= (named := rows.numpy()).min() <= named.max() < N:
+        named = rows.numpy()
+        if A and not 0 <= named.min() <= named.max() < N:
             raise WireError("an assignment names a row outside the payload")
         work, at = {}, 0
         for g, c in zip(table[:, 0].tolist(), counts):
