@@ -221,6 +221,7 @@ class ModelRunner:
         def run(micro_batch, block_tables, starts, next_tokens, h):
             tokens, positions, view, packing = self._inputs(block_tables, starts, next_tokens, form)
             last = torch.tensor([len(t) - 1 for t in next_tokens], device=self.device)
+            # [b, 1, V]: _split joins micro-batches as [b, S, ...] along their rows
             return self.model.mtp_forward(h[:, :tokens.shape[1]], tokens, positions, cache=view, form=form,
                                           micro_batch=micro_batch, packing=packing, last=last)[:, None]
 
