@@ -97,7 +97,8 @@ class DecodeGraphs:
             static.graph.replay()  # after a capture too: capturing records the launches, it computes nothing
         for name, moe in self.runner.moe_layers:
             if name in static.routing:
-                moe.loads.append(static.routing[name][:B])  # the real rows' routing, not the padding's
+                # the real rows' routing, not the padding's; a copy, as the next replay overwrites the buffer
+                moe.loads.append(static.routing[name][:B].clone())
         return static.hidden[:B]
 
     def _copy_inputs(self, static: StaticDecode, block_tables, starts, tokens) -> None:
@@ -119,8 +120,10 @@ class DecodeGraphs:
         runner = self.runner
         view = runner.cache.view(static.write_slots, None, self.width * runner.cache.block_size, static.tables,
                                  static.positions, runner.decode)
+        held = {name: len(moe.loads) for name, moe in runner.moe_layers}
         static.hidden = runner.model(static.tokens, static.positions, cache=view, form="absorbed")
-        static.routing = {name: moe.loads.pop() for name, moe in runner.moe_layers if moe.loads}  # MTP's: not run
+        # the routing of the layers that ran (the MTP layer's did not)
+        static.routing = {name: moe.loads.pop() for name, moe in runner.moe_layers if len(moe.loads) > held[name]}
 
     def _capture(self, static: StaticDecode) -> None:
         """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels: neither may happen while capturing),
@@ -137,6 +140,11 @@ class DecodeGraphs:
             self._step(static)
 
 
+# Forward calls between two countings of the experts' loads (each MoE layer keeps its calls' [tokens, topk] ids
+# meanwhile)
+COUNT_LOAD_EVERY = 32
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedLatentCache, micro_batches: int = 1, decode=None):
         """`decode`: the paged MLA decode kernel absorbed-form calls run (mla_decode.decode_kernel), or None to
@@ -149,8 +157,11 @@ class ModelRunner:
             else None
         self.moe_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
         self.device = model.embed.weight.device
-        self.expert_load = {name: torch.zeros(model.args.n_routed_experts, dtype=torch.long, device=self.device)
-                            for name, _ in self.moe_layers}
+        self._expert_load = {name: torch.zeros(model.args.n_routed_experts, dtype=torch.long, device=self.device)
+                             for name, _ in self.moe_layers}
+        self._uncounted = 0  # forward calls whose routing the MoE layers still hold
+        for _, moe in self.moe_layers:
+            moe.take_load()  # calls made before this runner (another engine's, a plain loop's) are not its load
         self.graphs: Optional[DecodeGraphs] = None  # decode steps of one token per sequence, when set
 
     def _inputs(self, block_tables, starts, rows, form: MLAForm):
@@ -160,11 +171,11 @@ class ModelRunner:
         length = max(st + len(r) for st, r in zip(starts, rows))
         paged = self.decode is not None and form == "absorbed"
         write_slots, read_slots, tables = self.cache.slots(block_tables, positions, valid, length, gather=not paged)
-        packing = Packing.of_valid(valid) if not valid.all() else None
+        packing = Packing.of_valid(valid, starts) if not valid.all() else None
         host = [torch.from_numpy(tokens), torch.from_numpy(positions), write_slots, tables if paged else read_slots] \
             + ([packing.index] if packing else [])
         tokens, positions, write_slots, slots, *index = to_device_once(host, self.device)
-        packing = Packing(index[0], packing.shape) if packing else None
+        packing = Packing(index[0], packing.shape, packing.spans) if packing else None
         view = self.cache.view(write_slots, None, length, slots, positions, self.decode) if paged else \
             self.cache.view(write_slots, slots, length)
         return tokens, positions, view, packing
@@ -173,9 +184,23 @@ class ModelRunner:
         """The cheaper MLA form for rows of tokens at positions starts[b]..., as the padded batch runs them."""
         return cheaper_mla_form(self.model.args, max(map(len, rows)), max(st + len(r) for st, r in zip(starts, rows)))
 
-    def _count_load(self) -> None:
+    @property
+    def expert_load(self) -> dict[str, torch.Tensor]:
+        """Tokens routed to each expert [E], per MoE layer, over every call so far."""
+        self._take_loads()
+        return self._expert_load
+
+    def _take_loads(self) -> None:
         for name, moe in self.moe_layers:
-            self.expert_load[name] += moe.take_load()
+            self._expert_load[name] += moe.take_load()
+        self._uncounted = 0
+
+    def _count_load(self) -> None:
+        """Count the MoE layers' routing every COUNT_LOAD_EVERY calls: a count is a few ops per layer whatever the
+        calls it covers (counted every step, about 0.1 ms of a decode step of the demo model)."""
+        self._uncounted += 1
+        if self._uncounted >= COUNT_LOAD_EVERY:
+            self._take_loads()
 
     def _split(self, run: Callable, B: int, *per_row) -> torch.Tensor:
         """run(micro_batch, *per_row) -> [b, S_b, ...] over micro-batches of the B rows (each per-row argument, a

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from moeserve.cluster import LLM, Engine, EngineConfig, SamplingParams
+from moeserve.cluster.model_runner import COUNT_LOAD_EVERY, ModelRunner
 from moeserve.cluster.sequence import Draft
+from moeserve.kernels import model as model_module
 from moeserve.kernels.errors import InputError
 from moeserve.kernels.generate import generate
 from moeserve.kernels.load import load_model
@@ -47,6 +49,48 @@ def test_mixed_lengths_arriving_at_different_steps_equal_the_plain_loop(model, r
     outs = run_staggered(engine, prompts, GREEDY, arrivals=[0, 0, 2, 3, 3, 7])
     assert [o.token_ids for o in outs] == expected
     assert all(o.finish_reason == "length" for o in outs)
+
+
+def test_prompt_chunks_attending_row_by_row_equal_the_plain_loop(model, reference, monkeypatch):
+    """Prompt attention one row at a time (every padded prompt batch here, whatever it saves), with rows that start
+    at position 0 (causal) and rows that continue a chunk over cached positions (masked; these chunks run in the
+    naive form here, which they would at larger sizes)."""
+    prompts, expected = reference
+    monkeypatch.setattr(model_module, "ROW_CALL_PAIRS", 0)
+    monkeypatch.setattr(ModelRunner, "form_for", lambda self, starts, rows: "naive")
+    spans = []
+    rows = model_module.MLA._naive_rows
+    monkeypatch.setattr(model_module.MLA, "_naive_rows", lambda self, q, latent, mask, s: spans.extend(s) or
+                        rows(self, q, latent, mask, s))
+    engine = Engine(model, EngineConfig(block_size=4, kv_cache_tokens=2048, max_num_batched_tokens=24))
+    outs = run_staggered(engine, prompts, GREEDY, arrivals=[0] * len(prompts))
+    assert [o.token_ids for o in outs] == expected
+    assert any(start == 0 for start, _ in spans) and any(start > 0 for start, _ in spans)
+
+
+def test_expert_loads_count_every_token_the_model_routed(model):
+    """The engine's tokens per expert equal the gate's choices over a cache-free forward of each finished sequence
+    (each token but the last went through the model once), over more steps than a count waits for."""
+    prompts = random_prompts([5, 23, 11], seed=3)
+    engine = Engine(model, EngineConfig(block_size=4, kv_cache_tokens=1024, max_num_batched_tokens=16))
+    outs = run_staggered(engine, prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+                         arrivals=[0, 0, 5])
+    assert engine.num_steps > COUNT_LOAD_EVERY
+    loads = engine.stats()["expert_load"]
+    routed = {}
+    hooks = [moe.gate.register_forward_hook(lambda m, i, out, name=name: routed.setdefault(name, []).append(out[1]))
+             for name, moe in engine.runner.moe_layers]
+    try:
+        with torch.no_grad():
+            for prompt, out in zip(prompts, outs):
+                model(torch.tensor([prompt + out.token_ids[:-1]]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, _ in engine.runner.moe_layers:
+        expected = torch.bincount(torch.cat(routed[name]).flatten(), minlength=model.args.n_routed_experts) \
+            if name in routed else torch.zeros(model.args.n_routed_experts, dtype=torch.long)  # the MTP layer's
+        assert loads[name] == expected.tolist(), name
 
 
 def test_preemption_under_a_small_cache_loses_nothing(model, reference):

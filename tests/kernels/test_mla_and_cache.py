@@ -7,6 +7,7 @@ import torch
 from moeserve.kernels.args import ModelArgs
 from moeserve.kernels.cache import LatentCache
 from moeserve.kernels.load import load_model
+from moeserve.kernels.model import rows_pay
 from tests.tiny import rel_err
 
 V3_CONFIG = Path(__file__).parents[1] / "data" / "deepseek_v3_config.json"
@@ -126,3 +127,13 @@ def test_a_packed_batch_equals_each_row_alone(checkpoints, name):
             drafted = model.mtp_forward(packed, nxt, valid=valid)
             for b, n in enumerate(lengths):
                 assert rel_err(drafted[b, :n], model.mtp_forward(alone[b][None], nxt[b:b + 1, :n])[0]) < 1e-5
+
+
+def test_ragged_prompts_attend_row_by_row_and_even_ones_padded():
+    """A batch of one long prompt and short ones would attend the long one's square for every row; prompts of one
+    length waste nothing padded, and a row of its own costs calls."""
+    assert rows_pay([(0, 200), (0, 20), (0, 20), (0, 20)], S=200, L=200)
+    assert rows_pay([(0, 196), (0, 54), (0, 195), (0, 67)], S=196, L=196)
+    assert not rows_pay([(0, 128)] * 4, S=128, L=128)
+    assert not rows_pay([(0, 16)] * 32, S=16, L=16)
+    assert not rows_pay(None, S=200, L=200)  # rows not known on the host
