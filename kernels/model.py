@@ -173,7 +173,10 @@ class MLA(nn.Module):
         new_latent = torch.cat([self.kv_norm(kv), k_pe.squeeze(2)], dim=-1)  # [B, S, C]
         paged = form == "absorbed" and attend is not None
         latent = None if paged else latent_of(new_latent)  # [B, L, C]
-        if form == "naive" and packing is not None and rows_pay(packing.spans, S, latent.shape[1]):
+        # ragged prompts on the CPU, row by row: its fused kernel's time follows the padded batch's size
+        pair_macs = H * 2 * (self.qk_nope_head_dim + self.qk_rope_head_dim)  # a query-key pair: scores, values
+        if form == "naive" and packing is not None and q.device.type == "cpu" and \
+                rows_pay(packing.spans, S, latent.shape[1], pair_macs):
             return self.wo(self._naive_rows(torch.cat([q_nope, q_pe], dim=-1), latent, mask, packing.spans))
         if form == "naive":
             # fused attention: the CPU's flash kernel neither stores the [B, H, S, L] scores nor allocates them afresh
@@ -203,7 +206,6 @@ class MLA(nn.Module):
             out = packing.unpad(out)
         return F.linear(out, self.folded[1]) if folded else self.wo(out)
 
-
     def _naive_keys_values(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The naive form's per-head keys and values [B, L, H, qk_head_dim] decompressed from latent [B, L, C]. The
         fused attention kernel needs v as wide as q and k: v is zero-padded, and callers drop the padding's output."""
@@ -232,19 +234,19 @@ class MLA(nn.Module):
         return torch.cat(outs)
 
 
-# What a row of its own costs beyond its attention (a dozen small ops: slices, its decompression, its kernel call), in
-# query-key pairs of a padded batch's attention (about 16 ns each on the CPU for the demo model's 4 heads): measured
-# so that rows run apart only where the padding they skip outweighs their calls
-ROW_CALL_PAIRS = 8_000
+# What a row of its own costs beyond its attention on the CPU (a dozen small ops: slices, its decompression, its kernel
+# call, about 0.1 ms), in the multiply-adds a padded batch's attention does in that time: measured with the demo model
+# (4 heads, 8,000 query-key pairs) so that rows run apart only where the padding they skip outweighs their calls
+ROW_CALL_MACS = 3_000_000
 
 
-def rows_pay(spans: Optional[list[tuple[int, int]]], S: int, L: int) -> bool:
+def rows_pay(spans: Optional[list[tuple[int, int]]], S: int, L: int, pair_macs: int) -> bool:
     """Whether prompt attention row by row (spans: each row's first position and valid tokens) does less work than
-    the padded batch [B, S] over L positions."""
+    the padded batch [B, S] over L positions; pair_macs: the multiply-adds of one query-key pair, every head."""
     if spans is None:
         return False
-    rows = sum(n * (start + n) + ROW_CALL_PAIRS for start, n in spans)
-    return rows < len(spans) * S * L
+    rows = sum(n * (start + n) * pair_macs + ROW_CALL_MACS for start, n in spans)
+    return rows < len(spans) * S * L * pair_macs
 
 
 def latent_attention(q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor, scale: float, C: int) -> torch.Tensor:

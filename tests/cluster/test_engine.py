@@ -56,7 +56,7 @@ def test_prompt_chunks_attending_row_by_row_equal_the_plain_loop(model, referenc
     at position 0 (causal) and rows that continue a chunk over cached positions (masked; these chunks run in the
     naive form here, which they would at larger sizes)."""
     prompts, expected = reference
-    monkeypatch.setattr(model_module, "ROW_CALL_PAIRS", 0)
+    monkeypatch.setattr(model_module, "ROW_CALL_MACS", 0)
     monkeypatch.setattr(ModelRunner, "form_for", lambda self, starts, rows: "naive")
     spans = []
     rows = model_module.MLA._naive_rows

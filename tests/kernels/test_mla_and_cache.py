@@ -131,9 +131,11 @@ def test_a_packed_batch_equals_each_row_alone(checkpoints, name):
 
 def test_ragged_prompts_attend_row_by_row_and_even_ones_padded():
     """A batch of one long prompt and short ones would attend the long one's square for every row; prompts of one
-    length waste nothing padded, and a row of its own costs calls."""
-    assert rows_pay([(0, 200), (0, 20), (0, 20), (0, 20)], S=200, L=200)
-    assert rows_pay([(0, 196), (0, 54), (0, 195), (0, 67)], S=196, L=196)
-    assert not rows_pay([(0, 128)] * 4, S=128, L=128)
-    assert not rows_pay([(0, 16)] * 32, S=16, L=16)
-    assert not rows_pay(None, S=200, L=200)  # rows not known on the host
+    length waste nothing padded, and a row of its own costs calls. The demo model: 4 heads, scores and values 48
+    wide."""
+    pair = 4 * 2 * 48
+    assert rows_pay([(0, 200), (0, 20), (0, 20), (0, 20)], S=200, L=200, pair_macs=pair)
+    assert rows_pay([(0, 196), (0, 54), (0, 195), (0, 67)], S=196, L=196, pair_macs=pair)
+    assert not rows_pay([(0, 128)] * 4, S=128, L=128, pair_macs=pair)
+    assert not rows_pay([(0, 16)] * 32, S=16, L=16, pair_macs=pair)
+    assert not rows_pay(None, S=200, L=200, pair_macs=pair)  # rows not known on the host
