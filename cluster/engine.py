@@ -41,7 +41,9 @@ class EngineConfig:
                                             # a CPU, on a GPU what kv_cache_memory_fraction of its free memory holds
     kv_cache_memory_fraction: float = 0.8   # of the device memory free once the weights are loaded
     max_num_seqs: int = 64                  # sequences decoding at once
-    max_num_batched_tokens: int = 512       # tokens per step: decodes first, prefill chunks get the rest
+    max_num_batched_tokens: int = 1024      # tokens per step: decodes first, prefill chunks get the rest (a larger
+                                            # budget prefills a burst in fewer steps; a step that carries a chunk
+                                            # makes the running sequences wait longer)
     mtp: bool = False                       # MTP speculative decoding (needs the checkpoint's MTP module)
     prefix_caching: bool = True
     micro_batches: int = 1                  # micro-batches per step that overlap attention with remote experts
