@@ -131,8 +131,10 @@ def test_a_packed_batch_equals_each_row_alone(checkpoints, name):
 
 def test_ragged_prompts_attend_row_by_row_and_even_ones_padded():
     """A batch of one long prompt and short ones would attend the long one's square for every row; prompts of one
-    length waste nothing padded, and a row of its own costs calls. The demo model: 4 heads, scores and values 48
-    wide."""
+    length waste nothing padded, and a row of its own costs calls. The demo model (4 heads, scores and values 48
+    wide); one of its layers measured on the CPU, row by row against padded: 0.86 against 1.78 ms for the first
+    batch, 1.45 against 1.79 for the second, 1.26 against 0.94 for four prompts of 128, 3.30 against 0.62 for 32 of
+    16."""
     pair = 4 * 2 * 48
     assert rows_pay([(0, 200), (0, 20), (0, 20), (0, 20)], S=200, L=200, pair_macs=pair)
     assert rows_pay([(0, 196), (0, 54), (0, 195), (0, 67)], S=196, L=196, pair_macs=pair)
