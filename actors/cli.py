@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "\n\nexamples:\n  moeserve generate --prompt \"def fibonacci(\" --mtp\n"
                                    "  moeserve generate --model CKPT --prompt-ids 1,2,3 --max-tokens 16 "
                                    "--temperature 0 --json\n  moeserve generate --model CKPT --device cuda --prompt \"import os\"\n"
-                                   "  moeserve generate --model CKPT --device cuda --moe-kernel triton --cuda-graphs "
+                                   "  moeserve generate --model CKPT --device cuda --moe-kernel triton --no-cuda-graphs "
                                    "--prompt \"import os\"")
     _add_model(p, required=False)
     p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
@@ -321,12 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="compute dtype (default auto: bfloat16 on a GPU, float32 on a CPU, the fastest on each); "
                         "an FP8 checkpoint's weights stay e4m3 on a GPU and are dequantised into it on a CPU")
-    p.add_argument("--moe-kernel", choices=["grouped", "triton"], default="grouped",
-                   help="routed experts: grouped (torch._grouped_mm; the default) or triton (the fused-MoE kernel, "
-                        "which also takes FP8 experts stacked; needs triton)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay decode steps as CUDA graphs, one per batch-size bucket (GPUs; BF16 or --moe-kernel "
-                        "triton)")
+    p.add_argument("--moe-kernel", choices=["auto", "grouped", "triton"], default="auto",
+                   help="routed experts: grouped (torch._grouped_mm), triton (the fused-MoE kernel, which also takes "
+                        "FP8 experts stacked; needs triton), or auto (the default: triton for FP8 experts on GPUs, "
+                        "else grouped)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay decode steps as CUDA graphs, one per batch-size bucket (default: wherever they can "
+                        "run: GPUs with the Triton paged decode, BF16 or the Triton MoE kernel)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true",
                    help="print {prompt_token_ids, token_ids, text, logprobs, finish_reason} as JSON")

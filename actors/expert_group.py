@@ -25,7 +25,7 @@ from .transport import RayGroupServer
 class ExpertGroupWorker:
     def __init__(self, group_id: int, model: str, dtype: str, experts: dict[int, list[int]], transport: str,
                  spec: dict, threads: int = 1, first_rank: int = 0, version: int = 0, device: str = "auto",
-                 fp8_resident: Optional[bool] = None, moe_kernel_name: str = "grouped"):
+                 fp8_resident: Optional[bool] = None, moe_kernel_name: str = "auto"):
         """experts: MoE layer id -> the logical experts this group holds for it (its physical slots) in placement
         `version`. group_id is its GPU slot; its pool's groups hold collective ranks first_rank.. in slot order.
         `transport` names the serving half this actor hosts. `device`: where the experts compute, among the GPUs
@@ -37,8 +37,9 @@ class ExpertGroupWorker:
         self.dtype = DTYPES[dtype]
         self.device = resolve_device(device) if ray.get_gpu_ids() else torch.device("cpu")
         self.fp8 = self.device.type == "cuda" if fp8_resident is None else fp8_resident
-        self.moe_kernel, self.routed = moe_kernel_name, moe_kernel(moe_kernel_name, self.device)
         self.ckpt = Checkpoint(model)
+        fp8_experts = self.fp8 and any(self.ckpt.is_fp8(name) for name in self.ckpt.names(select=routed_expert_of))
+        self.moe_kernel, self.routed = moe_kernel_name, moe_kernel(moe_kernel_name, self.device, fp8_experts)
         self.modules: dict[tuple[int, int], MLP] = {}   # (layer, logical expert) -> its weights, any version's
         # placement version -> per MoE layer, the held experts' weights stacked for batched matmuls and logical id
         # -> index in the stack; a dispatch names the version it was planned against

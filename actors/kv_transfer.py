@@ -80,5 +80,5 @@ class NcclReceiver:
             collective.recv(buffer, 0, group)
             torch.cuda.current_stream().synchronize()
         ray.get(sent)
-        pre.latent = buffer.cpu()
+        pre.latent = buffer  # stays on the GPU: `Engine.add_prefilled` writes it into the cache there
         return pre

@@ -107,9 +107,10 @@ class ClusterConfig(BaseModel):
     fp8_resident: Optional[bool] = Field(None, description="an FP8 checkpoint's weights stay e4m3 and compute in "
                                          "FP8, attention and experts alike (true), are dequantised into dtype at "
                                          "load (false), or stay e4m3 on the actors that compute on GPUs (null)")
-    moe_kernel: Literal["grouped", "triton"] = Field(
-        "grouped", description="how the expert groups compute their routed rows: grouped (torch._grouped_mm; FP8 "
-        "experts one at a time) or triton (the fused-MoE Triton kernel, FP8 experts stacked too; needs triton)")
+    moe_kernel: Literal["auto", "grouped", "triton"] = Field(
+        "auto", description="how the expert groups compute their routed rows: grouped (torch._grouped_mm; FP8 "
+        "experts one at a time), triton (the fused-MoE Triton kernel, FP8 experts stacked too; needs triton), or "
+        "auto (triton for FP8 experts on GPUs, else grouped)")
     prefill_shards: int = Field(1, ge=1)
     decode_shards: int = Field(1, ge=1)
     expert_groups: int = Field(4, ge=1, description="expert-group actors, one per topology GPU slot")

@@ -17,12 +17,11 @@ import torch
 
 from moeserve.kernels.cache import PagedLatentCache
 from moeserve.kernels.errors import InputError
-from moeserve.kernels.experts import LocalExperts, moe_kernel
-from moeserve.kernels.fp8 import FP8Linear
+from moeserve.kernels.experts import LocalExperts, holds_fp8_experts, moe_kernel, moe_kernel_name
 from moeserve.kernels.generate import check_prompt
 from moeserve.kernels.load import resolve_device
 from moeserve.kernels.mla_decode import decode_kernel
-from moeserve.kernels.model import Transformer
+from moeserve.kernels.model import MoE, Transformer
 from moeserve.kernels.sampling import accept_draft, greedy, greedy_tokens, sampling_probs, sampling_probs_rows
 
 from .block_manager import BlockManager
@@ -48,27 +47,40 @@ class EngineConfig:
     prefix_caching: bool = True
     micro_batches: int = 1                  # micro-batches per step that overlap attention with remote experts
     mla_decode: str = "auto"                # decode attention: gather, paged (torch), triton; auto: triton on GPUs
-    moe_kernel: str = "grouped"             # routed experts: grouped (torch._grouped_mm) or triton (fused kernel)
-    cuda_graphs: bool = False               # decode steps replayed as CUDA graphs, one per batch-size bucket (GPUs)
+    moe_kernel: str = "auto"                # routed experts: grouped (torch._grouped_mm), triton (fused kernel); auto:
+                                            # triton for FP8 experts on GPUs, else grouped
+    cuda_graphs: Optional[bool] = None      # decode steps replayed as CUDA graphs, one per batch-size bucket; None:
+                                            # wherever they can run (GPUs, the Triton paged decode, local experts)
 
 CPU_KV_CACHE_TOKENS = 32768
 
 
+def cuda_graphs_refusal(config: EngineConfig, device: torch.device, decode, model: Transformer) -> Optional[str]:
+    """Why decode steps cannot be captured as CUDA graphs as configured; None where they can."""
+    if device.type != "cuda":
+        return f"cuda_graphs needs a GPU (the engine is on {device}); CPUs have no graphs"
+    if decode is None or config.mla_decode == "paged":
+        return ("cuda_graphs needs the Triton paged MLA decode (mla_decode 'triton', or 'auto' where triton imports): "
+                "the gather path's shapes follow each step's history, and the torch recurrence visits every column "
+                "of the full-width block tables")
+    if any(isinstance(m, MoE) and not isinstance(m.experts, LocalExperts) for m in model.modules()):
+        return "cuda_graphs needs the experts in this process: remote expert groups answer over the network"
+    fp8_experts = holds_fp8_experts(model)
+    grouped = moe_kernel_name(config.moe_kernel, device, fp8_experts) == "grouped"
+    if model.embed.weight.dtype == torch.float32 and grouped:
+        return ("cuda_graphs with float32 weights needs moe_kernel 'triton': torch's grouped product on CUDA takes "
+                "BF16, and its float32 stand-in reads the row counts back to the host")
+    if fp8_experts and grouped:
+        return ("cuda_graphs with FP8 experts needs moe_kernel 'triton': one at a time, FP8 experts read their row "
+                "counts back to the host")
+    return None
+
+
 def check_cuda_graphs(config: EngineConfig, device: torch.device, decode, model: Transformer) -> None:
     """Raise InputError where decode steps cannot be captured as CUDA graphs as configured."""
-    if device.type != "cuda":
-        raise InputError(f"cuda_graphs needs a GPU (the engine is on {device}); CPUs have no graphs")
-    if decode is None or config.mla_decode == "paged":
-        raise InputError("cuda_graphs needs the Triton paged MLA decode (mla_decode 'triton', or 'auto' where triton "
-                         "imports): the gather path's shapes follow each step's history, and the torch recurrence "
-                         "visits every column of the full-width block tables")
-    if model.embed.weight.dtype == torch.float32 and config.moe_kernel == "grouped":
-        raise InputError("cuda_graphs with float32 weights needs moe_kernel 'triton': torch's grouped product on "
-                         "CUDA takes BF16, and its float32 stand-in reads the row counts back to the host")
-    fp8_experts = any(isinstance(m, LocalExperts) and isinstance(m[0].w1, FP8Linear) for m in model.modules())
-    if fp8_experts and config.moe_kernel == "grouped":
-        raise InputError("cuda_graphs with FP8 experts needs moe_kernel 'triton': one at a time, FP8 experts read "
-                         "their row counts back to the host")
+    refusal = cuda_graphs_refusal(config, device, decode, model)
+    if refusal is not None:
+        raise InputError(refusal)
 
 
 def kv_cache_tokens_that_fit(config: EngineConfig, device: torch.device, bytes_per_token: int,
@@ -168,12 +180,14 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         decode = decode_kernel(config.mla_decode, self.device, config.block_size)
         self.runner = ModelRunner(model, self.cache, config.micro_batches, decode)
-        routed = moe_kernel(config.moe_kernel, self.device)
+        routed = moe_kernel(config.moe_kernel, self.device, holds_fp8_experts(model))
         for _, moe in self.runner.moe_layers:
             if isinstance(moe.experts, LocalExperts):
                 moe.experts.routed = routed
         if config.cuda_graphs:
             check_cuda_graphs(config, self.device, decode, model)
+        if config.cuda_graphs or (config.cuda_graphs is None and
+                                  cuda_graphs_refusal(config, self.device, decode, model) is None):
             self.runner.graphs = DecodeGraphs(self.runner, config.max_num_seqs, capture=True)
         self.requests: dict[str, Sequence] = {}
         self._emitted: dict[str, tuple[int, int]] = {}  # request -> (tokens, text chars) already reported
@@ -492,7 +506,7 @@ class Engine:
         layers_match = pre.latent.shape[0] == self.cache.kv.shape[0]
         if layers_match and self.block_manager.can_allocate(seq) and len(self.scheduler.running) < self.config.max_num_seqs:
             self.block_manager.allocate(seq, use_prefix_cache=False)
-            self.cache.kv[:, self._slots(seq.block_table, P)] = pre.latent.to(self.cache.kv.dtype)
+            self.cache.kv[:, self._slots(seq.block_table, P)] = pre.latent.to(self.cache.kv)  # its device and dtype
             seq.num_computed_tokens = seq.prefill_target = P
             seq.draft = pre.draft
             seq.status = SequenceStatus.RUNNING

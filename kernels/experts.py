@@ -7,6 +7,7 @@ returns. Transports that send tokens to expert-group actors live in `actors/`, o
 
 Glossary: a *logical* expert is one of the model's `n_routed_experts`; `indices` hold logical ids.
 """
+import importlib.util
 import os
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
@@ -229,7 +230,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Te
         return torch.cat([x[a:b] @ w[e] for e, (a, b) in enumerate(zip(bounds, bounds[1:]))])
 
 
-MOE_KERNELS = ("grouped", "triton")
+MOE_KERNELS = ("auto", "grouped", "triton")
 
 
 def takes_fp8_stacks(routed: Callable) -> bool:
@@ -238,14 +239,28 @@ def takes_fp8_stacks(routed: Callable) -> bool:
     return routed is not run_assignments_grouped
 
 
-def moe_kernel(choice: str, device: torch.device) -> Callable:
-    """The routed experts' product (run_assignments_grouped's contract) for a kernel's name: "grouped",
-    `torch._grouped_mm` over rows sorted by expert; "triton", the fused kernel of `triton_moe` (row gather, SwiGLU and
-    gate weights inside its two products; GPUs, or Triton's interpreter). Grouped is the default: the Triton kernel is
-    exact (tested in the interpreter) but its speed against the grouped products is not measured on a GPU yet. The
-    Triton kernel also takes FP8 experts stacked (FP8Experts), which otherwise run one expert at a time."""
+def holds_fp8_experts(model: nn.Module) -> bool:
+    """Whether a model computes routed experts here whose weights stay e4m3 (FP8Linear layers)."""
+    return any(isinstance(m, LocalExperts) and isinstance(m[0].w1, FP8Linear) for m in model.modules())
+
+
+def moe_kernel_name(choice: str, device: torch.device, fp8_experts: bool) -> str:
+    """The kernel `auto` stands for: the fused Triton kernel where FP8 experts compute on a GPU (one at a time they
+    took 7-60x longer on an H200, tools/gpu_check.py), else grouped (for BF16 experts the faster at V2-Lite's shapes
+    and at one token of V3's; the Triton kernel wins at V3's 64 and 512)."""
     if choice not in MOE_KERNELS:
         raise InputError(f"moe_kernel must be one of {MOE_KERNELS}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "triton" if device.type == "cuda" and fp8_experts and importlib.util.find_spec("triton") else "grouped"
+
+
+def moe_kernel(choice: str, device: torch.device, fp8_experts: bool = False) -> Callable:
+    """The routed experts' product (run_assignments_grouped's contract) for a kernel's name: "grouped",
+    `torch._grouped_mm` over rows sorted by expert; "triton", the fused kernel of `triton_moe` (row gather, SwiGLU and
+    gate weights inside its two products; GPUs, or Triton's interpreter), which also takes FP8 experts stacked
+    (FP8Experts), which otherwise run one expert at a time; "auto", see moe_kernel_name."""
+    choice = moe_kernel_name(choice, device, fp8_experts)
     if choice == "grouped":
         return run_assignments_grouped
     if device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):

@@ -80,14 +80,29 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Ten
     N, K = weight.shape
     bn, bk = block
     xq, sx = act_quant(x.reshape(-1, K), bk)  # [M, K], [M, K tiles]
+    M = xq.shape[0]
+    if x.is_cuda:
+        xq, sx = _rows_padded(xq, sx, CUBLAS_FP8_ROWS)
     y = _blockwise_scaled_mm(xq, sx, weight, scale_inv, block, {} if layouts is None else layouts) \
         if x.is_cuda else None
     if y is None:
         try:
             y = _scaled_mm_per_k_tile(xq, sx, weight, scale_inv, block)
-        except RuntimeError:  # cuBLAS refuses some ragged FP8 shapes (a 64-wide K tile of one row, say)
+        except RuntimeError:  # cuBLAS refuses some ragged FP8 shapes (a 64-wide K tile, say)
             y = act_dequant(xq, sx, bk) @ weight_dequant(weight, scale_inv, block).t()
-    return y.view(*x.shape[:-1], N)
+    return y[:M].view(*x.shape[:-1], N)
+
+
+CUBLAS_FP8_ROWS = 16  # cuBLASLt's FP8 products refuse row counts such as 1 (CUBLAS_STATUS_NOT_SUPPORTED, H200)
+
+
+def _rows_padded(xq: torch.Tensor, sx: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 rows and their tile scales with zero rows (scale 1) appended up to a multiple of `multiple`."""
+    pad = -xq.shape[0] % multiple
+    if not pad:
+        return xq, sx
+    xq = torch.nn.functional.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(xq.dtype)  # e4m3's zero is all bits 0
+    return xq, torch.nn.functional.pad(sx, (0, 0, 0, pad), value=1.0)
 
 
 def _scaled_mm_per_k_tile(xq, sx, weight, scale_inv, block):

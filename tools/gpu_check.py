@@ -17,9 +17,11 @@ Sections (each reports on its own; one that fails prints why and the rest go on)
 - mla_decode: one absorbed-MLA decode layer at V3's shapes, B=64 and L up to 8k: the history gathered then SDPA,
   against the Triton kernel reading the pages in place;
 - decode: the demo model's decode tokens/s at batch 1/32/64 (equal work: the same prompts, the same number of
-  tokens, EOS ignored), eager and with decode steps as CUDA graphs (`cuda_graphs=True`; their tokens against the
-  eager ones), against transformers' generate on the same GPU, and the bandwidth floor (weights + KV bytes read
-  per step / 4.8 TB/s).
+  tokens, EOS ignored), eager (`cuda_graphs=False`) and with decode steps as CUDA graphs (the default on GPUs; their
+  tokens against the eager ones, in BF16 and in float32), against transformers' generate on the same GPU, and the
+  bandwidth floor (weights + KV bytes read per step / 4.8 TB/s);
+- nccl: the data plane's messages and the prefill/decode KV hand-off over NCCL (cupy), on a world-size-1
+  communicator.
 Times are medians of several runs after a warm-up, measured with CUDA events.
 """
 import argparse
@@ -40,6 +42,7 @@ except ImportError:  # a bare checkout: the repository root is the package
     (root / "moeserve").symlink_to(Path(__file__).resolve().parents[1])
     sys.path.insert(0, str(root))
 
+from moeserve.cluster.engine import Engine  # noqa: E402
 from moeserve.cluster.llm import DEMO_MODEL, DEMO_MODEL_FP8, LLM  # noqa: E402
 from moeserve.cluster.sampling_params import SamplingParams  # noqa: E402
 from moeserve.kernels.args import ModelArgs  # noqa: E402
@@ -67,6 +70,12 @@ def timed(fn, repeats: int = 5, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def first_differences(outputs_a, outputs_b) -> list[int]:
+    """For each request, the index of the first generated token where the two runs part (its length if none)."""
+    return [next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
+            for a, b in zip(outputs_a, outputs_b)]
+
+
 def section_demo(quick: bool) -> dict:
     n = 32
     params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
@@ -74,8 +83,7 @@ def section_demo(quick: bool) -> dict:
     gpu = LLM(device="cuda")  # bf16 by default on a GPU
     cpu_out = cpu.generate(PROMPTS, params)
     gpu_out = gpu.generate(PROMPTS, params)
-    agree = [next((i for i, (a, b) in enumerate(zip(c.token_ids, g.token_ids)) if a != b), n)
-             for c, g in zip(cpu_out, gpu_out)]
+    agree = first_differences(cpu_out, gpu_out)
     worst = 0.0
     for prompt, out in zip(PROMPTS, cpu_out):
         ids = cpu.encode(prompt) + out.token_ids
@@ -92,13 +100,16 @@ def section_demo_fp8(quick: bool) -> dict:
     """The FP8 demo checkpoint on the GPU, its weights resident in e4m3 against dequantised at load."""
     n = 32
     params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-    resident = LLM(DEMO_MODEL_FP8, device="cuda")
+    resident = LLM(DEMO_MODEL_FP8, device="cuda")  # by default the Triton MoE kernel and CUDA graphs
+    assert resident.engine.runner.graphs is not None
     dequantised = LLM(DEMO_MODEL_FP8, device="cuda", fp8_resident=False)
     a, b = resident.generate(PROMPTS, params), dequantised.generate(PROMPTS, params)
-    agree = [next((i for i, (x, y) in enumerate(zip(p.token_ids, q.token_ids)) if x != y), n) for p, q in zip(a, b)]
+    agree = first_differences(a, b)
+    eager = LLM(DEMO_MODEL_FP8, device="cuda", cuda_graphs=False).generate(PROMPTS, params)
     weight_bytes = {name: sum(t.numel() * t.element_size() for t in {p.data_ptr(): p for p in llm.model.parameters()}.values())
                     for name, llm in (("resident", resident), ("dequantised", dequantised))}
-    return {"tokens_equal_before_first_difference": agree, "weight_bytes": weight_bytes}
+    return {"tokens_equal_before_first_difference": agree, "weight_bytes": weight_bytes,
+            "resident_graphs_part_from_eager_at": first_differences(a, eager)}
 
 
 # (name, in_features K, out_features N)
@@ -264,8 +275,9 @@ def section_mla_decode(quick: bool) -> list:
 def section_decode(quick: bool) -> list:
     from transformers import AutoModelForCausalLM
     n_new, prompt_len = 64, 32
-    llm = LLM(device="cuda", max_num_seqs=64)
-    graphed = LLM(device="cuda", max_num_seqs=64, cuda_graphs=True)  # decode steps replayed as CUDA graphs
+    llm = LLM(device="cuda", max_num_seqs=64, cuda_graphs=False)
+    graphed = LLM(device="cuda", max_num_seqs=64)  # the default: decode steps replayed as CUDA graphs
+    assert graphed.engine.runner.graphs is not None
     hf = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.bfloat16).cuda().eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     per_token_kv = llm.engine.cache.bytes_per_token
@@ -285,7 +297,7 @@ def section_decode(quick: bool) -> list:
             with torch.inference_mode():
                 hf.generate(prompts.cuda(), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
                             attention_mask=torch.ones_like(prompts).cuda())
-        same = [a.token_ids == b.token_ids for a, b in zip(ours(), ours_graphs())]
+        parted = first_differences(ours(), ours_graphs())
         theirs()
         times = {"ours": [], "ours_graphs": [], "transformers": []}
         for _ in range(3):
@@ -298,7 +310,15 @@ def section_decode(quick: bool) -> list:
         mid_kv = batch * (prompt_len + n_new // 2) * per_token_kv
         floor = (weight_bytes + mid_kv) / HBM_BYTES_PER_S  # seconds per decode step at the bandwidth limit
         row = {"batch": batch, "new_tokens": n_new, "floor_tokens_per_s": batch / floor,
-               "graphs_equal_eager": f"{sum(same)}/{len(same)}"}
+               "graphs_equal_eager": f"{parted.count(n_new)}/{batch}",
+               "graphs_part_from_eager_at": sorted(i for i in parted if i < n_new)}
+        if batch == 32:  # the same comparison in float32, where rounding rarely flips a token
+            params32 = dict(device="cuda", dtype="float32", moe_kernel="triton", max_num_seqs=64)
+            eager32 = LLM(**params32, cuda_graphs=False).generate(prompts.tolist(), params)
+            graphs32 = LLM(**params32, cuda_graphs=True).generate(prompts.tolist(), params)
+            parted32 = first_differences(eager32, graphs32)
+            row["float32_graphs_equal_eager"] = f"{parted32.count(n_new)}/{batch}"
+            row["float32_graphs_part_from_eager_at"] = sorted(i for i in parted32 if i < n_new)
         for side, ts in times.items():
             row[f"{side}_tokens_per_s"] = batch * n_new / statistics.median(ts)
             row[f"{side}_spread"] = [round(batch * n_new / t) for t in ts]
@@ -306,9 +326,83 @@ def section_decode(quick: bool) -> list:
     return rows
 
 
+def nccl_to_itself(comm, t: torch.Tensor) -> torch.Tensor:
+    """t sent and received on a world-size-1 NCCL communicator (a send to one's own rank), as raw bytes."""
+    from cupy.cuda import nccl
+    out = torch.empty_like(t)
+    stream = torch.cuda.current_stream().cuda_stream
+    nbytes = t.numel() * t.element_size()
+    nccl.groupStart()
+    comm.send(t.data_ptr(), nbytes, nccl.NCCL_UINT8, 0, stream)
+    comm.recv(out.data_ptr(), nbytes, nccl.NCCL_UINT8, 0, stream)
+    nccl.groupEnd()
+    torch.cuda.current_stream().synchronize()
+    return out
+
+
+def section_nccl(quick: bool) -> dict:
+    """NCCL through cupy (what Ray's collective library drives on GPUs; Ray is not on this machine, so a
+    world-size-1 communicator stands in for the transport's groups): every data-plane message kind in the wire
+    format, as a CUDA uint8 tensor, back bit for bit; and the prefill/decode KV hand-off on the GPU: one engine
+    prefills, the latent crosses NCCL and is written into a second engine's cache, which decodes on; its tokens
+    against one engine's."""
+    from cupy.cuda import nccl
+    from moeserve.actors import wire
+    comm = nccl.NcclCommunicator(1, nccl.get_unique_id(), 0)
+    x = torch.randn(5, 256)
+    x8, scale = act_quant(x)
+    work = {g: wire.Assignments(torch.arange(3, dtype=torch.int32), torch.tensor([g, 7, 9], dtype=torch.int32),
+                                torch.rand(3)) for g in (0, 2)}
+    messages = [wire.Dispatch(3, wire.Payload(x.bfloat16()), work, torch.bfloat16, relay=True, version=7),
+                wire.Dispatch(3, wire.Payload(x8, scale), work, torch.float32),
+                wire.Reply(torch.randn(5, 256), forwarded=1234), wire.Error("expert group 2: KeyError: 5"),
+                wire.Ping(), wire.Stop()]
+    equal = {}
+    for message in messages:
+        body = wire.encode(message)
+        sent = torch.frombuffer(bytearray(body), dtype=torch.uint8).cuda()
+        back = nccl_to_itself(comm, sent).cpu().numpy().tobytes()
+        equal[type(message).__name__ + ("/fp8" if getattr(message, "payload", None) is not None
+                                         and message.payload.scale is not None else "")] = (
+            back == body and wire.encode(wire.decode(back)) == body)
+    # the KV hand-off: prefill on one engine, the latent over NCCL (or through host memory, as Ray's object store
+    # carries it) into another engine's cache; float32, where the only differences left are the batches' shapes
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    llm = LLM(device="cuda", dtype="float32")
+    one_engine = [o.token_ids for o in llm.generate(PROMPTS, params)]
+
+    def handed_off(carry) -> list:
+        prefill, decode = (Engine(llm.model, llm.engine.config) for _ in range(2))
+        for p in PROMPTS:
+            prefill.add_request(llm.encode(p), params)
+        moved = []
+        while prefill.has_unfinished():
+            prefill.step()
+            moved += [prefill.take_prefilled(s) for s in prefill.prefilled()]
+        for pre in moved:
+            pulled = carry(pre.latent)
+            assert pulled.is_cuda and torch.equal(pulled, pre.latent)
+            pre.latent = pulled
+            decode.add_prefilled(pre)
+        outs = {}
+        while decode.has_unfinished():
+            outs.update({o.request_id: o for o in decode.step() if o.finished})
+        return [outs[pre.request_id].token_ids for pre in moved]
+    over_nccl = handed_off(lambda latent: nccl_to_itself(comm, latent))
+    through_host = handed_off(lambda latent: latent.cpu().cuda())
+    big = torch.randn(4096 * 61, 576, device="cuda", dtype=torch.bfloat16)  # a 4k-token prompt's latent in V3
+    seconds = timed(lambda: nccl_to_itself(comm, big))
+    return {"nccl_version": nccl.get_version(), "messages_bit_for_bit": equal,
+            "handoff_over_nccl_equal_through_host": f"{sum(a == b for a, b in zip(over_nccl, through_host))}/4",
+            "handoff_over_nccl_part_from_one_engine_at": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y),
+                                                               len(a)) for a, b in zip(over_nccl, one_engine)],
+            "v3_4k_latent_mb": big.numel() * 2 / 1e6,
+            "v3_4k_latent_ms": seconds * 1e3}
+
+
 SECTIONS = {"demo": section_demo, "demo_fp8": section_demo_fp8, "fp8_gemm": section_fp8_gemm,
             "grouped_experts": section_grouped_experts, "fp8_experts": section_fp8_experts,
-            "mla_decode": section_mla_decode, "decode": section_decode}
+            "mla_decode": section_mla_decode, "decode": section_decode, "nccl": section_nccl}
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@ from moeserve.cluster.engine import check_cuda_graphs
 from moeserve.cluster.llm import DEMO_MODEL, DEMO_MODEL_FP8
 from moeserve.cluster.model_runner import DecodeGraphs
 from moeserve.kernels.errors import InputError
+from moeserve.kernels.experts import moe_kernel_name
 from moeserve.kernels.load import load_model
 from tests.cluster.test_device import HostReads
 
@@ -79,9 +80,26 @@ def test_cuda_graphs_are_refused_where_they_cannot_run():
     check_cuda_graphs(EngineConfig(moe_kernel="triton"), cuda, triton, float32)
     fp8 = load_model(DEMO_MODEL_FP8, torch.bfloat16, fp8_resident=True)
     with pytest.raises(InputError, match="FP8 experts needs moe_kernel 'triton'"):
-        check_cuda_graphs(EngineConfig(), cuda, triton, fp8)
+        check_cuda_graphs(EngineConfig(moe_kernel="grouped"), cuda, triton, fp8)
     check_cuda_graphs(EngineConfig(moe_kernel="triton"), cuda, triton, fp8)
+    check_cuda_graphs(EngineConfig(), cuda, triton, fp8)  # auto: FP8 experts on a GPU take the Triton kernel
     check_cuda_graphs(EngineConfig(), cuda, triton, load_model(DEMO_MODEL, torch.bfloat16))
+    remote = load_model(DEMO_MODEL, torch.bfloat16, make_experts=lambda layer: object())
+    with pytest.raises(InputError, match="experts in this process"):
+        check_cuda_graphs(EngineConfig(), cuda, triton, remote)
+
+
+def test_by_default_graphs_and_the_fused_moe_kernel_go_where_they_can_run():
+    """cuda_graphs None and moe_kernel auto: no graphs on a CPU, and the Triton kernel only for FP8 experts on a
+    GPU (one at a time they read their row counts back; for BF16 experts torch's grouped product is as fast)."""
+    assert LLM(device="cpu").engine.runner.graphs is None
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert moe_kernel_name("auto", cuda, fp8_experts=True) == "triton"
+    assert moe_kernel_name("auto", cuda, fp8_experts=False) == "grouped"
+    assert moe_kernel_name("auto", cpu, fp8_experts=True) == "grouped"
+    assert moe_kernel_name("grouped", cuda, fp8_experts=True) == "grouped"
+    with pytest.raises(InputError, match="moe_kernel must be one of"):
+        moe_kernel_name("fused", cpu, fp8_experts=False)
 
 
 def test_each_bucket_is_captured_once_then_replayed(monkeypatch):
