@@ -20,6 +20,8 @@ Sections (each reports on its own; one that fails prints why and the rest go on)
   tokens, EOS ignored), eager (`cuda_graphs=False`) and with decode steps as CUDA graphs (the default on GPUs; their
   tokens against the eager ones, in BF16 and in float32), against transformers' generate on the same GPU, and the
   bandwidth floor (weights + KV bytes read per step / 4.8 TB/s);
+- decode_v2lite: the same at DeepSeek-V2-Lite's shapes (15.7B parameters, random weights, BF16), where the
+  bandwidth floor means something;
 - nccl: the data plane's messages and the prefill/decode KV hand-off over NCCL (cupy), on a world-size-1
   communicator.
 Times are medians of several runs after a warm-up, measured with CUDA events.
@@ -42,14 +44,16 @@ except ImportError:  # a bare checkout: the repository root is the package
     (root / "moeserve").symlink_to(Path(__file__).resolve().parents[1])
     sys.path.insert(0, str(root))
 
-from moeserve.cluster.engine import Engine  # noqa: E402
+from moeserve.cluster.engine import Engine, EngineConfig  # noqa: E402
 from moeserve.cluster.llm import DEMO_MODEL, DEMO_MODEL_FP8, LLM  # noqa: E402
 from moeserve.cluster.sampling_params import SamplingParams  # noqa: E402
 from moeserve.kernels.args import ModelArgs  # noqa: E402
 from moeserve.kernels.cache import PagedLatentCache  # noqa: E402
+from moeserve.kernels.checkpoint import Checkpoint, local_to_hf  # noqa: E402
 from moeserve.kernels.experts import run_assignments_grouped  # noqa: E402
 from moeserve.kernels.fp8 import FP8Linear, act_dequant, act_quant, weight_quant  # noqa: E402
-from moeserve.kernels.model import MLA  # noqa: E402
+from moeserve.kernels.load import load_model  # noqa: E402
+from moeserve.kernels.model import MLA, Transformer  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12  # H200
 PROMPTS = ["def fibonacci(", "import os\n", "class Stack:", "for i in range("]
@@ -326,6 +330,123 @@ def section_decode(quick: bool) -> list:
     return rows
 
 
+# DeepSeek-V2-Lite's shapes (15.7B parameters); rope without YaRN, which changes nothing a step reads or computes
+V2_LITE = ModelArgs(model_type="deepseek_v2", vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408,
+                    n_layers=27, n_dense_layers=1, n_heads=16, n_routed_experts=64, n_shared_experts=2,
+                    n_activated_experts=6, n_expert_groups=1, n_limited_groups=1, topk_method="greedy",
+                    score_func="softmax", norm_topk_prob=False, route_scale=1.0, q_lora_rank=None, n_mtp_layers=0,
+                    rope_type="default")
+
+
+class RandomCheckpoint(Checkpoint):
+    """Random weights (norms 1, the rest N(0, 0.02)) made on the device as `load_model` reads them: a model too large
+    to write to disk first."""
+
+    def __init__(self, args: ModelArgs, device: str):
+        self.args, self.path, self.device = args, Path(f"<random {args.model_type} weights>"), device
+        with torch.device("meta"):
+            state = Transformer(args, with_mtp=False).state_dict()
+        self.shapes = {local_to_hf(local, args.n_layers): t.shape for local, t in state.items()}
+
+    def names(self, select=None) -> list[str]:
+        return [n for n in self.shapes if select is None or select(n)]
+
+    def is_fp8(self, name: str) -> bool:
+        return False
+
+    def tensor(self, name: str, dtype=None) -> torch.Tensor:
+        t = torch.empty(self.shapes[name], dtype=dtype or torch.float32, device=self.device)
+        return t.fill_(1.0) if name.endswith("norm.weight") else t.normal_(0, 0.02)
+
+
+def random_hf_model(args: ModelArgs, device: str, dtype: torch.dtype):
+    """transformers' model of the same shapes, random the same way (its own draws)."""
+    import transformers
+    config = {k: v for k, v in args.to_config().items() if k not in ("architectures", "model_type")}
+    cls_config, cls_model = {"deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
+                             "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM)}[
+        args.model_type]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls_model(cls_config(**config))
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02)
+    return model.eval()
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_at_scale(args: ModelArgs, device: str, batches=(1, 32, 64), n_new: int = 64, prompt_len: int = 32,
+                    runs: int = 3, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Decode tokens/s of random-weight models of `args`' shapes in BF16: ours with CUDA graphs (the default), ours
+    eager, transformers' generate; equal work (the same prompts, n_new tokens each, EOS ignored). The floor: the
+    bytes a decode step must read (every weight but the embedding table's unread rows, the routed experts the
+    batch's tokens reach, the KV) at 4.8 TB/s; experts reached by uniform routing, as these random gates route."""
+    model = load_model(RandomCheckpoint(args, device), dtype=dtype, device=device)
+    engines = {"ours_graphs": Engine(model, EngineConfig(max_num_seqs=max(batches), kv_cache_tokens=max(batches) * 128)),
+               "ours_eager": Engine(model, EngineConfig(max_num_seqs=max(batches), kv_cache_tokens=max(batches) * 128,
+                                                        cuda_graphs=False))}
+    if engines["ours_graphs"].runner.graphs is None:
+        del engines["ours_graphs"]  # a CPU: no graphs
+    llms = {}
+    for side, engine in engines.items():
+        llms[side] = LLM.__new__(LLM)
+        llms[side].model, llms[side].tokenizer, llms[side].engine = model, None, engine
+    hf = random_hf_model(args, device, dtype)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    size = torch.finfo(dtype).bits // 8
+    expert_bytes = 3 * args.dim * args.moe_inter_dim * size
+    moe_layers = sum(args.is_moe_layer(i) for i in range(args.n_layers))
+    embed_bytes = args.vocab_size * args.dim * size
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for batch in batches:
+        prompts = torch.randint(2, args.vocab_size, (batch, prompt_len), generator=g)
+        params = SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True)
+        fns = {side: (lambda llm=llm: llm.generate(prompts.tolist(), params)) for side, llm in llms.items()}
+
+        def theirs():
+            with torch.inference_mode():
+                out = hf.generate(prompts.to(device), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                  attention_mask=torch.ones_like(prompts).to(device))
+            assert out.shape[1] == prompt_len + n_new
+        fns["transformers"] = theirs
+        for fn in fns.values():
+            fn()  # warm-up: compilation, graph capture
+        times = {side: [] for side in fns}
+        for _ in range(runs):
+            for side, fn in fns.items():
+                sync(device)
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                times[side].append(time.perf_counter() - start)
+        reached = args.n_routed_experts * (1 - (1 - args.n_activated_experts / args.n_routed_experts) ** batch)
+        kv = batch * (prompt_len + n_new // 2) * args.kv_cache_bytes_per_token(dtype)
+        step_bytes = (weight_bytes - embed_bytes - moe_layers * args.n_routed_experts * expert_bytes
+                      + moe_layers * reached * expert_bytes + kv)
+        row = {"batch": batch, "new_tokens": n_new, "step_gb_floor": step_bytes / 1e9,
+               "floor_tokens_per_s": batch * HBM_BYTES_PER_S / step_bytes}
+        for side, ts in times.items():
+            row[f"{side}_tokens_per_s"] = batch * n_new / statistics.median(ts)
+            row[f"{side}_spread"] = [round(batch * n_new / t) for t in ts]
+        rows.append(row)
+    return {"parameters_b": sum(p.numel() for p in model.parameters()) / 1e9, "weight_gb": weight_bytes / 1e9,
+            "rows": rows}
+
+
+def section_decode_v2lite(quick: bool) -> dict:
+    return decode_at_scale(V2_LITE, "cuda", batches=(1, 32) if quick else (1, 32, 64))
+
+
 def nccl_to_itself(comm, t: torch.Tensor) -> torch.Tensor:
     """t sent and received on a world-size-1 NCCL communicator (a send to one's own rank), as raw bytes."""
     from cupy.cuda import nccl
@@ -402,7 +523,8 @@ def section_nccl(quick: bool) -> dict:
 
 SECTIONS = {"demo": section_demo, "demo_fp8": section_demo_fp8, "fp8_gemm": section_fp8_gemm,
             "grouped_experts": section_grouped_experts, "fp8_experts": section_fp8_experts,
-            "mla_decode": section_mla_decode, "decode": section_decode, "nccl": section_nccl}
+            "mla_decode": section_mla_decode, "decode": section_decode, "nccl": section_nccl,
+            "decode_v2lite": section_decode_v2lite}
 
 
 def main(argv=None) -> int:
