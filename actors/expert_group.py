@@ -13,7 +13,7 @@ import torch
 
 from moeserve.kernels.checkpoint import Checkpoint, routed_expert_of
 from moeserve.kernels.experts import (MLP, FP8Experts, dense_is_cheaper, moe_kernel, pack_experts, pack_fp8_experts,
-                                      run_assignments, run_assignments_dense, takes_fp8_stacks)
+                                      resolve_moe_kernel, run_assignments, run_assignments_dense, takes_fp8_stacks)
 from moeserve.kernels.fp8 import FP8Linear, act_dequant
 from moeserve.kernels.load import DTYPES, resolve_device
 from moeserve.topology.spec import TopologySpec
@@ -39,7 +39,8 @@ class ExpertGroupWorker:
         self.fp8 = self.device.type == "cuda" if fp8_resident is None else fp8_resident
         self.ckpt = Checkpoint(model)
         fp8_experts = self.fp8 and any(self.ckpt.is_fp8(name) for name in self.ckpt.names(select=routed_expert_of))
-        self.moe_kernel, self.routed = moe_kernel_name, moe_kernel(moe_kernel_name, self.device, fp8_experts)
+        self.moe_kernel = resolve_moe_kernel(moe_kernel_name, self.device, fp8_experts)  # as the status reports it
+        self.routed = moe_kernel(self.moe_kernel, self.device)
         self.modules: dict[tuple[int, int], MLP] = {}   # (layer, logical expert) -> its weights, any version's
         # placement version -> per MoE layer, the held experts' weights stacked for batched matmuls and logical id
         # -> index in the stack; a dispatch names the version it was planned against

@@ -17,7 +17,7 @@ import torch
 
 from moeserve.kernels.cache import PagedLatentCache
 from moeserve.kernels.errors import InputError
-from moeserve.kernels.experts import LocalExperts, holds_fp8_experts, moe_kernel, moe_kernel_name
+from moeserve.kernels.experts import LocalExperts, holds_fp8_experts, moe_kernel, resolve_moe_kernel
 from moeserve.kernels.generate import check_prompt
 from moeserve.kernels.load import resolve_device
 from moeserve.kernels.mla_decode import decode_kernel
@@ -66,7 +66,7 @@ def cuda_graphs_refusal(config: EngineConfig, device: torch.device, decode, mode
     if any(isinstance(m, MoE) and not isinstance(m.experts, LocalExperts) for m in model.modules()):
         return "cuda_graphs needs the experts in this process: remote expert groups answer over the network"
     fp8_experts = holds_fp8_experts(model)
-    grouped = moe_kernel_name(config.moe_kernel, device, fp8_experts) == "grouped"
+    grouped = resolve_moe_kernel(config.moe_kernel, device, fp8_experts) == "grouped"
     if model.embed.weight.dtype == torch.float32 and grouped:
         return ("cuda_graphs with float32 weights needs moe_kernel 'triton': torch's grouped product on CUDA takes "
                 "BF16, and its float32 stand-in reads the row counts back to the host")

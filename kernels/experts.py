@@ -244,7 +244,7 @@ def holds_fp8_experts(model: nn.Module) -> bool:
     return any(isinstance(m, LocalExperts) and isinstance(m[0].w1, FP8Linear) for m in model.modules())
 
 
-def moe_kernel_name(choice: str, device: torch.device, fp8_experts: bool) -> str:
+def resolve_moe_kernel(choice: str, device: torch.device, fp8_experts: bool) -> str:
     """The kernel `auto` stands for: the fused Triton kernel where FP8 experts compute on a GPU (one at a time they
     took 7-60x longer on an H200, tools/gpu_check.py), else grouped (for BF16 experts the faster at V2-Lite's shapes
     and at one token of V3's; the Triton kernel wins at V3's 64 and 512)."""
@@ -259,8 +259,8 @@ def moe_kernel(choice: str, device: torch.device, fp8_experts: bool = False) -> 
     """The routed experts' product (run_assignments_grouped's contract) for a kernel's name: "grouped",
     `torch._grouped_mm` over rows sorted by expert; "triton", the fused kernel of `triton_moe` (row gather, SwiGLU and
     gate weights inside its two products; GPUs, or Triton's interpreter), which also takes FP8 experts stacked
-    (FP8Experts), which otherwise run one expert at a time; "auto", see moe_kernel_name."""
-    choice = moe_kernel_name(choice, device, fp8_experts)
+    (FP8Experts), which otherwise run one expert at a time; "auto", see resolve_moe_kernel."""
+    choice = resolve_moe_kernel(choice, device, fp8_experts)
     if choice == "grouped":
         return run_assignments_grouped
     if device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):

@@ -13,7 +13,7 @@ from moeserve.cluster.engine import check_cuda_graphs
 from moeserve.cluster.llm import DEMO_MODEL, DEMO_MODEL_FP8
 from moeserve.cluster.model_runner import DecodeGraphs
 from moeserve.kernels.errors import InputError
-from moeserve.kernels.experts import moe_kernel_name
+from moeserve.kernels.experts import resolve_moe_kernel
 from moeserve.kernels.load import load_model
 from tests.cluster.test_device import HostReads
 
@@ -94,12 +94,12 @@ def test_by_default_graphs_and_the_fused_moe_kernel_go_where_they_can_run():
     GPU (one at a time they read their row counts back; for BF16 experts torch's grouped product is as fast)."""
     assert LLM(device="cpu").engine.runner.graphs is None
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert moe_kernel_name("auto", cuda, fp8_experts=True) == "triton"
-    assert moe_kernel_name("auto", cuda, fp8_experts=False) == "grouped"
-    assert moe_kernel_name("auto", cpu, fp8_experts=True) == "grouped"
-    assert moe_kernel_name("grouped", cuda, fp8_experts=True) == "grouped"
+    assert resolve_moe_kernel("auto", cuda, fp8_experts=True) == "triton"
+    assert resolve_moe_kernel("auto", cuda, fp8_experts=False) == "grouped"
+    assert resolve_moe_kernel("auto", cpu, fp8_experts=True) == "grouped"
+    assert resolve_moe_kernel("grouped", cuda, fp8_experts=True) == "grouped"
     with pytest.raises(InputError, match="moe_kernel must be one of"):
-        moe_kernel_name("fused", cpu, fp8_experts=False)
+        resolve_moe_kernel("fused", cpu, fp8_experts=False)
 
 
 def test_each_bucket_is_captured_once_then_replayed(monkeypatch):
