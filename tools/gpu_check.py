@@ -22,6 +22,7 @@ Sections (each reports on its own; one that fails prints why and the rest go on)
   bandwidth floor (weights + KV bytes read per step / 4.8 TB/s);
 - decode_v2lite: the same at DeepSeek-V2-Lite's shapes (15.7B parameters, random weights, BF16), where the
   bandwidth floor means something;
+- profile_v2lite: where an eager decode step's device time goes at those shapes, kernel by kernel;
 - nccl: the data plane's messages and the prefill/decode KV hand-off over NCCL (cupy), on a world-size-1
   communicator.
 Times are medians of several runs after a warm-up, measured with CUDA events.
@@ -447,6 +448,39 @@ def section_decode_v2lite(quick: bool) -> dict:
     return decode_at_scale(V2_LITE, "cuda", batches=(1, 32) if quick else (1, 32, 64))
 
 
+def profile_decode(args: ModelArgs, device: str, batches=(1, 32), steps: int = 8, top: int = 12) -> list:
+    """Where a decode step's device time goes: the kernels of `steps` eager decode steps of a random-weight model
+    (torch.profiler), grouped by name, per step, the largest first; and the step's device time in all."""
+    from torch.profiler import ProfilerActivity, profile
+    model = load_model(RandomCheckpoint(args, device), dtype=torch.bfloat16, device=device)
+    rows = []
+    for batch in batches:
+        engine = Engine(model, EngineConfig(max_num_seqs=batch, kv_cache_tokens=batch * 128, cuda_graphs=False))
+        g = torch.Generator().manual_seed(0)
+        for prompt in torch.randint(2, args.vocab_size, (batch, 32), generator=g).tolist():
+            engine.add_request(prompt, SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True))
+        for _ in range(4):  # the prompts, then warm decode steps
+            engine.step()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step()
+            sync(device)
+        kernels = {}
+        for e in prof.events():
+            if e.device_type.name == "CUDA":
+                kernels[e.name] = kernels.get(e.name, 0.0) + e.time_range.elapsed_us() / steps
+        total = sum(kernels.values())
+        largest = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+        rows.append({"batch": batch, "device_us_per_step": total,
+                     "kernels_us_per_step": {name[:90]: round(us, 1) for name, us in largest}})
+    return rows
+
+
+def section_profile_v2lite(quick: bool) -> list:
+    return profile_decode(V2_LITE, "cuda")
+
+
 def nccl_to_itself(comm, t: torch.Tensor) -> torch.Tensor:
     """t sent and received on a world-size-1 NCCL communicator (a send to one's own rank), as raw bytes."""
     from cupy.cuda import nccl
@@ -524,7 +558,7 @@ def section_nccl(quick: bool) -> dict:
 SECTIONS = {"demo": section_demo, "demo_fp8": section_demo_fp8, "fp8_gemm": section_fp8_gemm,
             "grouped_experts": section_grouped_experts, "fp8_experts": section_fp8_experts,
             "mla_decode": section_mla_decode, "decode": section_decode, "nccl": section_nccl,
-            "decode_v2lite": section_decode_v2lite}
+            "decode_v2lite": section_decode_v2lite, "profile_v2lite": section_profile_v2lite}
 
 
 def main(argv=None) -> int:
