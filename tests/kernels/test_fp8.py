@@ -133,6 +133,25 @@ def test_block_scaled_gemm_equals_the_dequantised_product_on_ragged_shapes(shape
         assert (y - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_rows_padded_for_cublas_are_zero_rows_that_change_no_product(M):
+    """On GPUs the e4m3 rows go to cuBLASLt in multiples of 16 (it refused one row on an H200): the padding is zero
+    rows with scale 1, and the real rows' product is the unpadded one (to fp32 rounding: a product of more rows may
+    sum in another order)."""
+    from moeserve.kernels.fp8 import _rows_padded, _scaled_mm_per_k_tile
+    g = torch.Generator().manual_seed(M)
+    xq, sx = act_quant(torch.randn(M, 384, generator=g))
+    weight, scale_inv = weight_quant(torch.randn(200, 384, generator=g) * 0.05)
+    pq, ps = _rows_padded(xq, sx, 16)
+    assert pq.shape == (16, 384) and pq.dtype == FP8_DTYPE and ps.shape == (16, 3)
+    assert torch.equal(act_dequant(pq, ps)[:M], act_dequant(xq, sx))
+    assert not act_dequant(pq, ps)[M:].any() and torch.equal(ps[M:], torch.ones(16 - M, 3))
+    padded = _scaled_mm_per_k_tile(pq, ps, weight, scale_inv, (128, 128))
+    plain = _scaled_mm_per_k_tile(xq, sx, weight, scale_inv, (128, 128))
+    assert (padded[:M] - plain).abs().max() <= 1e-6 * plain.abs().max()
+    assert not padded[M:].any()
+
+
 def storage_bytes(model):
     """Bytes of the distinct tensors a model holds (one shared by two modules counts once)."""
     seen = {}
