@@ -76,8 +76,11 @@ def timed(fn, repeats: int = 5, warmup: int = 2) -> float:
 
 
 def first_differences(outputs_a, outputs_b) -> list[int]:
-    """For each request, the index of the first generated token where the two runs part (its length if none)."""
-    return [next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
+    """For each request, the index of the first generated token where the two runs part (its length if none);
+    outputs are RequestOutputs or token-id lists."""
+    def ids(o):
+        return o if isinstance(o, list) else o.token_ids
+    return [next((i for i, (x, y) in enumerate(zip(ids(a), ids(b))) if x != y), len(ids(a)))
             for a, b in zip(outputs_a, outputs_b)]
 
 
@@ -387,7 +390,7 @@ def sync(device: str) -> None:
 
 def decode_at_scale(args: ModelArgs, device: str, batches=(1, 32, 64), n_new: int = 64, prompt_len: int = 32,
                     runs: int = 3, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Decode tokens/s of random-weight models of `args`' shapes in BF16: ours with CUDA graphs (the default), ours
+    """Decode tokens/s of random-weight models of `args`' shapes in `dtype`: ours with CUDA graphs (the default), ours
     eager, transformers' generate; equal work (the same prompts, n_new tokens each, EOS ignored). The floor: the
     bytes a decode step must read (every weight but the embedding table's unread rows, the routed experts the
     batch's tokens reach, the KV) at 4.8 TB/s; experts reached by uniform routing, as these random gates route."""
@@ -549,8 +552,7 @@ def section_nccl(quick: bool) -> dict:
     seconds = timed(lambda: nccl_to_itself(comm, big))
     return {"nccl_version": nccl.get_version(), "messages_bit_for_bit": equal,
             "handoff_over_nccl_equal_through_host": f"{sum(a == b for a, b in zip(over_nccl, through_host))}/4",
-            "handoff_over_nccl_part_from_one_engine_at": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y),
-                                                               len(a)) for a, b in zip(over_nccl, one_engine)],
+            "handoff_over_nccl_part_from_one_engine_at": first_differences(over_nccl, one_engine),
             "v3_4k_latent_mb": big.numel() * 2 / 1e6,
             "v3_4k_latent_ms": seconds * 1e3}
 
