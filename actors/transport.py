@@ -16,7 +16,7 @@ summed row per token. Combine waits for the replies and adds them up in route or
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Generator, Optional
 
 import numpy as np
 import ray
@@ -78,12 +78,20 @@ def peer_died(error: Exception) -> bool:
     return isinstance(error, ray.exceptions.RayActorError) or "closed by peer" in text or "reset by peer" in text
 
 
+# A layer that waits for a recovery yields to its step's other micro-batches this often
+POLL_S = 0.01
+
+
 class Recovery:
     """A shard's side of the cluster's recovery from a lost actor. Layers `enter` before they dispatch and `leave`
     once combined or failed; `quiesce` (the cluster's first move) holds new layers back and waits until none is in
     flight; `resume` (its last, once the lost actor is back and the shard's channels are new) lets them go and
     starts a new epoch. A layer that failed waits in `await_recovery` for the epoch to change, and raises its error
-    if no recovery begins within `grace_s` (an error that no dead actor explains) or ends within `timeout_s`."""
+    if no recovery begins within `grace_s` (an error that no dead actor explains) or ends within `timeout_s`.
+
+    The step's other micro-batches run on the same thread (model.by_turns) and may have layers in flight, which
+    the recovery waits for: a failed layer waits in turns of POLL_S, yielding between them so that they finish or
+    fail."""
 
     def __init__(self, grace_s: float, timeout_s: float):
         self.grace_s, self.timeout_s = grace_s, timeout_s
@@ -104,15 +112,22 @@ class Recovery:
             self.in_flight -= 1
             self.cond.notify_all()
 
-    def await_recovery(self, epoch: int, error: Exception) -> None:
+    def await_recovery(self, epoch: int, error: Exception) -> Generator[None, None, None]:
         """Wait for the recovery after `error`: up to `grace_s` for it to begin, or, where the error says a peer's
-        process is gone (a restart and a recovery will come), as long as a recovery may take."""
+        process is gone (a restart and a recovery will come), as long as a recovery may take; yields every POLL_S."""
         grace = self.timeout_s if self.grace_s and peer_died(error) else self.grace_s
-        with self.cond:
-            if not self.cond.wait_for(lambda: self.recovering or self.epoch != epoch, grace):
-                raise error
-            if not self.cond.wait_for(lambda: self.epoch != epoch, self.timeout_s):
-                raise TimeoutError(f"the cluster did not recover within {self.timeout_s:g} s") from error
+        failed, began = time.monotonic(), None
+        while True:
+            with self.cond:
+                if self.cond.wait_for(lambda: self.epoch != epoch, POLL_S):
+                    return
+                now = time.monotonic()
+                began = now if began is None and self.recovering else began
+                if began is None and now - failed > grace:
+                    raise error
+                if began is not None and now - began > self.timeout_s:
+                    raise TimeoutError(f"the cluster did not recover within {self.timeout_s:g} s") from error
+            yield
 
     def quiesce(self) -> bool:
         """Hold new layers back; True once none is in flight (False if some still is after `timeout_s`)."""
@@ -152,7 +167,7 @@ class ExpertRouter:
         self.hidden, self.max_nodes = hidden, max_nodes
         self.dispatch_dtype, self.combine_dtype = dispatch_dtype, combine_dtype
         self.counters = LinkCounters(per_plane=[0] * spec.planes, planned_per_plane=[0] * spec.planes)
-        self.lock = threading.Lock()   # micro-batches route and count from threads of their own
+        self.lock = threading.Lock()   # the shard's actor calls read the counters from threads of their own
         self.plane = int(relay_choice(spec, np.array([src_gpu % spec.gpus_per_node]))[0][0])  # of our sends
         self.row_bytes = (to_payload(torch.zeros(1, hidden), dispatch_dtype).nbytes,
                           hidden * torch.empty(0, dtype=combine_dtype).element_size())
@@ -245,7 +260,7 @@ class ExpertTransport:
         self.router.count_time("dispatch_s", start)
         return handle
 
-    def combine(self, handle: DispatchHandle) -> torch.Tensor:
+    def combine(self, handle: DispatchHandle) -> Generator[None, None, torch.Tensor]:
         while True:
             start = time.perf_counter()
             try:
@@ -259,7 +274,7 @@ class ExpertTransport:
                 self._abandon(handle)
             finally:
                 self.router.recovery.leave()
-            self.router.recovery.await_recovery(handle.epoch, error)
+            yield from self.router.recovery.await_recovery(handle.epoch, error)
             handle = self.dispatch(*handle.inputs, micro_batch=handle.micro_batch)
 
     def _send(self, sent: list[Sent], micro_batch: int) -> Any:

@@ -25,8 +25,8 @@ class EngineSettings(BaseModel):
         "stall, so it takes larger batches (a burst of prompts reaches the decode shards together)")
     prefix_caching: bool = True
     micro_batches: int = Field(1, ge=1, le=8, description="micro-batches per step on an attention shard, "
-                               "running in threads so that one computes attention while another waits for "
-                               "its experts")
+                               "run by turns on one thread so that one computes attention while another's "
+                               "tokens are with the experts")
 
 
 class RebalanceSettings(BaseModel):

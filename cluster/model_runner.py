@@ -1,10 +1,10 @@
 """Runs padded batches of sequences through the model over the paged latent cache, and the MTP module
 over the positions a step made valid.
 
-With `micro_batches` > 1 a batch is cut into that many micro-batches of rows that run in threads of their own
-(DeepSeek-V3's decode overlap): while one waits for its routed experts on other processes, another computes
-its attention. Rows never interact, so the outputs are those of one big batch."""
-from concurrent.futures import ThreadPoolExecutor
+With `micro_batches` > 1 a batch is cut into that many micro-batches of rows whose forwards run by turns on one
+thread (DeepSeek-V3's decode overlap): each runs until its next MoE layer's tokens have left for the experts on
+other processes, then the next computes its attention while they work. Rows never interact, so the outputs are those
+of one big batch."""
 from typing import Callable, Optional
 
 import numpy as np
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moeserve.kernels.cache import PagedLatentCache
-from moeserve.kernels.model import MoE, MLAForm, Packing, Transformer, cheaper_mla_form
+from moeserve.kernels.model import MoE, MLAForm, Packing, Transformer, by_turns, cheaper_mla_form
 
 
 def _pad(rows: list[list[int]], starts: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -153,8 +153,6 @@ class ModelRunner:
         self.cache = cache
         self.decode = decode
         self.micro_batches = micro_batches
-        self.pool = ThreadPoolExecutor(micro_batches, thread_name_prefix="micro-batch") if micro_batches > 1 \
-            else None
         self.moe_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
         self.device = model.embed.weight.device
         self._expert_load = {name: torch.zeros(model.args.n_routed_experts, dtype=torch.long, device=self.device)
@@ -202,20 +200,15 @@ class ModelRunner:
         if self._uncounted >= COUNT_LOAD_EVERY:
             self._take_loads()
 
-    def _split(self, run: Callable, B: int, *per_row) -> torch.Tensor:
-        """run(micro_batch, *per_row) -> [b, S_b, ...] over micro-batches of the B rows (each per-row argument, a
-        list or a tensor, sliced along its first dimension), joined into [B, S, ...] with each part padded to the
-        widest."""
+    def _split(self, steps: Callable, B: int, *per_row) -> torch.Tensor:
+        """steps(micro_batch, *per_row) -> a forward's generator of [b, S_b, ...], over micro-batches of the B rows
+        (each per-row argument, a list or a tensor, sliced along its first dimension) run by turns; joined into
+        [B, S, ...] with each part padded to the widest."""
         n = min(self.micro_batches, B)
-        if n == 1:
-            return run(0, *per_row)
         bounds = [B * i // n for i in range(n + 1)]
-
-        def part(i: int) -> torch.Tensor:
-            with torch.inference_mode():
-                return run(i, *(rows[bounds[i]:bounds[i + 1]] for rows in per_row))
-
-        parts = list(self.pool.map(part, range(n)))
+        parts = by_turns([steps(i, *(rows[bounds[i]:bounds[i + 1]] for rows in per_row)) for i in range(n)])
+        if n == 1:
+            return parts[0]
         width = max(p.shape[1] for p in parts)
         return torch.cat([F.pad(p, (0, 0, 0, width - p.shape[1])) for p in parts])
 
@@ -223,15 +216,16 @@ class ModelRunner:
     def forward(self, block_tables: list[list[int]], starts: list[int], rows: list[list[int]],
                 form: MLAForm) -> torch.Tensor:
         """Row b's tokens at positions starts[b]... -> hidden states [B, S, dim] (padding rows are junk)."""
-        def run(micro_batch, block_tables, starts, rows):
+        def steps(micro_batch, block_tables, starts, rows):
             tokens, positions, view, packing = self._inputs(block_tables, starts, rows, form)
-            return self.model(tokens, positions, cache=view, form=form, micro_batch=micro_batch, packing=packing)
+            return self.model.steps(tokens, positions, cache=view, form=form, micro_batch=micro_batch,
+                                    packing=packing)
 
         if self.graphs is not None and form == "absorbed" and all(len(r) == 1 for r in rows) \
                 and len(rows) <= self.graphs.buckets[-1]:
             h = self.graphs.forward(block_tables, starts, [r[0] for r in rows])
         else:
-            h = self._split(run, len(rows), block_tables, starts, rows)
+            h = self._split(steps, len(rows), block_tables, starts, rows)
         self._count_load()
         return h
 
@@ -243,13 +237,13 @@ class ModelRunner:
         MTP layer of the cache."""
         form = self.form_for(starts, next_tokens)
 
-        def run(micro_batch, block_tables, starts, next_tokens, h):
+        def steps(micro_batch, block_tables, starts, next_tokens, h):
             tokens, positions, view, packing = self._inputs(block_tables, starts, next_tokens, form)
             last = torch.tensor([len(t) - 1 for t in next_tokens], device=self.device)
-            # [b, 1, V]: _split joins micro-batches as [b, S, ...] along their rows
-            return self.model.mtp_forward(h[:, :tokens.shape[1]], tokens, positions, cache=view, form=form,
-                                          micro_batch=micro_batch, packing=packing, last=last)[:, None]
+            logits = yield from self.model.mtp_steps(h[:, :tokens.shape[1]], tokens, positions, cache=view, form=form,
+                                                     micro_batch=micro_batch, packing=packing, last=last)
+            return logits[:, None]  # [b, 1, V]: _split joins micro-batches as [b, S, ...] along their rows
 
-        logits = self._split(run, len(next_tokens), block_tables, starts, next_tokens, h)[:, 0]
+        logits = self._split(steps, len(next_tokens), block_tables, starts, next_tokens, h)[:, 0]
         self._count_load()
         return logits

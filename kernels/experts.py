@@ -1,7 +1,8 @@
 """The SwiGLU feed-forward block, and the one interface through which an MoE layer reaches its routed experts.
 
 An MoE layer gates its tokens, then calls `dispatch(x, indices, weights)` and later `combine(handle)`;
-between the two it computes the shared experts, which is where a remote transport hides its latency.
+between the two it computes the shared experts and the step's other micro-batches run, which is where a remote
+transport hides its latency.
 `LocalExperts` is the transport whose experts live in the same process: dispatch computes, combine
 returns. Transports that send tokens to expert-group actors live in `actors/`, one file each.
 
@@ -9,7 +10,7 @@ Glossary: a *logical* expert is one of the model's `n_routed_experts`; `indices`
 """
 import importlib.util
 import os
-from typing import Any, Callable, NamedTuple, Optional, Protocol
+from typing import Any, Callable, Generator, NamedTuple, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +36,13 @@ class MLP(nn.Module):
 class ExpertTransport(Protocol):
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, micro_batch: int = 0) -> Any:
         """Send tokens x [T, dim] to their experts indices [T, topk] with gate weights [T, topk]. `micro_batch`
-        numbers the step's concurrent micro-batches (they run in threads of their own so that one computes
-        attention while another waits for its experts): a transport with a channel per micro-batch uses it."""
+        numbers the step's concurrent micro-batches (their forwards run by turns, so that one computes attention
+        while another's tokens are with the experts): a transport with a channel per micro-batch uses it."""
 
-    def combine(self, handle: Any) -> torch.Tensor:
-        """Collect the weighted sum of expert outputs, [T, dim], for the tokens of `dispatch`."""
+    def combine(self, handle: Any) -> Generator[None, None, torch.Tensor]:
+        """Collect the weighted sum of expert outputs, [T, dim], for the tokens of `dispatch`: a generator, which
+        yields while it waits for something the step's other micro-batches must let happen first (a recovery of the
+        cluster waits until none of their layers is in flight)."""
 
 
 def tokens_per_expert(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -113,7 +116,8 @@ class LocalExperts(nn.ModuleList):
             return run_experts_dense(packed, x, indices, weights)
         return run_experts_grouped(packed, x, indices, weights, self.routed)
 
-    def combine(self, handle: torch.Tensor) -> torch.Tensor:
+    def combine(self, handle: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        yield from ()  # dispatch computed it: nothing to wait for
         return handle
 
 

@@ -7,12 +7,16 @@ step). Both read the same cache rows.
 
 Shapes: B batch rows, S new tokens per row, L cached positions, H heads, T tokens, C = latent_dim.
 
+A forward is also a generator (`Transformer.steps`, `Block.steps`, `MoE.steps`) that yields each time an MoE layer's
+tokens have left for remote experts: a caller with several micro-batches runs the others meanwhile, on one thread
+(DeepSeek-V3's decode overlap); `forward` runs the generator through (`run_through`).
+
 A padded batch (rows of different lengths) runs *packed*: only its valid tokens flow through the layers, as
 [T, dim], and only attention, which needs each row's tokens together, sees them padded to [B, S]. With prompts
 of mixed lengths, half of a padded batch can be padding.
 """
 import functools
-from typing import Callable, Literal, Optional
+from typing import Callable, Generator, Literal, Optional
 
 import numpy as np
 import torch
@@ -335,17 +339,40 @@ class MoE(nn.Module):
         return tokens_per_expert(torch.cat(loads), n_experts)
 
     def forward(self, x: torch.Tensor, micro_batch: int = 0) -> torch.Tensor:
-        """`micro_batch`: which of a step's concurrent micro-batches this is (a transport keeps their messages
-        apart)."""
+        return run_through(self.steps(x, micro_batch))
+
+    def steps(self, x: torch.Tensor, micro_batch: int = 0) -> Generator[None, None, torch.Tensor]:
+        """forward, yielding once the routed experts have the tokens (`micro_batch`: which of a step's concurrent
+        micro-batches this is; a transport keeps their messages apart)."""
         shape = x.shape
         x = x.view(-1, shape[-1])
         weights, indices = self.gate(x)
-        # this call's routing, counted per expert by take_load: statistics for bias balancing and EPLB (an append is
-        # atomic, so micro-batches running in threads each log theirs)
-        self.loads.append(indices)
+        self.loads.append(indices)  # this call's routing, counted per expert by take_load (bias balancing, EPLB)
         handle = self.experts.dispatch(x, indices, weights, micro_batch)
         z = self.shared_experts(x) if self.shared_experts is not None else 0  # overlaps remote experts
-        return (self.experts.combine(handle) + z).view(shape)
+        yield
+        y = yield from self.experts.combine(handle)
+        return (y + z).view(shape)
+
+
+def by_turns(forwards: list[Generator]) -> list:
+    """Run forwards' generators by turns, each up to its next wait for remote experts (so that while one's tokens
+    are with the experts, the next computes), and return what each returned."""
+    results = [None] * len(forwards)
+    running = list(enumerate(forwards))
+    while running:
+        for i, forward in list(running):
+            try:
+                next(forward)
+            except StopIteration as done:
+                results[i] = done.value
+                running.remove((i, forward))
+    return results
+
+
+def run_through(forward: Generator):
+    """What a forward's generator returns, run with nothing beside it."""
+    return by_turns([forward])[0]
 
 
 class Block(nn.Module):
@@ -359,6 +386,10 @@ class Block(nn.Module):
 
     def forward(self, x, freqs_cis, mask, cache: Optional[LatentCacheView], positions, form: MLAForm,
                 packing: Optional[Packing] = None, micro_batch: int = 0):
+        return run_through(self.steps(x, freqs_cis, mask, cache, positions, form, packing, micro_batch))
+
+    def steps(self, x, freqs_cis, mask, cache: Optional[LatentCacheView], positions, form: MLAForm,
+              packing: Optional[Packing] = None, micro_batch: int = 0):
         def latent_of(latent):
             return latent if cache is None else cache.update(self.layer_id, latent, positions)
         attend = None
@@ -366,7 +397,9 @@ class Block(nn.Module):
             attend = functools.partial(cache.attend, self.layer_id, C=self.attn.kv_lora_rank)
         x = x + self.attn(self.attn_norm(x), freqs_cis, mask, latent_of, form, packing, attend)
         ffn_in = self.ffn_norm(x)
-        return x + (self.ffn(ffn_in, micro_batch) if isinstance(self.ffn, MoE) else self.ffn(ffn_in))
+        if isinstance(self.ffn, MoE):
+            return x + (yield from self.ffn.steps(ffn_in, micro_batch))
+        return x + self.ffn(ffn_in)
 
 
 class MTP(nn.Module):
@@ -386,9 +419,13 @@ class MTP(nn.Module):
 
     def forward(self, h, next_tokens, freqs_cis, mask, cache, positions, form: MLAForm,
                 packing: Optional[Packing] = None, micro_batch: int = 0) -> torch.Tensor:
+        return run_through(self.steps(h, next_tokens, freqs_cis, mask, cache, positions, form, packing, micro_batch))
+
+    def steps(self, h, next_tokens, freqs_cis, mask, cache, positions, form: MLAForm,
+              packing: Optional[Packing] = None, micro_batch: int = 0):
         """h [B, S, dim] and next_tokens [B, S], or [T, dim] and [T] with a packing."""
         x = self.eh_proj(torch.cat([self.enorm(self.embed(next_tokens)), self.hnorm(h)], dim=-1))
-        return self.block(x, freqs_cis, mask, cache, positions, form, packing, micro_batch)
+        return (yield from self.block.steps(x, freqs_cis, mask, cache, positions, form, packing, micro_batch))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(x)).float()
@@ -431,13 +468,21 @@ class Transformer(nn.Module):
         With a cache, each row attends to its cached positions 0..p; without, only to this call's tokens.
         `form` defaults to naive without a cache, else to the cheaper one (`cheaper_mla_form`).
         `valid` [B, S] marks the real tokens of a padded batch: only those are computed (padding comes out 0).
-        `micro_batch` numbers this call among a step's concurrent ones (see MoE.forward). `packing`, when given,
+        `micro_batch` numbers this call among a step's concurrent ones (see `steps`). `packing`, when given,
         stands for `valid` (built from lengths the caller knows, so nothing is read back from the device)."""
+        return run_through(self.steps(tokens, positions, cache, form, valid, micro_batch, packing))
+
+    def steps(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+              cache: Optional[LatentCacheView] = None, form: Optional[MLAForm] = None,
+              valid: Optional[torch.Tensor] = None, micro_batch: int = 0,
+              packing: Optional[Packing] = None) -> Generator[None, None, torch.Tensor]:
+        """forward as a generator that yields while an MoE layer's routed experts compute elsewhere: the caller
+        runs another micro-batch (numbered `micro_batch`, so the transport keeps their messages apart) meanwhile."""
         positions, mask, freqs_cis, form = self._prepare(tokens, positions, cache, form)
         packing = packing or packing_of(valid)
         h = self.embed(tokens if packing is None else packing.unpad(tokens))
         for layer in self.layers:
-            h = layer(h, freqs_cis, mask, cache, positions, form, packing, micro_batch)
+            h = yield from layer.steps(h, freqs_cis, mask, cache, positions, form, packing, micro_batch)
         h = self.norm(h)
         return h if packing is None else packing.pad(h)
 
@@ -465,6 +510,14 @@ class Transformer(nn.Module):
         that serves drafting has n_layers + n_mtp_layers layers. `valid` as in `forward` (padding's logits are
         0: the head runs on the valid tokens only); `packing` as in `forward`. With `last` [B], only the logits at
         position last[b] of each row: [B, vocab] (a draft needs no more)."""
+        return run_through(self.mtp_steps(h, next_tokens, positions, cache, form, depth, valid, micro_batch, packing,
+                                          last))
+
+    def mtp_steps(self, h: torch.Tensor, next_tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                  cache: Optional[LatentCacheView] = None, form: Optional[MLAForm] = None, depth: int = 0,
+                  valid: Optional[torch.Tensor] = None, micro_batch: int = 0, packing: Optional[Packing] = None,
+                  last: Optional[torch.Tensor] = None) -> Generator[None, None, torch.Tensor]:
+        """mtp_forward as a generator (see `steps`)."""
         if not len(self.mtp):
             raise RuntimeError("this model has no MTP module (num_nextn_predict_layers is 0 or it was not loaded)")
         positions, mask, freqs_cis, form = self._prepare(next_tokens, positions, cache, form)
@@ -472,7 +525,7 @@ class Transformer(nn.Module):
         packing = packing or packing_of(valid)
         if packing is not None:
             h, next_tokens = packing.unpad(h), packing.unpad(next_tokens)
-        x = module(h, next_tokens, freqs_cis, mask, cache, positions, form, packing, micro_batch)
+        x = yield from module.steps(h, next_tokens, freqs_cis, mask, cache, positions, form, packing, micro_batch)
         if last is not None:
             x = x if packing is None else packing.pad(x)
             return module.logits(x[torch.arange(len(last), device=x.device), last])

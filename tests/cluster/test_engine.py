@@ -116,7 +116,7 @@ def test_prefix_cache_reuses_a_shared_system_prompt_without_changing_outputs(mod
 
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_mtp_speculation_leaves_greedy_output_unchanged(mtp_checkpoint, micro_batches):
-    """...also when each step runs as micro-batches of rows in threads of their own."""
+    """...also when each step runs as micro-batches of rows by turns."""
     llm = LLM(mtp_checkpoint, mtp=True, kv_cache_tokens=1024, block_size=4, micro_batches=micro_batches)
     prompts = random_prompts([6, 30, 13])
     expected = [g.token_ids for g in generate(llm.model, prompts, GREEDY.max_tokens)]
