@@ -261,6 +261,12 @@ class ExpertTransport:
         return handle
 
     def combine(self, handle: DispatchHandle) -> Generator[None, None, torch.Tensor]:
+        try:
+            yield  # the tokens are with the experts: the step's other micro-batches run meanwhile
+        except GeneratorExit:  # the step failed in another micro-batch: this layer is never combined
+            self._abandon(handle)
+            self.router.recovery.leave()
+            raise
         while True:
             start = time.perf_counter()
             try:

@@ -41,8 +41,9 @@ class ExpertTransport(Protocol):
 
     def combine(self, handle: Any) -> Generator[None, None, torch.Tensor]:
         """Collect the weighted sum of expert outputs, [T, dim], for the tokens of `dispatch`: a generator, which
-        yields while it waits for something the step's other micro-batches must let happen first (a recovery of the
-        cluster waits until none of their layers is in flight)."""
+        yields where the step's other micro-batches should run meanwhile (while remote experts compute; while it
+        waits for a recovery of the cluster, which waits until none of their layers is in flight). Closed at its
+        first yield, it lets go of the layer (the step failed elsewhere)."""
 
 
 def tokens_per_expert(indices: torch.Tensor, n_experts: int) -> torch.Tensor:

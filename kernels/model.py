@@ -8,7 +8,7 @@ step). Both read the same cache rows.
 Shapes: B batch rows, S new tokens per row, L cached positions, H heads, T tokens, C = latent_dim.
 
 A forward is also a generator (`Transformer.steps`, `Block.steps`, `MoE.steps`) that yields each time an MoE layer's
-tokens have left for remote experts: a caller with several micro-batches runs the others meanwhile, on one thread
+tokens are with remote experts (the transport's `combine` yields): a caller with several micro-batches runs the others meanwhile, on one thread
 (DeepSeek-V3's decode overlap); `forward` runs the generator through (`run_through`).
 
 A padded batch (rows of different lengths) runs *packed*: only its valid tokens flow through the layers, as
@@ -342,31 +342,36 @@ class MoE(nn.Module):
         return run_through(self.steps(x, micro_batch))
 
     def steps(self, x: torch.Tensor, micro_batch: int = 0) -> Generator[None, None, torch.Tensor]:
-        """forward, yielding once the routed experts have the tokens (`micro_batch`: which of a step's concurrent
-        micro-batches this is; a transport keeps their messages apart)."""
+        """forward, yielding where the experts' transport waits for remote experts (`micro_batch`: which of a step's
+        concurrent micro-batches this is; a transport keeps their messages apart)."""
         shape = x.shape
         x = x.view(-1, shape[-1])
         weights, indices = self.gate(x)
         self.loads.append(indices)  # this call's routing, counted per expert by take_load (bias balancing, EPLB)
         handle = self.experts.dispatch(x, indices, weights, micro_batch)
         z = self.shared_experts(x) if self.shared_experts is not None else 0  # overlaps remote experts
-        yield
         y = yield from self.experts.combine(handle)
         return (y + z).view(shape)
 
 
 def by_turns(forwards: list[Generator]) -> list:
     """Run forwards' generators by turns, each up to its next wait for remote experts (so that while one's tokens
-    are with the experts, the next computes), and return what each returned."""
+    are with the experts, the next computes), and return what each returned. If one raises, the others are closed
+    (their transports let go of the layers they left in flight)."""
     results = [None] * len(forwards)
     running = list(enumerate(forwards))
-    while running:
-        for i, forward in list(running):
-            try:
-                next(forward)
-            except StopIteration as done:
-                results[i] = done.value
-                running.remove((i, forward))
+    try:
+        while running:
+            for i, forward in list(running):
+                try:
+                    next(forward)
+                except StopIteration as done:
+                    results[i] = done.value
+                    running.remove((i, forward))
+    except BaseException:
+        for _, forward in running:
+            forward.close()
+        raise
     return results
 
 

@@ -4,6 +4,7 @@ of one batch."""
 import threading
 import time
 
+import pytest
 import torch
 
 from moeserve.actors.transport import ExpertTransport, Recovery
@@ -29,11 +30,12 @@ class Router:
 
 class LosesOneReply(ExpertTransport):
     """Experts in this process behind the remote transports' dispatch, combine and recovery; the first combine of
-    micro-batch 0 at `lost_layer` fails as a dead peer's connection does, and `lost` tells the cluster."""
+    micro-batch 0 at `lost_layer` fails with `error` (by default a dead peer's), and `lost` tells the cluster."""
 
-    def __init__(self, layer_id: int, router: Router, experts, lost_layer: int, lost: threading.Event):
+    def __init__(self, layer_id: int, router: Router, experts, lost_layer: int, lost: threading.Event,
+                 error: str = "Connection closed by peer"):
         super().__init__(layer_id, router)
-        self.experts, self.lost_layer, self.lost = experts, lost_layer, lost
+        self.experts, self.lost_layer, self.lost, self.error = experts, lost_layer, lost, error
 
     def _send(self, sent, micro_batch):
         return None
@@ -41,7 +43,7 @@ class LosesOneReply(ExpertTransport):
     def _replies(self, handle):
         if self.layer_id == self.lost_layer and handle.micro_batch == 0 and not self.lost.is_set():
             self.lost.set()
-            raise RuntimeError("Connection closed by peer")
+            raise RuntimeError(self.error)
         x, indices, weights = handle.inputs
         return [self.experts.dispatch(x, indices, weights)]  # local experts compute as they dispatch
 
@@ -76,3 +78,26 @@ def test_a_lost_reply_of_one_micro_batch_recovers_without_waiting_for_the_other(
     assert lost.is_set() and quiesced["ok"] and quiesced["after_s"] < 1.0
     assert recovery.in_flight == 0 and recovery.epoch == 1
     assert torch.allclose(torch.cat(parts), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_that_fails_lets_go_of_the_other_micro_batchs_layer(checkpoints):
+    """A cluster that does not recover (no grace: the shards of `failures.restart: false`): micro-batch 0's layer
+    raises its error at once, and the layer micro-batch 1 left in flight is let go of, so that a later quiesce does
+    not wait for it."""
+    model = load_model(checkpoints("v3")[0], dtype=torch.float32)
+    recovery, lost = Recovery(grace_s=0.0, timeout_s=5.0), threading.Event()
+    router = Router(recovery)
+    moe_layers = [i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoE)]
+    for i in moe_layers:
+        ffn = model.layers[i].ffn
+        ffn.__dict__["experts"] = LosesOneReply(i, router, ffn.experts, moe_layers[0], lost, "not a peer's error")
+    tokens = torch.randint(2, 200, (6, 5), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        try:
+            by_turns([model.steps(tokens[:3], micro_batch=0), model.steps(tokens[3:], micro_batch=1)])
+        except RuntimeError as e:
+            assert "not a peer's error" in str(e)
+            # at once, not when the collector finalises the suspended forward (its frame lives in the traceback)
+            assert recovery.in_flight == 0
+        else:
+            pytest.fail("the step did not fail")

@@ -1,5 +1,6 @@
 """Micro-batches run by turns (model.by_turns): each MoE layer's tokens leave for the experts before the other
-micro-batch's attention runs, and the outputs are those of one batch."""
+micro-batch's attention runs, and the outputs are those of one batch. The experts are local, behind a transport
+that yields where a remote one does (combine, before it waits for the replies)."""
 import torch
 
 from moeserve.kernels.load import load_model
@@ -7,7 +8,8 @@ from moeserve.kernels.model import MoE, by_turns
 
 
 class Logged:
-    """An MoE layer's experts, with every dispatch and combine written to a log as (call, layer, micro-batch)."""
+    """An MoE layer's experts as a remote transport would run them, every dispatch and every combine's wait for the
+    replies written to a log as (call, layer, micro-batch)."""
 
     def __init__(self, experts, layer: int, log: list):
         self.experts, self.layer, self.log = experts, layer, log
@@ -18,6 +20,7 @@ class Logged:
 
     def combine(self, handle):
         micro_batch, inner = handle
+        yield  # the tokens are with the experts
         self.log.append(("combine", self.layer, micro_batch))
         return (yield from self.experts.combine(inner))
 
