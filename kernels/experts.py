@@ -80,9 +80,12 @@ def run_assignments(experts, x: torch.Tensor, rows: torch.Tensor, expert_ids: to
 # Expert work done for nothing that still costs less than routing rows to experts (about 20 small ops, some
 # 0.1 ms on a CPU): below it, every expert runs on every token (see run_experts_dense).
 DENSE_WASTE_MACS = 5_000_000
-# On the CPU a grouped product costs about 30 us per expert whatever its rows (torch runs it as one small product
-# per expert), the time of some 1.5M multiply-adds there: measured with 16 experts (192 x 80), every expert on
-# every token was the faster up to about 48 tokens (446 against 575 us at 32), the grouped one from 64 on
+# On a CPU with more than one torch thread a grouped product costs about 30 us per expert whatever its rows (torch
+# runs it as one small product per expert, each a parallel region), the time of some 1.5M multiply-adds there:
+# measured with 16 experts (192 x 80) on two threads, every expert on every token was the faster up to about 48
+# tokens (446 against 575 us at 32), the grouped one from 64 on. On one thread (an expert group's default) there is
+# no such cost and every expert on every token costs twice as much: the grouped product was the faster from 16
+# tokens on (406 against 467 us; 489 against 805 us at 32), the dense one at 8 (295 against 334 us)
 CPU_GROUPED_MACS_PER_EXPERT = 1_500_000
 
 
@@ -176,7 +179,8 @@ def run_experts_grouped(packed, x: torch.Tensor, indices: torch.Tensor, weights:
 def dense_is_cheaper(packed, rows: int, assignments: int) -> bool:
     """Whether running every stacked expert on every row wastes less work than routing rows costs."""
     E, dim, inter = packed[1].shape[0], packed[1].shape[2], packed[1].shape[1]
-    allowance = DENSE_WASTE_MACS + (E * CPU_GROUPED_MACS_PER_EXPERT if packed[0].device.type == "cpu" else 0)
+    parallel_cpu = packed[0].device.type == "cpu" and torch.get_num_threads() > 1
+    allowance = DENSE_WASTE_MACS + (E * CPU_GROUPED_MACS_PER_EXPERT if parallel_cpu else 0)
     return (E * rows - assignments) * 3 * dim * inter <= allowance
 
 
