@@ -49,7 +49,7 @@ class Outbox:
     goes as it is, into the receiver's buffer of FIRST_BYTES (gloo takes a shorter message into a longer receive);
     a longer one as FIRST_BYTES and then the rest (its header says how long the message is): one send, not a size
     and then a body, for all but large (prefill) messages. Sending 64 KB for every message cost a round trip
-    about 70 us more than 8-25 KB."""
+    25-110 us more than each message at its length (dispatches of 1 and 32 rows of the demo model, 2 cores)."""
 
     def __init__(self):
         self.pending = []
