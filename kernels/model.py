@@ -8,8 +8,8 @@ step). Both read the same cache rows.
 Shapes: B batch rows, S new tokens per row, L cached positions, H heads, T tokens, C = latent_dim.
 
 A forward is also a generator (`Transformer.steps`, `Block.steps`, `MoE.steps`) that yields each time an MoE layer's
-tokens are with remote experts (the transport's `combine` yields): a caller with several micro-batches runs the others meanwhile, on one thread
-(DeepSeek-V3's decode overlap); `forward` runs the generator through (`run_through`).
+tokens are with remote experts (the transport's `combine` yields): a caller with several micro-batches runs the
+others meanwhile, on one thread (DeepSeek-V3's decode overlap); `forward` runs the generator through (`run_through`).
 
 A padded batch (rows of different lengths) runs *packed*: only its valid tokens flow through the layers, as
 [T, dim], and only attention, which needs each row's tokens together, sees them padded to [B, S]. With prompts

@@ -48,17 +48,22 @@ class LosesOneReply(ExpertTransport):
         return [self.experts.dispatch(x, indices, weights)]  # local experts compute as they dispatch
 
 
+def losing_one_reply(model, recovery: Recovery, lost: threading.Event, **kwargs) -> None:
+    """Put every MoE layer's experts behind LosesOneReply; the first MoE layer loses the reply."""
+    router = Router(recovery)
+    moe_layers = [i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoE)]
+    for i in moe_layers:
+        ffn = model.layers[i].ffn
+        ffn.__dict__["experts"] = LosesOneReply(i, router, ffn.experts, moe_layers[0], lost, **kwargs)
+
+
 def test_a_lost_reply_of_one_micro_batch_recovers_without_waiting_for_the_other(checkpoints):
     model = load_model(checkpoints("v3")[0], dtype=torch.float32)
     tokens = torch.randint(2, 200, (6, 5), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         whole = model(tokens)
     recovery, lost = Recovery(grace_s=5.0, timeout_s=5.0), threading.Event()
-    router = Router(recovery)
-    moe_layers = [i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoE)]
-    for i in moe_layers:
-        ffn = model.layers[i].ffn
-        ffn.__dict__["experts"] = LosesOneReply(i, router, ffn.experts, moe_layers[0], lost)
+    losing_one_reply(model, recovery, lost)
 
     quiesced = {}
 
@@ -86,11 +91,7 @@ def test_a_step_that_fails_lets_go_of_the_other_micro_batchs_layer(checkpoints):
     not wait for it."""
     model = load_model(checkpoints("v3")[0], dtype=torch.float32)
     recovery, lost = Recovery(grace_s=0.0, timeout_s=5.0), threading.Event()
-    router = Router(recovery)
-    moe_layers = [i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoE)]
-    for i in moe_layers:
-        ffn = model.layers[i].ffn
-        ffn.__dict__["experts"] = LosesOneReply(i, router, ffn.experts, moe_layers[0], lost, "not a peer's error")
+    losing_one_reply(model, recovery, lost, error="not a peer's error")
     tokens = torch.randint(2, 200, (6, 5), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         try:
