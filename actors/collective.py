@@ -198,6 +198,7 @@ class CollectiveGroupServer:
         """Answer `sender`'s dispatches on `group` until it says stop; pass pings and the stop on to the groups
         this one relays to."""
         outbox = Outbox()
+        relays_to = [rank - self.first_rank for rank in passes_on]
 
         def ask(gid: int, message: wire.Dispatch) -> int:
             outbox.send(wire.encode(message), self.first_rank + gid, group)
@@ -228,7 +229,7 @@ class CollectiveGroupServer:
                     return
                 continue
             try:
-                outbox.send(reply_to(self.group_id, body, self.compute, ask, answer), sender, group)
+                outbox.send(reply_to(self.group_id, body, self.compute, ask, answer, relays_to), sender, group)
                 outbox.flush()
             except RuntimeError:  # the sender is gone
                 return

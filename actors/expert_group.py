@@ -166,6 +166,9 @@ class ExpertGroupWorker:
         if version not in self.versions:
             raise RuntimeError(f"placement version {version} is not loaded here (versions {sorted(self.versions)})")
         packed, stack_index = self.versions[version][layer]
+        if len(work) and int(work.expert_ids.max()) >= len(stack_index):
+            raise RuntimeError(f"tokens routed to expert {int(work.expert_ids.max())} of layer {layer}, which has "
+                               f"{len(stack_index)} routed experts")
         stacked = stack_index[work.expert_ids.long()]
         if (stacked < 0).any():
             missing = sorted(set(work.expert_ids[stacked < 0].tolist()))

@@ -16,7 +16,7 @@ summed row per token. Combine waits for the replies and adds them up in route or
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Optional
+from typing import Any, Callable, Collection, Generator, Optional
 
 import numpy as np
 import ray
@@ -296,10 +296,18 @@ class ExpertTransport:
 # ---- the expert group's side, for every transport -------------------------------------------------------------
 
 def serve_dispatch(group_id: int, compute: Callable, message: wire.Dispatch, ask: Callable,
-                   answer: Callable) -> wire.Reply:
+                   answer: Callable, relays_to: Collection[int] = ()) -> wire.Reply:
     """An expert group's answer to a dispatch: its own assignments computed here; as a relay, each other group's
     rows forwarded with ask(group, dispatch) and their partial sums collected with answer(handle). compute(layer,
-    payload, assignments, version) -> [N, dim] float32, with the experts of placement `version`."""
+    payload, assignments, version) -> [N, dim] float32, with the experts of placement `version`. Work for other
+    groups comes only in a relay's message, and only for `relays_to` (the groups this one forwards the sender's
+    tokens to); anything else is refused before a row is forwarded, since a message sent to a group that does not
+    expect it from us would leave its reply unread."""
+    others = sorted(set(message.work) - {group_id})
+    if others and not message.relay:
+        raise wire.WireError(f"a dispatch to group {group_id}, not a relay's, carries the work of groups {others}")
+    if set(others) - set(relays_to):
+        raise wire.WireError(f"group {group_id} relays to groups {sorted(relays_to)}, not to {others}")
     asked, forwarded, total = [], 0, None
     for gid, work in message.work.items():
         if gid == group_id:
@@ -335,15 +343,16 @@ def answer_of(body: bytes) -> wire.Reply:
     return message
 
 
-def reply_to(group_id: int, body: bytes, compute: Callable, ask: Callable, answer: Callable) -> bytes:
-    """The encoded reply to an encoded dispatch; anything that fails becomes an Error reply (the sender waits for
-    one), and anything that is not a dispatch is refused."""
+def reply_to(group_id: int, body: bytes, compute: Callable, ask: Callable, answer: Callable,
+             relays_to: Collection[int] = ()) -> bytes:
+    """The encoded reply to an encoded dispatch (`serve_dispatch`); anything that fails becomes an Error reply
+    (the sender waits for one), and anything that is not a dispatch is refused."""
     try:
         message = wire.decode(body)
         if not isinstance(message, wire.Dispatch):
             raise wire.WireError(f"expected a dispatch, got {type(message).__name__}")
         with torch.inference_mode():
-            return wire.encode(serve_dispatch(group_id, compute, message, ask, answer))
+            return wire.encode(serve_dispatch(group_id, compute, message, ask, answer, relays_to))
     except Exception as e:  # noqa: BLE001  (the sender raises it)
         return wire.encode(wire.Error(f"expert group {group_id}: {type(e).__name__}: {e}"))
 
@@ -374,4 +383,5 @@ class RayGroupServer:
     def serve(self, body: bytes) -> bytes:
         def ask(gid, message):
             return self.peers[gid].serve_message.remote(wire.encode(message))
-        return reply_to(self.group_id, body, self.compute, ask, lambda ref: answer_of(ray.get(ref)))
+        return reply_to(self.group_id, body, self.compute, ask, lambda ref: answer_of(ray.get(ref)),
+                        set(self.peers) - {self.group_id})

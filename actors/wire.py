@@ -27,7 +27,7 @@ MAGIC = 0x4D4F455345525631  # "MOESERV1"
 HEADER_WORDS = 16
 HEADER_BYTES = 8 * HEADER_WORDS
 DISPATCH, REPLY, ERROR, PING, STOP = 1, 2, 3, 4, 5
-MAX_ROWS, MAX_DIM, MAX_GROUPS = 1 << 24, 1 << 16, 1 << 16
+MAX_ROWS, MAX_DIM, MAX_GROUPS, MAX_EXPERTS = 1 << 24, 1 << 16, 1 << 16, 1 << 20
 TILE = 128
 
 DTYPES = {0: torch.float32, 1: torch.bfloat16, 2: torch.float8_e4m3fn}
@@ -216,9 +216,13 @@ def decode(buf) -> Message:
             raise WireError("the work table does not add up to its assignments")
         rows, experts, weights = (r.take(dtype_, (A,)) for dtype_ in (torch.int32, torch.int32, torch.float32))
         r.done()
-        named = rows.numpy()
+        named, ids = rows.numpy(), experts.numpy()
         if A and not 0 <= named.min() <= named.max() < N:
             raise WireError("an assignment names a row outside the payload")
+        if A and not 0 <= ids.min() <= ids.max() < MAX_EXPERTS:
+            raise WireError(f"an assignment names expert {ids.min() if ids.min() < 0 else ids.max()}")
+        if W and not 0 <= table[:, 0].min() <= table[:, 0].max() < MAX_GROUPS:
+            raise WireError("the work table names a group outside [0, MAX_GROUPS)")
         work, at = {}, 0
         for g, c in zip(table[:, 0].tolist(), counts):
             work[g] = Assignments(rows[at:at + c], experts[at:at + c], weights[at:at + c])

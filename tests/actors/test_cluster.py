@@ -311,6 +311,29 @@ def test_a_burst_of_prompts_shares_its_prefill_and_decode_steps(ray_cluster, mtp
         assert steps == {"prefill": 1, "decode": GREEDY.max_tokens - 1}  # the first token comes from the prefill
 
 
+def test_an_expert_group_refuses_experts_it_does_not_hold_or_the_layer_does_not_have(ray_cluster, mtp_checkpoint):
+    """Tokens routed to an expert outside the group's slots, or past the layer's experts, are an error that names
+    the expert and the layer (the second was an IndexError about a stack); an expert it holds computes."""
+    from moeserve.actors import wire
+    with Cluster(config(mtp_checkpoint, topology=TWO_NODES_ONE_GPU, expert_groups=2, redundant_experts=0,
+                        transport="ray")) as c:
+        held = ray.get(c.groups[0].held.remote(0))
+        layer, experts = next(iter(held.items()))
+        n_routed = c.args.n_routed_experts
+        elsewhere = min(set(range(n_routed)) - set(experts))
+        payload = wire.Payload(torch.randn(1, c.args.dim))
+        for expert, error in [(elsewhere, f"experts \\[{elsewhere}\\] of layer {layer}, which this group does not "
+                                          f"hold"),
+                              (n_routed, f"expert {n_routed} of layer {layer}, which has {n_routed} routed experts")]:
+            work = wire.Assignments(torch.tensor([0], dtype=torch.int32), torch.tensor([expert], dtype=torch.int32),
+                                    torch.tensor([1.0]))
+            with pytest.raises(ray.exceptions.RayTaskError, match=error):
+                ray.get(c.groups[0].compute.remote(layer, payload, work))
+        assert ray.get(c.groups[0].compute.remote(layer, payload, wire.Assignments(
+            torch.tensor([0], dtype=torch.int32), torch.tensor([experts[0]], dtype=torch.int32),
+            torch.tensor([1.0])))).shape == (1, c.args.dim)
+
+
 def test_bf16_dispatch_keeps_greedy_and_fp8_moves_logprobs_a_bounded_amount(ray_cluster, mtp_checkpoint, prompts,
                                                                            expected, capsys):
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)

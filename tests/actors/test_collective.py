@@ -95,6 +95,12 @@ def test_anything_that_is_not_the_wire_format_is_refused():
     bad_row[table_at + 16:table_at + 20] = (99).to_bytes(4, "little")  # first assignment's row: past the payload
     with pytest.raises(wire.WireError, match="outside the payload"):
         wire.decode(bytes(bad_row))
+    for at, value, match in [(table_at + 28, -1, "names expert -1"),  # first assignment's expert id
+                             (table_at, -2, "names a group outside")]:  # the work table's first group
+        bad = bytearray(body)
+        bad[at:at + 4] = value.to_bytes(4, "little", signed=True)
+        with pytest.raises(wire.WireError, match=match):
+            wire.decode(bytes(bad))
     with pytest.raises(TypeError):
         wire.encode({"op": "compute"})
 
@@ -109,6 +115,31 @@ def test_an_expert_groups_error_is_raised_at_the_shard_and_junk_is_answered_with
         answer_of(body)
     with pytest.raises(RuntimeError, match="expert group 2: WireError"):
         answer_of(reply_to(2, pickle.dumps({"op": "compute"}), compute, None, None))
+
+
+def test_work_for_other_groups_is_forwarded_only_by_a_relay_and_only_to_its_peers():
+    """A dispatch that is not a relay's may carry only the receiver's own work, and a relay forwards only to the
+    groups it relays to; either is refused (an error reply) before anything is computed or forwarded."""
+    done = []
+
+    def compute(layer, payload, work, version):
+        done.append("computed")
+        return torch.zeros(len(payload), payload.x.shape[1])
+
+    def ask(gid, part):
+        done.append(f"forwarded to {gid}")
+        return gid
+
+    message = dispatch_message(torch.float32, relay=False)  # work for groups 2 and 3, sent to group 2
+    with pytest.raises(RuntimeError, match=r"not a relay's, carries the work of groups \[3\]"):
+        answer_of(reply_to(2, wire.encode(message), compute, ask, None, relays_to=[3]))
+    message.relay = True
+    with pytest.raises(RuntimeError, match=r"relays to groups \[1\], not to \[3\]"):
+        answer_of(reply_to(2, wire.encode(message), compute, ask, None, relays_to=[1]))
+    assert done == []
+    reply = answer_of(reply_to(2, wire.encode(message), compute, ask, lambda gid: wire.Reply(torch.zeros(0, 256)),
+                               relays_to=[3]))
+    assert reply.y.shape == (5, 256) and done == ["forwarded to 3", "computed"]
 
 
 def test_a_relay_sums_its_own_work_and_its_peers():
@@ -131,7 +162,8 @@ def test_a_relay_sums_its_own_work_and_its_peers():
         return gid
 
     reply = serve_dispatch(1, compute, message, ask, lambda gid: wire.Reply(compute(0, asked[gid].payload,
-                                                                                    asked[gid].work[gid])))
+                                                                                    asked[gid].work[gid])),
+                           relays_to=[2])
     x = message.payload.x
     expected = torch.zeros_like(x)
     for g in (1, 2):
