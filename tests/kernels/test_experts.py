@@ -10,7 +10,7 @@ from tests.tiny import random_experts, rel_err
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 40])
-def test_grouped_and_dense_experts_equal_one_expert_at_a_time(tokens):
+def test_every_way_of_running_experts_equals_one_expert_at_a_time(tokens):
     g = torch.Generator().manual_seed(tokens)
     experts = random_experts(16, 24, 8, g)
     x = torch.randn(tokens, 24, generator=g)
