@@ -24,7 +24,7 @@ from moeserve.kernels.errors import InputError
 from moeserve.kernels.load import DTYPES, check_cpu_dtype
 
 from .client import ClusterClient
-from .controller import Controller, node_resource
+from .controller import NAMESPACE, Controller, node_resource
 
 LOCAL_ONLY_ENV = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR  # "0": Ray keeps to 127.0.0.1
 
@@ -107,7 +107,8 @@ class Cluster:
         if self.controller is None:
             self.controller = ray.remote(Controller).options(
                 num_cpus=0, max_concurrency=64, max_restarts=-1 if cfg.failures.restart else 0,
-                name=f"{prefix}-controller", lifetime="detached").remote(cfg.model_dump(), self.private_dir, prefix)
+                name=f"{prefix}-controller", namespace=NAMESPACE, lifetime="detached",
+            ).remote(cfg.model_dump(), self.private_dir, prefix)
             try:
                 ray.get(self.controller.start.remote())
             except ray.exceptions.RayTaskError as e:
@@ -124,7 +125,7 @@ class Cluster:
         if self.name is None:
             return None
         try:
-            controller = ray.get_actor(f"{prefix}-controller")
+            controller = ray.get_actor(f"{prefix}-controller", namespace=NAMESPACE)
         except ValueError:
             return None
         if ray.get(controller.config_dump.remote()) == self.config.model_dump():

@@ -38,6 +38,10 @@ from .attention_shard import AttentionShardWorker
 from .expert_group import ExpertGroupWorker
 
 EXPERT_RESOURCE, ATTENTION_RESOURCE = "moeserve-expert", "moeserve-attention"
+# Ray namespace of every named actor of every cluster: a driver's own namespace is a fresh anonymous one unless it
+# names one, so a cluster found by name from another process (a restarted Serve replica, a second `Cluster(name=)`)
+# must be looked up in a namespace of its own
+NAMESPACE = "moeserve"
 
 
 def node_resource(node: int) -> str:
@@ -122,7 +126,8 @@ class Controller:
                 actor = ray.remote(AttentionShardWorker).options(
                     num_cpus=0, num_gpus=self._gpus("attention"), max_concurrency=256,
                     resources=placed(cfg, ATTENTION_RESOURCE, slot), max_restarts=self._restarts,
-                    name=f"{self.prefix}-{role}-{i}", lifetime="detached", runtime_env=on_its_nic(spec, slot),
+                    name=f"{self.prefix}-{role}-{i}", namespace=NAMESPACE, lifetime="detached",
+                    runtime_env=on_its_nic(spec, slot),
                 ).remote(role, i, config, phy2log, groups, slot, list(self.prefill_shards))
                 pool.append(actor)
                 self.shard_slots.append(slot)
@@ -156,7 +161,7 @@ class Controller:
             found = []
             while True:
                 try:
-                    found.append(ray.get_actor(f"{self.prefix}-{kind}-{len(found)}"))
+                    found.append(ray.get_actor(f"{self.prefix}-{kind}-{len(found)}", namespace=NAMESPACE))
                 except ValueError:
                     return found
         self.groups, self.prefill_shards, self.decode_shards = named("expert-group"), named("prefill"), named("decode")
@@ -216,7 +221,8 @@ class Controller:
         cfg, spec = self.config, self.spec
         groups = [ray.remote(ExpertGroupWorker).options(
             num_cpus=0, num_gpus=self._gpus("experts"), max_concurrency=16, resources=placed(cfg, EXPERT_RESOURCE, g),
-            max_restarts=self._restarts, name=f"{self.prefix}-{pool}expert-group-{g}", lifetime="detached",
+            max_restarts=self._restarts, name=f"{self.prefix}-{pool}expert-group-{g}", namespace=NAMESPACE,
+            lifetime="detached",
             runtime_env=on_its_nic(spec, g),
         ).remote(g, cfg.model, cfg.dtype, self._experts_of(phy2log, g),
                  cfg.transport, spec.model_dump(), cfg.ray.threads_per_actor, first_rank, version, cfg.devices.experts,
@@ -360,8 +366,9 @@ class Controller:
                     logging.getLogger("moeserve").warning("health round failed: %s: %s", type(e).__name__, e)
 
     def status(self) -> dict:
-        """Every actor (role, node, process, device and Ray's GPU ids, state), the placement version, the last rebalance's per-group load
-        before and after, and the recoveries: what `GET /v1/cluster` and `moeserve status` show."""
+        """Every actor (role, node, process, device and Ray's GPU ids, state), the placement version, the last
+        rebalance's per-group load before and after, and the recoveries: what `GET /v1/cluster` and `moeserve status`
+        show."""
         actors = []
         for name, where in self.where.items():
             role = "expert-group" if "expert-group" in name else name.rsplit("-", 1)[0] + "-shard"
@@ -538,7 +545,7 @@ class Controller:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                ray.get_actor(name)
+                ray.get_actor(name, namespace=NAMESPACE)
             except ValueError:
                 return
             time.sleep(0.05)

@@ -4,6 +4,8 @@ import asyncio
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -234,6 +236,44 @@ def test_a_killed_controller_restarts_rebuilds_its_view_and_recovers_failures(ra
         thread.join(120)
         assert [o.token_ids for o in outcome["outs"]] == expected
         assert [event["lost"] for event in c.recoveries] == [["expert-group-1"], ["expert-group-2"]]
+
+
+# Another process that starts a named cluster, asks it for one completion and exits without stopping it
+NAMED_CLUSTER_DRIVER = """
+import sys, ray
+from moeserve.actors.cluster import Cluster
+from moeserve.cluster import ClusterConfig, SamplingParams
+c = Cluster(ClusterConfig.model_validate_json(sys.argv[1]), name="named").start()
+tokens = c.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0].token_ids
+print("controller", ray.get(c.controller.view.remote())["pid"], "tokens", len(tokens))
+"""
+
+
+def test_a_named_cluster_outlives_its_process_and_another_process_attaches_to_it(ray_cluster, mtp_checkpoint,
+                                                                                 prompts, expected):
+    """What a restarted Serve replica does: `Cluster(config, name=)` from a new driver finds the running cluster
+    of that name and config (Ray gives each driver an anonymous namespace of its own, so the names must live in
+    one namespace of moeserve's) instead of starting a second one beside it."""
+    cfg = config(mtp_checkpoint, topology="cpu-local", ray={"address": ray_cluster.address})
+    started = subprocess.run([sys.executable, "-c", NAMED_CLUSTER_DRIVER, cfg.model_dump_json()], capture_output=True,
+                             text=True, timeout=300)
+    assert started.returncode == 0, started.stderr[-2000:]
+    line = next(line for line in started.stdout.splitlines() if line.startswith("controller "))
+    _, pid, _, generated = line.split()
+    assert generated == "4"
+    with Cluster(cfg, name="named") as c:
+        assert ray.get(c.controller.view.remote())["pid"] == int(pid)
+        assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
+    deadline = time.monotonic() + 30  # stopping it stopped the cluster the other process started
+    while time.monotonic() < deadline and "named-controller" in {a["name"] for a in named_actors()}:
+        time.sleep(0.1)
+    assert not named_actors()
+
+
+def named_actors() -> list[dict]:
+    """The live actors named after the cluster "named", in moeserve's namespace."""
+    return [a for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "moeserve" and a["name"].startswith("named-")]
 
 
 def test_each_actor_sends_through_the_nic_of_its_gpu_slot(ray_cluster, mtp_checkpoint, prompts, expected):
