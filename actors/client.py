@@ -6,8 +6,9 @@ A request whose client goes away is aborted on the shard that holds it, so its c
 
 A request whose shard dies resumes on a live one (or on the dead one's restarted process): its prompt and the tokens
 it had already streamed are prefilled again as one prompt, and it goes on with the tokens it had left; the stream
-shows neither a token twice nor a gap. Greedy requests resume exactly; a seeded sampled one draws on from a fresh
-generator, and a stop string that would span the point of resumption is not seen."""
+shows neither a token twice nor a gap. Greedy and seeded sampled requests resume exactly (a draw depends on the
+seed and the token's position alone: Sequence.draw_generator); a stop string that would span the point of
+resumption is not seen."""
 import asyncio
 import contextvars
 import dataclasses

@@ -6,9 +6,9 @@ finished sequences. Requests may be added between any two steps.
 
 MTP speculation: after the main model computes position i and the next token t_{i+1} is chosen, the MTP
 module drafts t_{i+2} from h_i and t_{i+1}. The next step feeds [t_{i+1}, draft] together; the main model's
-logits at i+1 verify the draft (greedy: the argmax must equal it; sampled: speculative sampling's
-accept/reject rule), so the output is exactly what decoding without MTP would produce, and an accepted
-draft yields two tokens in one step.
+logits at i+1 verify the draft (the target's token there must equal it: greedy, the argmax; sampled, the draw
+with the noise the draft was drawn with, see kernels.sampling.draw), so the output is exactly what decoding without
+MTP would produce, and an accepted draft yields two tokens in one step.
 """
 from dataclasses import dataclass, field
 from typing import Optional, Sequence as Seq
@@ -22,7 +22,7 @@ from moeserve.kernels.generate import check_prompt
 from moeserve.kernels.load import resolve_device
 from moeserve.kernels.mla_decode import decode_kernel
 from moeserve.kernels.model import MoE, Transformer
-from moeserve.kernels.sampling import accept_draft, greedy, greedy_tokens, sampling_probs, sampling_probs_rows
+from moeserve.kernels.sampling import draw, greedy_tokens, sampling_probs, sampling_probs_rows
 
 from .block_manager import BlockManager
 from .model_runner import DecodeGraphs, ModelRunner
@@ -53,6 +53,8 @@ class EngineConfig:
                                             # wherever they can run (GPUs, the Triton paged decode, local experts)
 
 CPU_KV_CACHE_TOKENS = 32768
+# why a sampled request ends when its draw fails (kernels.sampling.draw's -1)
+NO_DISTRIBUTION = "no distribution to sample from: after temperature, top-k and top-p the logits are NaN or have no mass"
 
 
 def cuda_graphs_refusal(config: EngineConfig, device: torch.device, decode, model: Transformer) -> Optional[str]:
@@ -140,7 +142,7 @@ def check_request(args, prompt: list[int], params: SamplingParams, cache_tokens:
 @dataclass
 class PrefilledSequence:
     """A prompt computed by a prefill shard, on its way to a decode shard: its latent KV (all cache layers,
-    positions 0..P-1, nothing else), the first generated token, and the sampler's state."""
+    positions 0..P-1, nothing else), the first generated token, and the sampler's seed."""
     request_id: str
     token_ids: list[int]                 # prompt + the first generated token
     num_prompt_tokens: int
@@ -150,7 +152,7 @@ class PrefilledSequence:
     top_logprobs: list[dict[int, float]]
     prompt_logprobs: list[Optional[float]]
     draft: Optional[Draft]
-    generator_state: Optional[torch.Tensor]
+    seed: Optional[int]                  # the sampler's (Sequence.draw_generator), None when greedy
     num_cached_tokens: int = 0
 
     @property
@@ -282,33 +284,40 @@ class Engine:
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor, verifying: bool = True) -> list[list[int]]:
         """The tokens [B][S] a step chooses from logits [B, S, V], read back to the host in one copy: the argmax
-        everywhere, and at position 0 of each sampled row its draw, except rows `verifying` a draft (sampled
-        drafts are verified apart, by accept_draft). A row whose draw fails ends with the error (see _alone)."""
-        draw = [b for b, s in enumerate(seqs) if not s.params.greedy and not (verifying and s.draft is not None)]
-        if not draw:
+        everywhere, and for each sampled row a draw at each of its positions (with a draft it is `verifying`, the
+        draft's position and the one after). Each draw is raced with its position's noise (Sequence.draw_generator),
+        so at a draft's position it is the token the draft must equal. A row whose draw fails ends with the error
+        (see _alone)."""
+        draws = [(b, s) for b, seq in enumerate(seqs) if not seq.params.greedy
+                 for s in range(1 + (verifying and seq.draft is not None))]
+        if not draws:
             return greedy_tokens(logits)
         chosen = logits.argmax(dim=-1)
-        params = [seqs[b].params for b in draw]
+        rows, positions = [b for b, _ in draws], [s for _, s in draws]
+        params = [seqs[b].params for b in rows]
         try:
-            probs = sampling_probs_rows(logits[draw, 0], [p.temperature for p in params], [p.top_k for p in params],
-                                        [p.top_p for p in params])
+            drawn = draw(sampling_probs_rows(logits[rows, positions], [p.temperature for p in params],
+                                             [p.top_k for p in params], [p.top_p for p in params]),
+                         (seqs[b].draw_generator(len(seqs[b]) + s) for b, s in draws))
         except Exception:  # noqa: BLE001  (row by row below, so that only the rows at fault fail)
-            probs = None
-        for row, b in enumerate(draw):
-            seq, p = seqs[b], params[row]
+            drawn = torch.stack([self._draw_alone(seqs[b], logits[b, s], len(seqs[b]) + s) for b, s in draws])
+        chosen[rows, positions] = drawn
+        chosen = chosen.tolist()
+        for b, s in draws:
+            if chosen[b][s] < 0 and seqs[b].finish_reason is None:
+                seqs[b].finish_reason, seqs[b].error = "error", NO_DISTRIBUTION
+        return chosen
 
-            def draw_one():
-                q = probs[row] if probs is not None else sampling_probs(logits[b, 0], p.temperature, p.top_k, p.top_p)
-                return torch.multinomial(q, 1, generator=seq.generator)
-            token = self._alone(seq, None, draw_one)
-            if token is not None:
-                chosen[b, :1] = token
-        return chosen.tolist()
+    def _draw_alone(self, seq: Sequence, logits: torch.Tensor, index: int) -> torch.Tensor:
+        """The draw of token `index` from logits [V] (-1 where it fails: the sequence then ends with the error)."""
+        p = seq.params
+        token = self._alone(seq, None, lambda: draw(sampling_probs(logits, p.temperature, p.top_k, p.top_p)[None],
+                                                    [seq.draw_generator(index)])[0])
+        return token if token is not None else torch.tensor(-1, device=logits.device)
 
     def _verify_and_append(self, seq: Sequence, logits: Optional[torch.Tensor], chosen: list[int]) -> tuple[int, bool]:
-        """Append this step's tokens from logits [S, V] (chosen [S]: the argmax, or at position 0 the draw of a
-        sampled row without a draft; logits None when the request needs no more than those); returns (draft
-        accepted 0/1, still running)."""
+        """Append this step's tokens from logits [S, V] (chosen [S]: the argmax, or a sampled row's draws; logits
+        None when the request needs no more than those); returns (draft accepted 0/1, still running)."""
         if logits is None:
             logits = [None, None]
         draft, seq.draft = seq.draft, None
@@ -319,20 +328,13 @@ class Engine:
             return 0, alive
         seq.drafts_proposed += 1
         self.drafts_proposed += 1
-        p = seq.params
-        if p.greedy:
-            ok, replacement = chosen[0] == draft.token, chosen[0]
-        else:
-            ok, replacement = accept_draft(sampling_probs(logits[0], p.temperature, p.top_k, p.top_p),
-                                           draft.token, draft.probs, seq.generator)
-        if not ok:
-            alive = self._append(seq, replacement, logits[0])
+        if chosen[0] != draft.token:  # the target's token at the draft's position (drawn with the draft's noise)
+            alive = self._append(seq, chosen[0], logits[0])
             self.num_decode_tokens += len(seq) - n_before
             return 0, alive
         seq.drafts_accepted += 1
         self.drafts_accepted += 1
-        alive = self._append(seq, draft.token, logits[0]) and \
-            self._append(seq, self._sample(seq, logits[1], chosen[1]), logits[1])
+        alive = self._append(seq, draft.token, logits[0]) and self._append(seq, chosen[1], logits[1])
         self.num_decode_tokens += len(seq) - n_before
         return 1, alive
 
@@ -388,9 +390,13 @@ class Engine:
 
     @staticmethod
     def _sampled_draft(seq: Sequence, logits: torch.Tensor) -> Draft:
+        """A draft for the next position, raced with that position's noise (see _choose)."""
         p = seq.params
-        q = sampling_probs(logits, p.temperature, p.top_k, p.top_p)
-        return Draft(int(torch.multinomial(q, 1, generator=seq.generator)[0]), q)
+        token = int(draw(sampling_probs(logits, p.temperature, p.top_k, p.top_p)[None],
+                         [seq.draw_generator(len(seq))])[0])
+        if token < 0:
+            raise ValueError(NO_DISTRIBUTION)
+        return Draft(token)
 
     @staticmethod
     def _alone(seq: Sequence, failed, work, *args):
@@ -404,14 +410,6 @@ class Engine:
             return failed
 
     # ---- tokens ---------------------------------------------------------------------------------------
-
-    def _sample(self, seq: Sequence, logits: torch.Tensor, argmax: Optional[int] = None) -> int:
-        """The next token from logits [V]; `argmax`, when the caller has it, saves computing it again."""
-        p = seq.params
-        if p.greedy:
-            return argmax if argmax is not None else int(greedy(logits))
-        probs = sampling_probs(logits, p.temperature, p.top_k, p.top_p)
-        return int(torch.multinomial(probs, 1, generator=seq.generator)[0])
 
     def _append(self, seq: Sequence, token: int, logits: torch.Tensor) -> bool:
         """Append one token; record its log-probability; return False once the sequence has finished."""
@@ -483,7 +481,7 @@ class Engine:
             request_id=seq.request_id, token_ids=list(seq.token_ids), num_prompt_tokens=seq.num_prompt_tokens,
             params=seq.params, latent=latent, logprobs=list(seq.logprobs), top_logprobs=list(seq.top_logprobs),
             prompt_logprobs=list(seq.prompt_logprobs), draft=seq.draft,
-            generator_state=seq.generator.get_state() if seq.generator is not None else None,
+            seed=seq.seed,
             num_cached_tokens=seq.num_cached_tokens)
         self.abort(seq.request_id)
         return out
@@ -497,8 +495,7 @@ class Engine:
         seq.num_prompt_tokens = pre.num_prompt_tokens
         seq.logprobs, seq.top_logprobs = list(pre.logprobs), list(pre.top_logprobs)
         seq.prompt_logprobs, seq.num_cached_tokens = list(pre.prompt_logprobs), pre.num_cached_tokens
-        if pre.generator_state is not None:
-            seq.generator.set_state(pre.generator_state)
+        seq.seed = pre.seed
         self.requests[seq.request_id] = seq
         # the prefill side reported the tokens it generated; outputs here carry only what comes after
         self._emitted[seq.request_id] = (len(pre.token_ids) - pre.num_prompt_tokens, 0)

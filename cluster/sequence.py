@@ -1,5 +1,6 @@
 """A request's life in the engine: its tokens, its blocks, its draft, and what it has produced."""
 import itertools
+import random
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Optional
@@ -17,9 +18,20 @@ class SequenceStatus(Enum):
 
 @dataclass
 class Draft:
-    """An MTP draft for the position after the next: its token and, when sampling, the draft distribution q."""
+    """An MTP draft for the position after the next."""
     token: int
-    probs: Optional[torch.Tensor] = None  # [V], None under greedy
+
+
+MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, index: int) -> int:
+    """A 64-bit seed for position `index` of a request seeded with `seed`: SplitMix64's finaliser over both, so that
+    nearby seeds and positions give unrelated streams."""
+    z = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xD1B54A32D192ED03) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
 
 
 class Sequence:
@@ -38,8 +50,10 @@ class Sequence:
         self.num_computed_tokens = 0   # positions whose latent KV is in the cache and valid
         self.prefill_target = len(token_ids)  # positions to compute before decoding (all tokens on readmission)
         self.draft: Optional[Draft] = None
-        # a seeded request draws on the engine's device (a generator serves only tensors on its own device)
-        self.generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
+        # a sampled request draws on the engine's device (a generator serves only tensors on its own device); one
+        # without a seed gets one of its own, which travels with it (see draw_generator)
+        self.seed = None if params.greedy else params.seed if params.seed is not None else random.getrandbits(63)
+        self.generator = None if params.greedy else torch.Generator(device)
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []
         self.prompt_logprobs: list[Optional[float]] = []
@@ -54,6 +68,13 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def draw_generator(self, index: int) -> torch.Generator:
+        """The generator whose noise draws token `index` (its position in the sequence), seeded from the request's
+        seed and that position alone: a token's draw does not depend on the draws before it. So a request resumed
+        from its prompt and the tokens it had draws on exactly as it would have, and an MTP draft and the
+        verification of its position share their noise (see kernels.sampling.draw)."""
+        return self.generator.manual_seed(position_seed(self.seed, index))
 
     @property
     def num_completion_tokens(self) -> int:

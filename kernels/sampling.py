@@ -1,5 +1,8 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, each row with its own generator."""
-from typing import Optional, Sequence
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, each row with its own generator.
+A sampled token is drawn by the exponential race (`draw`): a deterministic function of the distribution and
+noise from the row's generator, which is what lets the engine couple an MTP draft to its verification and resume a
+seeded request exactly (see Sequence.draw_generator)."""
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -55,28 +58,26 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
     top_k = [top_k[b] if top_k is not None else 0 for b in sampled]
     top_p = [top_p[b] if top_p is not None else 1.0 for b in sampled]
     probs = sampling_probs_rows(logits[sampled], [temperature[b] for b in sampled], top_k, top_p)
-    for row, b in enumerate(sampled):
-        generator = generators[b] if generators is not None else None
-        tokens[b] = torch.multinomial(probs[row], 1, generator=generator)[0]
+    tokens[sampled] = draw(probs, [generators[b] if generators is not None else None for b in sampled])
     return tokens
+
+
+def draw(probs: torch.Tensor, generators: Iterable[Optional[torch.Generator]]) -> torch.Tensor:
+    """One token per row of probs [D, V], row d with noise from the d-th generator (None: torch's default; taken
+    in order, each when its row's noise is made, so one generator reseeded for each row may serve them all): the
+    exponential race, argmax_i probs_i / E_i with E_i ~ Exp(1) independent (the Gumbel-max trick: token i wins
+    with probability probs_i). Two distributions raced with the same noise pick the same token more often the closer
+    they are: an MTP draft and the target at its position race with one noise, so the target's token, the one that
+    is kept, is exactly what the plain decoder would have drawn, and the draft stands whenever it equals it.
+    A row with no distribution to draw from (a NaN, or no mass) comes out -1, read with the other tokens."""
+    noise = torch.stack([torch.empty(probs.shape[-1], dtype=torch.float32, device=probs.device).exponential_(
+        generator=g) for g in generators])
+    tokens = (probs / noise).argmax(dim=-1)
+    valid = probs.isfinite().all(dim=-1) & (probs.sum(dim=-1) > 0)
+    return torch.where(valid, tokens, -1)
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """The distribution a sampled row draws from: [V] logits -> [V] probabilities after temperature,
     top-k and top-p."""
     return sampling_probs_rows(logits[None], [temperature], [top_k], [top_p])[0]
-
-
-def accept_draft(target_probs: torch.Tensor, draft_token: int, draft_probs: torch.Tensor,
-                 generator: Optional[torch.Generator]) -> tuple[bool, Optional[int]]:
-    """Speculative sampling's rule (Leviathan et al., 2023): keep the draft d ~ q with probability
-    min(1, p(d) / q(d)); otherwise draw from max(0, p - q), normalised. The kept or drawn token is
-    distributed exactly as p. Returns (accepted, replacement token when rejected)."""
-    p, q = target_probs[draft_token].item(), draft_probs[draft_token].item()
-    u = torch.rand((), generator=generator, device=target_probs.device).item()
-    if q > 0 and u < min(1.0, p / q):
-        return True, None
-    residual = (target_probs - draft_probs).clamp(min=0)
-    if residual.sum() <= 0:  # p == q: any rejection is a numerical corner; fall back to p
-        residual = target_probs
-    return False, int(torch.multinomial(residual / residual.sum(), 1, generator=generator)[0])

@@ -168,10 +168,12 @@ def test_an_actor_killed_under_running_requests_is_restarted_and_no_request_fail
     """SIGKILL one actor while requests of mixed lengths prefill and decode: Ray restarts its process, the cluster
     brings it back into the live layout (a later placement version, to be sure it is the live one that is
     restored), the steps that lost their experts send them again and the requests on a dead shard resume on its
-    successor. Every request completes with the engine's tokens, and requests after it too."""
+    successor. Every request, greedy or seeded sampled, completes with the engine's tokens, and requests after it
+    too."""
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 200, (n,), generator=g).tolist() for n in (5, 31, 12, 20, 7, 26)]
-    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (80, 50, 120, 70, 100, 60)]
+    params = [SamplingParams(max_tokens=n, temperature=0.8 * (i % 2), top_p=0.9, seed=i, ignore_eos=True)
+              for i, n in enumerate((80, 50, 120, 70, 100, 60))]
     expected = [o.token_ids for o in LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts, params)]
     cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", transport=transport, rebalance={"auto": False},
                         engine={"kv_cache_tokens": 1024, "block_size": 4, "prefill_max_num_batched_tokens": 2})

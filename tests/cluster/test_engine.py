@@ -205,6 +205,25 @@ def test_seeded_sampling_reproduces_with_and_without_company(model):
     assert run_staggered(Engine(model), [prompt], other, [0])[0].token_ids != alone
 
 
+def test_a_seeded_sampled_request_draws_the_same_tokens_with_mtp_and_when_resumed_from_its_own_tokens(
+        mtp_checkpoint):
+    """Each draw is keyed by the request's seed and the token's position: MTP's drafts, kept or not, leave the
+    tokens as the plain decoder draws them, and a request restarted from its prompt and first tokens (what the
+    cluster does when a shard dies) draws on exactly as the uninterrupted one."""
+    prompts = random_prompts([6, 30, 13, 21])
+    params = [SamplingParams(max_tokens=24, temperature=t, top_p=p, top_k=k, seed=seed, ignore_eos=True)
+              for t, p, k, seed in ((0.7, 1.0, 0, 1), (1.0, 0.9, 0, 2), (1.3, 1.0, 20, 3), (0.5, 0.8, 5, -4))]
+    plain = [o.token_ids for o in LLM(mtp_checkpoint, kv_cache_tokens=1024, block_size=4).generate(prompts, params)]
+    mtp = LLM(mtp_checkpoint, mtp=True, kv_cache_tokens=1024, block_size=4)
+    outs = mtp.generate(prompts, params)
+    assert [o.token_ids for o in outs] == plain
+    assert sum(o.drafts_accepted for o in outs) > 0 and sum(o.drafts_proposed - o.drafts_accepted for o in outs) > 0
+    resumed = mtp.generate([p + t[:9] for p, t in zip(prompts, plain)],
+                           [SamplingParams(**{**vars(q), "max_tokens": 15}) for q in params])
+    assert [t[:9] + o.token_ids for t, o in zip(plain, resumed)] == plain
+    assert len({tuple(t) for t in plain}) == 4
+
+
 def test_stop_token_ids_eos_and_max_tokens(model, reference):
     prompts, expected = reference
     target = expected[1]
