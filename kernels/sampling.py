@@ -70,9 +70,10 @@ def draw(probs: torch.Tensor, generators: Iterable[Optional[torch.Generator]]) -
     they are: an MTP draft and the target at its position race with one noise, so the target's token, the one that
     is kept, is exactly what the plain decoder would have drawn, and the draft stands whenever it equals it.
     A row with no distribution to draw from (a NaN, or no mass) comes out -1, read with the other tokens."""
-    noise = torch.stack([torch.empty(probs.shape[-1], dtype=torch.float32, device=probs.device).exponential_(
-        generator=g) for g in generators])
-    tokens = (probs / noise).argmax(dim=-1)
+    noise = torch.empty(probs.shape, dtype=torch.float32, device=probs.device)
+    for row, g in zip(noise, generators):
+        row.uniform_(generator=g)
+    tokens = (probs / noise.log_().neg_()).argmax(dim=-1)  # E = -log U: uniform draws cost a third of exponential_'s
     valid = probs.isfinite().all(dim=-1) & (probs.sum(dim=-1) > 0)
     return torch.where(valid, tokens, -1)
 
