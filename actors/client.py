@@ -7,9 +7,10 @@ A request whose client goes away is aborted on the shard that holds it, so its c
 A request whose shard dies resumes on a live one (or on the dead one's restarted process): its prompt and the tokens
 it had already streamed are prefilled again as one prompt, and it goes on with the tokens it had left; the stream
 shows neither a token twice nor a gap. Greedy and seeded sampled requests resume exactly (a draw depends on the
-seed and the token's position alone: Sequence.draw_generator); a stop string that would span the point of
-resumption is not seen."""
+seed and the token's position alone: Sequence.draw_generator), and a stop string that spans the point of
+resumption, which the new shard cannot see, is found here (ResumedStops)."""
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import hashlib
@@ -23,7 +24,7 @@ import ray
 
 from moeserve.cluster.engine import RequestOutput, check_request
 from moeserve.cluster.sampling_params import SamplingParams
-from moeserve.cluster.tokenizer import Tokenizer
+from moeserve.cluster.tokenizer import IncrementalDecoder, Tokenizer
 from moeserve.kernels.args import ModelArgs
 
 from .attention_shard import HandedOff, Increment
@@ -62,6 +63,29 @@ class Progress:
 
     def rest_of(self, params: SamplingParams) -> SamplingParams:
         return dataclasses.replace(params, max_tokens=params.max_tokens - len(self.token_ids))
+
+
+class ResumedStops:
+    """A resumed attempt's shard sees only the tokens after the point of resumption, so it misses a stop string
+    that began before it. This reads the whole completion as the engine does (its text after each token, a trailing
+    incomplete character held back) and finds the first token after which the text holds a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[str], before: list[int]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.seen = list(before)
+        self.decoder.update(self.seen)
+
+    def first_stop(self, completion: list[int]) -> Optional[tuple[int, str]]:
+        """(tokens to keep, the text before the stop string) for the first new token of `completion` (the whole
+        completion so far) that completes a stop string, or None."""
+        for token in completion[len(self.seen):]:
+            self.seen.append(token)
+            text = self.decoder.update(self.seen)
+            hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+            if hits:
+                return len(self.seen), text[:min(hits)]
+        return None
 
 
 class ClusterClient:
@@ -209,12 +233,25 @@ class ClusterClient:
         done, deadline = Progress(), None
         for attempt in itertools.count():
             last = None
+            stops = ResumedStops(self.tokenizer, params.stop, done.token_ids) \
+                if attempt and params.stop and self.tokenizer is not None else None
             try:
-                async for delta in self._attempt(tokens + done.token_ids, done.rest_of(params),
-                                                 rid if attempt == 0 else f"{rid}-resumed-{attempt}", trace,
-                                                 increments):
-                    last = delta
-                    yield self._joined(rid, tokens, params, done, delta) if attempt else delta
+                resumed_id = rid if attempt == 0 else f"{rid}-resumed-{attempt}"
+                async with contextlib.aclosing(self._attempt(tokens + done.token_ids, done.rest_of(params), resumed_id,
+                                                             trace, increments or stops is not None)) as deltas:
+                    async for delta in deltas:
+                        last = delta
+                        if not attempt:
+                            yield delta
+                            continue
+                        joined = self._joined(rid, tokens, params, done, delta)
+                        stop = stops.first_stop(joined.token_ids) if stops is not None else None  # every step's
+                        if stop is not None and (joined.finish_reason, stop[0]) != ("stop", len(joined.token_ids)):
+                            # the request ends here, where its shard did not see it; closing the attempt aborts it
+                            yield self._stopped(tokens, params, joined, *stop)
+                            return
+                        if increments or joined.finish_reason is not None:
+                            yield joined
                 return
             except ShardLost as e:
                 deadline = deadline or time.monotonic() + self.recover_timeout_s
@@ -224,6 +261,22 @@ class ClusterClient:
                 done.add(last)
                 self.resumed += 1
                 await asyncio.sleep(min(0.5, 0.05 * 2 ** attempt))  # a restarted shard takes a moment to come back
+
+    @staticmethod
+    def _stopped(prompt: list[int], params: SamplingParams, joined: Delta, keep: int, text: str) -> Delta:
+        """`joined` cut after its first `keep` completion tokens and finished by a stop string, as the engine reports
+        one (the text cut where the stop string starts). Cut before the attempt's final output, it has no prompt
+        log-probabilities: those come with the final output only."""
+        final = joined.final
+        token_ids, logprobs, top = joined.token_ids[:keep], joined.logprobs[:keep], joined.top_logprobs[:keep]
+        output = RequestOutput(
+            request_id=joined.request_id, prompt_token_ids=list(prompt), token_ids=token_ids, text=text,
+            finish_reason="stop", logprobs=logprobs if params.logprobs is not None else None,
+            top_logprobs=top if params.logprobs else None,
+            prompt_logprobs=final.prompt_logprobs[:len(prompt)] if final and final.prompt_logprobs else None)
+        new = joined.new_token_ids[:max(0, keep - (len(joined.token_ids) - len(joined.new_token_ids)))]
+        return Delta(joined.request_id, new, token_ids, "stop", logprobs, top, joined.num_prompt_tokens,
+                     joined.kv_bytes, output)
 
     def _joined(self, rid: str, prompt: list[int], params: SamplingParams, done: Progress, delta: Delta) -> Delta:
         """A resumed attempt's delta as the request's own: its prompt, and the completion from the first token."""

@@ -22,7 +22,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the actors' Triton kernels (mo
 ray = pytest.importorskip("ray")
 
 from moeserve.actors.attention_shard import HandedOff  # noqa: E402
-from moeserve.actors.client import ClusterClient  # noqa: E402
+from moeserve.actors.client import ClusterClient, Delta, ShardLost  # noqa: E402
 from tests.actors.raylets import raylets  # noqa: E402
 from moeserve.actors.cluster import Cluster, node_resource  # noqa: E402
 from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
@@ -491,3 +491,54 @@ def test_an_fp8_checkpoint_resident_in_the_cluster_equals_the_fp8_engine(ray_clu
         groups = c.stats()["expert_groups"]
         assert all(g["experts_held_as"] == ["fp8 stacks"] and g["moe_kernel"] == "triton" for g in groups)
         assert all(g["weight_dtypes"] == ["float32", "float8_e4m3fn"] for g in groups)
+
+
+@pytest.mark.parametrize("increments", [True, False])
+def test_a_stop_string_across_the_point_of_resumption_ends_the_request_there(increments):
+    """A request whose shard dies after its first k tokens resumes from its prompt and those tokens, so its new
+    shard sees only the text after them and misses a stop string that began before: the client finds it and ends
+    the request where the engine would have (tokens, text, finish reason), and stops the resumed attempt there.
+    The attempts are played by the engine itself, the first cut short by a lost shard."""
+    llm = LLM()
+    prompt = llm.encode("def fibonacci(")
+    free = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
+    decode = llm.tokenizer.decode
+    for k in range(3, 30):  # a stop string of the last two characters before token k and the first two after
+        head, text = decode(free.token_ids[:k]), free.text
+        stop = text[len(head) - 2:len(head) + 2]
+        if text.startswith(head) and len(stop) == 4 and text.find(stop) == len(head) - 2:
+            break
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop])
+    expected = llm.generate([prompt], params)[0]
+    assert expected.finish_reason == "stop" and len(expected.token_ids) < 40
+    closed = []
+
+    async def attempt(tokens, attempt_params, rid, trace, wants_increments):
+        if "resumed" not in rid:  # k tokens, then the shard is lost
+            for i in range(1, k + 1):
+                yield Delta(rid, free.token_ids[i - 1:i], free.token_ids[:i], num_prompt_tokens=len(prompt))
+            raise ShardLost("killed")
+        out = llm.generate([tokens], attempt_params)[0]  # blind to the stop string's first part
+        sent = 0
+        try:
+            for i in range(1, len(out.token_ids)):
+                sent = i
+                yield Delta(rid, out.token_ids[i - 1:i], out.token_ids[:i], num_prompt_tokens=len(tokens))
+            sent = len(out.token_ids)
+            yield Delta(rid, out.token_ids[-1:], out.token_ids, out.finish_reason, num_prompt_tokens=len(tokens),
+                        final=out)
+        finally:
+            closed.append((sent, len(out.token_ids)))
+
+    client = ClusterClient(llm.model.args, llm.tokenizer, [], [], 4096, 16, recover_timeout_s=10)
+    client._attempt = attempt
+
+    async def run():
+        return [delta async for delta in client.stream(prompt, params, increments=increments)]
+    deltas = asyncio.run(run())
+    final = deltas[-1].final
+    assert (final.token_ids, final.text, final.finish_reason) == (expected.token_ids, expected.text, "stop")
+    assert deltas[-1].token_ids == expected.token_ids and client.resumed == 1
+    assert [t for d in deltas for t in d.new_token_ids] == expected.token_ids  # no token twice or missing
+    sent, generated = closed[0]
+    assert sent == len(expected.token_ids) - k < generated  # the resumed attempt was closed where the request ended
