@@ -119,6 +119,7 @@ class AttentionShardWorker:
         self.kv_bytes_sent = 0
         self.step_s = 0.0
         self.longest_step_s = 0.0                # since the last take_longest_step()
+        self.controller_notes: dict = {}         # the controller's history, kept for a restarted controller
         self.spans: dict = {}
         self.steps_traced = 0
         self.stopped = False
@@ -169,6 +170,14 @@ class AttentionShardWorker:
 
     def placement_version(self) -> int:
         return self.router.version
+
+    def remember(self, notes: dict) -> None:
+        """Keep the controller's history (its recoveries, the processes they brought back), which a controller
+        Ray restarted reads back with `layout` (Controller._rebuild)."""
+        self.controller_notes = notes
+
+    def notes(self) -> dict:
+        return self.controller_notes
 
     def take_longest_step(self) -> float:
         """The longest step since the last call, in seconds (a benchmark's view of a stall)."""

@@ -6,9 +6,10 @@ and (where configured) the groups' throughput. Clients do not go through it: the
 
 It is a Ray actor that Ray restarts when it dies; the new process rebuilds its view from the live actors, which
 are named after the cluster (`<prefix>-expert-group-0`, `<prefix>-decode-0`, ...): their processes from `ready`,
-the placement version, its expert layout and the node count from a shard (`layout`). Every actor of the cluster,
-the controller included, is detached: none dies with the process that created it (Ray would otherwise end the
-actors an actor created when it dies), and `stop` ends them all.
+the placement version, its expert layout and the node count from a shard (`layout`), and the recoveries so far,
+which every recovery leaves on the shards (`remember`). Every actor of the cluster, the controller included, is
+detached: none dies with the process that created it (Ray would otherwise end the actors an actor created when it
+dies), and `stop` ends them all.
 
 Nodes (`placement: topology`, the default): topology node i is the Ray node offering the custom resource
 `moeserve-node-i` (set with `ray start --resources='{"moeserve-node-0": 100}'`). A local cluster declares every
@@ -172,16 +173,19 @@ class Controller:
         reports = [alive[name] for name in actors]
         shards = [actors[name] for name, report in zip(actors, reports)
                   if "expert-group" not in name and not report["restarted"]] or self.decode_shards
-        version, phy2log, spec = ray.get(shards[0].layout.remote())
+        (version, phy2log, spec), notes = ray.get([shards[0].layout.remote(), shards[0].notes.remote()])
         self.version, self.phy2log, self.spec = version, {int(k): v for k, v in phy2log.items()}, TopologySpec(**spec)
+        self.recoveries = notes.get("recoveries", [])
         self.shard_slots = [r["gpu_slot"] for name, r in zip(actors, reports) if "expert-group" not in name]
         for name, report in zip(actors, reports):
             self.states[name] = "alive"
             self.where[name] = self._where_of(report)
         self.rebuilt = True
-        # an actor that Ray restarted at some point may have come back while no controller watched: bring every
-        # such one to the live layout again (for one recovered before, that only costs a short hold)
-        restarted = [name for name, report in zip(actors, reports) if report["restarted"]]
+        # an actor that Ray restarted while no controller watched (its process is not the one the last recovery
+        # brought back) is brought to the live layout
+        recovered = notes.get("pids", {})
+        restarted = [name for name, report in zip(actors, reports)
+                     if report["restarted"] and report["pid"] != recovered.get(name)]
         if restarted and self.config.failures.restart:
             threading.Thread(target=self.recover, args=(restarted, True), daemon=True, name="recover").start()
         self._watch()
@@ -435,6 +439,7 @@ class Controller:
                 self.states[name] = "alive"
         event = {"lost": restarted, "at": time.time(), "recovered_s": round(time.monotonic() - start, 3)}
         self.recoveries.append(event)
+        self._remember()
         logging.getLogger("moeserve").warning("recovered from lost actors %s in %.2f s", restarted,
                                               event["recovered_s"])
         return event
@@ -454,6 +459,16 @@ class Controller:
                                            f"{self.config.failures.recover_timeout_s:g} s") from None
                     time.sleep(0.2)
         return reports
+
+    def _remember(self) -> None:
+        """Keep the recoveries and the processes they brought back on every shard: a controller Ray restarts reads
+        them back from one (see _rebuild), so that its status counts the failures before it too, and it does not
+        take an actor recovered before for one that came back while no controller watched."""
+        notes = {"recoveries": self.recoveries, "pids": {name: where["pid"] for name, where in self.where.items()}}
+        try:
+            ray.get([shard.remember.remote(notes) for shard in self.prefill_shards + self.decode_shards])
+        except ray.exceptions.RayActorError as e:  # a shard died meanwhile: its own recovery remembers again
+            logging.getLogger("moeserve").warning("could not keep the recoveries on every shard: %s", e)
 
     # ---- scaling the expert groups ---------------------------------------------------------------------------
 

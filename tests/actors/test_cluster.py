@@ -202,9 +202,9 @@ def test_an_actor_killed_under_running_requests_is_restarted_and_no_request_fail
 def test_a_killed_controller_restarts_rebuilds_its_view_and_recovers_failures(ray_cluster, mtp_checkpoint):
     """The controller is an actor too. SIGKILLed under running requests, and an expert group with it while no
     controller watches: Ray restarts both; the new controller rebuilds its view from the live actors (the same
-    shards, the placement version and layout of the rebalance before) and brings the restarted group back, so the
-    steps that lost their experts go on. Every request completes with the engine's tokens; a later failure is
-    recovered too."""
+    shards, the placement version and layout of the rebalance before, the recoveries before its death) and brings
+    the restarted group back, so the steps that lost their experts go on; a group recovered before is left be.
+    Every request completes with the engine's tokens; a later failure is recovered too."""
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, 200, (n,), generator=g).tolist() for n in (5, 31, 12, 20)]
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (80, 50, 120, 70)]
@@ -214,6 +214,11 @@ def test_a_killed_controller_restarts_rebuilds_its_view_and_recovers_failures(ra
     with Cluster(cfg) as c:
         c.generate(prompts[:2], GREEDY)
         c.rebalance()
+        os.kill(c.where["expert-group-0"]["pid"], signal.SIGKILL)  # a failure the first controller recovers
+        assert [o.token_ids for o in c.generate(prompts, params)] == expected
+        deadline = time.monotonic() + 60
+        while not c.recoveries and time.monotonic() < deadline:
+            time.sleep(0.1)
         before = c.status()
         first = ray.get(c.controller.view.remote())["pid"]
         outcome = {}
@@ -230,14 +235,15 @@ def test_a_killed_controller_restarts_rebuilds_its_view_and_recovers_failures(ra
         assert after["controller_rebuilt"] and not before["controller_rebuilt"]
         assert after["placement_version"] == before["placement_version"] == 1 and c.phy2log == view["phy2log"]
         assert [a["name"] for a in after["actors"]] == [a["name"] for a in before["actors"]]
-        assert [event["lost"] for event in c.recoveries] == [["expert-group-1"]]
+        assert [event["lost"] for event in c.recoveries] == [["expert-group-0"], ["expert-group-1"]]
+        assert after["failures_survived"] == 2
         thread = threading.Thread(target=lambda: outcome.update(outs=c.generate(prompts, params)), daemon=True)
         thread.start()
         time.sleep(0.3)
         os.kill(c.where["expert-group-2"]["pid"], signal.SIGKILL)
         thread.join(120)
         assert [o.token_ids for o in outcome["outs"]] == expected
-        assert [event["lost"] for event in c.recoveries] == [["expert-group-1"], ["expert-group-2"]]
+        assert [event["lost"] for event in c.recoveries] == [["expert-group-0"], ["expert-group-1"], ["expert-group-2"]]
 
 
 # Another process that starts a named cluster, asks it for one completion and exits without stopping it
