@@ -374,29 +374,19 @@ class Engine:
                 seq.prompt_logprobs.append(logprobs[j, seq.token_ids[target]].item())
 
     def _draft(self, drafting: list[tuple[int, Sequence, int, int]], h: torch.Tensor) -> None:
-        """Run MTP over each sequence's newly valid positions [start, start + n); draft from the last. Greedy drafts
-        are read back in one copy."""
+        """Run MTP over each sequence's newly valid positions [start, start + n); draft from the last, as `_choose`
+        chooses (a sampled draft raced with its position's noise), the drafts read back in one copy."""
         if not drafting:
             return
-        rows = torch.tensor([b for b, _, _, _ in drafting])
+        rows = torch.tensor([b for b, _, _, _ in drafting], device=h.device)
         logits = self.runner.draft_logits([s.block_table for _, s, _, _ in drafting], [st for _, _, st, _ in drafting],
                                           [s.token_ids[st + 1:st + 1 + n] for _, s, st, n in drafting], h[rows])
-        greedy_drafts = greedy_tokens(logits) if any(s.params.greedy for _, s, _, _ in drafting) else None
-        for r, (_, seq, _, _) in enumerate(drafting):
-            if seq.is_prefilling:
-                continue  # a middle prefill chunk: the MTP cache is filled, no draft yet
-            seq.draft = Draft(greedy_drafts[r]) if seq.params.greedy else \
-                self._alone(seq, None, self._sampled_draft, seq, logits[r])
-
-    @staticmethod
-    def _sampled_draft(seq: Sequence, logits: torch.Tensor) -> Draft:
-        """A draft for the next position, raced with that position's noise (see _choose)."""
-        p = seq.params
-        token = int(draw(sampling_probs(logits, p.temperature, p.top_k, p.top_p)[None],
-                         [seq.draw_generator(len(seq))])[0])
-        if token < 0:
-            raise ValueError(NO_DISTRIBUTION)
-        return Draft(token)
+        # a middle prefill chunk fills the MTP cache and drafts nothing yet
+        drafters = [r for r, (_, seq, _, _) in enumerate(drafting) if not seq.is_prefilling]
+        seqs = [drafting[r][1] for r in drafters]
+        for seq, tokens in zip(seqs, self._choose(seqs, logits[drafters, None], verifying=False) if seqs else []):
+            if seq.finish_reason is None:
+                seq.draft = Draft(tokens[0])
 
     @staticmethod
     def _alone(seq: Sequence, failed, work, *args):

@@ -72,7 +72,9 @@ def demo():
     return LLM(device="cpu")
 
 
-def test_every_tensor_an_engine_step_makes_names_its_device(demo, monkeypatch):
+@pytest.mark.parametrize("mtp", [False, True])
+def test_every_tensor_an_engine_step_makes_names_its_device(demo, mtp, monkeypatch):
+    llm = LLM(device="cpu", mtp=True) if mtp else demo
     real = Engine.step
 
     def checked(self, *args, **kwargs):
@@ -80,8 +82,9 @@ def test_every_tensor_an_engine_step_makes_names_its_device(demo, monkeypatch):
             return real(self, *args, **kwargs)
     monkeypatch.setattr(Engine, "step", checked)
     prompts = ["def fibonacci(", "import os\n", "class Stack:", "x = [i for i in"]
-    outs = demo.generate(prompts * 2, MIXED * 2)
+    outs = llm.generate(prompts * 2, MIXED * 2)
     assert all(o.finish_reason for o in outs) and not any(o.error for o in outs)
+    assert not mtp or sum(o.drafts_proposed for o in outs) > 0
     # the mode sees what it must: a factory call without a device inside it fails
     with pytest.raises(AssertionError, match="arange without device"), FactoriesNameTheirDevice():
         torch.arange(3)
@@ -129,14 +132,13 @@ def test_an_engine_refuses_a_model_on_another_device(checkpoints):
         Engine(model, EngineConfig(device="cuda"))
 
 
-def test_a_greedy_decode_step_with_mtp_reads_the_device_twice_and_no_layer_reads_it():
+def test_a_decode_step_with_mtp_reads_the_device_twice_and_no_layer_reads_it():
     """With MTP a step reads the verified tokens, then the next drafts (they come from the positions the verification
-    accepted): two reads for the whole batch, not one per sequence."""
+    accepted): two reads for the whole batch, greedy and sampled alike, not one per sequence."""
     llm = LLM(device="cpu", mtp=True)
     engine = llm.engine
-    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    for prompt in ["def main(", "for i in range(", "return x +", "# sort the"]:
-        engine.add_request(llm.encode(prompt), greedy)
+    for prompt, params in zip(["def main(", "for i in range(", "return x +", "# sort the"], MIXED):
+        engine.add_request(llm.encode(prompt), params)
     engine.step()
     counts = []
     while engine.has_unfinished():
