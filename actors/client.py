@@ -71,7 +71,7 @@ class ResumedStops:
     incomplete character held back) and finds the first token after which the text holds a stop string."""
 
     def __init__(self, tokenizer: Tokenizer, stops: list[str], before: list[int]):
-        self.tokenizer, self.stops = tokenizer, stops
+        self.stops = stops
         self.decoder = IncrementalDecoder(tokenizer)
         self.seen = list(before)
         self.decoder.update(self.seen)

@@ -1,6 +1,5 @@
 """A request's life in the engine: its tokens, its blocks, its draft, and what it has produced."""
 import itertools
-import random
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Optional
@@ -51,8 +50,10 @@ class Sequence:
         self.prefill_target = len(token_ids)  # positions to compute before decoding (all tokens on readmission)
         self.draft: Optional[Draft] = None
         # a sampled request draws on the engine's device (a generator serves only tensors on its own device); one
-        # without a seed gets one of its own, which travels with it (see draw_generator)
-        self.seed = None if params.greedy else params.seed if params.seed is not None else random.getrandbits(63)
+        # without a seed gets one from torch's default generator (torch.manual_seed still governs those), which
+        # then travels with it (see draw_generator)
+        self.seed = None if params.greedy else params.seed if params.seed is not None else \
+            int(torch.randint(1 << 62, (), device="cpu"))
         self.generator = None if params.greedy else torch.Generator(device)
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []
