@@ -173,7 +173,7 @@ class AttentionShardWorker:
 
     def remember(self, notes: dict) -> None:
         """Keep the controller's history (its recoveries, the processes they brought back), which a controller
-        Ray restarted reads back with `layout` (Controller._rebuild)."""
+        Ray restarted reads back with `notes` (Controller._rebuild)."""
         self.controller_notes = notes
 
     def notes(self) -> dict:

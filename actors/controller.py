@@ -226,8 +226,7 @@ class Controller:
         groups = [ray.remote(ExpertGroupWorker).options(
             num_cpus=0, num_gpus=self._gpus("experts"), max_concurrency=16, resources=placed(cfg, EXPERT_RESOURCE, g),
             max_restarts=self._restarts, name=f"{self.prefix}-{pool}expert-group-{g}", namespace=NAMESPACE,
-            lifetime="detached",
-            runtime_env=on_its_nic(spec, g),
+            lifetime="detached", runtime_env=on_its_nic(spec, g),
         ).remote(g, cfg.model, cfg.dtype, self._experts_of(phy2log, g),
                  cfg.transport, spec.model_dump(), cfg.ray.threads_per_actor, first_rank, version, cfg.devices.experts,
                  cfg.fp8_resident, cfg.moe_kernel)

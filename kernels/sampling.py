@@ -49,7 +49,8 @@ def sampling_probs_rows(logits: torch.Tensor, temperature: Sequence[float], top_
 def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int] = None,
            top_p: Sequence[float] = None, generators: Sequence[Optional[torch.Generator]] = None) -> torch.Tensor:
     """logits [B, V] -> token ids [B] on the logits' device, nothing read back to the host. Rows with
-    temperature 0 take the argmax; each sampled row draws with its own generator (None: torch's default)."""
+    temperature 0 take the argmax; each sampled row draws with its own generator (None: torch's default), and one
+    with no distribution to draw from comes out -1 (see `draw`)."""
     B = logits.shape[0]
     tokens = logits.argmax(dim=-1)
     sampled = [b for b in range(B) if temperature[b] > 0]

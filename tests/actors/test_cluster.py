@@ -514,6 +514,8 @@ def test_a_stop_string_across_the_point_of_resumption_ends_the_request_there(inc
         stop = text[len(head) - 2:len(head) + 2]
         if text.startswith(head) and len(stop) == 4 and text.find(stop) == len(head) - 2:
             break
+    else:
+        raise AssertionError(f"no stop string spans a token boundary of {text!r} the first time it occurs")
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop])
     expected = llm.generate([prompt], params)[0]
     assert expected.finish_reason == "stop" and len(expected.token_ids) < 40
