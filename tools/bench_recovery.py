@@ -1,14 +1,14 @@
 """Benchmark: how long a SIGKILLed actor costs the requests that run through it, on the default layout (one prefill
 and one decode shard, four expert groups, collective transport), demo model.
 
-    python tools/bench_recovery.py [--repeats 3] [--requests 8] [--max-tokens 400] [--json out.json]
+    python tools/bench_recovery.py [--repeats 3] [--requests 8] [--max-tokens 400] [--sampled] [--json out.json]
 
-For each victim (an expert group, the decode shard) and each repeat: `--requests` greedy requests stream from one
-client; once every one has its first tokens, the victim's process is killed. Reports, per kill: the time from the
-SIGKILL until the cluster's recovery is done (Ray restarted the process, the live layout reloaded, the process
-group formed anew), the longest gap between two tokens any stream saw, and whether every request completed with
-the tokens of an undisturbed run of the same workload (measured first, on the same cluster). Medians and ranges
-over the repeats.
+For each victim (an expert group, the decode shard) and each repeat: `--requests` greedy requests (with
+`--sampled`, every other one sampled with a seed of its own) stream from one client; once every one has its first
+tokens, the victim's process is killed. Reports, per kill: the time from the SIGKILL until the cluster's recovery is
+done (Ray restarted the process, the live layout reloaded, the process group formed anew), the longest gap between
+two tokens any stream saw, and whether every request completed with the tokens of an undisturbed run of the same
+workload (measured first, on the same cluster). Medians and ranges over the repeats.
 """
 import argparse
 import asyncio
@@ -34,13 +34,13 @@ def workload(n: int, seed: int) -> list[list[int]]:
             for _ in range(n)]
 
 
-async def streams(cluster: Cluster, prompts, params, started: threading.Event) -> tuple[list, float]:
+async def streams(cluster: Cluster, prompts, params: list, started: threading.Event) -> tuple[list, float]:
     """Every request's tokens, and the longest gap between two tokens any stream saw (after its first)."""
     gaps, first = [0.0], set()
 
     async def one(i: int) -> list[int]:
         last, tokens = None, []
-        async for delta in cluster.client.stream(prompts[i], params):
+        async for delta in cluster.client.stream(prompts[i], params[i]):
             now = time.monotonic()
             if last is not None:
                 gaps.append(now - last)
@@ -76,9 +76,12 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=400)
+    p.add_argument("--sampled", action="store_true",
+                   help="every other request sampled (temperature 0.8, top-p 0.95, a seed of its own), not greedy")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
-    params = SamplingParams(max_tokens=a.max_tokens, temperature=0, ignore_eos=True)
+    params = [SamplingParams(max_tokens=a.max_tokens, temperature=0.8 if a.sampled and i % 2 else 0, top_p=0.95,
+                             seed=i, ignore_eos=True) for i in range(a.requests)]
     prompts = workload(a.requests, 0)
     steal = StealMeter()
     results = {"kills": []}
@@ -99,8 +102,8 @@ def main() -> int:
         print(f"| {victim} | {statistics.median(rec):.2f} s ({min(rec):.2f}-{max(rec):.2f}) | "
               f"{statistics.median(gap):.2f} s ({min(gap):.2f}-{max(gap):.2f}) | "
               f"{sum(k['identical'] for k in runs)} of {len(runs)} runs |")
-    print(f"\nundisturbed: longest gap {undisturbed_gap:.3f} s; {a.requests} requests of {a.max_tokens} tokens, "
-          f"{a.repeats} kills each")
+    print(f"\nundisturbed: longest gap {undisturbed_gap:.3f} s; {a.requests} requests of {a.max_tokens} tokens"
+          f"{', every other one sampled' if a.sampled else ''}, {a.repeats} kills each")
     steal.finish(results, a.json)
     return 0
 
