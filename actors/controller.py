@@ -43,6 +43,7 @@ EXPERT_RESOURCE, ATTENTION_RESOURCE = "moeserve-expert", "moeserve-attention"
 # names one, so a cluster found by name from another process (a restarted Serve replica, a second `Cluster(name=)`)
 # must be looked up in a namespace of its own
 NAMESPACE = "moeserve"
+LOST = object()  # the answer of an actor that died (Controller._ask_all)
 
 
 def node_resource(node: int) -> str:
@@ -101,9 +102,13 @@ class Controller:
         self.pending: Optional[dict] = None       # a scale-up waiting for its groups to be placed
         self.phy2log: dict[int, list[int]] = {}  # the placement being served: MoE layer -> logical expert per slot
         self.version = 0                          # its number
+        self.previous: Optional[tuple[int, dict[int, list[int]]]] = None  # the placement before it while shards
+                                                                          # switch from it (a rebalance): both in play
         self._load_seen: dict[str, torch.Tensor] = {}  # per (shard, layer): its tokens per expert at the last round
         self.last_rebalance: Optional[dict] = None
-        self._rebalancing = threading.Lock()      # one change at a time (on demand, or a watcher's)
+        self._changing = threading.Lock()         # one layout change at a time (a rebalance, a scaling)
+        self._layout = threading.Lock()           # the layout's state, changed by one change's step or a recovery
+                                                  # at a time; not held while a change waits on the shards' steps
         self._stopping = threading.Event()
         self.recoveries: list[dict] = []          # each recovery from lost actors: who, when, how long it took
         self.dead: set[str] = set()               # actors that did not come back
@@ -173,8 +178,17 @@ class Controller:
         reports = [alive[name] for name in actors]
         shards = [actors[name] for name, report in zip(actors, reports)
                   if "expert-group" not in name and not report["restarted"]] or self.decode_shards
-        (version, phy2log, spec), notes = ray.get([shards[0].layout.remote(), shards[0].notes.remote()])
-        self.version, self.phy2log, self.spec = version, {int(k): v for k, v in phy2log.items()}, TopologySpec(**spec)
+        answers = self._ask_all([shard.layout.remote() for shard in shards])
+        answered = [(shard, answer) for shard, answer in zip(shards, answers) if answer is not LOST]
+        if not answered:
+            raise RuntimeError("no attention shard answers: the controller cannot rebuild the cluster's layout")
+        # killed while the shards switched placements (a rebalance): some plan against the one before
+        layouts = sorted(((version, {int(k): v for k, v in phy2log.items()}, spec)
+                          for _, (version, phy2log, spec) in answered), key=lambda layout: layout[0])
+        self.version, self.phy2log, spec = layouts[-1]
+        self.previous = layouts[0][:2] if layouts[0][0] != self.version else None
+        self.spec = TopologySpec(**spec)
+        notes = ray.get(answered[0][0].notes.remote())
         self.recoveries = notes.get("recoveries", [])
         self.shard_slots = [r["gpu_slot"] for name, r in zip(actors, reports) if "expert-group" not in name]
         for name, report in zip(actors, reports):
@@ -188,7 +202,20 @@ class Controller:
                      if report["restarted"] and report["pid"] != recovered.get(name)]
         if restarted and self.config.failures.restart:
             threading.Thread(target=self.recover, args=(restarted, True), daemon=True, name="recover").start()
+        if self.previous is not None:
+            threading.Thread(target=self._resume_switch, daemon=True, name="switch").start()
         self._watch()
+
+    def _resume_switch(self) -> None:
+        """Finish the switch to the live placement that the controller before this one began: tell every shard
+        (again), then release the placement before."""
+        with self._changing:
+            try:
+                self._tell_all([shard.set_placement.remote(self.version, self.phy2log) for shard in self._shards()])
+                self._finish_switch(self.version)
+            except Exception as e:  # noqa: BLE001  (the next rebalance releases it)
+                logging.getLogger("moeserve").warning("could not finish the switch to placement version %d: %s: %s",
+                                                      self.version, type(e).__name__, e)
 
     def config_dump(self) -> dict:
         return self.config.model_dump()
@@ -218,11 +245,12 @@ class Controller:
         return self.groups + ([] if self.prefill_groups is self.groups else self.prefill_groups)
 
     def _start_expert_groups(self, phy2log: dict[int, list[int]], slots: range, first_rank: int,
-                             version: int = 0, pool: str = "") -> list:
-        """Expert groups for GPU slots `slots` of the live topology, each holding its slot's experts of placement
-        `version`, placed on the slot's node (Ray starts them once a node offers their resource); a group's peers
-        (whom it relays to) are its node's groups of the same pool (set once the pool is complete)."""
-        cfg, spec = self.config, self.spec
+                             version: int = 0, pool: str = "", spec: Optional[TopologySpec] = None) -> list:
+        """Expert groups for GPU slots `slots` of topology `spec` (the live one by default), each holding its slot's
+        experts of placement `version`, placed on the slot's node (Ray starts them once a node offers their
+        resource); a group's peers (whom it relays to) are its node's groups of the same pool (set once the pool is
+        complete)."""
+        cfg, spec = self.config, spec or self.spec
         groups = [ray.remote(ExpertGroupWorker).options(
             num_cpus=0, num_gpus=self._gpus("experts"), max_concurrency=16, resources=placed(cfg, EXPERT_RESOURCE, g),
             max_restarts=self._restarts, name=f"{self.prefix}-{pool}expert-group-{g}", namespace=NAMESPACE,
@@ -248,7 +276,7 @@ class Controller:
 
     def _experts_of(self, phy2log: dict[int, list[int]], g: int) -> dict[int, list[int]]:
         """MoE layer -> the logical experts in GPU slot g's physical slots."""
-        slots = len(next(iter(phy2log.values()))) // self.spec.num_gpus
+        slots = self.slots_per_group
         return {layer: p[g * slots:(g + 1) * slots] for layer, p in phy2log.items()}
 
     def _set_peers(self, groups: list, g: int):
@@ -290,39 +318,95 @@ class Controller:
         version: every expert group loads its new experts beside the ones it serves (no step waits for them), the
         shards switch between two steps, and the old version is released once no shard plans against it. Returns
         the version, the experts moved, the tokens counted, and the per-group load max/mean of each MoE layer
-        before and after."""
-        with self._rebalancing:
-            report = self._rebalance(self._measured_load(sorted(self.phy2log)) if load is None else load)
+        before and after.
+
+        An actor that dies meanwhile is recovered into the new version once the shards were told of it (a step
+        that lost its experts waits for that recovery, so the switch is awaited without holding the layout); one
+        that dies before calls the round off (the groups drop what they loaded for it) and raises."""
+        with self._changing:
+            with self._layout:
+                report, phy2log = self._plan_rebalance(
+                    self._measured_load(sorted(self.phy2log)) if load is None else load)
+                if phy2log is not None:
+                    version = self.version + 1
+                    self._prepare(version, phy2log, self.expert_groups)
+                    self.previous = (self.version, self.phy2log)
+                    self.phy2log, self.version = phy2log, version  # from here on a recovery restores this version
+                    self._tell_all([shard.set_placement.remote(version, phy2log) for shard in self._shards()])
+            if phy2log is not None:
+                self._finish_switch(version)
+                report["version"] = version
         self.last_rebalance = report
         return report
 
-    def _rebalance(self, load: torch.Tensor) -> dict:
+    def _plan_rebalance(self, load: torch.Tensor) -> tuple[dict, Optional[dict[int, list[int]]]]:
+        """The round's report and its new placement (None when nothing moves)."""
         spec, layers = self.spec, sorted(self.phy2log)
         current = torch.tensor([self.phy2log[layer] for layer in layers])    # [layers, slots]
         report = {"version": self.version, "moved_experts": 0, "tokens": int(load.sum()),
                   "imbalance_before": None, "imbalance_after": None}
         if not report["tokens"]:
-            return report
+            return report, None
         counts = torch.zeros_like(load, dtype=torch.long).scatter_add_(1, current, torch.ones_like(current))
         new, _, new_counts, moved = rebalance_with_migration(load, current, current.shape[1],
                                                              self.args.n_expert_groups, spec.nodes, spec.num_gpus)
         report["imbalance_before"] = gpu_imbalance(load, current, counts, spec.num_gpus).tolist()
         report["imbalance_after"] = gpu_imbalance(load, new, new_counts, spec.num_gpus).tolist()
-        if not moved:
-            return report
-        version = self.version + 1
-        phy2log = {layer: new[i].tolist() for i, layer in enumerate(layers)}
-        slots = current.shape[1] // spec.num_gpus
-        pools = [self.groups] + ([] if self.prefill_groups is self.groups else [self.prefill_groups])
-        ray.get([group.prepare.remote(version, {layer: p[g * slots:(g + 1) * slots] for layer, p in phy2log.items()})
-                 for pool in pools for g, group in enumerate(pool)])
-        shards = self.prefill_shards + self.decode_shards
-        ray.get([shard.set_placement.remote(version, phy2log) for shard in shards])
-        while any(v != version for v in ray.get([shard.placement_version.remote() for shard in shards])):
+        report["moved_experts"] = moved
+        return report, ({layer: new[i].tolist() for i, layer in enumerate(layers)} if moved else None)
+
+    def _prepare(self, version: int, phy2log: dict[int, list[int]], groups: list) -> None:
+        """Every group of `groups` (slot order) loads its experts of placement `version` beside the ones it serves.
+        If one fails (it died), the change is called off: the others drop the version again, and the error is
+        raised."""
+        try:
+            ray.get([group.prepare.remote(version, self._experts_of(phy2log, g)) for g, group in enumerate(groups)])
+        except ray.exceptions.RayActorError as e:
+            self._tell_all([group.discard.remote(version) for group in groups])
+            raise RuntimeError(f"called off: an expert group died while loading placement version {version}; it is "
+                               f"recovered into version {self.version}, which goes on serving; try again") from e
+
+    def _finish_switch(self, version: int) -> None:
+        """Wait until every shard plans against placement `version`, then release the one before on every group.
+        The layout is not held while the shards' steps go on: a step that lost its experts waits for a recovery."""
+        deadline = time.monotonic() + self.config.failures.recover_timeout_s
+        while not all(v == version for v in self._ask_all([s.placement_version.remote()
+                                                            for s in self._shards(live=True)])):
+            if self._stopping.is_set():
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the shards did not switch to placement version {version} within "
+                                   f"{self.config.failures.recover_timeout_s:g} s")
             time.sleep(0.01)  # each switches before its next step
-        ray.get([group.release.remote(version) for group in self.expert_groups])
-        self.phy2log, self.version = phy2log, version
-        return {**report, "version": version, "moved_experts": moved}
+        with self._layout:
+            if self.version == version:
+                self.previous = None
+                self._tell_all([group.release.remote(version) for group in self.expert_groups])
+
+    def _shards(self, live: bool = False) -> list:
+        """Every attention shard, prefill first; `live`: not those that did not come back from a death."""
+        shards = self.prefill_shards + self.decode_shards
+        if not live:
+            return shards
+        names = [f"prefill-{i}" for i in range(len(self.prefill_shards))] + \
+            [f"decode-{i}" for i in range(len(self.decode_shards))]
+        return [shard for name, shard in zip(names, shards) if name not in self.dead]
+
+    @staticmethod
+    def _ask_all(refs: list) -> list:
+        """Each call's answer; LOST from an actor that died (its recovery brings it to the live layout)."""
+        answers = []
+        for ref in refs:
+            try:
+                answers.append(ray.get(ref))
+            except ray.exceptions.RayActorError:
+                answers.append(LOST)
+        return answers
+
+    def _tell_all(self, refs: list) -> bool:
+        """Wait for calls that change the actors; True if every actor took its change, False if some died (its
+        recovery brings it to the live layout). Any other error is raised."""
+        return LOST not in self._ask_all(refs)
 
     # ---- failures: every actor restarts in place, and the cluster brings it back into the live layout --------
 
@@ -393,8 +477,8 @@ class Controller:
         recovery (None when no actor had been restarted: one removed by a scale-down meanwhile). `known_restarted`:
         the `lost` actors are restarted ones whatever their process ids say (a rebuilt controller's)."""
         settings = self.config.failures
-        start = time.monotonic()
-        with self._rebalancing:  # no placement change in between
+        with self._layout:  # no placement change in between
+            start = time.monotonic()  # once the layout is ours: a change's step may have held it
             actors = self._actors()
             shards = self.prefill_shards + self.decode_shards
             # the live shards hold their MoE layers back at once: a step that lost its experts then waits for the
@@ -418,8 +502,9 @@ class Controller:
                 if "expert-group" in name:  # restarted with its first arguments: bring it to the live layout
                     g = int(name.rsplit("-", 1)[1])
                     ray.get(actor.set_layout.remote(self.spec.model_dump()))
-                    ray.get(actor.prepare.remote(self.version, self._experts_of(self.phy2log, g)))
-                    ray.get(actor.release.remote(self.version))
+                    in_play = ([self.previous] if self.previous else []) + [(self.version, self.phy2log)]
+                    ray.get([actor.prepare.remote(v, self._experts_of(p, g)) for v, p in in_play])
+                    ray.get(actor.release.remote(in_play[0][0]))
                     if self.config.transport == "ray":
                         pool = self.prefill_groups if name.startswith("prefill-") else self.groups
                         ray.get([self._set_peers(pool, h) for h in range(len(pool))])
@@ -491,59 +576,87 @@ class Controller:
         if groups % G or not base.num_gpus <= groups <= most:
             raise InputError(f"expert groups come and go a node ({G}) at a time between expert_groups "
                              f"({base.num_gpus}) and scaling.max_expert_groups ({most}); {groups} is not one of them")
-        with self._rebalancing:
+        with self._changing:
             return self._scale(groups)
 
     def _scale(self, groups: int) -> dict:
+        """The change of scale_experts. The layout is held only while the kept groups load the new placement and
+        while the shards switch, not while added groups wait for a node. An actor that dies before the switch calls
+        the change off; one that dies during it is recovered into the new layout."""
         start, old = time.monotonic(), len(self.groups)
         report = {"version": self.version, "expert_groups_before": old, "expert_groups": old, "start_s": 0.0}
         if groups == old:
             return report
         spec = self.config.topology_spec.model_copy(update={"nodes": groups // self.spec.gpus_per_node})
-        layers = sorted(self.phy2log)
-        load = self._measured_load(layers) + 1.0  # +1: experts not seen yet still count
+        with self._layout:
+            layers = sorted(self.phy2log)
+            load = self._measured_load(layers) + 1.0  # +1: experts not seen yet still count
+            version = self.version + 1
         new, _, _ = rebalance_experts(load, groups * self.slots_per_group, self.args.n_expert_groups, spec.nodes,
                                       groups)
-        phy2log, version = {layer: new[i].tolist() for i, layer in enumerate(layers)}, self.version + 1
-        previous_spec, self.spec = self.spec, spec  # the slots' experts and nodes of the new layout
-        added = self._start_expert_groups(phy2log, range(old, groups), first_rank=0, version=version)
+        phy2log = {layer: new[i].tolist() for i, layer in enumerate(layers)}
+        added, switched = self._start_expert_groups(phy2log, range(old, groups), first_rank=0, version=version,
+                                                    spec=spec), False
         try:
             if added:
                 self.pending = {"expert_groups": groups, "since": time.time()}
                 reports = self._await_started(added, self.config.scaling.start_timeout_s)
+            report["start_s"] = round(time.monotonic() - start, 3)
+            with self._layout:
+                kept, removed = self.groups[:groups], self.groups[groups:]
+                self._prepare(version, phy2log, kept)
+                switched = True
+                self._switch_layout(version, phy2log, spec, kept + added, reports if added else [])
         except Exception:
-            for actor in added:
-                ray.kill(actor)
-            self.spec = previous_spec
+            if not switched:  # called off: the added groups never served
+                for actor in added:
+                    ray.kill(actor)
             raise
         finally:
             self.pending = None
-        report["start_s"] = round(time.monotonic() - start, 3)
-        kept, removed = self.groups[:groups], self.groups[groups:]
-        ray.get([g.prepare.remote(version, self._experts_of(phy2log, i)) for i, g in enumerate(kept)])
-        pool = kept + added
-        for g, actor in enumerate(added):  # known before it is watched
-            self.where[f"expert-group-{old + g}"] = self._where_of(reports[g])
-            self.states[f"expert-group-{old + g}"] = "alive"
-        shards = self.prefill_shards + self.decode_shards
-        ray.get([shard.quiesce.remote() for shard in shards])
-        ray.get([g.set_layout.remote(spec.model_dump()) for g in pool])
-        if self.config.transport == "ray":
-            ray.get([self._set_peers(pool, g) for g in range(len(pool))])
-        ray.get([s.set_layout.remote(version, phy2log, spec.model_dump(), pool) for s in shards])
-        self.groups = self.prefill_groups = pool
-        if self.config.transport == "collective":
-            self._join_collective()
-        ray.get([shard.resume.remote() for shard in shards])
-        ray.get([g.release.remote(version) for g in pool])
-        for g, actor in enumerate(removed):  # drained: no layer in flight, none planned against it
+        for actor in removed:  # drained: no layer in flight, none planned against it
             ray.kill(actor)
-            self.where.pop(f"expert-group-{groups + g}", None)
-            self.states.pop(f"expert-group-{groups + g}", None)
         for g in range(groups, old):  # their names are free again once they are gone (a later scale-up takes them)
             self._await_gone(f"{self.prefix}-expert-group-{g}")
-        self.phy2log, self.version = phy2log, version
         return {**report, "version": version, "expert_groups": groups}
+
+    def _switch_layout(self, version: int, phy2log: dict[int, list[int]], spec: TopologySpec, pool: list,
+                       added: list[dict]) -> None:
+        """Make `pool` (the kept groups, then the added ones, with their `ready` reports) the expert groups, serving
+        placement `version` over `spec`'s slots: every shard holds its MoE layers back, switches and goes on. The
+        controller's view changes first, so that an actor that dies in between is recovered into the new layout:
+        the shards are then left held back for that recovery, which forms the process group anew and lets them
+        go on."""
+        old = len(self.groups)
+        shards = self._shards()
+        self._tell_all([shard.quiesce.remote() for shard in shards])
+        for g in range(len(pool), old):
+            self.where.pop(f"expert-group-{g}", None)
+            self.states.pop(f"expert-group-{g}", None)
+        for g, report in enumerate(added):  # known before it is watched
+            self.where[f"expert-group-{old + g}"] = self._where_of(report)
+            self.states[f"expert-group-{old + g}"] = "alive"
+        self.groups = self.prefill_groups = pool
+        self.spec, self.phy2log, self.version, self.previous = spec, phy2log, version, None
+        took = self._tell_all([g.set_layout.remote(spec.model_dump()) for g in pool])
+        if self.config.transport == "ray":
+            took &= self._tell_all([self._set_peers(pool, g) for g in range(len(pool))])
+        took &= self._tell_all([s.set_layout.remote(version, phy2log, spec.model_dump(), pool) for s in shards])
+        self._tell_all([g.release.remote(version) for g in pool])
+        took = took and self._all_alive()
+        if took and self.config.transport == "collective":
+            try:
+                self._join_collective()
+            except ray.exceptions.RayActorError:  # a member died as the group formed
+                took = False
+        if took:
+            self._tell_all([shard.resume.remote() for shard in shards])
+
+    def _all_alive(self) -> bool:
+        """Whether every actor answers from the process the controller knows (none died or came back unrecovered)."""
+        actors = self._actors()
+        answers = self._ask_all([actor.ready.remote() for actor in actors.values()])
+        return all(a is not LOST and a["pid"] == self.where[name]["pid"] for name, a in zip(actors, answers))
 
     def _await_started(self, actors: list, timeout_s: float) -> list[dict]:
         """The actors' `ready` reports once Ray has placed and started them all."""
@@ -599,7 +712,7 @@ class Controller:
         settings = self.config.rebalance
         while not self._stopping.wait(settings.interval_s):
             try:
-                with self._rebalancing:
+                with self._layout:
                     layers = sorted(self.phy2log)
                     load = self._measured_load(layers)
                     if load.sum() < settings.min_tokens:
@@ -665,7 +778,7 @@ class Controller:
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop every actor of the cluster and wait until their processes have exited."""
         self._stopping.set()
-        with self._rebalancing:
+        with self._layout:
             for shard in self.prefill_shards + self.decode_shards:
                 try:
                     ray.get(shard.stop.remote(), timeout=10)

@@ -114,7 +114,15 @@ class ExpertGroupWorker:
     def release(self, current: int) -> None:
         """Drop the placement versions before `current` (no shard plans against them any more) and the experts
         only they held."""
-        for version in [v for v in self.versions if v < current]:
+        self._drop([v for v in self.versions if v < current])
+
+    def discard(self, version: int) -> None:
+        """Drop placement `version`, prepared for a change that was called off (a group died before the shards were
+        told), and the experts only it held."""
+        self._drop([version] if version in self.versions and len(self.versions) > 1 else [])
+
+    def _drop(self, versions: list[int]) -> None:
+        for version in versions:
             del self.versions[version]
         kept = {(layer, e) for v in self.versions for layer, es in self.held(v).items() for e in es}
         for key in set(self.modules) - kept:

@@ -24,7 +24,9 @@ ray = pytest.importorskip("ray")
 from moeserve.actors.attention_shard import HandedOff  # noqa: E402
 from moeserve.actors.client import ClusterClient, Delta, ShardLost  # noqa: E402
 from tests.actors.raylets import raylets  # noqa: E402
+from moeserve.actors import cluster as cluster_module  # noqa: E402
 from moeserve.actors.cluster import Cluster, node_resource  # noqa: E402
+from moeserve.actors.controller import Controller  # noqa: E402
 from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
 from moeserve.kernels.errors import InputError  # noqa: E402
 from moeserve.topology.spec import TopologySpec  # noqa: E402
@@ -550,3 +552,122 @@ def test_a_stop_string_across_the_point_of_resumption_ends_the_request_there(inc
     assert [t for d in deltas for t in d.new_token_ids] == expected.token_ids  # no token twice or missing
     sent, generated = closed[0]
     assert sent == len(expected.token_ids) - k < generated  # the resumed attempt was closed where the request ended
+
+
+def killing_controller(victim: str, before_loading: bool) -> type:
+    """A controller that SIGKILLs the actor `victim` in the middle of a rebalance: once every group has loaded the
+    new placement, before the shards are told of it; or (`before_loading`) just before the groups load it. Once."""
+    class KillingController(Controller):
+        killed = False
+
+        def _prepare(self, version, phy2log, groups):
+            if before_loading:
+                self._kill()
+            super()._prepare(version, phy2log, groups)
+            self._kill()
+
+        def _kill(self):
+            if not self.killed:
+                os.kill(self.where[victim]["pid"], signal.SIGKILL)
+                self.killed = True
+    return KillingController
+
+
+@pytest.mark.parametrize("victim, transport, when", [("expert-group-1", "collective", "loaded"),
+                                                     ("expert-group-2", "ray", "loaded"),
+                                                     ("decode-0", "collective", "loaded"),
+                                                     ("expert-group-0", "collective", "loading")])
+def test_an_actor_killed_during_a_rebalance_leaves_one_live_placement_and_no_request_fails_or_changes(
+        ray_cluster, mtp_checkpoint, monkeypatch, victim, transport, when):
+    """An actor dies while a rebalance runs under requests. Killed once the groups hold the new placement, it is
+    recovered into it: the steps that lost their experts wait for that recovery (which the rebalance must not hold
+    up while it waits for the shards to switch), a restarted group serves the old placement too until every shard
+    has switched. Killed before, the rebalance is called off with an error saying so, and the groups drop what they
+    loaded for it. Either way every request completes with the engine's tokens, the controller, every shard and
+    every group end on one placement version, each group holding exactly its slots' experts of it, and a later
+    rebalance works."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(2, 200, (n,), generator=g).tolist() for n in (5, 31, 12, 20, 7, 26)]
+    params = [SamplingParams(max_tokens=n, temperature=0.8 * (i % 2), top_p=0.9, seed=i, ignore_eos=True)
+              for i, n in enumerate((80, 50, 120, 70, 100, 60))]
+    expected = [o.token_ids for o in LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts, params)]
+    monkeypatch.setattr(cluster_module, "Controller", killing_controller(victim, before_loading=when == "loading"))
+    cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", transport=transport, rebalance={"auto": False},
+                        engine={"kv_cache_tokens": 1024, "block_size": 4})
+    with Cluster(cfg) as c:
+        c.generate(prompts[:2], GREEDY)
+        layers = sorted(c.phy2log)
+        load = torch.arange(1.0, 17.0).pow(3).repeat(len(layers), 1)  # skewed: experts move
+        outcome = {}
+        thread = threading.Thread(target=lambda: outcome.update(outs=c.generate(prompts, params)), daemon=True)
+        thread.start()
+        while not ray.get(c.decode_shards[0].stats.remote())["engine"]["running"]:
+            time.sleep(0.01)
+        if when == "loaded":
+            report = c.rebalance(load)
+            assert report["version"] == 1 and report["moved_experts"] > 0
+        else:
+            with pytest.raises(ray.exceptions.RayTaskError, match="called off.*version 0, which goes on serving"):
+                c.rebalance(load)
+        thread.join(180)
+        assert [o.token_ids for o in outcome["outs"]] == expected
+        deadline = time.monotonic() + 60
+        while not c.recoveries and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [event["lost"] for event in c.recoveries] == [[victim]]
+        live = 1 if when == "loaded" else 0
+        stats = c.stats()
+        assert stats["placement_version"] == live
+        assert [s["placement_version"] for s in stats["shards"]] == [live, live]
+        assert [g["placement_versions"] for g in stats["expert_groups"]] == [[live]] * 4
+        slots = len(c.phy2log[layers[0]]) // 4
+        for g, report_g in enumerate(ray.get([g.ready.remote() for g in c.groups])):
+            assert report_g["experts"] == {layer: sorted(set(p[g * slots:(g + 1) * slots]))
+                                           for layer, p in c.phy2log.items()}
+        assert [o.token_ids for o in c.generate(prompts, params)] == expected
+        if when == "loading":  # the controller kills once
+            assert c.rebalance(load)["version"] == 1
+            assert [o.token_ids for o in c.generate(prompts, params)] == expected
+
+
+def test_a_controller_killed_while_the_shards_switch_placements_finishes_the_switch(ray_cluster, mtp_checkpoint):
+    """The controller dies in the middle of a rebalance: every group holds the new placement, the prefill shard was
+    told of it, the decode shard not yet (played here by calling the actors as the controller does). The restarted
+    controller takes the newest placement as the live one, tells the shard that was not told and releases the one
+    before; requests running meanwhile keep the engine's tokens."""
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(2, 200, (n,), generator=g).tolist() for n in (5, 31, 12, 20)]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (80, 50, 120, 70)]
+    expected = [o.token_ids for o in LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts, params)]
+    cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", rebalance={"auto": False},
+                        engine={"kv_cache_tokens": 1024, "block_size": 4})
+    with Cluster(cfg) as c:
+        before = c.phy2log
+        slots = len(before[next(iter(before))]) // 4
+        swapped = {layer: p[slots:2 * slots] + p[:slots] + p[2 * slots:] for layer, p in before.items()}  # groups 0, 1
+        groups, first = c.groups, ray.get(c.controller.view.remote())["pid"]
+        ray.get([group.prepare.remote(1, {layer: p[i * slots:(i + 1) * slots] for layer, p in swapped.items()})
+                 for i, group in enumerate(groups)])
+        outcome = {}
+        thread = threading.Thread(target=lambda: outcome.update(outs=c.generate(prompts, params)), daemon=True)
+        thread.start()
+        time.sleep(0.3)
+        ray.get(c.prefill_shards[0].set_placement.remote(1, swapped))
+        os.kill(first, signal.SIGKILL)
+        thread.join(120)
+        assert [o.token_ids for o in outcome["outs"]] == expected
+        deadline = time.monotonic() + 60
+        while True:  # the controller's restart may still be under way
+            try:
+                assert ray.get(c.controller.view.remote())["pid"] != first
+                break
+            except ray.exceptions.ActorUnavailableError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        while any(g["placement_versions"] != [1] for g in c.stats()["expert_groups"]):
+            assert time.monotonic() < deadline, c.stats()["expert_groups"]
+            time.sleep(0.1)
+        stats = c.stats()
+        assert stats["placement_version"] == 1 and c.phy2log == swapped
+        assert [s["placement_version"] for s in stats["shards"]] == [1, 1]
+        assert [o.token_ids for o in c.generate(prompts, params)] == expected

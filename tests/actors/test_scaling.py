@@ -4,6 +4,7 @@ in tests/helm/test_kuberay_e2e.py), then take traffic; removed groups are draine
 the single-process engine's."""
 import os
 import secrets
+import signal
 import tempfile
 import threading
 import time
@@ -18,8 +19,9 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 ray = pytest.importorskip("ray")
 
 from tests.actors.raylets import raylets  # noqa: E402
+from moeserve.actors import cluster as cluster_module  # noqa: E402
 from moeserve.actors.cluster import Cluster  # noqa: E402
-from moeserve.actors.controller import ATTENTION_RESOURCE, EXPERT_RESOURCE  # noqa: E402
+from moeserve.actors.controller import ATTENTION_RESOURCE, EXPERT_RESOURCE, Controller  # noqa: E402
 from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
 from moeserve.kernels.errors import InputError  # noqa: E402
 
@@ -87,4 +89,62 @@ def test_expert_groups_scale_up_on_a_new_node_and_down_under_running_requests(ra
                 ray.get(actor.ready.remote(), timeout=30)
         assert [o.token_ids for o in c.generate(prompts, params)] == expected
         assert c.recoveries == []
+    ray_cluster.remove_node(node)
+
+
+def killing_controller(victim: str) -> type:
+    """A controller that SIGKILLs the actor `victim` (a kept group, an added one, a shard) as a scaling begins to
+    switch the shards to the new groups, once."""
+    class KillingController(Controller):
+        killed = False
+
+        def _switch_layout(self, version, phy2log, spec, pool, added):
+            if not self.killed:
+                pids = {name: where["pid"] for name, where in self.where.items()}
+                pids.update({f"expert-group-{len(self.groups) + g}": report["pid"] for g, report in enumerate(added)})
+                os.kill(pids[victim], signal.SIGKILL)
+                self.killed = True
+            super()._switch_layout(version, phy2log, spec, pool, added)
+    return KillingController
+
+
+@pytest.mark.parametrize("victim", ["expert-group-1", "expert-group-5"])
+def test_an_actor_killed_as_a_scale_up_switches_is_recovered_into_the_new_layout(ray_cluster, mtp_checkpoint,
+                                                                                 monkeypatch, victim):
+    """An expert group dies as the shards switch to six groups from four, under running requests: a kept one or one
+    just added. The new layout stands (the controller's, every shard's, every group's) and the dead group is
+    recovered into it; every request completes with the engine's tokens."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, 200, (n,), generator=g).tolist() for n in (5, 31, 12, 20, 7, 26)]
+    params = [SamplingParams(max_tokens=n, temperature=0.8 * (i % 2), top_p=0.9, seed=i, ignore_eos=True)
+              for i, n in enumerate((80, 50, 120, 70, 100, 60))]
+    expected = [o.token_ids for o in LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts, params)]
+    monkeypatch.setattr(cluster_module, "Controller", killing_controller(victim))
+    cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", placement="resources",
+                        scaling={"max_expert_groups": 6, "start_timeout_s": 120}, rebalance={"auto": False},
+                        engine={"kv_cache_tokens": 1024, "block_size": 4})
+    node = ray_cluster.add_node(num_cpus=1, resources={EXPERT_RESOURCE: 2}, object_store_memory=80 * 2**20)
+    with Cluster(cfg) as c:
+        c.generate(prompts[:2], params[:2])
+        outcome = {}
+        requests = threading.Thread(target=lambda: outcome.update(outs=c.generate(prompts, params)), daemon=True)
+        requests.start()
+        while not ray.get(c.decode_shards[0].stats.remote())["engine"]["running"]:
+            time.sleep(0.01)
+        assert c.scale_experts(6)["version"] == 1
+        requests.join(180)
+        assert [o.token_ids for o in outcome["outs"]] == expected
+        deadline = time.monotonic() + 60
+        while not c.recoveries and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [event["lost"] for event in c.recoveries] == [[victim]]
+        stats = c.stats()
+        assert stats["placement_version"] == 1 and len(stats["expert_groups"]) == 6
+        assert [s["placement_version"] for s in stats["shards"]] == [1, 1]
+        assert [g["placement_versions"] for g in stats["expert_groups"]] == [[1]] * 6
+        slots = len(c.phy2log[next(iter(c.phy2log))]) // 6
+        for g, report in enumerate(ray.get([g.ready.remote() for g in c.groups])):
+            assert report["experts"] == {layer: sorted(set(p[g * slots:(g + 1) * slots]))
+                                         for layer, p in c.phy2log.items()}
+        assert [o.token_ids for o in c.generate(prompts, params)] == expected
     ray_cluster.remove_node(node)
