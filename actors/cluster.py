@@ -7,6 +7,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 import uuid
 from typing import Optional, Sequence as Seq, Union
 
@@ -181,16 +182,25 @@ class Cluster:
         return self._call("_measured_load", layers)
 
     def _call(self, method: str, *args):
-        """A controller method's result; an InputError it raised is raised here as itself."""
-        try:
-            return ray.get(getattr(self.controller, method).remote(*args))
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, InputError):
-                raise e.cause from None
-            raise
+        """A controller method's result; an InputError it raised is raised here as itself. While Ray restarts a
+        controller that died, the call waits for the new one (up to failures.recover_timeout_s) and is made again:
+        every method is safe to repeat (a second rebalance finds little to move, a scaling to the size it reached
+        does nothing)."""
+        deadline = time.monotonic() + self.recover_timeout_s
+        while True:
+            try:
+                return ray.get(getattr(self.controller, method).remote(*args))
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, InputError):
+                    raise e.cause from None
+                raise
+            except ray.exceptions.ActorUnavailableError:  # restarting
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def _view(self, key: str):
-        return ray.get(self.controller.view.remote())[key]
+        return self._call("view")[key]
 
     where = property(lambda self: self._view("where"), doc="actor name -> its node, GPU slot, host and process")
     version = property(lambda self: self._view("version"), doc="the placement version being served")
