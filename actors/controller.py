@@ -242,7 +242,7 @@ class Controller:
     @property
     def expert_groups(self) -> list:
         """Every expert-group actor: the decode shards' (everyone's when shared), then the prefill shards' own."""
-        return self.groups + ([] if self.prefill_groups is self.groups else self.prefill_groups)
+        return [group for pool in self._pools() for group in pool]
 
     def _start_expert_groups(self, phy2log: dict[int, list[int]], slots: range, first_rank: int,
                              version: int = 0, pool: str = "", spec: Optional[TopologySpec] = None) -> list:
@@ -329,7 +329,7 @@ class Controller:
                     self._measured_load(sorted(self.phy2log)) if load is None else load)
                 if phy2log is not None:
                     version = self.version + 1
-                    self._prepare(version, phy2log, self.expert_groups)
+                    self._prepare(version, phy2log, self._pools())
                     self.previous = (self.version, self.phy2log)
                     self.phy2log, self.version = phy2log, version  # from here on a recovery restores this version
                     self._tell_all([shard.set_placement.remote(version, phy2log) for shard in self._shards()])
@@ -355,14 +355,15 @@ class Controller:
         report["moved_experts"] = moved
         return report, ({layer: new[i].tolist() for i, layer in enumerate(layers)} if moved else None)
 
-    def _prepare(self, version: int, phy2log: dict[int, list[int]], groups: list) -> None:
-        """Every group of `groups` (slot order) loads its experts of placement `version` beside the ones it serves.
-        If one fails (it died), the change is called off: the others drop the version again, and the error is
-        raised."""
+    def _prepare(self, version: int, phy2log: dict[int, list[int]], pools: list[list]) -> None:
+        """Every group of `pools` (each a pool's groups in slot order) loads its experts of placement `version` beside
+        the ones it serves. If one fails (it died), the change is called off: the others drop the version again, and
+        the error is raised."""
+        groups = [(g, group) for pool in pools for g, group in enumerate(pool)]
         try:
-            ray.get([group.prepare.remote(version, self._experts_of(phy2log, g)) for g, group in enumerate(groups)])
+            ray.get([group.prepare.remote(version, self._experts_of(phy2log, g)) for g, group in groups])
         except ray.exceptions.RayActorError as e:
-            self._tell_all([group.discard.remote(version) for group in groups])
+            self._tell_all([group.discard.remote(version) for _, group in groups])
             raise RuntimeError(f"called off: an expert group died while loading placement version {version}; it is "
                                f"recovered into version {self.version}, which goes on serving; try again") from e
 
@@ -382,6 +383,11 @@ class Controller:
             if self.version == version:
                 self.previous = None
                 self._tell_all([group.release.remote(version) for group in self.expert_groups])
+
+    def _pools(self) -> list[list]:
+        """The pools of expert groups, each in slot order: the decode shards' (everyone's when shared), then the
+        prefill shards' own."""
+        return [self.groups] + ([] if self.prefill_groups is self.groups else [self.prefill_groups])
 
     def _shards(self, live: bool = False) -> list:
         """Every attention shard, prefill first; `live`: not those that did not come back from a death."""
@@ -604,7 +610,7 @@ class Controller:
             report["start_s"] = round(time.monotonic() - start, 3)
             with self._layout:
                 kept, removed = self.groups[:groups], self.groups[groups:]
-                self._prepare(version, phy2log, kept)
+                self._prepare(version, phy2log, [kept])
                 switched = True
                 self._switch_layout(version, phy2log, spec, kept + added, reports if added else [])
         except Exception:

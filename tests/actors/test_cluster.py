@@ -122,7 +122,8 @@ def test_two_decode_shards_four_groups_redundant_replicas_and_mtp(ray_cluster, m
 @pytest.mark.parametrize("transport", ["ray", "collective"])
 def test_prefill_and_decode_on_expert_groups_of_their_own(ray_cluster, mtp_checkpoint, prompts, expected, transport):
     """shared_expert_groups: false gives the prefill shards a pool of expert groups of their own: each pool serves
-    only its shards' tokens, relaying inside a node to its own pool's groups, and the outputs are the engine's."""
+    only its shards' tokens, relaying inside a node to its own pool's groups, and the outputs are the engine's,
+    also after a rebalance, which places both pools' experts alike."""
     cfg = config(mtp_checkpoint, topology="cpu-local", expert_groups=4, redundant_experts=4,
                  shared_expert_groups=False, transport=transport)
     with Cluster(cfg) as c:
@@ -141,6 +142,15 @@ def test_prefill_and_decode_on_expert_groups_of_their_own(ray_cluster, mtp_check
         # a group counts the (token, expert) assignments it computes: k per token and MoE layer, in its own pool
         for pool, tokens in ((prefill_pool, prompt_tokens), (decode_pool, decoded)):
             assert sum(g["assignments_computed"] for g in pool) == tokens * moe_layers * k
+        layers = sorted(c.phy2log)
+        assert c.rebalance(torch.arange(1.0, 17.0).pow(3).repeat(len(layers), 1))["version"] == 1
+        assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
+        slots = len(c.phy2log[layers[0]]) // 4
+        pools = ray.get(c.controller.view.remote())
+        for pool in (pools["groups"], pools["prefill_groups"]):  # a rebalance moves both pools' experts alike
+            for g, report in enumerate(ray.get([group.ready.remote() for group in pool])):
+                assert report["experts"] == {layer: sorted(set(p[g * slots:(g + 1) * slots]))
+                                             for layer, p in c.phy2log.items()}
 
 
 def test_a_dead_expert_group_fails_the_requests_with_an_error_not_a_hang(ray_cluster, mtp_checkpoint, prompts):
