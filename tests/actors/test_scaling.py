@@ -108,12 +108,12 @@ def killing_controller(victim: str) -> type:
     return KillingController
 
 
-@pytest.mark.parametrize("victim", ["expert-group-1", "expert-group-5"])
 def test_an_actor_killed_as_a_scale_up_switches_is_recovered_into_the_new_layout(ray_cluster, mtp_checkpoint,
-                                                                                 monkeypatch, victim):
-    """An expert group dies as the shards switch to six groups from four, under running requests: a kept one or one
-    just added. The new layout stands (the controller's, every shard's, every group's) and the dead group is
-    recovered into it; every request completes with the engine's tokens."""
+                                                                                 monkeypatch):
+    """An expert group just added dies as the shards switch to six groups from four, under running requests. The
+    new layout stands (the controller's, every shard's, every group's) and the dead group is recovered into it;
+    every request completes with the engine's tokens."""
+    victim = "expert-group-5"
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(2, 200, (n,), generator=g).tolist() for n in (5, 31, 12, 20, 7, 26)]
     params = [SamplingParams(max_tokens=n, temperature=0.8 * (i % 2), top_p=0.9, seed=i, ignore_eos=True)
