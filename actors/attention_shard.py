@@ -9,7 +9,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import ray
 import torch
@@ -79,6 +79,8 @@ class AttentionShardWorker:
             if cfg.transport == "collective" else []
         self.groups = list(groups)  # the ray transport's, changed in place when the expert groups are scaled
         self.phy2log = phy2log      # the placement planned against (with router.version)
+        self.told: Optional[tuple[int, dict[int, list[int]]]] = None  # the last set_placement's, switched to at
+                                                                       # the next step
         if self.links:
             def make_experts(layer):
                 return collective.CollectiveExpertTransport(layer, self.router, self.links)
@@ -147,6 +149,7 @@ class AttentionShardWorker:
             self.phy2log = phy2log
         with self.mail:
             self.inbox.append(("", change))
+            self.told = (version, phy2log)
             self.mail.notify_all()
 
     def set_layout(self, version: int, phy2log: dict[int, list[int]], spec: dict, groups: list) -> None:
@@ -164,9 +167,12 @@ class AttentionShardWorker:
         self.groups[:] = groups
 
     def layout(self) -> tuple[int, dict[int, list[int]], dict]:
-        """The placement version planned against, its experts per slot and the node count (a restarted
-        controller's view of the cluster)."""
-        return self.router.version, self.phy2log, self.spec.model_dump()
+        """The placement version planned against (or told, when the next step switches to a newer one), its experts
+        per slot and the node count (a restarted controller's view of the cluster)."""
+        version, phy2log = self.router.version, self.phy2log
+        if self.told is not None and self.told[0] > version:
+            version, phy2log = self.told
+        return version, phy2log, self.spec.model_dump()
 
     def placement_version(self) -> int:
         return self.router.version
