@@ -179,7 +179,7 @@ class Cluster:
 
     def measured_load(self, layers: list[int]) -> torch.Tensor:
         """Tokens per logical expert [layers, E] the shards routed since the last call (or round)."""
-        return self._call("_measured_load", layers)
+        return self._call("measured_load", layers)
 
     def _call(self, method: str, *args):
         """A controller method's result; an InputError it raised is raised here as itself. While Ray restarts a

@@ -108,7 +108,7 @@ class Controller:
         self.last_rebalance: Optional[dict] = None
         self._changing = threading.Lock()         # one layout change at a time (a rebalance, a scaling)
         self._layout = threading.Lock()           # the layout's state, changed by one change's step or a recovery
-                                                  # at a time; not held while a change waits on the shards' steps
+                                                  # at a time; never held while waiting on a shard's step
         self._stopping = threading.Event()
         self.recoveries: list[dict] = []          # each recovery from lost actors: who, when, how long it took
         self.dead: set[str] = set()               # actors that did not come back
@@ -324,9 +324,10 @@ class Controller:
         that lost its experts waits for that recovery, so the switch is awaited without holding the layout); one
         that dies before calls the round off (the groups drop what they loaded for it) and raises."""
         with self._changing:
+            if load is None:  # asked of the shards before the layout is held: they answer between steps
+                load = self._measured_load(sorted(self.phy2log))
             with self._layout:
-                report, phy2log = self._plan_rebalance(
-                    self._measured_load(sorted(self.phy2log)) if load is None else load)
+                report, phy2log = self._plan_rebalance(load)
                 if phy2log is not None:
                     version = self.version + 1
                     self._prepare(version, phy2log, self._pools())
@@ -409,10 +410,11 @@ class Controller:
                 answers.append(LOST)
         return answers
 
-    def _tell_all(self, refs: list) -> bool:
+    @staticmethod
+    def _tell_all(refs: list) -> bool:
         """Wait for calls that change the actors; True if every actor took its change, False if some died (its
         recovery brings it to the live layout). Any other error is raised."""
-        return LOST not in self._ask_all(refs)
+        return LOST not in Controller._ask_all(refs)
 
     # ---- failures: every actor restarts in place, and the cluster brings it back into the live layout --------
 
@@ -594,15 +596,13 @@ class Controller:
         if groups == old:
             return report
         spec = self.config.topology_spec.model_copy(update={"nodes": groups // self.spec.gpus_per_node})
-        with self._layout:
-            layers = sorted(self.phy2log)
-            load = self._measured_load(layers) + 1.0  # +1: experts not seen yet still count
-            version = self.version + 1
+        layers, version = sorted(self.phy2log), self.version + 1  # only a change (this one) changes them
+        load = self._measured_load(layers) + 1.0  # +1: experts not seen yet still count
         new, _, _ = rebalance_experts(load, groups * self.slots_per_group, self.args.n_expert_groups, spec.nodes,
                                       groups)
         phy2log = {layer: new[i].tolist() for i, layer in enumerate(layers)}
-        added, switched = self._start_expert_groups(phy2log, range(old, groups), first_rank=0, version=version,
-                                                    spec=spec), False
+        added = self._start_expert_groups(phy2log, range(old, groups), first_rank=0, version=version, spec=spec)
+        switched = False
         try:
             if added:
                 self.pending = {"expert_groups": groups, "since": time.time()}
@@ -718,7 +718,7 @@ class Controller:
         settings = self.config.rebalance
         while not self._stopping.wait(settings.interval_s):
             try:
-                with self._layout:
+                with self._changing:  # the placement stays while its load is measured
                     layers = sorted(self.phy2log)
                     load = self._measured_load(layers)
                     if load.sum() < settings.min_tokens:
@@ -733,8 +733,14 @@ class Controller:
             except Exception as e:  # noqa: BLE001  (a shard or group gone: the requests report it; keep watching)
                 logging.getLogger("moeserve").warning("automatic rebalance skipped: %s: %s", type(e).__name__, e)
 
+    def measured_load(self, layers: list[int]) -> torch.Tensor:
+        with self._changing:
+            return self._measured_load(layers)
+
     def _measured_load(self, layers: list[int]) -> torch.Tensor:
-        """Tokens per logical expert [layers, E] that the shards routed since the last call."""
+        """Tokens per logical expert [layers, E] that the shards routed since the last call. With `_changing` held
+        (one caller at a time), never `_layout`: a shard answers between steps, and a step that lost its experts
+        waits for a recovery, which takes the layout."""
         total: dict[int, torch.Tensor] = {}
         for stats in ray.get([s.stats.remote() for s in self.prefill_shards + self.decode_shards]):
             for name, load in stats["tokens_per_expert"].items():

@@ -24,6 +24,7 @@ ray = pytest.importorskip("ray")
 from moeserve.actors.attention_shard import HandedOff  # noqa: E402
 from moeserve.actors.client import ClusterClient, Delta, ShardLost  # noqa: E402
 from tests.actors.raylets import raylets  # noqa: E402
+from tests.actors.workload import mixed_requests  # noqa: E402
 from moeserve.actors import cluster as cluster_module  # noqa: E402
 from moeserve.actors.cluster import Cluster, node_resource  # noqa: E402
 from moeserve.actors.controller import Controller  # noqa: E402
@@ -181,17 +182,17 @@ def test_an_actor_killed_under_running_requests_is_restarted_and_no_request_fail
     brings it back into the live layout (a later placement version, to be sure it is the live one that is
     restored), the steps that lost their experts send them again and the requests on a dead shard resume on its
     successor. Every request, greedy or seeded sampled, completes with the engine's tokens, and requests after it
-    too."""
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(2, 200, (n,), generator=g).tolist() for n in (5, 31, 12, 20, 7, 26)]
-    params = [SamplingParams(max_tokens=n, temperature=0.8 * (i % 2), top_p=0.9, seed=i, ignore_eos=True)
-              for i, n in enumerate((80, 50, 120, 70, 100, 60))]
+    too. The load watcher measures all along (it never sees enough tokens to rebalance): a measurement must not
+    hold up the recovery that the step it waits for waits for."""
+    prompts, params = mixed_requests(seed=1)
     expected = [o.token_ids for o in LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts, params)]
-    cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", transport=transport, rebalance={"auto": False},
+    cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", transport=transport,
+                        rebalance={"auto": True, "interval_s": 0.05, "min_tokens": 10**9},
                         engine={"kv_cache_tokens": 1024, "block_size": 4, "prefill_max_num_batched_tokens": 2})
     with Cluster(cfg) as c:
         c.generate(prompts[:2], GREEDY)
-        assert c.rebalance()["version"] == 1
+        skewed = torch.arange(1.0, 17.0).pow(3).repeat(len(c.phy2log), 1)  # the watcher takes the measured load
+        assert c.rebalance(skewed)["version"] == 1
         outcome = {}
         thread = threading.Thread(target=lambda: outcome.update(outs=c.generate(prompts, params)), daemon=True)
         thread.start()
@@ -595,10 +596,7 @@ def test_an_actor_killed_during_a_rebalance_leaves_one_live_placement_and_no_req
     loaded for it. Either way every request completes with the engine's tokens, the controller, every shard and
     every group end on one placement version, each group holding exactly its slots' experts of it, and a later
     rebalance works."""
-    g = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(2, 200, (n,), generator=g).tolist() for n in (5, 31, 12, 20, 7, 26)]
-    params = [SamplingParams(max_tokens=n, temperature=0.8 * (i % 2), top_p=0.9, seed=i, ignore_eos=True)
-              for i, n in enumerate((80, 50, 120, 70, 100, 60))]
+    prompts, params = mixed_requests(seed=4)
     expected = [o.token_ids for o in LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts, params)]
     monkeypatch.setattr(cluster_module, "Controller", killing_controller(victim, before_loading=when == "loading"))
     cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", transport=transport, rebalance={"auto": False},

@@ -10,7 +10,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="moeserve-test-ray-"))
 os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -19,10 +18,11 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 ray = pytest.importorskip("ray")
 
 from tests.actors.raylets import raylets  # noqa: E402
+from tests.actors.workload import mixed_requests  # noqa: E402
 from moeserve.actors import cluster as cluster_module  # noqa: E402
 from moeserve.actors.cluster import Cluster  # noqa: E402
 from moeserve.actors.controller import ATTENTION_RESOURCE, EXPERT_RESOURCE, Controller  # noqa: E402
-from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
+from moeserve.cluster import LLM, ClusterConfig  # noqa: E402
 from moeserve.kernels.errors import InputError  # noqa: E402
 
 
@@ -35,9 +35,7 @@ def ray_cluster():
 @pytest.mark.parametrize("transport", ["collective", "ray"])
 def test_expert_groups_scale_up_on_a_new_node_and_down_under_running_requests(ray_cluster, mtp_checkpoint,
                                                                                transport):
-    g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(2, 200, (n,), generator=g).tolist() for n in (5, 31, 12, 20, 7, 26)]
-    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (80, 50, 120, 70, 100, 60)]
+    prompts, params = mixed_requests(seed=2, sampled=False)
     expected = [o.token_ids for o in LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts, params)]
     cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", transport=transport, placement="resources",
                         scaling={"max_expert_groups": 6, "start_timeout_s": 120}, rebalance={"auto": False},
@@ -114,10 +112,7 @@ def test_an_actor_killed_as_a_scale_up_switches_is_recovered_into_the_new_layout
     new layout stands (the controller's, every shard's, every group's) and the dead group is recovered into it;
     every request completes with the engine's tokens."""
     victim = "expert-group-5"
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(2, 200, (n,), generator=g).tolist() for n in (5, 31, 12, 20, 7, 26)]
-    params = [SamplingParams(max_tokens=n, temperature=0.8 * (i % 2), top_p=0.9, seed=i, ignore_eos=True)
-              for i, n in enumerate((80, 50, 120, 70, 100, 60))]
+    prompts, params = mixed_requests(seed=5)
     expected = [o.token_ids for o in LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts, params)]
     monkeypatch.setattr(cluster_module, "Controller", killing_controller(victim))
     cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", placement="resources",
