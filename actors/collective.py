@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from moeserve.topology.planner import request_sender
 from moeserve.topology.spec import TopologySpec
@@ -83,15 +84,22 @@ def receive(group, src: int) -> bytes:
 # ---- the process group ------------------------------------------------------------------------------------------
 
 def join(init_method: str, rank: int, world_size: int, pools: dict[int, tuple[int, int]], n_groups: int,
-         micro_batches: int, timeout_s: float) -> dict[tuple[int, int], Any]:
+         micro_batches: int, timeout_s: float, rendezvous_s: float) -> dict[tuple[int, int], Any]:
     """Enter the cluster's process group (every member calls this at once; again after a member was replaced,
     leaving the old group). `pools` maps each shard's rank to (the rank of the first of the `n_groups` expert
     groups it uses, its GPU slot). Returns the subgroups by (shard rank, micro-batch). Every member creates all of
-    them, in the same order, as torch.distributed requires."""
+    them, in the same order, as torch.distributed requires. The members wait `rendezvous_s` for each other (one that
+    died meanwhile never comes: the join fails, to be tried again with its replacement); a subgroup's message
+    `timeout_s`."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    else:
+        # torch names each group by a count that a failed join advanced too, and a replacement member starts from
+        # 0: with names that differ, the next join's members would wait for each other under different keys
+        distributed_c10d._world.group_count = 0
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=rendezvous_s))
     timeout = timedelta(seconds=timeout_s)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
     return {(shard, m): dist.new_group([shard] + list(range(first, first + n_groups)), timeout=timeout)
             for shard, (first, _) in sorted(pools.items()) for m in range(micro_batches)}
 
@@ -179,10 +187,11 @@ class CollectiveGroupServer:
         self.n_groups, self.first_rank = n_groups, first_rank
 
     def join(self, init_method: str, world_size: int, micro_batches: int,
-             pools: dict[int, tuple[int, int]], timeout_s: float) -> None:
-        """Enter the process group (with every other member at once), then serve (`pools`: see `join`)."""
+             pools: dict[int, tuple[int, int]], timeout_s: float, rendezvous_s: float) -> None:
+        """Enter the process group (with every other member at once), then serve (`pools`, the timeouts: see
+        `join`)."""
         subgroups = join(init_method, self.first_rank + self.group_id, world_size, pools, self.n_groups,
-                         micro_batches, timeout_s)
+                         micro_batches, timeout_s, rendezvous_s)
         for (shard, m), group in subgroups.items():
             first, src_gpu = pools[shard]
             if first != self.first_rank:

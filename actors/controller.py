@@ -140,8 +140,9 @@ class Controller:
         actors = self._actors()
         reports = ray.get([a.ready.remote() for a in actors.values()])
         ray.get([p.set_decode_shards.remote(self.decode_shards) for p in self.prefill_shards])
-        if cfg.transport == "collective":
-            self._join_collective()
+        if cfg.transport == "collective" and not self._join_collective({name: r["pid"] for name, r in zip(actors,
+                                                                                                         reports)}):
+            raise RuntimeError("an actor died while the cluster's process group formed; start the cluster again")
         if cfg.kv_transfer == "nccl":
             self._pair_kv_groups()
         for name, report in zip(actors, reports):
@@ -285,9 +286,10 @@ class Controller:
         node = g // G
         return groups[g].set_peers.remote({h: groups[h] for h in range(node * G, (node + 1) * G)})
 
-    def _join_collective(self) -> None:
+    def _join_collective(self, pids: dict[str, int]) -> bool:
         """One torch.distributed process group: the expert groups are ranks 0..G-1 (then the prefill shards' own,
-        G..2G-1, when they have them), the shards follow."""
+        G..2G-1, when they have them), the shards follow. True once every member is in as the process of `pids`;
+        False if one died meanwhile (it is to be brought back, and the group formed again)."""
         groups, shards = self.expert_groups, self.prefill_shards + self.decode_shards
         world = len(groups) + len(shards)
         prefill_first = 0 if self.prefill_groups is self.groups else len(self.groups)
@@ -296,10 +298,21 @@ class Controller:
         if self.private_dir is not None:  # one machine: meet through a file only this user can reach, new each time
             init_method = "file://" + os.path.join(self.private_dir, f"gloo-rendezvous-{uuid.uuid4().hex}")
         else:
-            init_method = "tcp://" + ray.get(groups[0].collective_address.remote())
-        micro_batches, timeout_s = self.config.engine.micro_batches, self.config.failures.collective_timeout_s
-        ray.get([g.join_collective.remote(init_method, world, micro_batches, pools, timeout_s) for g in groups] +
-                [s.join_collective.remote(init_method, world, len(groups) + i, pools) for i, s in enumerate(shards)])
+            try:
+                init_method = "tcp://" + ray.get(groups[0].collective_address.remote())
+            except ray.exceptions.RayActorError:
+                return False
+        micro_batches, failures = self.config.engine.micro_batches, self.config.failures
+        timeouts = failures.collective_timeout_s, failures.rendezvous_timeout_s
+        refs = [g.join_collective.remote(init_method, world, micro_batches, pools, *timeouts) for g in groups] + \
+            [s.join_collective.remote(init_method, world, len(groups) + i, pools) for i, s in enumerate(shards)]
+        # a member that dies as the group forms leaves the others waiting for it (failures.rendezvous_timeout_s), and
+        # a process still waiting in one group cannot enter the next: every call ends before the group is tried again
+        ray.wait(refs, num_returns=len(refs))
+        if not self._alive_as(pids):
+            return False
+        ray.get(refs)  # any other failure is raised
+        return True
 
     def _pair_kv_groups(self) -> None:
         """A two-rank NCCL group per (prefill, decode) pair for the latent KV hand-off."""
@@ -481,9 +494,10 @@ class Controller:
         """Bring actors Ray restarted back into the live layout: every shard holds its MoE layers back (a step
         whose experts failed waits, then sends them again); each restarted expert group loads the live placement's
         experts, each restarted shard plans against it; with the collective transport every member forms a new
-        process group; then the shards go on. A dead shard's requests resume on their clients' side. Returns the
-        recovery (None when no actor had been restarted: one removed by a scale-down meanwhile). `known_restarted`:
-        the `lost` actors are restarted ones whatever their process ids say (a rebuilt controller's)."""
+        process group; then the shards go on. An actor that dies meanwhile (as the group forms, say) is brought back
+        in the same recovery. A dead shard's requests resume on their clients' side. Returns the recovery (None when
+        no actor had been restarted: one removed by a scale-down meanwhile). `known_restarted`: the `lost` actors are
+        restarted ones whatever their process ids say (a rebuilt controller's)."""
         settings = self.config.failures
         with self._layout:  # no placement change in between
             start = time.monotonic()  # once the layout is ours: a change's step may have held it
@@ -503,27 +517,19 @@ class Controller:
             if not restarted:
                 ray.get([shard.resume.remote() for shard in live])
                 return None
-            self.states.update({name: "recovering" for name in restarted})
-            ray.get([shard.quiesce.remote() for shard in shards])
-            for name in restarted:
-                actor = actors[name]
-                if "expert-group" in name:  # restarted with its first arguments: bring it to the live layout
-                    g = int(name.rsplit("-", 1)[1])
-                    ray.get(actor.set_layout.remote(self.spec.model_dump()))
-                    in_play = ([self.previous] if self.previous else []) + [(self.version, self.phy2log)]
-                    ray.get([actor.prepare.remote(v, self._experts_of(p, g)) for v, p in in_play])
-                    ray.get(actor.release.remote(in_play[0][0]))
-                    if self.config.transport == "ray":
-                        pool = self.prefill_groups if name.startswith("prefill-") else self.groups
-                        ray.get([self._set_peers(pool, h) for h in range(len(pool))])
-                else:
-                    pool = self.groups if name.startswith("decode-") or self.prefill_groups is self.groups else \
-                        self.prefill_groups
-                    ray.get(actor.set_layout.remote(self.version, self.phy2log, self.spec.model_dump(), pool))
-                    if name.startswith("prefill-"):
-                        ray.get(actor.set_decode_shards.remote(self.decode_shards))
-            if self.config.transport == "collective":
-                self._join_collective()
+            pending = list(restarted)  # not yet brought to the live layout
+            while True:
+                self.states.update({name: "recovering" for name in pending})
+                pids = {name: report["pid"] for name, report in reports.items()}
+                if self._bring_back(pending, actors, pids):
+                    break
+                # another actor died meanwhile: it is brought back too, and the process group formed again
+                reports = self._await_alive(actors, start + settings.recover_timeout_s)
+                died = [name for name, report in reports.items() if report["pid"] != pids[name]]
+                pending += [name for name in died if name not in pending]
+                restarted += [name for name in died if name not in restarted]
+                if time.monotonic() > start + settings.recover_timeout_s:
+                    raise TimeoutError(f"the process group did not form within {settings.recover_timeout_s:g} s")
             ray.get([shard.resume.remote() for shard in shards])
             for name in restarted:
                 self.where[name].update(pid=reports[name]["pid"], ray_node=reports[name]["ray_node"],
@@ -535,6 +541,38 @@ class Controller:
         logging.getLogger("moeserve").warning("recovered from lost actors %s in %.2f s", restarted,
                                               event["recovered_s"])
         return event
+
+    def _bring_back(self, pending: list[str], actors: dict, pids: dict[str, int]) -> bool:
+        """Bring each restarted actor of `pending` to the live layout, taking it off the list once done, and with
+        the collective transport form the process group anew. True once done; False if an actor died meanwhile (its
+        process is no longer that of `pids`)."""
+        try:
+            ray.get([shard.quiesce.remote() for shard in self._shards()])
+            while pending:
+                self._to_live_layout(pending[0], actors[pending[0]])
+                pending.pop(0)
+        except ray.exceptions.RayActorError:
+            return False
+        return self.config.transport != "collective" or self._join_collective(pids)
+
+    def _to_live_layout(self, name: str, actor) -> None:
+        """A restarted actor started with its first arguments: a group loads its slot's experts of the placements
+        in play, a shard plans against the live one."""
+        if "expert-group" in name:
+            g = int(name.rsplit("-", 1)[1])
+            ray.get(actor.set_layout.remote(self.spec.model_dump()))
+            in_play = ([self.previous] if self.previous else []) + [(self.version, self.phy2log)]
+            ray.get([actor.prepare.remote(v, self._experts_of(p, g)) for v, p in in_play])
+            ray.get(actor.release.remote(in_play[0][0]))
+            if self.config.transport == "ray":
+                pool = self.prefill_groups if name.startswith("prefill-") else self.groups
+                ray.get([self._set_peers(pool, h) for h in range(len(pool))])
+        else:
+            pool = self.groups if name.startswith("decode-") or self.prefill_groups is self.groups else \
+                self.prefill_groups
+            ray.get(actor.set_layout.remote(self.version, self.phy2log, self.spec.model_dump(), pool))
+            if name.startswith("prefill-"):
+                ray.get(actor.set_decode_shards.remote(self.decode_shards))
 
     def _await_alive(self, actors: dict, deadline: float) -> dict[str, dict]:
         """Every actor's `ready` report, waiting while Ray restarts the dead ones."""
@@ -649,20 +687,21 @@ class Controller:
             took &= self._tell_all([self._set_peers(pool, g) for g in range(len(pool))])
         took &= self._tell_all([s.set_layout.remote(version, phy2log, spec.model_dump(), pool) for s in shards])
         self._tell_all([g.release.remote(version) for g in pool])
-        took = took and self._all_alive()
+        took = took and self._alive_as(self._known_pids())
         if took and self.config.transport == "collective":
-            try:
-                self._join_collective()
-            except ray.exceptions.RayActorError:  # a member died as the group formed
-                took = False
+            took = self._join_collective(self._known_pids())  # False: a member died as the group formed
         if took:
             self._tell_all([shard.resume.remote() for shard in shards])
 
-    def _all_alive(self) -> bool:
-        """Whether every actor answers from the process the controller knows (none died or came back unrecovered)."""
+    def _known_pids(self) -> dict[str, int]:
+        """Each actor's process as the controller last brought it up."""
+        return {name: where["pid"] for name, where in self.where.items()}
+
+    def _alive_as(self, pids: dict[str, int]) -> bool:
+        """Whether every actor answers from the process of `pids` (none died or came back meanwhile)."""
         actors = self._actors()
         answers = self._ask_all([actor.ready.remote() for actor in actors.values()])
-        return all(a is not LOST and a["pid"] == self.where[name]["pid"] for name, a in zip(actors, answers))
+        return all(a is not LOST and a["pid"] == pids[name] for name, a in zip(actors, answers))
 
     def _await_started(self, actors: list, timeout_s: float) -> list[dict]:
         """The actors' `ready` reports once Ray has placed and started them all."""
@@ -734,6 +773,7 @@ class Controller:
                 logging.getLogger("moeserve").warning("automatic rebalance skipped: %s: %s", type(e).__name__, e)
 
     def measured_load(self, layers: list[int]) -> torch.Tensor:
+        """Tokens per expert of `layers` routed since the last measurement (one at a time: each takes them)."""
         with self._changing:
             return self._measured_load(layers)
 

@@ -63,6 +63,10 @@ class FailureSettings(BaseModel):
     collective_timeout_s: float = Field(300.0, ge=120, description="a collective message not answered in this long "
                                         "is taken for a lost peer (a dead one is noticed at once); idle shards ping "
                                         "every 60 s, so at least 120")
+    rendezvous_timeout_s: float = Field(30.0, gt=0, description="how long the members of the collective "
+                                        "transport's process group wait for each other as it forms; one that dies "
+                                        "meanwhile leaves the others waiting this long, then the group is formed "
+                                        "again with its replacement")
 
 
 Device = Literal["auto", "cpu", "cuda"]

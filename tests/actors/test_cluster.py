@@ -637,6 +637,47 @@ def test_an_actor_killed_during_a_rebalance_leaves_one_live_placement_and_no_req
             assert [o.token_ids for o in c.generate(prompts, params)] == expected
 
 
+def killing_at_join(victim: str) -> type:
+    """A controller that SIGKILLs the actor `victim` as a recovery is about to form the process group anew. Once."""
+    class KillingController(Controller):
+        killed = False
+
+        def _join_collective(self, pids):
+            if not self.killed and "recovering" in self.states.values():
+                os.kill(self.where[victim]["pid"], signal.SIGKILL)
+                self.killed = True
+            return super()._join_collective(pids)
+    return KillingController
+
+
+@pytest.mark.parametrize("second", ["expert-group-2", "decode-0"])
+def test_an_actor_killed_as_a_recovery_forms_the_process_group_is_recovered_in_it(ray_cluster, mtp_checkpoint,
+                                                                                 monkeypatch, second):
+    """Collective transport: an expert group dies under requests, and `second` as the recovery forms the process
+    group anew. The other members wait for the dead one until the rendezvous timeout; the same recovery then brings
+    the second back too and forms the group again with it. Every request completes with the engine's tokens (those
+    of a dead decode shard resumed on its successor), and requests after it too."""
+    prompts, params = mixed_requests(seed=2)
+    expected = [o.token_ids for o in LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts, params)]
+    monkeypatch.setattr(cluster_module, "Controller", killing_at_join(second))
+    cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", transport="collective",
+                        rebalance={"auto": False}, failures={"rendezvous_timeout_s": 5},
+                        engine={"kv_cache_tokens": 1024, "block_size": 4, "prefill_max_num_batched_tokens": 2})
+    with Cluster(cfg) as c:
+        outcome = {}
+        thread = threading.Thread(target=lambda: outcome.update(outs=c.generate(prompts, params)), daemon=True)
+        thread.start()
+        while not ray.get(c.decode_shards[0].stats.remote())["engine"]["running"]:
+            time.sleep(0.01)
+        os.kill(c.where["expert-group-1"]["pid"], signal.SIGKILL)
+        thread.join(180)
+        assert [o.token_ids for o in outcome["outs"]] == expected
+        assert [event["lost"] for event in c.recoveries] == [["expert-group-1", second]]
+        assert (c.client.resumed > 0) == second.startswith("decode")
+        assert {actor["state"] for actor in c.status()["actors"]} == {"alive"}
+        assert [o.token_ids for o in c.generate(prompts, params)] == expected
+
+
 def test_a_controller_killed_while_the_shards_switch_placements_finishes_the_switch(ray_cluster, mtp_checkpoint):
     """The controller dies in the middle of a rebalance: every group holds the new placement, the prefill shard was
     told of it, the decode shard not yet (played here by calling the actors as the controller does). The restarted

@@ -235,3 +235,53 @@ def test_messages_of_one_part_and_of_two_arrive_whole_and_in_order(tmp_path):
         process.join(30)
     assert received == bodies
     assert [process.exitcode for process in ranks] == [0, 0]
+
+
+def _join_after_a_failed_join(rank: int, rendezvous: list[str], got) -> None:
+    """Rank 0 (an expert group) first joins a group whose other member never comes, as when it died; then it joins
+    the next one with rank 1, a fresh process as a replacement is, which joins only that one. Rank 1 sends its rank
+    over their subgroup, rank 0 puts what it received in `got`."""
+    import torch.distributed as dist
+
+    from moeserve.actors.collective import join
+    pools = {1: (0, 0)}  # shard rank 1 uses the one expert group from rank 0
+    if rank == 0:
+        try:
+            join(rendezvous[0], 0, 2, pools, 1, 1, 30.0, 1.0)
+            got.put("formed without its second member")
+            return
+        except RuntimeError:
+            pass  # nobody came within the rendezvous timeout
+    subgroups = join(rendezvous[1], rank, 2, pools, 1, 1, 30.0, 20.0)
+    message = torch.tensor([rank + 1.0])
+    if rank == 1:
+        dist.send(message, 0, group=subgroups[1, 0])
+    else:
+        dist.recv(message, 1, group=subgroups[1, 0])
+        got.put(message.item())
+    dist.destroy_process_group()
+
+
+def test_a_member_whose_join_failed_joins_the_next_group_with_a_fresh_replacement(tmp_path):
+    """A recovery forms the process group again when a member died as it formed: the members that waited for it
+    (until the rendezvous timeout) must then meet its replacement, a process that never joined before, under the
+    same group names (torch counts a failed group as formed). Each rank a process of its own."""
+    import queue
+
+    import torch.multiprocessing as mp
+    spawn = mp.get_context("spawn")
+    got = spawn.Queue()
+    rendezvous = [f"file://{tmp_path / 'first'}", f"file://{tmp_path / 'second'}"]
+    ranks = [spawn.Process(target=_join_after_a_failed_join, args=(rank, rendezvous, got)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    try:
+        received = got.get(timeout=60)
+    except queue.Empty:
+        received = None
+    for process in ranks:
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+    assert received == 2.0
+    assert [process.exitcode for process in ranks] == [0, 0]
