@@ -1,7 +1,9 @@
 """The data plane's wire format: every message kind survives encoding bit for bit, nothing that is not the format
 is read (a pickle, truncated or padded bytes, counts that do not add up), and an expert group's error comes back
-as an error, not a hang. Also the senders a receiver names: who sends each group a shard's dispatches."""
+as an error, not a hang. Also the senders a receiver names: who sends each group a shard's dispatches; and a
+process group formed again with a fresh member after one died as it formed."""
 import pickle
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -186,9 +188,31 @@ def test_every_group_has_one_named_sender_per_shard():
     assert [request_sender(down, 1, g) for g in range(4)] == [None, None, None, 2]
 
 
+def two_ranks(target: Callable, *args) -> tuple[Any, list]:
+    """Run `target(rank, *args, out)` in two processes of their own (a gloo failure aborts its process, not the
+    test's): what one of them put in the queue `out` (None after 60 s), and their exit codes."""
+    import queue
+
+    import torch.multiprocessing as mp
+    spawn = mp.get_context("spawn")
+    out = spawn.Queue()
+    ranks = [spawn.Process(target=target, args=(rank, *args, out)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    try:
+        received = out.get(timeout=60)
+    except queue.Empty:
+        received = None
+    for process in ranks:
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+    return received, [process.exitcode for process in ranks]
+
+
 def _echo_messages(rank: int, init_method: str, bodies: list[bytes], echoed) -> None:
     """Rank 1 sends each body through an Outbox; rank 0 receives them with `receive` and puts what came in `echoed`
-    (a queue). Each rank is a process of its own: a gloo failure aborts its process, not the test's."""
+    (a queue)."""
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -211,30 +235,13 @@ def test_messages_of_one_part_and_of_two_arrive_whole_and_in_order(tmp_path):
     """The collective transport sends a message as a first part of FIRST_BYTES and, for a longer one, a second part
     with the rest: messages just under, at and over that size, and several times it, arrive byte for byte between
     two processes of a gloo group, one after another."""
-    import queue
-
-    import torch.multiprocessing as mp
-
     from moeserve.actors.collective import FIRST_BYTES
     sizes = (200, FIRST_BYTES - 1, FIRST_BYTES, FIRST_BYTES + 1, 3 * FIRST_BYTES + 5)
     empty = len(wire.encode(wire.Error("")))
     bodies = [wire.encode(wire.Error("abcdefghij"[n % 10] * (n - empty))) for n in sizes]  # of exactly these sizes
     bodies.insert(2, wire.encode(dispatch_message(torch.float32, n=40)))
     assert [len(b) for b in bodies[:2] + bodies[3:]] == list(sizes)
-    spawn = mp.get_context("spawn")
-    echoed = spawn.Queue()
-    ranks = [spawn.Process(target=_echo_messages, args=(rank, f"file://{tmp_path / 'rendezvous'}", bodies, echoed))
-             for rank in (0, 1)]
-    for process in ranks:
-        process.start()
-    try:
-        received = echoed.get(timeout=60)
-    except queue.Empty:
-        received = None
-    for process in ranks:
-        process.join(30)
-    assert received == bodies
-    assert [process.exitcode for process in ranks] == [0, 0]
+    assert two_ranks(_echo_messages, f"file://{tmp_path / 'rendezvous'}", bodies) == (bodies, [0, 0])
 
 
 def _join_after_a_failed_join(rank: int, rendezvous: list[str], got) -> None:
@@ -266,22 +273,5 @@ def test_a_member_whose_join_failed_joins_the_next_group_with_a_fresh_replacemen
     """A recovery forms the process group again when a member died as it formed: the members that waited for it
     (until the rendezvous timeout) must then meet its replacement, a process that never joined before, under the
     same group names (torch counts a failed group as formed). Each rank a process of its own."""
-    import queue
-
-    import torch.multiprocessing as mp
-    spawn = mp.get_context("spawn")
-    got = spawn.Queue()
     rendezvous = [f"file://{tmp_path / 'first'}", f"file://{tmp_path / 'second'}"]
-    ranks = [spawn.Process(target=_join_after_a_failed_join, args=(rank, rendezvous, got)) for rank in (0, 1)]
-    for process in ranks:
-        process.start()
-    try:
-        received = got.get(timeout=60)
-    except queue.Empty:
-        received = None
-    for process in ranks:
-        process.join(30)
-        if process.is_alive():
-            process.kill()
-    assert received == 2.0
-    assert [process.exitcode for process in ranks] == [0, 0]
+    assert two_ranks(_join_after_a_failed_join, rendezvous) == (2.0, [0, 0])
