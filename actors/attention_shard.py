@@ -71,11 +71,12 @@ class AttentionShardWorker:
         # a step whose experts fail waits for the cluster's recovery only where the cluster recovers
         self.recovery = Recovery(max(5.0, 4 * failures.health_interval_s) if failures.restart else 0.0,
                                  failures.recover_timeout_s)
-        self.collective_timeouts = failures.collective_timeout_s, failures.rendezvous_timeout_s
+        self.rendezvous_timeout_s = failures.rendezvous_timeout_s
         combine = compute if cfg.combine_dtype == "auto" else payload_dtype(cfg.combine_dtype, compute)
         self.router = ExpertRouter(self._placements(phy2log), spec, src_gpu, args.dim, cfg.max_nodes,
                                    payload_dtype(cfg.dispatch_dtype, compute), combine, self.recovery)
-        self.links = [collective.ShardLink(spec, src_gpu, len(groups)) for _ in range(cfg.engine.micro_batches)] \
+        self.links = [collective.ShardLink(spec, src_gpu, len(groups), failures.collective_timeout_s)
+                      for _ in range(cfg.engine.micro_batches)] \
             if cfg.transport == "collective" else []
         self.groups = list(groups)  # the ray transport's, changed in place when the expert groups are scaled
         self.phy2log = phy2log      # the placement planned against (with router.version)
@@ -206,7 +207,7 @@ class AttentionShardWorker:
         recovery); `pools`: shard rank -> (rank of its pool's first expert group, its GPU slot) (see
         collective.join)."""
         subgroups = collective.join(init_method, rank, world_size, pools, self.links[0].n_groups, len(self.links),
-                                    *self.collective_timeouts)
+                                    self.rendezvous_timeout_s)
         for m, link in enumerate(self.links):
             link.group, link.first_rank = subgroups[rank, m], pools[rank][0]
             link.outbox.pending.clear()

@@ -52,8 +52,9 @@ class Outbox:
     and then a body, for all but large (prefill) messages. Sending 64 KB for every message cost a round trip
     25-110 us more than each message at its length (dispatches of 1 and 32 rows of the demo model, 2 cores)."""
 
-    def __init__(self):
+    def __init__(self, timeout: timedelta):
         self.pending = []
+        self.timeout = timeout  # a send the receiver has not taken in this long fails
 
     def send(self, body: bytes, dst: int, group) -> None:
         view = memoryview(body)
@@ -64,33 +65,42 @@ class Outbox:
 
     def flush(self) -> None:
         for _, work in self.pending:
-            work.wait()
+            work.wait(self.timeout)
         self.pending.clear()
 
 
-def receive(group, src: int) -> bytes:
-    """The next message from global rank `src` on `group`; WireError if what arrives is not one."""
+def receive(group, src: int, timeout: timedelta) -> bytes:
+    """The next message from global rank `src` on `group`, waiting up to `timeout`; WireError if what arrives is
+    not one."""
     first = torch.empty(FIRST_BYTES, dtype=torch.uint8)
-    dist.recv(first, src=src, group=group)
+    _recv(first, group, src, timeout)
     raw = memoryview(first.numpy())
     n = wire.message_bytes(raw)
     if n <= FIRST_BYTES:
         return bytes(raw[:n])
     rest = torch.empty(n - FIRST_BYTES, dtype=torch.uint8)
-    dist.recv(rest, src=src, group=group)
+    _recv(rest, group, src, timeout)
     return bytes(raw) + rest.numpy().tobytes()
+
+
+def _recv(t: torch.Tensor, group, src: int, timeout: timedelta) -> None:
+    """dist.recv with a timeout of its own: a group's timeout is also how long it waits for its members to connect
+    as it forms (see join)."""
+    group = group or dist.group.WORLD
+    group.recv([t], dist.get_group_rank(group, src), 0).wait(timeout)
 
 
 # ---- the process group ------------------------------------------------------------------------------------------
 
 def join(init_method: str, rank: int, world_size: int, pools: dict[int, tuple[int, int]], n_groups: int,
-         micro_batches: int, timeout_s: float, rendezvous_s: float) -> dict[tuple[int, int], Any]:
+         micro_batches: int, rendezvous_s: float) -> dict[tuple[int, int], Any]:
     """Enter the cluster's process group (every member calls this at once; again after a member was replaced,
     leaving the old group). `pools` maps each shard's rank to (the rank of the first of the `n_groups` expert
     groups it uses, its GPU slot). Returns the subgroups by (shard rank, micro-batch). Every member creates all of
     them, in the same order, as torch.distributed requires. The members wait `rendezvous_s` for each other (one that
-    died meanwhile never comes: the join fails, to be tried again with its replacement); a subgroup's message
-    `timeout_s`."""
+    died meanwhile never comes: the join fails, to be tried again with its replacement), also as they connect in
+    each subgroup. gloo takes a group's timeout for that and for its messages alike, so the messages' own timeout
+    is given to each send's and receive's wait instead (Outbox, receive)."""
     if dist.is_initialized():
         dist.destroy_process_group()
     else:
@@ -99,8 +109,8 @@ def join(init_method: str, rank: int, world_size: int, pools: dict[int, tuple[in
         distributed_c10d._world.group_count = 0
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=rendezvous_s))
-    timeout = timedelta(seconds=timeout_s)
-    return {(shard, m): dist.new_group([shard] + list(range(first, first + n_groups)), timeout=timeout)
+    rendezvous = timedelta(seconds=rendezvous_s)
+    return {(shard, m): dist.new_group([shard] + list(range(first, first + n_groups)), timeout=rendezvous)
             for shard, (first, _) in sorted(pools.items()) for m in range(micro_batches)}
 
 
@@ -118,11 +128,12 @@ def free_address(host: str) -> str:
 class ShardLink:
     """One micro-batch's subgroup of an attention shard: its MoE layers' transports send and receive on it."""
 
-    def __init__(self, spec: TopologySpec, src_gpu: int, n_groups: int):
+    def __init__(self, spec: TopologySpec, src_gpu: int, n_groups: int, timeout_s: float):
         self.spec, self.src_gpu, self.n_groups = spec, src_gpu, n_groups
         self.group = None          # the subgroup, once the shard has joined
         self.first_rank = 0        # the global rank of expert group 0 of the shard's pool
-        self.outbox = Outbox()
+        self.timeout = timedelta(seconds=timeout_s)  # a message not answered in this long: a lost peer
+        self.outbox = Outbox(self.timeout)
         self.last_message = time.monotonic()
 
     def send(self, body: bytes, group_id: int) -> None:
@@ -130,7 +141,7 @@ class ShardLink:
         self.last_message = time.monotonic()
 
     def receive(self, group_id: int) -> wire.Reply:
-        return answer_of(receive(self.group, self.first_rank + group_id))
+        return answer_of(receive(self.group, self.first_rank + group_id, self.timeout))
 
     def _to_first_hops(self, message) -> None:
         """A control message to every live group the shard reaches directly; relays pass it on to the rest."""
@@ -188,10 +199,10 @@ class CollectiveGroupServer:
 
     def join(self, init_method: str, world_size: int, micro_batches: int,
              pools: dict[int, tuple[int, int]], timeout_s: float, rendezvous_s: float) -> None:
-        """Enter the process group (with every other member at once), then serve (`pools`, the timeouts: see
-        `join`)."""
+        """Enter the process group (with every other member at once), then serve (`pools`, `rendezvous_s`: see
+        `join`); a message not answered in `timeout_s` is taken for a lost peer."""
         subgroups = join(init_method, self.first_rank + self.group_id, world_size, pools, self.n_groups,
-                         micro_batches, timeout_s, rendezvous_s)
+                         micro_batches, rendezvous_s)
         for (shard, m), group in subgroups.items():
             first, src_gpu = pools[shard]
             if first != self.first_rank:
@@ -200,13 +211,13 @@ class CollectiveGroupServer:
             sender = shard if relay is None else first + relay
             passes_on = [first + g for g in range(self.n_groups) if request_sender(self.spec, src_gpu, g) ==
                          self.group_id]
-            threading.Thread(target=self._serve, args=(group, sender, passes_on), daemon=True,
-                             name=f"serve-{shard}-{m}").start()
+            threading.Thread(target=self._serve, args=(group, sender, passes_on, timedelta(seconds=timeout_s)),
+                             daemon=True, name=f"serve-{shard}-{m}").start()
 
-    def _serve(self, group, sender: int, passes_on: list[int]) -> None:
-        """Answer `sender`'s dispatches on `group` until it says stop; pass pings and the stop on to the groups
-        this one relays to."""
-        outbox = Outbox()
+    def _serve(self, group, sender: int, passes_on: list[int], timeout: timedelta) -> None:
+        """Answer `sender`'s dispatches on `group` until it says stop (or sends nothing for `timeout`); pass pings
+        and the stop on to the groups this one relays to."""
+        outbox = Outbox(timeout)
         relays_to = [rank - self.first_rank for rank in passes_on]
 
         def ask(gid: int, message: wire.Dispatch) -> int:
@@ -214,11 +225,11 @@ class CollectiveGroupServer:
             return gid
 
         def answer(gid: int) -> wire.Reply:
-            return answer_of(receive(group, self.first_rank + gid))
+            return answer_of(receive(group, self.first_rank + gid, timeout))
 
         while True:
             try:
-                body = receive(group, sender)
+                body = receive(group, sender, timeout)
                 kind = int(wire.read_header(body)[1])
             except wire.WireError as e:  # a sender out of step with the format: say so, keep serving
                 print(f"expert group {self.group_id}: refused a message: {e}", file=sys.stderr, flush=True)

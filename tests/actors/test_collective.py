@@ -2,7 +2,9 @@
 is read (a pickle, truncated or padded bytes, counts that do not add up), and an expert group's error comes back
 as an error, not a hang. Also the senders a receiver names: who sends each group a shard's dispatches; and a
 process group formed again with a fresh member after one died as it formed."""
+import os
 import pickle
+import time
 from typing import Any, Callable
 
 import pytest
@@ -221,12 +223,12 @@ def _echo_messages(rank: int, init_method: str, bodies: list[bytes], echoed) -> 
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2, timeout=timedelta(seconds=30))
     try:
         if rank == 1:
-            outbox = Outbox()
+            outbox = Outbox(timedelta(seconds=30))
             for body in bodies:
                 outbox.send(body, 0, None)
             outbox.flush()
         else:
-            echoed.put([receive(None, 1) for _ in bodies])
+            echoed.put([receive(None, 1, timedelta(seconds=30)) for _ in bodies])
     finally:
         dist.destroy_process_group()
 
@@ -254,12 +256,12 @@ def _join_after_a_failed_join(rank: int, rendezvous: list[str], got) -> None:
     pools = {1: (0, 0)}  # shard rank 1 uses the one expert group from rank 0
     if rank == 0:
         try:
-            join(rendezvous[0], 0, 2, pools, 1, 1, 30.0, 1.0)
+            join(rendezvous[0], 0, 2, pools, 1, 1, 1.0)
             got.put("formed without its second member")
             return
         except RuntimeError:
             pass  # nobody came within the rendezvous timeout
-    subgroups = join(rendezvous[1], rank, 2, pools, 1, 1, 30.0, 20.0)
+    subgroups = join(rendezvous[1], rank, 2, pools, 1, 1, 20.0)
     message = torch.tensor([rank + 1.0])
     if rank == 1:
         dist.send(message, 0, group=subgroups[1, 0])
@@ -275,3 +277,56 @@ def test_a_member_whose_join_failed_joins_the_next_group_with_a_fresh_replacemen
     same group names (torch counts a failed group as formed). Each rank a process of its own."""
     rendezvous = [f"file://{tmp_path / 'first'}", f"file://{tmp_path / 'second'}"]
     assert two_ranks(_join_after_a_failed_join, rendezvous) == (2.0, [0, 0])
+
+
+def _die_after_the_rendezvous(rank: int, rendezvous: str, waited) -> None:
+    """Rank 1 enters the process group and dies before the subgroups form; rank 0, in `join` with a rendezvous
+    timeout of 2 s, puts in `waited` how long it waited before the join failed."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from moeserve.actors.collective import join
+    if rank == 1:
+        dist.init_process_group("gloo", init_method=rendezvous, rank=1, world_size=2, timeout=timedelta(seconds=30))
+        os._exit(0)  # gone without a word, as a killed process
+    start = time.monotonic()
+    try:
+        join(rendezvous, 0, 2, {1: (0, 0)}, 1, 1, 2.0)
+        waited.put("formed without its second member")
+    except RuntimeError:
+        waited.put(time.monotonic() - start)
+
+
+def test_a_member_dying_as_the_subgroups_form_fails_the_join_within_the_rendezvous_timeout(tmp_path):
+    """The members wait for each other only the rendezvous timeout as the subgroups form too, not a message's
+    timeout (minutes): a recovery then forms the group again with the dead member's replacement in time."""
+    waited, exit_codes = two_ranks(_die_after_the_rendezvous, f"file://{tmp_path / 'rendezvous'}")
+    assert isinstance(waited, float) and 2.0 <= waited < 10.0
+    assert exit_codes == [0, 0]
+
+
+def _send_later_than_the_rendezvous(rank: int, rendezvous: str, got) -> None:
+    """Both ranks join with a rendezvous timeout of 5 s; rank 1 sends a ping 7 s later, which rank 0 receives and
+    puts in `got`."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from moeserve.actors.collective import Outbox, join, receive
+    group, timeout = join(rendezvous, rank, 2, {1: (0, 0)}, 1, 1, 5.0)[1, 0], timedelta(seconds=60)
+    if rank == 1:
+        time.sleep(7)
+        outbox = Outbox(timeout)
+        outbox.send(wire.encode(wire.Ping()), 0, group)
+        outbox.flush()
+    else:
+        got.put(receive(group, 1, timeout))
+    dist.destroy_process_group()
+
+
+def test_a_message_waits_its_own_timeout_not_the_rendezvous_timeout(tmp_path):
+    """A receive waits up to the collective timeout (an idle expert group waits for the next dispatch), however
+    short the rendezvous timeout that the subgroups were formed with."""
+    assert two_ranks(_send_later_than_the_rendezvous, f"file://{tmp_path / 'rendezvous'}") == \
+        (wire.encode(wire.Ping()), [0, 0])
