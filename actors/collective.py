@@ -107,9 +107,8 @@ def join(init_method: str, rank: int, world_size: int, pools: dict[int, tuple[in
         # torch names each group by a count that a failed join advanced too, and a replacement member starts from
         # 0: with names that differ, the next join's members would wait for each other under different keys
         distributed_c10d._world.group_count = 0
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=rendezvous_s))
     rendezvous = timedelta(seconds=rendezvous_s)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=rendezvous)
     return {(shard, m): dist.new_group([shard] + list(range(first, first + n_groups)), timeout=rendezvous)
             for shard, (first, _) in sorted(pools.items()) for m in range(micro_batches)}
 
