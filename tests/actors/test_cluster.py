@@ -498,14 +498,15 @@ def test_an_fp8_checkpoint_resident_in_the_cluster_equals_the_fp8_engine(ray_clu
     from moeserve.cluster import DEMO_MODEL_FP8
     engine = LLM(DEMO_MODEL_FP8, device="cpu", dtype="float32", fp8_resident=True, kv_cache_tokens=1024)
     expected = [o.token_ids for o in engine.generate(prompts, GREEDY)]
+    two_groups = {"topology": TWO_NODES_ONE_GPU, "expert_groups": 2, "redundant_experts": 0}  # fewer processes
     for dispatch in ("auto", "fp8"):
-        with Cluster(config(DEMO_MODEL_FP8, fp8_resident=True, dispatch_dtype=dispatch)) as c:
+        with Cluster(config(DEMO_MODEL_FP8, fp8_resident=True, dispatch_dtype=dispatch, **two_groups)) as c:
             assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected, dispatch
             # the experts' e4m3 weights and their fp32 block scales, nothing dequantised
             assert all(g["weight_dtypes"] == ["float32", "float8_e4m3fn"] for g in c.stats()["expert_groups"])
             assert all(g["experts_held_as"] == ["modules"] for g in c.stats()["expert_groups"])  # one at a time
     pytest.importorskip("triton")  # the groups' FP8 experts stacked, through the fused-MoE kernel
-    with Cluster(config(DEMO_MODEL_FP8, fp8_resident=True, moe_kernel="triton")) as c:
+    with Cluster(config(DEMO_MODEL_FP8, fp8_resident=True, moe_kernel="triton", **two_groups)) as c:
         assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
         groups = c.stats()["expert_groups"]
         assert all(g["experts_held_as"] == ["fp8 stacks"] and g["moe_kernel"] == "triton" for g in groups)

@@ -18,7 +18,7 @@ from moeserve.actors.serve import Server  # noqa: E402
 from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
 
 HTTP_PORT, GRPC_PORT = 18531, 19531
-MODEL, TOKENS = "moeserve-demo", 800
+MODEL, TOKENS = "moeserve-demo", 300
 PROMPTS = ["def fibonacci(", "import numpy as np\n", "class Stack:\n", "def quicksort(xs):\n", "# read a file\n",
            "for i in range(10):\n", "def add(a, b):\n", "x = [1, 2, 3]\n"]
 
