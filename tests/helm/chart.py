@@ -1,5 +1,6 @@
 """Rendering the chart offline and checking what it renders against KubeRay's CRDs, made strict."""
 import copy
+import functools
 from pathlib import Path
 
 import yaml
@@ -36,13 +37,19 @@ def strict(schema: dict) -> dict:
     return schema
 
 
-def crd_schema(kind: str) -> dict:
-    """The strict ray.io/v1 schema of a KubeRay kind ("RayService", "RayCluster")."""
-    crd = yaml.safe_load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text())
+@functools.cache
+def crd_validator(kind: str):
+    """A validator of the strict ray.io/v1 schema of a KubeRay kind ("RayService", "RayCluster"). Made once per
+    kind: reading a CRD (about 1 MB of YAML) and checking its schema take seconds each."""
+    import jsonschema
+    crd = yaml.load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader",
+                                                                                       yaml.SafeLoader))
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return strict(version["schema"]["openAPIV3Schema"])
+    schema = strict(version["schema"]["openAPIV3Schema"])
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
 
 
 def validate(document: dict) -> None:
-    import jsonschema
-    jsonschema.validate(document, crd_schema(document["kind"]))
+    crd_validator(document["kind"]).validate(document)
