@@ -35,6 +35,8 @@ from moeserve.topology.spec import TopologySpec  # noqa: E402
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 TWO_NODES_ONE_GPU = TopologySpec(name="two-by-one", nodes=2, gpus_per_node=1, nics_per_node=1, planes=1,
                                  intra_node_gbps=10, nic_gbps=1)
+# for the tests that are not about the layout: two expert groups on two nodes start faster than the default four
+TWO_GROUPS = {"topology": TWO_NODES_ONE_GPU, "expert_groups": 2, "redundant_experts": 0}
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +277,7 @@ def test_a_named_cluster_outlives_its_process_and_another_process_attaches_to_it
     """What a restarted Serve replica does: `Cluster(config, name=)` from a new driver finds the running cluster
     of that name and config (Ray gives each driver an anonymous namespace of its own, so the names must live in
     one namespace of moeserve's) instead of starting a second one beside it."""
-    cfg = config(mtp_checkpoint, topology="cpu-local", ray={"address": ray_cluster.address})
+    cfg = config(mtp_checkpoint, ray={"address": ray_cluster.address}, **TWO_GROUPS)
     started = subprocess.run([sys.executable, "-c", NAMED_CLUSTER_DRIVER, cfg.model_dump_json()], capture_output=True,
                              text=True, timeout=300)
     assert started.returncode == 0, started.stderr[-2000:]
@@ -352,7 +354,7 @@ def test_a_request_without_increments_gets_its_first_token_then_only_its_final_o
                                                                                      prompts, expected):
     """`generate` waits for whole completions: the decode shard builds and sends no per-step increments for its
     requests, and the completion is the one a streamed request gets."""
-    with Cluster(config(mtp_checkpoint)) as c:
+    with Cluster(config(mtp_checkpoint, **TWO_GROUPS)) as c:
         async def deltas(increments: bool) -> list:
             return [d async for d in c.client.stream(prompts[1], GREEDY, increments=increments)]
         streamed, quiet = asyncio.run(deltas(True)), asyncio.run(deltas(False))
@@ -365,8 +367,7 @@ def test_a_burst_of_prompts_shares_its_prefill_and_decode_steps(ray_cluster, mtp
     """The prompts of one `generate` reach the prefill shard in one call, and their hand-offs the decode shard in
     one call: one prefill step computes them all (68 tokens, within the prefill budget) and every decode step
     runs them together, rather than the first alone while the rest wait for the next step."""
-    with Cluster(config(mtp_checkpoint, topology=TWO_NODES_ONE_GPU, expert_groups=2, redundant_experts=0,
-                        )) as c:
+    with Cluster(config(mtp_checkpoint, **TWO_GROUPS)) as c:
         assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
         steps = {s["role"]: s["engine"]["steps"] for s in c.stats()["shards"]}
         assert steps == {"prefill": 1, "decode": GREEDY.max_tokens - 1}  # the first token comes from the prefill
@@ -376,8 +377,7 @@ def test_an_expert_group_refuses_experts_it_does_not_hold_or_the_layer_does_not_
     """Tokens routed to an expert outside the group's slots, or past the layer's experts, are an error that names
     the expert and the layer (the second was an IndexError about a stack); an expert it holds computes."""
     from moeserve.actors import wire
-    with Cluster(config(mtp_checkpoint, topology=TWO_NODES_ONE_GPU, expert_groups=2, redundant_experts=0,
-                        transport="ray")) as c:
+    with Cluster(config(mtp_checkpoint, transport="ray", **TWO_GROUPS)) as c:
         held = ray.get(c.groups[0].held.remote(0))
         layer, experts = next(iter(held.items()))
         n_routed = c.args.n_routed_experts
@@ -399,9 +399,9 @@ def test_bf16_dispatch_keeps_greedy_and_fp8_moves_logprobs_a_bounded_amount(ray_
                                                                            expected, capsys):
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
     exact = LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts, params)
-    with Cluster(config(mtp_checkpoint, dispatch_dtype="bf16")) as c:
+    with Cluster(config(mtp_checkpoint, dispatch_dtype="bf16", **TWO_GROUPS)) as c:
         assert [o.token_ids for o in c.generate(prompts, params)] == expected
-    with Cluster(config(mtp_checkpoint, dispatch_dtype="fp8")) as c:
+    with Cluster(config(mtp_checkpoint, dispatch_dtype="fp8", **TWO_GROUPS)) as c:
         fp8 = c.generate(prompts, params)
     diffs = [abs(a - b) for e, f in zip(exact, fp8) for a, b, t, u in zip(e.logprobs, f.logprobs, e.token_ids,
                                                                           f.token_ids) if t == u]
@@ -498,15 +498,14 @@ def test_an_fp8_checkpoint_resident_in_the_cluster_equals_the_fp8_engine(ray_clu
     from moeserve.cluster import DEMO_MODEL_FP8
     engine = LLM(DEMO_MODEL_FP8, device="cpu", dtype="float32", fp8_resident=True, kv_cache_tokens=1024)
     expected = [o.token_ids for o in engine.generate(prompts, GREEDY)]
-    two_groups = {"topology": TWO_NODES_ONE_GPU, "expert_groups": 2, "redundant_experts": 0}  # fewer processes
     for dispatch in ("auto", "fp8"):
-        with Cluster(config(DEMO_MODEL_FP8, fp8_resident=True, dispatch_dtype=dispatch, **two_groups)) as c:
+        with Cluster(config(DEMO_MODEL_FP8, fp8_resident=True, dispatch_dtype=dispatch, **TWO_GROUPS)) as c:
             assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected, dispatch
             # the experts' e4m3 weights and their fp32 block scales, nothing dequantised
             assert all(g["weight_dtypes"] == ["float32", "float8_e4m3fn"] for g in c.stats()["expert_groups"])
             assert all(g["experts_held_as"] == ["modules"] for g in c.stats()["expert_groups"])  # one at a time
     pytest.importorskip("triton")  # the groups' FP8 experts stacked, through the fused-MoE kernel
-    with Cluster(config(DEMO_MODEL_FP8, fp8_resident=True, moe_kernel="triton", **two_groups)) as c:
+    with Cluster(config(DEMO_MODEL_FP8, fp8_resident=True, moe_kernel="triton", **TWO_GROUPS)) as c:
         assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
         groups = c.stats()["expert_groups"]
         assert all(g["experts_held_as"] == ["fp8 stacks"] and g["moe_kernel"] == "triton" for g in groups)
