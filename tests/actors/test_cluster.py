@@ -2,11 +2,9 @@
 raylet per topology node), against the single-process engine, token for token."""
 import asyncio
 import os
-import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -14,10 +12,6 @@ import pytest
 import torch
 
 # token auth and a private temp dir for the test cluster, set before Ray reads its configuration at import
-os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="moeserve-test-ray-"))
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every raylet on the loopback address
-os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the actors' Triton kernels (moe_kernel: triton) on the CPU
 ray = pytest.importorskip("ray")
 

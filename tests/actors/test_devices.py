@@ -1,17 +1,10 @@
 """Which actor asks Ray for which GPUs, on a Ray cluster that declares GPUs (two raylets of two each). torch sees no
 GPU here, so every actor computes on the CPU under device auto; the GPU ids Ray hands out are real bookkeeping,
 and the outputs must still be the engine's."""
-import os
-import secrets
-import tempfile
 
 import pytest
 import torch
 
-os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="moeserve-test-ray-"))
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 ray = pytest.importorskip("ray")
 
 from tests.actors.raylets import raylets  # noqa: E402

@@ -10,7 +10,6 @@ import urllib.request
 
 import pytest
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 openai = pytest.importorskip("openai")
 
 from moeserve.actors.cli import main as cli  # noqa: E402

@@ -3,18 +3,12 @@ for a node offering `moeserve-expert` (here added by hand, as Ray's autoscaler a
 in tests/helm/test_kuberay_e2e.py), then take traffic; removed groups are drained and stopped. Every token equals
 the single-process engine's."""
 import os
-import secrets
 import signal
-import tempfile
 import threading
 import time
 
 import pytest
 
-os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="moeserve-test-ray-"))
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 ray = pytest.importorskip("ray")
 
 from tests.actors.raylets import raylets  # noqa: E402

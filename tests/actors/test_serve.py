@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 grpc = pytest.importorskip("grpc")
 openai = pytest.importorskip("openai")
 
