@@ -131,7 +131,10 @@ class AttentionShardWorker:
         self.serving = threading.Event()
         self.incarnation = os.urandom(8).hex()   # a client that sees it change knows the shard lost its requests
         self.serve_wait_s = failures.recover_timeout_s
-        if not ray.get_runtime_context().was_current_actor_reconstructed:
+        # asked once: the answer holds for this process's life, and each asking reads the GCS's actor table (the
+        # controller's health check asks `ready` every health_interval_s)
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if not self.restarted:
             self.serving.set()
         threading.Thread(target=self._loop, daemon=True, name=f"{role}-{shard_id}").start()
 
@@ -234,9 +237,8 @@ class AttentionShardWorker:
         context = ray.get_runtime_context()
         return {"role": self.role, "shard": self.shard_id, "gpu_slot": self.src_gpu, "pid": os.getpid(),
                 "host": socket.gethostname(), "ray_node": context.get_node_id(),
-                "restarted": context.was_current_actor_reconstructed,
-                "nccl_ib_hca": os.environ.get("NCCL_IB_HCA"), "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
-                "device": str(self.device)}
+                "restarted": self.restarted, "nccl_ib_hca": os.environ.get("NCCL_IB_HCA"),
+                "gpu_ids": [str(i) for i in ray.get_gpu_ids()], "device": str(self.device)}
 
     # ---- requests in ----------------------------------------------------------------------------------------
 

@@ -229,7 +229,7 @@ class CollectiveGroupServer:
         while True:
             try:
                 body = receive(group, sender, timeout)
-                kind = int(wire.read_header(body)[1])
+                kind = wire.read_header(body)[1]
             except wire.WireError as e:  # a sender out of step with the format: say so, keep serving
                 print(f"expert group {self.group_id}: refused a message: {e}", file=sys.stderr, flush=True)
                 outbox.send(wire.encode(wire.Error(f"expert group {self.group_id}: {e}")), sender, group)

@@ -8,6 +8,7 @@ import socket
 import time
 from typing import Optional
 
+import numpy as np
 import ray
 import torch
 
@@ -48,6 +49,8 @@ class ExpertGroupWorker:
         self.versions: dict[int, dict[int, tuple]] = {version: self._stacks(experts)}
         self.assignments_computed = 0   # (token, expert) pairs computed here, over every layer
         self.compute_s = 0.0
+        # asked once: it holds for this process's life, and each asking reads the GCS's actor table
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         spec = TopologySpec(**spec)
         self.server = RayGroupServer(group_id, self.compute) if transport == "ray" else \
             collective.CollectiveGroupServer(group_id, self.compute, spec, spec.num_gpus, first_rank)
@@ -55,7 +58,7 @@ class ExpertGroupWorker:
     def ready(self) -> dict:
         context = ray.get_runtime_context()
         return {"group": self.group_id, "pid": os.getpid(), "host": socket.gethostname(),
-                "ray_node": context.get_node_id(), "restarted": context.was_current_actor_reconstructed,
+                "ray_node": context.get_node_id(), "restarted": self.restarted,
                 "nccl_ib_hca": os.environ.get("NCCL_IB_HCA"), "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
                 "device": str(self.device), "experts": self.held(max(self.versions))}
 
@@ -175,15 +178,20 @@ class ExpertGroupWorker:
         if version not in self.versions:
             raise RuntimeError(f"placement version {version} is not loaded here (versions {sorted(self.versions)})")
         packed, stack_index = self.versions[version][layer]
-        if len(work) and int(work.expert_ids.max()) >= len(stack_index):
-            raise RuntimeError(f"tokens routed to expert {int(work.expert_ids.max())} of layer {layer}, which has "
-                               f"{len(stack_index)} routed experts")
-        stacked = stack_index[work.expert_ids.long()]
+        # the ids are checked and looked up in NumPy (the message's arrays are host memory): a handful of small
+        # torch ops here cost more than the experts of a decode step's token or two
+        ids, index = work.expert_ids.numpy(), stack_index.numpy()
+        if len(ids) and ids.max() >= len(index):
+            raise RuntimeError(f"tokens routed to expert {ids.max()} of layer {layer}, which has {len(index)} routed "
+                               "experts")
+        stacked = index[ids]
         if (stacked < 0).any():
-            missing = sorted(set(work.expert_ids[stacked < 0].tolist()))
+            missing = sorted(set(ids[stacked < 0].tolist()))
             raise RuntimeError(f"tokens routed to experts {missing} of layer {layer}, which this group does not hold")
-        rows = work.rows.long()
-        x, rows, stacked, weights = (t.to(self.device) for t in (x, rows, stacked, work.weights.to(self.dtype)))
+        rows, stacked = torch.from_numpy(work.rows.numpy().astype(np.int64)), torch.from_numpy(stacked)
+        weights = work.weights.to(self.dtype)
+        if self.device.type != "cpu":
+            x, rows, stacked, weights = (t.to(self.device) for t in (x, rows, stacked, weights))
         if isinstance(packed, list):  # FP8 experts, one at a time
             y = run_assignments(packed, x, rows, stacked, weights)
         elif isinstance(packed, FP8Experts):

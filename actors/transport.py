@@ -168,7 +168,8 @@ class ExpertRouter:
         self.dispatch_dtype, self.combine_dtype = dispatch_dtype, combine_dtype
         self.counters = LinkCounters(per_plane=[0] * spec.planes, planned_per_plane=[0] * spec.planes)
         self.lock = threading.Lock()   # the shard's actor calls read the counters from threads of their own
-        self.plane = int(relay_choice(spec, np.array([src_gpu % spec.gpus_per_node]))[0][0])  # of our sends
+        plane, relay_local, _ = relay_choice(spec, np.array([src_gpu % spec.gpus_per_node]))
+        self.plane, self.relay_local = int(plane[0]), int(relay_local[0])  # of our sends
         self.row_bytes = (to_payload(torch.zeros(1, hidden), dispatch_dtype).nbytes,
                           hidden * torch.empty(0, dtype=combine_dtype).element_size())
 
@@ -195,7 +196,7 @@ class ExpertRouter:
             c.planned_intra_node += plan.bytes["intra_node"]
             for p, b in enumerate(plan.bytes_per_plane.tolist()):
                 c.planned_per_plane[p] += int(b)
-            if int(plan.relay_local[0]) != self.src_gpu % self.spec.gpus_per_node:
+            if self.relay_local != self.src_gpu % self.spec.gpus_per_node:
                 # our plane is down: each remote-bound token first moves over NVLink to a GPU on a live plane
                 G = self.spec.gpus_per_node
                 remote = np.unique(np.arange(len(indices)).repeat(indices.shape[1])[
@@ -312,12 +313,13 @@ def serve_dispatch(group_id: int, compute: Callable, message: wire.Dispatch, ask
     for gid, work in message.work.items():
         if gid == group_id:
             continue
-        needed, local_rows = torch.unique(work.rows, return_inverse=True)  # each row once per GPU
+        needed, local_rows = np.unique(work.rows.numpy(), return_inverse=True)  # each row once per GPU
+        needed = torch.from_numpy(needed).long()
         sub = message.payload.rows(needed)
         forwarded += sub.nbytes
-        part = wire.Dispatch(message.layer, sub, {gid: wire.Assignments(local_rows.int(), work.expert_ids,
-                                                                        work.weights)}, message.combine_dtype,
-                             version=message.version)
+        part = wire.Dispatch(message.layer, sub, {gid: wire.Assignments(torch.from_numpy(local_rows.astype(np.int32)),
+                                                                        work.expert_ids, work.weights)},
+                             message.combine_dtype, version=message.version)
         asked.append((needed, ask(gid, part)))
     own = message.work.get(group_id)
     if own is not None:

@@ -17,6 +17,7 @@ group computes; a *relay* message carries, besides the relay's own work, the wor
 node, which it forwards to them.
 """
 import math
+import struct
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -108,9 +109,17 @@ def _raw(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
+def _column(parts: list[torch.Tensor], dtype: np.dtype) -> bytes:
+    """One field of every work group's assignments, in table order, as `dtype`'s bytes."""
+    return np.concatenate([t.numpy() for t in parts]).astype(dtype, copy=False).tobytes() if parts else b""
+
+
+_HEADER = struct.Struct(f"<{HEADER_WORDS}q")
+
+
 def _header(kind: int, body: int, *counts: int) -> bytes:
-    words = [MAGIC, kind, body, *counts]
-    return np.array(words + [0] * (HEADER_WORDS - len(words)), dtype="<i8").tobytes()
+    words = (MAGIC, kind, body, *counts)
+    return _HEADER.pack(*words, *(0,) * (HEADER_WORDS - len(words)))
 
 
 def encode(message: Message) -> bytes:
@@ -118,13 +127,14 @@ def encode(message: Message) -> bytes:
         p = message.payload
         N, dim = p.x.shape
         groups = sorted(message.work)
-        table = np.array([[g, len(message.work[g])] for g in groups], dtype="<i4").reshape(-1, 2)
+        work = [message.work[g] for g in groups]
+        table = np.array([[g, len(w)] for g, w in zip(groups, work)], dtype="<i4").reshape(-1, 2)
         parts = [_raw(p.x)] + ([_raw(p.scale.float())] if p.scale is not None else []) + [table.tobytes()]
-        for name, dtype in (("rows", torch.int32), ("expert_ids", torch.int32), ("weights", torch.float32)):
-            parts += [_raw(getattr(message.work[g], name).to(dtype)) for g in groups]
+        parts += [_column([w.rows for w in work], "<i4"), _column([w.expert_ids for w in work], "<i4"),
+                  _column([w.weights for w in work], "<f4")]
         body = b"".join(parts)
         return _header(DISPATCH, len(body), message.layer, int(message.relay), N, dim, DTYPE_CODES[p.x.dtype],
-                       0 if p.scale is None else p.scale.shape[1], len(groups), int(table[:, 1].sum()),
+                       0 if p.scale is None else p.scale.shape[1], len(groups), sum(len(w) for w in work),
                        DTYPE_CODES[message.combine_dtype], message.version) + body
     if isinstance(message, Reply):
         N, dim = message.y.shape
@@ -140,11 +150,11 @@ def encode(message: Message) -> bytes:
     raise TypeError(f"not a data-plane message: {type(message).__name__}")
 
 
-def read_header(buf) -> np.ndarray:
+def read_header(buf) -> tuple[int, ...]:
     """The header's words; WireError unless the bytes start with one."""
     if len(buf) < HEADER_BYTES:
         raise WireError(f"{len(buf)} bytes: shorter than a header")
-    words = np.frombuffer(buf, dtype="<i8", count=HEADER_WORDS)
+    words = _HEADER.unpack_from(buf)
     if words[0] != MAGIC:
         raise WireError("not a moeserve data-plane message (bad magic)")
     if words[1] not in (DISPATCH, REPLY, ERROR, PING, STOP) or not 0 <= words[2] <= MAX_ROWS * MAX_DIM * 8:
@@ -154,26 +164,33 @@ def read_header(buf) -> np.ndarray:
 
 def message_bytes(buf) -> int:
     """The whole message's length, from its header."""
-    return HEADER_BYTES + int(read_header(buf)[2])
+    return HEADER_BYTES + read_header(buf)[2]
+
+
+# the NumPy type that holds each dtype's bytes
+_NUMPY = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.uint8: np.uint8, torch.int32: np.int32}
 
 
 class _Reader:
-    """Tensors taken one after another from a message's body, as views into one writable copy of it (a copy per
-    tensor cost more than the rest of decoding a decode step's dispatch)."""
+    """Arrays taken one after another from a message's body, as views into one writable copy of it (a copy per
+    array cost more than the rest of decoding a decode step's dispatch). NumPy's views, as the counts are checked
+    in NumPy: an op on a few numbers costs a microsecond there and several in torch."""
 
     def __init__(self, body: memoryview):
         self.body, self.at = bytearray(body), 0
 
-    def take(self, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    def array(self, dtype, shape: tuple) -> np.ndarray:
+        dtype = np.dtype(dtype)
         n = math.prod(shape) * dtype.itemsize
         if self.at + n > len(self.body):
             raise WireError("body shorter than its counts")
         at, self.at = self.at, self.at + n
-        if not n:
-            return torch.empty(shape, dtype=dtype)
         if at % dtype.itemsize:  # after FP8 rows of an odd width: a copy of its own, aligned
-            return torch.frombuffer(self.body[at:at + n], dtype=dtype).view(shape)
-        return torch.frombuffer(self.body, dtype=dtype, count=n // dtype.itemsize, offset=at).view(shape)
+            return np.frombuffer(bytearray(self.body[at:at + n]), dtype=dtype).reshape(shape)
+        return np.frombuffer(self.body, dtype=dtype, count=n // dtype.itemsize, offset=at).reshape(shape)
+
+    def tensor(self, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+        return torch.from_numpy(self.array(_NUMPY[dtype], shape)).view(dtype)
 
     def done(self) -> None:
         if self.at != len(self.body):
@@ -196,48 +213,47 @@ def decode(buf) -> Message:
     """The message of `encode`'s bytes (any bytes-like object); WireError for anything else."""
     buf = memoryview(buf).cast("B")
     words = read_header(buf)
-    kind, size = int(words[1]), int(words[2])
+    kind, size = words[1], words[2]
     if len(buf) != HEADER_BYTES + size:
         raise WireError(f"{len(buf)} bytes, but the header counts {HEADER_BYTES + size}")
     r = _Reader(buf[HEADER_BYTES:])
     if kind == DISPATCH:
         layer, relay = _count(words[3], 1 << 20, "layer"), bool(words[4])
         N, dim = _count(words[5], MAX_ROWS, "rows"), _count(words[6], MAX_DIM, "dim")
-        dtype = _dtype(int(words[7]), (torch.float32, torch.bfloat16, torch.float8_e4m3fn))
+        dtype = _dtype(words[7], (torch.float32, torch.bfloat16, torch.float8_e4m3fn))
         C, W, A = _count(words[8], MAX_DIM, "scale columns"), _count(words[9], MAX_GROUPS, "groups"), \
             _count(words[10], MAX_ROWS * 64, "assignments")
         if (dtype == torch.float8_e4m3fn) != (C > 0) or (C and C != -(-dim // TILE)):
             raise WireError(f"{C} scale columns do not fit {dtype} rows of {dim}")
-        x = r.take(torch.uint8 if dtype == torch.float8_e4m3fn else dtype, (N, dim))
-        payload = Payload(x.view(torch.float8_e4m3fn), r.take(torch.float32, (N, C))) if C else Payload(x)
-        table = r.take(torch.int32, (W, 2))
-        counts = table[:, 1].tolist()
+        x = r.tensor(torch.uint8 if dtype == torch.float8_e4m3fn else dtype, (N, dim))
+        payload = Payload(x.view(torch.float8_e4m3fn), r.tensor(torch.float32, (N, C))) if C else Payload(x)
+        table = r.array(np.int32, (W, 2))
+        rows, experts, weights = r.array(np.int32, (A,)), r.array(np.int32, (A,)), r.array(np.float32, (A,))
+        r.done()
+        groups, counts = table[:, 0].tolist(), table[:, 1].tolist()
         if any(c < 0 for c in counts) or sum(counts) != A:
             raise WireError("the work table does not add up to its assignments")
-        rows, experts, weights = (r.take(dtype_, (A,)) for dtype_ in (torch.int32, torch.int32, torch.float32))
-        r.done()
-        named, ids = rows.numpy(), experts.numpy()
-        if A and not 0 <= named.min() <= named.max() < N:
+        if A and not 0 <= rows.min() <= rows.max() < N:
             raise WireError("an assignment names a row outside the payload")
-        if A and not 0 <= ids.min() <= ids.max() < MAX_EXPERTS:
-            raise WireError(f"an assignment names expert {ids.min() if ids.min() < 0 else ids.max()}")
-        if W and not 0 <= table[:, 0].min() <= table[:, 0].max() < MAX_GROUPS:
+        if A and not 0 <= experts.min() <= experts.max() < MAX_EXPERTS:
+            raise WireError(f"an assignment names expert {experts.min() if experts.min() < 0 else experts.max()}")
+        if W and not 0 <= min(groups) <= max(groups) < MAX_GROUPS:
             raise WireError("the work table names a group outside [0, MAX_GROUPS)")
-        work, at = {}, 0
-        for g, c in zip(table[:, 0].tolist(), counts):
-            work[g] = Assignments(rows[at:at + c], experts[at:at + c], weights[at:at + c])
-            at += c
-        if len(work) != W:
+        if len(set(groups)) != W:
             raise WireError("a group appears twice in the work table")
-        return Dispatch(layer, payload, work, _dtype(int(words[11]), (torch.float32, torch.bfloat16)), relay,
+        work, at = {}, 0
+        for g, c in zip(groups, counts):
+            work[g] = Assignments(*(torch.from_numpy(a[at:at + c]) for a in (rows, experts, weights)))
+            at += c
+        return Dispatch(layer, payload, work, _dtype(words[11], (torch.float32, torch.bfloat16)), relay,
                         _count(words[12], 1 << 40, "placement version"))
     if kind == REPLY:
         N, dim = _count(words[3], MAX_ROWS, "rows"), _count(words[4], MAX_DIM, "dim")
-        y = r.take(_dtype(int(words[5]), (torch.float32, torch.bfloat16)), (N, dim))
+        y = r.tensor(_dtype(words[5], (torch.float32, torch.bfloat16)), (N, dim))
         r.done()
         return Reply(y, _count(words[6], 1 << 62, "forwarded bytes"))
     if kind == ERROR:
-        text = bytes(r.take(torch.uint8, (_count(words[3], size, "length"),)).numpy()).decode("utf-8", "replace")
+        text = r.array(np.uint8, (_count(words[3], size, "length"),)).tobytes().decode("utf-8", "replace")
         r.done()
         return Error(text)
     r.done()

@@ -117,10 +117,36 @@ def _occurrence(keys: np.ndarray) -> np.ndarray:
     return occ
 
 
+def _distinct(keys: np.ndarray) -> np.ndarray:
+    """np.unique of a 1-D array, in a third of its time on the few dozen keys of a layer."""
+    keys = np.sort(keys)
+    return keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if keys.size else keys
+
+
+def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(keys, return_inverse=True) of an ascending array: its distinct values and each entry's index
+    among them."""
+    start = np.ones(len(keys), dtype=bool)
+    start[1:] = keys[1:] != keys[:-1]
+    return keys[start], np.cumsum(start) - 1
+
+
 def relay_choice(spec: TopologySpec, src_local: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(plane, relay_local, plane_ok) for sources at in-node GPU indices src_local [T]: the plane a source's
     inter-node sends use and the in-node index of the relay they reach on every other node, its own when its
     plane is live; otherwise a live plane and the GPU index on it."""
+    key = (spec.planes, spec.gpus_per_node, tuple(spec.planes_down))
+    if key not in _RELAY_TABLES:  # the same few answers at every MoE layer: worked out once per spec
+        _RELAY_TABLES[key] = _relay_table(spec)
+    return tuple(column[src_local] for column in _RELAY_TABLES[key])
+
+
+_RELAY_TABLES: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _relay_table(spec: TopologySpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """relay_choice for every in-node index of `spec`."""
+    src_local = np.arange(spec.gpus_per_node)
     live = np.array(spec.live_planes)
     own_plane = np.array([spec.plane_of(l) for l in range(spec.gpus_per_node)])[src_local]
     plane_ok = np.isin(np.arange(spec.planes), live)[own_plane]
@@ -159,21 +185,22 @@ def routes_of(plan: DispatchPlan, topk_ids: np.ndarray, weights: np.ndarray, src
     token = np.arange(T).repeat(k)
     gpu, ids, w = plan.expert_gpu.numpy().ravel(), topk_ids.ravel(), weights.ravel()
     node = gpu // G
-    relay_local = int(plan.relay_local[0]) if T else src_gpu % G
+    relay_local = int(plan.relay_local.numpy()[0]) if T else src_gpu % G
 
     def assignments(local, sel) -> tuple:
         return local, ids[sel], w[sel]
     routes = []
-    for m in np.unique(node).tolist():
+    # `token` ascends, and so does any selection of it: its distinct rows are its runs
+    for m in _distinct(node).tolist():
         on_m = node == m
         if m == src_gpu // G:
-            for g in np.unique(gpu[on_m]).tolist():
+            for g in _distinct(gpu[on_m]).tolist():
                 sel = gpu == g
-                rows, local = np.unique(token[sel], return_inverse=True)
+                rows, local = _runs(token[sel])
                 routes.append(Route(g, rows, {g: assignments(local, sel)}, relay=False))
             continue
-        rows, local = np.unique(token[on_m], return_inverse=True)  # each token crosses to node m once
-        work = {g: assignments(local[gpu[on_m] == g], on_m & (gpu == g)) for g in np.unique(gpu[on_m]).tolist()}
+        rows, local = _runs(token[on_m])  # each token crosses to node m once
+        work = {g: assignments(local[gpu[on_m] == g], on_m & (gpu == g)) for g in _distinct(gpu[on_m]).tolist()}
         routes.append(Route(m * G + relay_local, rows, work, relay=True))
     return routes
 
@@ -234,7 +261,7 @@ def plan_dispatch(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, placement
     # -- routes -----------------------------------------------------------------------------------------
     remote = node != src_node[:, None]
     token = np.arange(T).repeat(k).reshape(T, k)
-    node_pairs = np.unique((token * N + node)[remote])                                    # (token, node)
+    node_pairs = _distinct((token * N + node)[remote])                                    # (token, node)
     pair_token = node_pairs // N
     pair_node = node_pairs % N
     plane, relay_local, plane_ok = relay_choice(spec, src_local)                          # [T] each
@@ -244,8 +271,8 @@ def plan_dispatch(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, placement
     relay_gpu = node * G + relay_local[:, None]
     from_gpu = np.where(remote, relay_gpu, src[:, None])
     forward = gpu != from_gpu
-    gpu_pairs = np.unique((token * spec.num_gpus + gpu)[forward])
-    detour_tokens = np.unique(pair_token[detour[pair_token]])
+    gpu_pairs = _distinct((token * spec.num_gpus + gpu)[forward])
+    detour_tokens = _distinct(pair_token[detour[pair_token]])
 
     # -- bytes ----------------------------------------------------------------------------------------------
     d = dispatch_bytes if dispatch_bytes is not None else fp8_dispatch_bytes(hidden)  # per token, one way

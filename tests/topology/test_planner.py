@@ -4,7 +4,7 @@ import torch
 
 from moeserve.kernels.model import select_experts
 from moeserve.topology.eplb import rebalance_experts
-from moeserve.topology.planner import Placement, bf16_combine_bytes, fp8_dispatch_bytes, plan_dispatch
+from moeserve.topology.planner import Placement, bf16_combine_bytes, fp8_dispatch_bytes, plan_dispatch, routes_of
 from moeserve.topology.spec import PRESETS
 
 HIDDEN = 7168
@@ -124,3 +124,38 @@ def test_a_plan_without_link_loads_routes_and_counts_the_same(setup, redundant):
     for name in ("bytes", "inter_node_sends", "naive_sends"):
         assert getattr(full, name) == getattr(lean, name), name
     assert lean.link_load == {} and lean.time_us == {} and full.link_load["nic_tx"].sum() > 0
+
+
+@pytest.mark.parametrize("src_gpu, planes_down", [(0, []), (13, []), (13, [5]), (31, [7, 2])])
+def test_routes_carry_each_choice_once_the_way_the_rules_say(setup, src_gpu, planes_down):
+    """The messages of one source's plan against a per-choice loop: a choice served on the source's node goes
+    straight to its GPU; any other goes to the relay of its node (the source's in-node index, or the live plane's
+    when the source's plane is down), which forwards it to the GPU serving it. Each message names each token once,
+    in ascending order."""
+    spec, placement = setup
+    spec = spec.model_copy(update={"planes_down": planes_down})
+    G = spec.gpus_per_node
+    topk = node_limited_tokens(200, seed=src_gpu)
+    weights = torch.rand(topk.shape, generator=torch.Generator().manual_seed(1))
+    plan = plan_dispatch(topk, src_gpu, placement, spec, HIDDEN, max_nodes=4, link_loads=False)
+    local = src_gpu % G
+    relay_local = local if spec.plane_of(local) not in planes_down else \
+        spec.live_planes[local % len(spec.live_planes)]
+    expected = []
+    for t in range(topk.shape[0]):
+        for j in range(topk.shape[1]):
+            gpu = int(plan.expert_gpu[t, j])
+            target = gpu if gpu // G == src_gpu // G else gpu // G * G + relay_local
+            expected.append((target, gpu, t, int(topk[t, j]), float(weights[t, j])))
+    got = []
+    routes = routes_of(plan, topk.numpy(), weights.numpy(), src_gpu, spec)
+    for route in routes:
+        assert (route.rows[1:] > route.rows[:-1]).all()
+        assert route.relay == (route.target // G != src_gpu // G)
+        named = set()
+        for gpu, (rows, ids, w) in route.work.items():
+            named |= set(route.rows[rows].tolist())
+            got += [(route.target, gpu, int(route.rows[r]), int(e), float(x)) for r, e, x in zip(rows, ids, w)]
+        assert named == set(route.rows.tolist())
+    assert len({r.target for r in routes}) == len(routes)
+    assert sorted(got) == sorted(expected)
