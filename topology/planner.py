@@ -118,7 +118,7 @@ def _occurrence(keys: np.ndarray) -> np.ndarray:
 
 
 def _distinct(keys: np.ndarray) -> np.ndarray:
-    """np.unique of a 1-D array, in a third of its time on the few dozen keys of a layer."""
+    """np.unique of a 1-D array, in fewer array ops: a layer has a few dozen keys, where the ops cost the time."""
     keys = np.sort(keys)
     return keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if keys.size else keys
 
