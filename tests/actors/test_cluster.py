@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 
-# token auth and a private temp dir for the test cluster, set before Ray reads its configuration at import
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the actors' Triton kernels (moe_kernel: triton) on the CPU
 ray = pytest.importorskip("ray")
 
