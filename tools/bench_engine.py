@@ -8,7 +8,8 @@ Measures, in float32 on the CPU (greedy decoding):
 - 32 concurrent requests with mixed prompt lengths (16-200 tokens), each generating 64 tokens (EOS ignored): equal
   work, tokens/s. transformers runs them as one left-padded batch (its native way to batch requests). Each side
   first runs another workload of the same kind, untimed; then 3 new workloads, each run by both sides in turn;
-  medians.
+  medians. Also where that time goes: our steps that compute prompt tokens against transformers' padded prefill
+  (its generate of one token on the same prompts), and a step of only decodes against one of its decode steps.
 Every timed run has prompts not seen before, so that our prefix cache (which transformers lacks) saves
 nothing.
 Results print as a Markdown table of ratios.
@@ -87,6 +88,34 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
+class PhaseTimer:
+    """Wall time of an engine's steps, split into the steps that compute prompt tokens (with the decodes that run
+    beside them) and the steps that only decode: where a workload's time goes."""
+
+    def __init__(self, engine):
+        self.reset()
+        step, scheduler = engine.step, engine.scheduler
+
+        def timed_step(*args, **kwargs):
+            prompts = bool(scheduler.waiting) or any(seq.is_prefilling for seq in scheduler.running)
+            start = time.perf_counter()
+            outputs = step(*args, **kwargs)
+            elapsed = time.perf_counter() - start
+            if prompts:
+                self.prefill_s += elapsed
+            else:
+                self.decode_s += elapsed
+                self.decode_steps += 1
+            return outputs
+        engine.step = timed_step
+
+    def reset(self) -> None:
+        self.prefill_s, self.decode_s, self.decode_steps = 0.0, 0.0, 0
+
+    def decode_step_s(self) -> float:
+        return self.decode_s / max(self.decode_steps, 1)
+
+
 def hf_generate(model, prompts: list[list[int]], max_new: int, pad_id: int):
     """One left-padded batch through transformers generate, greedy, exactly max_new tokens each."""
     width = max(map(len, prompts))
@@ -152,23 +181,30 @@ def main() -> int:
         return prompts, [NEW_TOKENS_32] * len(prompts)
 
     llm = LLM(a.model)
+    phases = PhaseTimer(llm.engine)
     warm, warm_tokens = workload()
     hf_generate(hf, warm, max(warm_tokens), 0)
     llm.generate(warm, [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in warm_tokens])
-    hf_rates, ours_rates, equal = [], [], 0
+    hf_rates, ours_rates, equal, split = [], [], 0, []
     for _ in range(REPEATS_32):
         prompts, max_tokens = workload()
         useful = sum(max_tokens)
         params32 = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in max_tokens]
         hf_outs, hf_s = timed(lambda: hf_generate(hf, prompts, max(max_tokens), 0))
+        _, hf_prefill_s = timed(lambda: hf_generate(hf, prompts, 1, 0))  # its padded prefill and first token
+        phases.reset()
         outs, ours_s = timed(lambda: llm.generate(prompts, params32))
         hf_rates.append(useful / hf_s)
         ours_rates.append(useful / ours_s)
         equal += sum(o.token_ids == h[:m].tolist() for o, h, m in zip(outs, hf_outs, max_tokens))
+        split.append({"ours_prefill_s": phases.prefill_s, "ours_decode_step_s": phases.decode_step_s(),
+                      "transformers_prefill_s": hf_prefill_s,
+                      "transformers_decode_step_s": (hf_s - hf_prefill_s) / (max(max_tokens) - 1)})
     results["batch32_ours_tokens_per_s"] = statistics.median(ours_rates)
     results["batch32_transformers_tokens_per_s"] = statistics.median(hf_rates)
     results["batch32_ratios"] = [o / h for o, h in zip(ours_rates, hf_rates)]
     results["batch32_outputs_equal"] = f"{equal}/{32 * REPEATS_32}"
+    results["batch32_phases"] = split
 
     r = results
     rows = [
@@ -185,6 +221,14 @@ def main() -> int:
           f"greedy outputs equal to transformers: batch 1 {r['batch1_matches_transformers']}, "
           f"32 concurrent {r['batch32_outputs_equal']}; 32-concurrent ratio per repeat: "
           + " / ".join(f"{x:.2f}x" for x in r["batch32_ratios"]))
+    print("\nwhere the 32-concurrent time goes (medians of the workloads): prefill = the steps that compute prompt "
+          "tokens, with the decodes beside them (transformers: its generate of one token); decode step = one step "
+          "of only decodes (transformers: the rest of its generate, per token)")
+    print("| phase | moeserve | transformers | ratio |\n|---|---|---|---|")
+    for name, key, unit in (("prefill", "prefill_s", 1), ("decode step", "decode_step_s", 1e3)):
+        ours, theirs = (statistics.median(w[f"{side}_{key}"] for w in split) for side in ("ours", "transformers"))
+        label = "s" if unit == 1 else "ms"
+        print(f"| {name}, {label} | {ours * unit:.3f} | {theirs * unit:.3f} | {theirs / ours:.2f}x |")
     steal.finish(results, a.json)
     return 0
 
