@@ -7,7 +7,7 @@ import time
 EXAMPLES = """\
 examples:
   moeserve info --model ./DeepSeek-V3            # shapes, experts, KV-cache bytes per token
-  moeserve generate --prompt "def fibonacci(" --mtp   # the shipped demo model
+  moeserve generate "def fibonacci(" --mtp       # the shipped demo model
   moeserve generate --model CKPT --prompt-ids 1,2,3 --max-tokens 16 --temperature 0 --json
   moeserve quantize --model CKPT --output CKPT-fp8  # BF16 -> FP8 e4m3, 128x128 block scales
 """
@@ -51,8 +51,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from moeserve.cluster import LLM, SamplingParams
     from moeserve.kernels.errors import InputError
 
+    if a.text is not None:
+        if a.prompt is not None:
+            raise InputError("give the prompt once: as the argument or as --prompt, not both")
+        a.prompt = a.text
     if (a.prompt is None) == (a.prompt_ids is None):
-        raise InputError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+        raise InputError("give exactly one of PROMPT (or --prompt TEXT) or --prompt-ids 1,2,3")
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
@@ -300,12 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Load a checkpoint into the single-process engine (paged latent KV cache, "
                                    "optional MTP speculation) and generate, streaming the text as it comes."
-                                   "\n\nexamples:\n  moeserve generate --prompt \"def fibonacci(\" --mtp\n"
+                                   "\n\nexamples:\n  moeserve generate \"def fibonacci(\" --mtp\n"
                                    "  moeserve generate --model CKPT --prompt-ids 1,2,3 --max-tokens 16 "
                                    "--temperature 0 --json\n  moeserve generate --model CKPT --device cuda --prompt \"import os\"\n"
                                    "  moeserve generate --model CKPT --device cuda --moe-kernel triton --no-cuda-graphs "
                                    "--prompt \"import os\"")
     _add_model(p, required=False)
+    p.add_argument("text", nargs="?", metavar="PROMPT", help="prompt text, the same as --prompt")
     p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
     p.add_argument("--prompt-ids", type=_token_ids, metavar="IDS", help="prompt as token ids, e.g. 1,2,3")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")

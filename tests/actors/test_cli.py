@@ -35,6 +35,20 @@ def test_generate_json_equals_the_library(checkpoints, capsys):
     assert printed["prompt_token_ids"] == [1, 2, 3] and printed["finish_reason"] in ("length", "stop")
 
 
+def test_the_prompt_as_an_argument_is_the_prompt_option(capsys):
+    """`moeserve generate "text"`, as a newcomer types it, generates what `--prompt "text"` does."""
+    from moeserve.cluster import DEMO_MODEL
+    argv = ["--model", str(DEMO_MODEL), "--max-tokens", "4", "--json"]
+    assert main(["generate", "def fibonacci("] + argv) == 0
+    positional = json.loads(capsys.readouterr().out)
+    assert main(["generate", "--prompt", "def fibonacci("] + argv) == 0
+    option = json.loads(capsys.readouterr().out)
+    assert positional["prompt_token_ids"] == option["prompt_token_ids"] and len(option["prompt_token_ids"]) > 1
+    assert positional["token_ids"] == option["token_ids"]
+    assert main(["generate", "def f(", "--prompt", "def g("] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "give the prompt once" in err and "\n" not in err
+
 def test_info_reports_kv_bytes(capsys):
     assert main(["info", "--model", "tests/data/deepseek_v3_config.json", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
