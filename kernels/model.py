@@ -97,6 +97,16 @@ def packing_of(valid: Optional[torch.Tensor]) -> Optional[Packing]:
     return Packing(valid.flatten().nonzero().squeeze(1), tuple(valid.shape))
 
 
+def embedding(vocab_size: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, its weight drawn from N(0, 1) as nn.Embedding's own, except on the meta device, where load_model
+    builds the model and the checkpoint's weight replaces it: drawing there imports torch._dynamo (normal_ has no
+    meta kernel but a Python reference behind torch._compile), 2-3 s of CPU in every process that loads a model."""
+    weight = torch.empty(vocab_size, dim)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(vocab_size, dim, _weight=weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -414,7 +424,7 @@ class MTP(nn.Module):
 
     def __init__(self, layer_id: int, args: ModelArgs, experts: Optional[ExpertTransport]):
         super().__init__()
-        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.embed = embedding(args.vocab_size, args.dim)
         self.enorm = RMSNorm(args.dim, args.rms_norm_eps)
         self.hnorm = RMSNorm(args.dim, args.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False)
@@ -447,7 +457,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         make_experts = make_experts or local_experts_factory(args)
-        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.embed = embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(
             Block(i, args, make_experts(i) if args.is_moe_layer(i) else None) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.rms_norm_eps)

@@ -14,9 +14,10 @@ from .args import ModelArgs
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies, [qk_rope_head_dim // 2]. With YaRN, low frequencies (long wavelengths) are
     interpolated by `rope_factor`, high ones kept, with a linear ramp between `beta_slow` and `beta_fast`
-    rotations over the original context."""
+    rotations over the original context. Computed on the CPU whatever the default device (the caller moves them):
+    under the meta device, where load_model builds the model, arange would import torch._dynamo (2-3 s)."""
     dim, base = args.qk_rope_head_dim, args.rope_theta
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
     if args.rope_type != "yarn":
         return freqs
 
@@ -27,7 +28,7 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     high = min(math.ceil(correction_dim(args.beta_slow)), dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
     keep = 1 - ramp  # 1 where the original frequency is kept (extrapolated)
     return freqs / args.rope_factor * (1 - keep) + freqs * keep
 

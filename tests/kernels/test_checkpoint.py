@@ -136,3 +136,18 @@ def test_a_16_bit_dtype_that_kills_the_cpu_is_refused_with_what_to_do(monkeypatc
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
     load.check_cpu_dtype(torch.bfloat16)
     load._probe_cpu_matmul.cache_clear()
+
+
+def test_loading_a_model_imports_no_compiler_stack():
+    """load_model builds the model on the meta device, where an embedding's random init or an arange runs through
+    torch's Python references, which import torch._dynamo: 2-3 s of CPU in every process that loads a model (each
+    of a cluster's attention shards, every `LLM`). A fresh interpreter, so that no other test's import counts."""
+    import subprocess
+    import sys
+    code = ("import sys, torch\nfrom moeserve.cluster import DEMO_MODEL\nfrom moeserve.kernels.load import load_model\n"
+            "model = load_model(DEMO_MODEL, torch.float32)\n"
+            "assert model.embed.weight.device.type == 'cpu' and model.inv_freq.device.type == 'cpu'\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
