@@ -13,6 +13,9 @@ examples:
 """
 
 
+DEFAULT_CLUSTER_PROMPT = "def fibonacci("
+
+
 def _dtype(name: str):
     import torch
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -177,6 +180,13 @@ def _print_placement(where: dict) -> None:
 def cmd_cluster(a: argparse.Namespace) -> int:
     from moeserve.actors.cluster import Cluster
     from moeserve.cluster import SamplingParams
+    from moeserve.kernels.errors import InputError
+    if a.text is not None and a.prompt is not None:
+        raise InputError("give the prompt once: as the argument or as --prompt, not both")
+    prompt = a.text if a.text is not None else a.prompt
+    if a.action == "up" and prompt is not None:
+        raise InputError("`cluster up` takes no prompt; `moeserve cluster generate PROMPT` runs one")
+    prompt = DEFAULT_CLUSTER_PROMPT if prompt is None else prompt
     cfg = _cluster_config(a)
     pools = "" if cfg.shared_expert_groups else " (and as many for the prefill shards alone)"
     print(f"starting {cfg.prefill_shards} prefill + {cfg.decode_shards} decode shards and {cfg.expert_groups} expert "
@@ -187,8 +197,8 @@ def cmd_cluster(a: argparse.Namespace) -> int:
         _print_placement(cluster.where)
         if a.action == "generate":
             params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed)
-            out = cluster.generate([a.prompt], params)[0]
-            print(a.prompt + (out.text if out.text is not None else " ".join(map(str, out.token_ids))))
+            out = cluster.generate([prompt], params)[0]
+            print(prompt + (out.text if out.text is not None else " ".join(map(str, out.token_ids))))
             stats = cluster.stats()
             b = stats["bytes"]
             print(f"inter-node bytes measured {b['measured']['inter_node']:,} / planned {b['planned']['inter_node']:,};"
@@ -355,12 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start expert groups and prefill/decode attention shards as Ray actors, "
                                    "placed on the topology's nodes, and report where each landed.\n\n"
                                    "examples:\n  moeserve cluster up                       # demo model, default "
-                                   "layout, local Ray\n  moeserve cluster generate --prompt 'def f('\n"
+                                   "layout, local Ray\n  moeserve cluster generate 'def f('\n"
                                    "  moeserve cluster up --config cluster.yaml --address HOST:6379")
     p.add_argument("action", choices=["up", "generate"], help="up: run until Ctrl-C; generate: one prompt, then stop")
     p.add_argument("--config", metavar="YAML", help="cluster config (default: the demo model on cpu-local)")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
-    p.add_argument("--prompt", default="def fibonacci(", help="prompt for `generate`")
+    p.add_argument("text", nargs="?", metavar="PROMPT",
+                   help=f"prompt for `generate`, the same as --prompt (default: {DEFAULT_CLUSTER_PROMPT!r})")
+    p.add_argument("--prompt", help="prompt for `generate`")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)

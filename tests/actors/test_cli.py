@@ -49,6 +49,25 @@ def test_the_prompt_as_an_argument_is_the_prompt_option(capsys):
     err = capsys.readouterr().err.strip()
     assert "give the prompt once" in err and "\n" not in err
 
+
+def test_cluster_generate_prints_the_engines_text_for_its_prompt_argument(tmp_path):
+    """`moeserve cluster generate "text" --config YAML`: the layout of the YAML (two expert groups, the faster to
+    start) on a local Ray, in a process of its own that starts and stops it, prints the prompt and the single-process
+    engine's greedy continuation; `up` refuses a prompt."""
+    from moeserve.cluster import DEMO_MODEL, LLM, SamplingParams
+    config = tmp_path / "cluster.yaml"
+    config.write_text("expert_groups: 2\nredundant_experts: 0\ntopology: {name: two-by-one, nodes: 2, "
+                      "gpus_per_node: 1, nics_per_node: 1, planes: 1, intra_node_gbps: 10, nic_gbps: 1}\n")
+    prompt = "def fibonacci("
+    expected = LLM(DEMO_MODEL).generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0].text
+    out = subprocess.run([sys.executable, "-m", "moeserve.actors.cli", "cluster", "generate", prompt, "--config",
+                          str(config), "--max-tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "expert-group-1" in out.stdout and "expert-group-2" not in out.stdout  # the YAML's layout
+    assert out.stdout.endswith(prompt + expected + "\n"), (out.stdout[-300:], expected)
+    assert "ready in" in out.stderr and "inter-node bytes measured" in out.stderr
+    assert main(["cluster", "up", prompt]) == 2
+
 def test_info_reports_kv_bytes(capsys):
     assert main(["info", "--model", "tests/data/deepseek_v3_config.json", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
