@@ -3,6 +3,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Optional
 
 EXAMPLES = """\
 examples:
@@ -50,15 +51,20 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt_text(a: argparse.Namespace) -> Optional[str]:
+    """The prompt text given as the command's argument or as --prompt (not both), or None."""
+    from moeserve.kernels.errors import InputError
+    if a.text is not None and a.prompt is not None:
+        raise InputError("give the prompt once: as the argument or as --prompt, not both")
+    return a.text if a.text is not None else a.prompt
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     from moeserve.cluster import LLM, SamplingParams
     from moeserve.kernels.errors import InputError
 
-    if a.text is not None:
-        if a.prompt is not None:
-            raise InputError("give the prompt once: as the argument or as --prompt, not both")
-        a.prompt = a.text
-    if (a.prompt is None) == (a.prompt_ids is None):
+    text = _prompt_text(a)
+    if (text is None) == (a.prompt_ids is None):
         raise InputError("give exactly one of PROMPT (or --prompt TEXT) or --prompt-ids 1,2,3")
     if a.threads:
         import torch
@@ -68,15 +74,15 @@ def cmd_generate(a: argparse.Namespace) -> int:
     loaded = time.perf_counter()
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             seed=a.seed, ignore_eos=a.ignore_eos, logprobs=0)
-    prompt = a.prompt_ids if a.prompt_ids is not None else a.prompt
+    prompt = a.prompt_ids if a.prompt_ids is not None else text
     if a.json:
         out = llm.generate([prompt], params)[0]
         print(json.dumps({"prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids, "text": out.text,
                           "logprobs": out.logprobs, "finish_reason": out.finish_reason,
                           "mtp": {"drafts": out.drafts_proposed, "accepted": out.drafts_accepted} if a.mtp else None}))
         return 0
-    if a.prompt is not None:
-        print(a.prompt, end="", flush=True)
+    if text is not None:
+        print(text, end="", flush=True)
     out = None
     for out in llm.stream(prompt, params):  # print text as it is generated
         print(out.new_text if out.text is not None else " ".join(map(str, out.new_token_ids)) + " ", end="", flush=True)
@@ -181,9 +187,7 @@ def cmd_cluster(a: argparse.Namespace) -> int:
     from moeserve.actors.cluster import Cluster
     from moeserve.cluster import SamplingParams
     from moeserve.kernels.errors import InputError
-    if a.text is not None and a.prompt is not None:
-        raise InputError("give the prompt once: as the argument or as --prompt, not both")
-    prompt = a.text if a.text is not None else a.prompt
+    prompt = _prompt_text(a)
     if a.action == "up" and prompt is not None:
         raise InputError("`cluster up` takes no prompt; `moeserve cluster generate PROMPT` runs one")
     prompt = DEFAULT_CLUSTER_PROMPT if prompt is None else prompt

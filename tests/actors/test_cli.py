@@ -68,6 +68,7 @@ def test_cluster_generate_prints_the_engines_text_for_its_prompt_argument(tmp_pa
     assert "ready in" in out.stderr and "inter-node bytes measured" in out.stderr
     assert main(["cluster", "up", prompt]) == 2
 
+
 def test_info_reports_kv_bytes(capsys):
     assert main(["info", "--model", "tests/data/deepseek_v3_config.json", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
