@@ -291,8 +291,9 @@ class Ingress:
             return None, _error(400, "request body is nested too deeply")
         except ValidationError as e:
             first = e.errors()[0]
-            field = ".".join(str(x) for x in first["loc"])
-            return None, _error(400, f"{field}: {first['msg']}")
+            field = ".".join(str(x) for x in first["loc"])  # empty for a check of the whole body
+            message = first["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's refusal
+            return None, _error(400, f"{field}: {message}" if field else message)
         if parsed.model != self.model_name:
             return None, _error(404, f"model {parsed.model!r} does not exist; this server serves "
                                      f"{self.model_name!r}", code="model_not_found")

@@ -7,7 +7,8 @@ import time
 import uuid
 from typing import Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator,
+                      model_validator)
 
 from moeserve.kernels.errors import InputError
 
@@ -15,6 +16,31 @@ from ..sampling_params import SamplingParams
 from . import defaults
 
 Number = Union[StrictInt, StrictFloat]  # JSON numbers, not strings or booleans
+
+# OpenAI's (and vLLM's) fields that would change the output but that moeserve does not implement, with the values
+# that leave the output as it is: a request may send those (clients often do), any other value is a 400 rather
+# than an answer that silently ignores what was asked.
+UNSUPPORTED = {
+    "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,), "logit_bias": ({},),
+    "min_p": (0,), "min_tokens": (0,), "guided_json": (), "guided_regex": (), "guided_choice": (),
+    "guided_grammar": (),
+}
+UNSUPPORTED_COMPLETION = {"best_of": (1,), "suffix": ("",)}
+UNSUPPORTED_CHAT = {
+    "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "response_format": ({"type": "text"},), "modalities": (["text"],), "audio": (), "prediction": (),
+}
+
+
+def refuse_unsupported(data, unsupported: dict) -> None:
+    """A 400 naming the first field of `unsupported` given a value other than null or one that changes nothing."""
+    if not isinstance(data, dict):
+        return
+    for name, harmless in unsupported.items():
+        value = data.get(name)
+        if value is not None and not any(value == h and type(value) is not bool for h in harmless):
+            allowed = " or ".join(["null", *(json.dumps(h) for h in harmless)])
+            raise ValueError(f"{name} is not supported by moeserve; leave it out (or give {allowed})")
 
 
 class _Request(BaseModel):
@@ -29,6 +55,18 @@ class _Request(BaseModel):
     stream: StrictBool = False
     n: StrictInt = 1
     ignore_eos: StrictBool = False  # an extension (as in vLLM): keep generating past the end-of-sequence token
+    top_k: StrictInt = 0            # an extension (as in vLLM, and the gRPC field): 0 (or -1, vLLM's) = no cut
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        refuse_unsupported(data, UNSUPPORTED)
+        return data
+
+    @field_validator("top_k")
+    @classmethod
+    def _minus_one_is_off(cls, top_k):
+        return 0 if top_k == -1 else top_k
 
     @field_validator("n")
     @classmethod
@@ -41,13 +79,19 @@ class _Request(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return defaults.sampling_params(max_tokens=self.max_tokens, default_max_tokens=default_max_tokens,
                                         temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,
-                                        logprobs=logprobs, ignore_eos=self.ignore_eos)
+                                        top_k=self.top_k, logprobs=logprobs, ignore_eos=self.ignore_eos)
 
 
 class CompletionRequest(_Request):
     prompt: Union[StrictStr, list[StrictInt], list[StrictStr]]
     logprobs: Optional[StrictInt] = None
     echo: StrictBool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported_here(cls, data):
+        refuse_unsupported(data, UNSUPPORTED_COMPLETION)
+        return data
 
     def prompt_value(self) -> Union[str, list[int]]:
         if self.echo:
@@ -84,6 +128,12 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: Optional[StrictInt] = None
     logprobs: StrictBool = False
     top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported_here(cls, data):
+        refuse_unsupported(data, UNSUPPORTED_CHAT)
+        return data
 
     def sampling_params(self, default_max_tokens: int, logprobs: Optional[int] = None) -> SamplingParams:
         if self.max_completion_tokens is not None:  # the newer name of max_tokens

@@ -125,12 +125,37 @@ def test_grpc_unary_and_stream_equal_the_engine(server, engine):
     (b'{"model": "moeserve-demo", "prompt": "x", "temperature": 1e-310}', 400, "use 0 for greedy"),
     (b'{"model": "moeserve-demo", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b'}', 400, "nested too deeply"),
     (b'{"model": "moeserve-demo", "prompt": "\\ud800"}', 400, "not valid Unicode"),
+    (b'{"model": "moeserve-demo", "prompt": "x", "presence_penalty": 0.5}', 400, "presence_penalty is not supported"),
+    (b'{"model": "moeserve-demo", "prompt": "x", "best_of": 3}', 400, "best_of is not supported"),
+    (b'{"model": "moeserve-demo", "prompt": "x", "logit_bias": {"7": 100}}', 400, "logit_bias is not supported"),
 ])
 def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, body, status, message):
     code, payload = post("/v1/completions", body)
     assert code == status and message in payload["error"]["message"]
     code, payload = post("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2}).encode())
     assert code == 200 and payload["usage"]["completion_tokens"] == 2
+
+
+def test_chat_refuses_what_it_would_ignore_and_takes_the_values_that_change_nothing(client, engine):
+    messages = [{"role": "user", "content": "def f("}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    for extra in ({"tools": tools}, {"response_format": {"type": "json_object"}}, {"frequency_penalty": 1.0}):
+        with pytest.raises(openai.BadRequestError, match=f"{next(iter(extra))} is not supported"):
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, **extra)
+    harmless = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0, tools=[],
+                                              tool_choice="none", response_format={"type": "text"},
+                                              presence_penalty=0, frequency_penalty=0, logit_bias={}, user="u")
+    ids = engine.tokenizer.apply_chat_template(messages)
+    assert harmless.choices[0].message.content == greedy(engine, ids, 8).text
+
+
+def test_top_k_extension_cuts_the_draw(client, engine):
+    # top_k 1 leaves one token to draw from: any seed and temperature give the argmax, the engine's greedy text
+    texts = {client.completions.create(model=MODEL, prompt="import", max_tokens=12, temperature=1.5, seed=seed,
+                                       extra_body={"top_k": 1}).choices[0].text for seed in (0, 1)}
+    assert texts == {greedy(engine, "import", 12).text}
+    code, payload = post("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "top_k": -2}).encode())
+    assert code == 400 and "top_k" in payload["error"]["message"]
 
 
 def test_a_full_queue_answers_429(server):
