@@ -9,6 +9,7 @@ gRPC metadata and travels on into the shards, which add prefill and decode spans
 (dispatch and combine time).
 """
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -163,6 +164,41 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", code:
     return JSONResponse(oa.error_body(message, kind, code=code), status_code=status)
 
 
+async def merged(runs: list) -> AsyncIterator[tuple]:
+    """(i, item) from several async iterators as their items come (one alone is read directly). The first error
+    of any ends all of them; so does closing this (their requests end, as a closed stream's does)."""
+    if len(runs) == 1:
+        async with contextlib.aclosing(runs[0]) as run:
+            async for item in run:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, run) -> None:
+        try:
+            async with contextlib.aclosing(run):
+                async for item in run:
+                    queue.put_nowait((i, item, None))
+            queue.put_nowait((i, None, None))
+        except Exception as e:
+            queue.put_nowait((i, None, e))
+
+    tasks = [asyncio.ensure_future(pump(i, run)) for i, run in enumerate(runs)]
+    try:
+        for _ in range(len(runs)):
+            while True:
+                i, item, error = await queue.get()
+                if error is not None:
+                    raise error
+                if item is None:
+                    break  # run i ended
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 # Serve pickles the class by value when it is decorated: whatever its methods use is defined above it.
 @serve.deployment(max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
@@ -193,12 +229,15 @@ class Ingress:
 
     # ---- the common path ------------------------------------------------------------------------------------
 
-    def _admit(self) -> "Admission":
-        """Count a request in flight from the moment it is accepted (a stream's body runs later, so counting there
-        would let a burst of streams past the limit)."""
-        if self.inflight >= self.max_pending:
+    def _admit(self, n: int = 1) -> list["Admission"]:
+        """Count a request's n choices in flight from the moment it is accepted (a stream's body runs later, so
+        counting there would let a burst of streams past the limit); all of them or none."""
+        if n > self.max_pending:
+            raise InputError(f"n={n} choices exceed the server's limit of {self.max_pending} requests in flight "
+                             "(--max-pending); ask for fewer")
+        if self.inflight + n > self.max_pending:
             raise OverflowError(f"the server is at its limit of {self.max_pending} requests in flight; retry later")
-        return Admission(self)
+        return [Admission(self) for _ in range(n)]
 
     async def _deltas(self, tokens: list[int], params: SamplingParams, carrier: dict, admission: "Admission",
                       increments: bool = True) -> AsyncIterator[tuple]:
@@ -318,7 +357,8 @@ class Ingress:
                 tokens = encode_prompt(self.tokenizer, parsed.prompt_value())
                 params = parsed.sampling_params(self._default_max_tokens(tokens), parsed.logprobs)
             self.client.check(tokens, params)
-            admission = self._admit()
+            choices = oa.choice_params(params, parsed.n)
+            admissions = self._admit(len(choices))
         except InputError as e:
             self.metrics.requests.labels(endpoint, "400").inc()
             return _error(400, str(e))
@@ -328,35 +368,49 @@ class Ingress:
         rid = oa.completion_id("chatcmpl" if chat else "cmpl")
         carrier = dict(request.headers)
         self.metrics.requests.labels(endpoint, "200").inc()
+        runs = [self._deltas(tokens, p, carrier, a, increments=parsed.stream) for p, a in zip(choices, admissions)]
         if parsed.stream:
-            return StreamingResponse(self._sse(tokens, params, carrier, rid, chat, admission),
+            return StreamingResponse(self._sse(runs, tokens, params, rid, chat, admissions),
                                      media_type="text/event-stream")
-        text, final = "", None
-        async for delta, added in self._deltas(tokens, params, carrier, admission, increments=False):
-            text, final = text + added, delta
-        make = oa.chat_response if chat else oa.completion_response
-        lp = self._logprobs(chat, params, final.token_ids, final.logprobs, final.top_logprobs)
-        return make(rid, self.model_name, text, final.finish_reason, len(tokens), len(final.token_ids), lp)
+        texts, finals = [""] * len(runs), [None] * len(runs)
+        async for i, (delta, added) in merged(runs):
+            texts[i], finals[i] = texts[i] + added, delta
+        make = oa.chat_choice if chat else oa.completion_choice
+        return oa.response(
+            rid, self.model_name, chat,
+            [make(i, text, final.finish_reason, self._logprobs(chat, params, final.token_ids, final.logprobs,
+                                                                final.top_logprobs))
+             for i, (text, final) in enumerate(zip(texts, finals))],
+            oa.usage(len(tokens), sum(len(final.token_ids) for final in finals)))
 
     def _default_max_tokens(self, tokens: list[int]) -> int:
         return defaults.max_tokens(len(tokens), self.args.max_seq_len)
 
-    async def _sse(self, tokens, params, carrier, rid, chat: bool, admission: "Admission"):
+    async def _sse(self, runs: list, tokens: list[int], params: SamplingParams, rid: str, chat: bool,
+                   admissions: list["Admission"]):
+        """The events of a streamed request: each choice's chunks as its steps come, and `usage` (every choice's
+        tokens) on the chunk that finishes the last choice."""
         try:
             if chat:
-                yield oa.sse_event(oa.chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}))
-            async for delta, added in self._deltas(tokens, params, carrier, admission):
-                done = delta.finish_reason is not None
-                use = oa.usage(len(tokens), len(delta.token_ids)) if done else None
+                for i in range(len(runs)):
+                    yield oa.sse_event(oa.chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""},
+                                                     index=i))
+            unfinished, completion_tokens = len(runs), 0
+            async for i, (delta, added) in merged(runs):
+                if delta.finish_reason is not None:
+                    unfinished, completion_tokens = unfinished - 1, completion_tokens + len(delta.token_ids)
+                use = oa.usage(len(tokens), completion_tokens) if not unfinished else None
                 lp = self._logprobs(chat, params, delta.new_token_ids, delta.logprobs, delta.top_logprobs)
                 if chat:
                     yield oa.sse_event(oa.chat_chunk(rid, self.model_name, {"content": added} if added else {},
-                                                     delta.finish_reason, use, lp))
+                                                     delta.finish_reason, use, lp, index=i))
                 else:
-                    yield oa.sse_event(oa.completion_chunk(rid, self.model_name, added, delta.finish_reason, use, lp))
+                    yield oa.sse_event(oa.completion_chunk(rid, self.model_name, added, delta.finish_reason, use, lp,
+                                                           index=i))
             yield "data: [DONE]\n\n"
         finally:
-            admission.release()  # a stream whose client left before it began never ran `_deltas`
+            for admission in admissions:  # a stream whose client left before it began never ran `_deltas`
+                admission.release()
 
     # ---- HTTP routes ----------------------------------------------------------------------------------------
 
@@ -411,7 +465,7 @@ class Ingress:
                 temperature=given("temperature"), top_p=given("top_p"), seed=given("seed"), top_k=request.top_k,
                 stop=list(request.stop), ignore_eos=request.ignore_eos)
             self.client.check(tokens, params)
-            admission = self._admit()
+            admission, = self._admit()
             self.metrics.requests.labels(endpoint, "OK").inc()
             return tokens, params, admission
         except InputError as e:

@@ -2,6 +2,7 @@
 and their translation to and from moeserve's own types. Unknown fields are ignored, as OpenAI's clients send
 some we do not use; known fields of the wrong type or out of range are a 400 naming the field. A field left out
 takes the default every protocol shares (`defaults.py`)."""
+import dataclasses
 import json
 import time
 import uuid
@@ -12,7 +13,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 
 from moeserve.kernels.errors import InputError
 
-from ..sampling_params import SamplingParams
+from ..sampling_params import SEED_RANGE, SamplingParams
 from . import defaults
 
 Number = Union[StrictInt, StrictFloat]  # JSON numbers, not strings or booleans
@@ -30,6 +31,19 @@ UNSUPPORTED_CHAT = {
     "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
     "response_format": ({"type": "text"},), "modalities": (["text"],), "audio": (), "prediction": (),
 }
+
+
+MAX_CHOICES = 16  # `n`: each choice is a request of its own to the cluster
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """One SamplingParams per choice of a request for `n`. A seeded request's choice i draws with seed + i (wrapped
+    into the seed range), so choice 0 is what the same request with n=1 gives, and the choices differ from each
+    other; unseeded choices each draw afresh."""
+    if params.seed is None:
+        return [params] + [dataclasses.replace(params) for _ in range(n - 1)]
+    low, high = SEED_RANGE
+    return [dataclasses.replace(params, seed=(params.seed + i - low) % (high - low + 1) + low) for i in range(n)]
 
 
 def refuse_unsupported(data, unsupported: dict) -> None:
@@ -70,9 +84,9 @@ class _Request(BaseModel):
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, n):
-        if n != 1:
-            raise ValueError("only n=1 is supported")
+    def _choices_in_range(cls, n):
+        if not 1 <= n <= MAX_CHOICES:
+            raise ValueError(f"must be between 1 and {MAX_CHOICES}, got {n}")
         return n
 
     def sampling_params(self, default_max_tokens: int, logprobs: Optional[int]) -> SamplingParams:
@@ -181,34 +195,34 @@ def chat_logprobs(token_text: Callable[[int], str], token_ids: list[int], logpro
                         for i, (t, lp) in enumerate(zip(token_ids, logprobs))]}
 
 
-def completion_response(rid: str, model: str, text: str, finish_reason: Optional[str], prompt_tokens: int,
-                        completion_tokens: int, logprobs: Optional[dict] = None) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+def completion_choice(index: int, text: str, finish_reason: Optional[str], logprobs: Optional[dict] = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_response(rid: str, model: str, text: str, finish_reason: Optional[str], prompt_tokens: int,
-                  completion_tokens: int, logprobs: Optional[dict] = None) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                         "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+def chat_choice(index: int, text: str, finish_reason: Optional[str], logprobs: Optional[dict] = None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish_reason}
+
+
+def response(rid: str, model: str, chat: bool, choices: list[dict], usage_: dict) -> dict:
+    """A whole (not streamed) response of either endpoint; `choices` from completion_choice or chat_choice."""
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": usage_}
 
 
 def completion_chunk(rid: str, model: str, text: str, finish_reason: Optional[str] = None,
-                     usage_: Optional[dict] = None, logprobs: Optional[dict] = None) -> dict:
+                     usage_: Optional[dict] = None, logprobs: Optional[dict] = None, index: int = 0) -> dict:
     chunk = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-             "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+             "choices": [completion_choice(index, text, finish_reason, logprobs)]}
     if usage_ is not None:
         chunk["usage"] = usage_
     return chunk
 
 
 def chat_chunk(rid: str, model: str, delta: dict, finish_reason: Optional[str] = None,
-               usage_: Optional[dict] = None, logprobs: Optional[dict] = None) -> dict:
+               usage_: Optional[dict] = None, logprobs: Optional[dict] = None, index: int = 0) -> dict:
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if usage_ is not None:
         chunk["usage"] = usage_
     return chunk

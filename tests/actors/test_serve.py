@@ -158,6 +158,39 @@ def test_top_k_extension_cuts_the_draw(client, engine):
     assert code == 400 and "top_k" in payload["error"]["message"]
 
 
+def test_n_choices_draw_as_requests_of_their_own(client, engine):
+    """Choice i of a seeded request for n is the engine's request with seed + i, streamed or not; usage counts
+    every choice's tokens."""
+    kw = dict(max_tokens=10, temperature=0.8, top_p=0.95)
+    expected = [engine.generate(["def add("], SamplingParams(seed=5 + i, ignore_eos=True, **kw))[0] for i in range(3)]
+    assert len({e.text for e in expected}) > 1
+    out = client.completions.create(model=MODEL, prompt="def add(", n=3, seed=5, extra_body={"ignore_eos": True}, **kw)
+    assert [(c.index, c.text) for c in out.choices] == [(i, e.text) for i, e in enumerate(expected)]
+    assert out.usage.completion_tokens == 30 and out.usage.prompt_tokens == len(expected[0].prompt_token_ids)
+    chunks = list(client.completions.create(model=MODEL, prompt="def add(", n=3, seed=5, stream=True,
+                                            extra_body={"ignore_eos": True}, **kw))
+    texts = ["", "", ""]
+    for chunk in chunks:
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert texts == [e.text for e in expected]
+    assert sum(c.choices[0].finish_reason is not None for c in chunks) == 3
+    assert chunks[-1].usage.completion_tokens == 30 and all(c.usage is None for c in chunks[:-1])
+
+
+def test_n_greedy_chat_choices_are_the_engines_text(client, engine):
+    messages = [{"role": "user", "content": "import"}]
+    expected = greedy(engine, engine.tokenizer.apply_chat_template(messages), 8).text
+    out = client.chat.completions.create(model=MODEL, messages=messages, n=2, max_tokens=8, temperature=0)
+    assert [(c.index, c.message.content) for c in out.choices] == [(0, expected), (1, expected)]
+    texts = {0: "", 1: ""}
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, n=2, max_tokens=8, temperature=0,
+                                                stream=True):
+        texts[chunk.choices[0].index] += chunk.choices[0].delta.content or ""
+    assert texts == {0: expected, 1: expected}
+    code, payload = post("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "n": MAX_PENDING + 1}).encode())
+    assert code == 400 and "--max-pending" in payload["error"]["message"]
+
+
 def test_a_full_queue_answers_429(server):
     body = json.dumps({"model": MODEL, "prompt": "def f(", "max_tokens": 300, "temperature": 0,
                        "ignore_eos": True, "stream": True})
@@ -287,11 +320,12 @@ def test_the_local_cluster_listens_on_loopback_only_and_keeps_its_files_private(
     assert os.path.isdir(os.path.join(private, "ray"))  # Ray's own tree (world-writable) sits inside it
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_sequence(server):
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_client_that_disconnects_mid_stream_frees_its_sequence(server, n):
     conn = http.client.HTTPConnection("127.0.0.1", HTTP_PORT, timeout=60)
     conn.request("POST", "/v1/completions", headers={"content-type": "application/json"},
                  body=json.dumps({"model": MODEL, "prompt": "def f(", "max_tokens": 400, "ignore_eos": True,
-                                  "stream": True}))
+                                  "stream": True, "n": n}))
     response = conn.getresponse()
     response.readline()  # the first event arrived: the request is decoding
     conn.close()
