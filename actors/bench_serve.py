@@ -1,8 +1,9 @@
 """`moeserve bench serve`: a load test of a running server over its OpenAI-compatible streaming API.
 
 Requests arrive as a Poisson process (--rate per second), at most --clients at a time, --requests in all, and
-the run stops at --duration seconds whatever is left. Only loopback addresses are accepted: this measures a
-server on this machine. Reports TTFT, TPOT and end-to-end latency percentiles and throughput.
+the run stops at --duration seconds whatever is left. Each request is greedy and generates exactly --max-tokens
+(EOS ignored), so that runs compare equal work. Only loopback addresses are accepted: this measures a server on
+this machine. Reports TTFT, TPOT and end-to-end latency percentiles and throughput.
 """
 import http.client
 import ipaddress
@@ -51,7 +52,9 @@ def _prompts(n: int, rng: random.Random) -> list[str]:
 def _one(host: str, port: int, model: str, prompt: str, max_tokens: int) -> Sample:
     start = time.perf_counter()
     conn = http.client.HTTPConnection(host, port, timeout=300)
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    # ignore_eos: every request generates max_tokens, so that runs compare equal work
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
     conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"content-type": "application/json"})
     response = conn.getresponse()
     if response.status != 200:
@@ -72,6 +75,12 @@ def _one(host: str, port: int, model: str, prompt: str, max_tokens: int) -> Samp
 
 
 def run(url: str, requests: int, clients: int, rate: float, max_tokens: int, duration: float, seed: int = 0) -> dict:
+    for name, value in (("requests", requests), ("clients", clients), ("max_tokens", max_tokens)):
+        if value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name, value in (("rate", rate), ("duration", duration)):
+        if not value > 0:
+            raise InputError(f"--{name} must be a positive number, got {value}")
     parsed = urlparse(url)
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 8000
     if not _loopback(host):

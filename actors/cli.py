@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=64, help="requests in all (default 64)")
     p.add_argument("--clients", type=int, default=16, help="requests in flight at most (default 16)")
     p.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second (default 4)")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens each request generates, EOS ignored (default 64)")
     p.add_argument("--duration", type=float, default=300.0, help="stop sending after this many seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")

@@ -15,6 +15,7 @@ openai = pytest.importorskip("openai")
 from moeserve.actors.serve import Server  # noqa: E402
 from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
 from moeserve.cluster.api.stubs import GenerationStub, pb2  # noqa: E402
+from moeserve.kernels.errors import InputError  # noqa: E402
 from tests import fuzz, netstat  # noqa: E402
 
 HTTP_PORT, GRPC_PORT, MAX_PENDING = 18431, 19431, 3
@@ -189,6 +190,22 @@ def test_n_greedy_chat_choices_are_the_engines_text(client, engine):
     assert texts == {0: expected, 1: expected}
     code, payload = post("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "n": MAX_PENDING + 1}).encode())
     assert code == 400 and "--max-pending" in payload["error"]["message"]
+
+
+def test_bench_serve_runs_its_requests_to_their_length_and_refuses_bad_settings(server, capsys):
+    from moeserve.actors import bench_serve, cli
+    url = f"http://127.0.0.1:{HTTP_PORT}"
+    assert cli.main(["bench", "serve", "--url", url, "--requests", "4", "--clients", str(MAX_PENDING),
+                     "--rate", "50", "--max-tokens", "6", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["requests_sent"], report["completed"], report["errors"]) == (4, 4, 0)
+    assert report["output_tokens_per_s"] * report["wall_s"] == pytest.approx(4 * 6)
+    assert 0 < report["ttft_s"]["p50"] <= report["e2e_s"]["p50"] and report["tpot_s"]["p50"] > 0
+    settings = dict(url=url, requests=2, clients=1, rate=1.0, max_tokens=2, duration=10.0)
+    for bad, message in (({"clients": 0}, "--clients must be at least 1"), ({"rate": 0.0}, "--rate must be"),
+                         ({"url": "http://192.0.2.1:8000"}, "not a loopback address")):
+        with pytest.raises(InputError, match=message):
+            bench_serve.run(**{**settings, **bad})
 
 
 def test_a_full_queue_answers_429(server):
