@@ -69,12 +69,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                            seed=a.seed, ignore_eos=a.ignore_eos, logprobs=0)
+    params.validate()  # before the model loads
     start = time.perf_counter()
     llm = LLM(a.model, dtype=a.dtype, mtp=a.mtp, device=a.device, moe_kernel=a.moe_kernel, cuda_graphs=a.cuda_graphs)
     loaded = time.perf_counter()
-    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                            seed=a.seed, ignore_eos=a.ignore_eos, logprobs=0)
     prompt = a.prompt_ids if a.prompt_ids is not None else text
+    llm.engine.check(llm.encode(prompt), params)  # before the prompt is echoed
     if a.json:
         out = llm.generate([prompt], params)[0]
         print(json.dumps({"prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids, "text": out.text,

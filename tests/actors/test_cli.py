@@ -83,9 +83,17 @@ def test_info_reports_kv_bytes(capsys):
 ])
 def test_bad_requests_are_one_line_errors(checkpoints, capsys, argv, message):
     path, _ = checkpoints("v3")
+    capsys.readouterr()  # the fixture's progress, where this test is the first to write the checkpoint
     assert main(["generate", "--model", str(path)] + argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and err.startswith("moeserve: error:")
+
+
+@pytest.mark.parametrize("argv", [["--max-tokens", "0"], ["--max-tokens", "5000"], ["--top-p", "2"]])
+def test_a_refused_request_prints_nothing_but_its_error(capsys, argv):
+    assert main(["generate", "def f("] + argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("moeserve: error:") and "\n" not in err.strip()
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
