@@ -193,6 +193,9 @@ def cmd_cluster(a: argparse.Namespace) -> int:
     if a.action == "up" and prompt is not None:
         raise InputError("`cluster up` takes no prompt; `moeserve cluster generate PROMPT` runs one")
     prompt = DEFAULT_CLUSTER_PROMPT if prompt is None else prompt
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed)
+    if a.action == "generate":
+        params.validate()  # before the cluster starts
     cfg = _cluster_config(a)
     pools = "" if cfg.shared_expert_groups else " (and as many for the prefill shards alone)"
     print(f"starting {cfg.prefill_shards} prefill + {cfg.decode_shards} decode shards and {cfg.expert_groups} expert "
@@ -202,7 +205,6 @@ def cmd_cluster(a: argparse.Namespace) -> int:
         print(f"ready in {time.perf_counter() - start:.1f}s", file=sys.stderr)
         _print_placement(cluster.where)
         if a.action == "generate":
-            params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed)
             out = cluster.generate([prompt], params)[0]
             print(prompt + (out.text if out.text is not None else " ".join(map(str, out.token_ids))))
             stats = cluster.stats()

@@ -89,9 +89,13 @@ def test_bad_requests_are_one_line_errors(checkpoints, capsys, argv, message):
     assert message in err and "\n" not in err and err.startswith("moeserve: error:")
 
 
-@pytest.mark.parametrize("argv", [["--max-tokens", "0"], ["--max-tokens", "5000"], ["--top-p", "2"]])
+@pytest.mark.parametrize("argv", [
+    ["generate", "def f(", "--max-tokens", "0"], ["generate", "def f(", "--max-tokens", "5000"],
+    ["generate", "def f(", "--top-p", "2"],
+    ["cluster", "generate", "def f(", "--max-tokens", "0"],  # refused before Ray starts
+])
 def test_a_refused_request_prints_nothing_but_its_error(capsys, argv):
-    assert main(["generate", "def f("] + argv) == 2
+    assert main(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("moeserve: error:") and "\n" not in err.strip()
 
