@@ -1,6 +1,8 @@
 """The real server (Ray Serve over the local cluster, demo model) through the clients users already have: the
 official `openai` client, a gRPC client from stubs generated from the repository's proto, and raw HTTP for
 the bad inputs. Outputs at temperature 0 equal the single-process engine's."""
+import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -206,6 +208,52 @@ def test_bench_serve_runs_its_requests_to_their_length_and_refuses_bad_settings(
                          ({"url": "http://192.0.2.1:8000"}, "not a loopback address")):
         with pytest.raises(InputError, match=message):
             bench_serve.run(**{**settings, **bad})
+
+
+def test_merged_choices_arrive_as_they_come_and_end_together():
+    """The merge of a request's choices: every item once, tagged with its run, in the order they were made; the
+    first error ends every run (their `finally` runs, as a request's abort does); closing early closes them all."""
+    from moeserve.actors.serve import merged
+
+    async def run(name, delays, fail_after=None):
+        try:
+            for k, delay in enumerate(delays):
+                await asyncio.sleep(delay)
+                if k == fail_after:
+                    raise ValueError(f"{name} failed")
+                log.append((name, k))
+                yield f"{name}{k}"
+        finally:
+            log.append((name, "closed"))
+
+    async def collect(runs, stop_after=None):
+        """The items, and which runs had closed by the time the merge ended (not later, when asyncio.run
+        cancels what is left)."""
+        got = []
+        try:
+            async with contextlib.aclosing(merged(runs)) as items:
+                async for item in items:
+                    got.append(item)
+                    if len(got) == stop_after:
+                        break
+        finally:
+            closed.extend(sorted(name for name, k in log if k == "closed"))
+        return got
+
+    log, closed = [], []
+    got = asyncio.run(collect([run("a", [0.03, 0.03]), run("b", [0.01, 0.04]), run("c", [0.05])]))
+    made = [(name, k) for name, k in log if k != "closed"]
+    assert got == [("abc".index(name), f"{name}{k}") for name, k in made] and len(got) == 5
+    assert closed == ["a", "b", "c"]
+    log, closed = [], []
+    with pytest.raises(ValueError, match="b failed"):
+        asyncio.run(collect([run("a", [0.01] * 100), run("b", [0.02, 0.02], fail_after=1)]))
+    assert closed == ["a", "b"] and len(log) < 20
+    log, closed = [], []
+    assert len(asyncio.run(collect([run("a", [0.01] * 100), run("b", [0.01] * 100)], stop_after=3))) == 3
+    assert closed == ["a", "b"] and len(log) < 20
+    log, closed = [], []
+    assert asyncio.run(collect([run("a", [0, 0])])) == [(0, "a0"), (0, "a1")] and closed == ["a"]
 
 
 def test_a_full_queue_answers_429(server):
