@@ -6,7 +6,7 @@ import dataclasses
 import json
 import time
 import uuid
-from typing import Callable, Literal, Optional, Union
+from typing import Callable, ClassVar, Literal, Optional, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator,
                       model_validator)
@@ -18,6 +18,8 @@ from . import defaults
 
 Number = Union[StrictInt, StrictFloat]  # JSON numbers, not strings or booleans
 
+MAX_CHOICES = 16  # `n`: each choice is a request of its own to the cluster
+
 # OpenAI's (and vLLM's) fields that would change the output but that moeserve does not implement, with the values
 # that leave the output as it is: a request may send those (clients often do), any other value is a 400 rather
 # than an answer that silently ignores what was asked.
@@ -26,24 +28,6 @@ UNSUPPORTED = {
     "min_p": (0,), "min_tokens": (0,), "guided_json": (), "guided_regex": (), "guided_choice": (),
     "guided_grammar": (),
 }
-UNSUPPORTED_COMPLETION = {"best_of": (1,), "suffix": ("",)}
-UNSUPPORTED_CHAT = {
-    "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
-    "response_format": ({"type": "text"},), "modalities": (["text"],), "audio": (), "prediction": (),
-}
-
-
-MAX_CHOICES = 16  # `n`: each choice is a request of its own to the cluster
-
-
-def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """One SamplingParams per choice of a request for `n`. A seeded request's choice i draws with seed + i (wrapped
-    into the seed range), so choice 0 is what the same request with n=1 gives, and the choices differ from each
-    other; unseeded choices each draw afresh."""
-    if params.seed is None:
-        return [params] + [dataclasses.replace(params) for _ in range(n - 1)]
-    low, high = SEED_RANGE
-    return [dataclasses.replace(params, seed=(params.seed + i - low) % (high - low + 1) + low) for i in range(n)]
 
 
 def refuse_unsupported(data, unsupported: dict) -> None:
@@ -52,13 +36,25 @@ def refuse_unsupported(data, unsupported: dict) -> None:
         return
     for name, harmless in unsupported.items():
         value = data.get(name)
-        if value is not None and not any(value == h and type(value) is not bool for h in harmless):
+        if value is not None and not any(not isinstance(value, bool) and value == h for h in harmless):
             allowed = " or ".join(["null", *(json.dumps(h) for h in harmless)])
             raise ValueError(f"{name} is not supported by moeserve; leave it out (or give {allowed})")
 
 
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """One SamplingParams per choice of a request for `n`, each a copy of its own. A seeded request's choice i
+    draws with seed + i (wrapped into the seed range), so choice 0 is what the same request with n=1 gives, and the
+    choices differ from each other; unseeded choices each draw afresh."""
+    low, high = SEED_RANGE
+
+    def seed(i: int) -> Optional[int]:
+        return None if params.seed is None else (params.seed + i - low) % (high - low + 1) + low
+    return [dataclasses.replace(params, seed=seed(i)) for i in range(n)]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    unsupported: ClassVar[dict] = UNSUPPORTED
 
     model: StrictStr
     max_tokens: Optional[StrictInt] = None
@@ -74,7 +70,7 @@ class _Request(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _refuse_unsupported(cls, data):
-        refuse_unsupported(data, UNSUPPORTED)
+        refuse_unsupported(data, cls.unsupported)
         return data
 
     @field_validator("top_k")
@@ -100,12 +96,7 @@ class CompletionRequest(_Request):
     prompt: Union[StrictStr, list[StrictInt], list[StrictStr]]
     logprobs: Optional[StrictInt] = None
     echo: StrictBool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unsupported_here(cls, data):
-        refuse_unsupported(data, UNSUPPORTED_COMPLETION)
-        return data
+    unsupported: ClassVar[dict] = {**UNSUPPORTED, "best_of": (1,), "suffix": ("",)}
 
     def prompt_value(self) -> Union[str, list[int]]:
         if self.echo:
@@ -142,12 +133,10 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: Optional[StrictInt] = None
     logprobs: StrictBool = False
     top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unsupported_here(cls, data):
-        refuse_unsupported(data, UNSUPPORTED_CHAT)
-        return data
+    unsupported: ClassVar[dict] = {
+        **UNSUPPORTED, "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+        "response_format": ({"type": "text"},), "modalities": (["text"],), "audio": (), "prediction": (),
+    }
 
     def sampling_params(self, default_max_tokens: int, logprobs: Optional[int] = None) -> SamplingParams:
         if self.max_completion_tokens is not None:  # the newer name of max_tokens
