@@ -120,12 +120,14 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: Union[StrictStr, list[TextPart]]
 
     def as_template_input(self) -> dict:
+        """The message as chat templates take it: "developer" (OpenAI's newer name for the system message) as
+        "system", which is the role the templates know."""
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": content}
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
 class ChatCompletionRequest(_Request):

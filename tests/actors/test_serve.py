@@ -150,6 +150,11 @@ def test_chat_refuses_what_it_would_ignore_and_takes_the_values_that_change_noth
                                               presence_penalty=0, frequency_penalty=0, logit_bias={}, user="u")
     ids = engine.tokenizer.apply_chat_template(messages)
     assert harmless.choices[0].message.content == greedy(engine, ids, 8).text
+    # OpenAI's newer name for the system message is the system message
+    system = [{"role": "system", "content": "Write Python."}, *messages]
+    developer = client.chat.completions.create(model=MODEL, messages=[{**system[0], "role": "developer"}, *messages],
+                                               max_tokens=8, temperature=0)
+    assert developer.choices[0].message.content == greedy(engine, engine.tokenizer.apply_chat_template(system), 8).text
 
 
 def test_top_k_extension_cuts_the_draw(client, engine):
