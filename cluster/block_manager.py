@@ -2,7 +2,8 @@
 
 A full block is identified by a hash chained over its tokens and every token before it, so two requests
 that share a prompt prefix share its blocks: the prefix is computed once. A freed block keeps its hash
-until it is handed out again, so a prefix stays reusable while its blocks sit in the free list.
+until it is handed out again, so a prefix stays reusable while its blocks sit in the free list; a block freed before
+its latents were computed (its sequence preempted or aborted mid-prefill) does not.
 """
 import hashlib
 from collections import deque
@@ -49,10 +50,15 @@ class BlockManager:
         else:
             self.free_block_ids.remove(block_id)
         block = self.blocks[block_id]
-        if block.hash is not None and self.hash_to_block_id.get(block.hash) == block_id:
-            del self.hash_to_block_id[block.hash]
-        block.hash, block.token_ids, block.ref_count = None, (), 1
+        self._forget(block)
+        block.ref_count = 1
         return block
+
+    def _forget(self, block: Block) -> None:
+        """Take a block out of the prefix cache."""
+        if block.hash is not None and self.hash_to_block_id.get(block.hash) == block.block_id:
+            del self.hash_to_block_id[block.hash]
+        block.hash, block.token_ids = None, ()
 
     def can_allocate(self, seq: Sequence) -> bool:
         return self.num_free_blocks >= self.blocks_needed(len(seq))
@@ -90,11 +96,18 @@ class BlockManager:
         self.hash_to_block_id[h] = block.block_id
 
     def deallocate(self, seq: Sequence) -> None:
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
+        """Free the sequence's blocks. A block is registered in the prefix cache when it is allocated, before its
+        latents are computed: a sequence that leaves before computing all of its prompt (preempted or aborted
+        mid-prefill) takes the blocks it never filled out of the cache, or a later request with the same prefix
+        would read them as computed."""
+        filled = seq.num_computed_tokens // self.block_size
+        for i in reversed(range(len(seq.block_table))):
+            block = self.blocks[seq.block_table[i]]
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_block_ids.append(block_id)
+                if i >= filled:
+                    self._forget(block)
+                self.free_block_ids.append(block.block_id)
         seq.block_table = []
 
     def can_append(self, seq: Sequence, num_tokens: int) -> bool:

@@ -102,6 +102,22 @@ def test_preemption_under_a_small_cache_loses_nothing(model, reference):
     assert engine.block_manager.num_free_blocks == 32  # every block came back
 
 
+def test_a_prompt_preempted_halfway_through_its_prefill_computes_the_rest_when_it_returns(model):
+    """A prompt's blocks enter the prefix cache as they are allocated, before they are computed. Here the long
+    prompt is preempted (the short request's next block needs the room) after 28 of its 60 tokens: when it
+    returns it reuses the 7 blocks it filled, and computes the others rather than reading them as cached."""
+    short, long = random_prompts([20, 60], seed=7)
+    expected = [g.token_ids for g in generate(model, [short, long], 12)]
+    engine = Engine(model, EngineConfig(block_size=4, kv_cache_tokens=84, max_num_batched_tokens=8))
+    preempted, preempt = [], engine.scheduler.preempt
+    engine.scheduler.preempt = lambda seq: preempted.append((seq.num_computed_tokens, len(seq))) or preempt(seq)
+    outs = run_staggered(engine, [short, long], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+                         arrivals=[0, 3])
+    assert preempted == [(28, 60)]
+    assert [o.token_ids for o in outs] == expected
+    assert outs[1].num_cached_tokens == 28
+
+
 def test_prefix_cache_reuses_a_shared_system_prompt_without_changing_outputs(model):
     system = random_prompts([32], seed=5)[0]
     prompts = [system + tail for tail in random_prompts([5, 9, 3], seed=6)]
