@@ -70,21 +70,21 @@ class ResumedStops:
     that began before it. This reads the whole completion as the engine does (its text after each token, a trailing
     incomplete character held back) and finds the first token after which the text holds a stop string."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: list[str], before: list[int]):
-        self.stops = stops
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, before: list[int]):
+        self.params = params
         self.decoder = IncrementalDecoder(tokenizer)
         self.seen = list(before)
         self.decoder.update(self.seen)
 
     def first_stop(self, completion: list[int]) -> Optional[tuple[int, str]]:
-        """(tokens to keep, the text before the stop string) for the first new token of `completion` (the whole
-        completion so far) that completes a stop string, or None."""
+        """(tokens to keep, the text up to where the stop string cuts it) for the first new token of `completion`
+        (the whole completion so far) that completes a stop string, or None."""
         for token in completion[len(self.seen):]:
             self.seen.append(token)
             text = self.decoder.update(self.seen)
-            hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-            if hits:
-                return len(self.seen), text[:min(hits)]
+            cut = self.params.stop_string_cut(text)
+            if cut is not None:
+                return len(self.seen), text[:cut]
         return None
 
 
@@ -233,7 +233,7 @@ class ClusterClient:
         done, deadline = Progress(), None
         for attempt in itertools.count():
             last = None
-            stops = ResumedStops(self.tokenizer, params.stop, done.token_ids) \
+            stops = ResumedStops(self.tokenizer, params, done.token_ids) \
                 if attempt and params.stop and self.tokenizer is not None else None
             try:
                 resumed_id = rid if attempt == 0 else f"{rid}-resumed-{attempt}"
@@ -265,8 +265,8 @@ class ClusterClient:
     @staticmethod
     def _stopped(prompt: list[int], params: SamplingParams, joined: Delta, keep: int, text: str) -> Delta:
         """`joined` cut after its first `keep` completion tokens and finished by a stop string, as the engine reports
-        one (the text cut where the stop string starts). Cut before the attempt's final output, it has no prompt
-        log-probabilities: those come with the final output only."""
+        one (the text cut where the stop string starts, or ends with include_stop_str_in_output). Cut before the
+        attempt's final output, it has no prompt log-probabilities: those come with the final output only."""
         final = joined.final
         token_ids, logprobs, top = joined.token_ids[:keep], joined.logprobs[:keep], joined.top_logprobs[:keep]
         output = RequestOutput(
@@ -285,9 +285,10 @@ class ClusterClient:
             token_ids = done.token_ids + final.token_ids
             text = None
             if self.tokenizer is not None:
-                text = self.tokenizer.decode(token_ids)
-                hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
-                text = text[:min(hits)] if hits else text
+                text = self.tokenizer.decode(params.text_token_ids(token_ids, final.finish_reason,
+                                                                   self.args.eos_token_id))
+                cut = params.stop_string_cut(text)
+                text = text if cut is None else text[:cut]
             final = dataclasses.replace(
                 final, request_id=rid, prompt_token_ids=list(prompt), token_ids=token_ids, text=text,
                 logprobs=done.logprobs + final.logprobs if final.logprobs is not None else None,

@@ -463,7 +463,8 @@ class Ingress:
             params = defaults.sampling_params(
                 max_tokens=given("max_tokens"), default_max_tokens=self._default_max_tokens(tokens),
                 temperature=given("temperature"), top_p=given("top_p"), seed=given("seed"), top_k=request.top_k,
-                stop=list(request.stop), ignore_eos=request.ignore_eos)
+                stop=list(request.stop), ignore_eos=request.ignore_eos, stop_token_ids=list(request.stop_token_ids),
+                include_stop_str_in_output=request.include_stop_str_in_output)
             self.client.check(tokens, params)
             admission, = self._admit()
             self.metrics.requests.labels(endpoint, "OK").inc()

@@ -132,6 +132,10 @@ def check_request(args, prompt: list[int], params: SamplingParams, cache_tokens:
     """Every reason a request can never be served, as an InputError naming it."""
     params.validate()
     check_prompt(prompt, args.vocab_size, args.max_seq_len, params.max_tokens)
+    bad = [t for t in params.stop_token_ids if not 0 <= t < args.vocab_size]
+    if bad:
+        raise InputError(f"stop token id {bad[0]} is outside the vocabulary [0, {args.vocab_size}): it could never "
+                         "be generated")
     if len(prompt) + params.max_tokens + 1 > cache_tokens:
         raise InputError(f"the request needs {len(prompt) + params.max_tokens + 1} tokens of KV cache; the "
                          f"engine holds {cache_tokens} (raise kv_cache_tokens)")
@@ -411,8 +415,7 @@ class Engine:
             if p.logprobs > 0:
                 top = logprobs.topk(p.logprobs)
                 seq.top_logprobs.append(dict(zip(top.indices.tolist(), top.values.tolist())))
-        eos = self.args.eos_token_id
-        if token in p.stop_token_ids or (token == eos and not p.ignore_eos):
+        if p.stops_on(token, self.args.eos_token_id):
             seq.finish_reason = "stop"
         elif p.stop and self._match_stop_string(seq):
             seq.finish_reason = "stop"
@@ -423,14 +426,12 @@ class Engine:
     def _text(self, seq: Sequence) -> str:
         if seq.text_decoder is None:
             seq.text_decoder = IncrementalDecoder(self.tokenizer)
-        return seq.text_decoder.update(seq.completion_token_ids, final=seq.finish_reason is not None)
+        ids = seq.params.text_token_ids(seq.completion_token_ids, seq.finish_reason, self.args.eos_token_id)
+        return seq.text_decoder.update(ids, final=seq.finish_reason is not None)
 
     def _match_stop_string(self, seq: Sequence) -> bool:
-        text = self._text(seq)
-        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
-        if hits:
-            seq.stop_text_len = min(hits)
-        return bool(hits)
+        seq.stop_text_len = seq.params.stop_string_cut(self._text(seq))
+        return seq.stop_text_len is not None
 
     def _output(self, seq: Sequence, with_text: bool = True) -> RequestOutput:
         tokens_sent, text_sent = self._emitted.get(seq.request_id, (0, 0))

@@ -38,8 +38,10 @@ class SamplingParams:
     top_k: int = 0                 # 0 = no top-k cut
     seed: Optional[int] = None     # a seeded request draws the same tokens every time
     stop: list[str] = field(default_factory=list)            # stop strings, not included in the text
-    stop_token_ids: list[int] = field(default_factory=list)  # besides the model's end-of-sequence token
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the model's end-of-sequence token; the token
+                                                             # is in token_ids, its text not in the text
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False  # the text keeps the stop string, or the stop token's text (vLLM's)
     logprobs: Optional[int] = None         # None: none; k >= 0: the chosen token's plus the top-k alternatives
     prompt_logprobs: Optional[int] = None  # None: none; k >= 0: each prompt token's log-probability (+ top-k)
 
@@ -77,6 +79,9 @@ class SamplingParams:
             raise InputError("stop strings must be valid Unicode (no lone surrogates)")
         if not isinstance(self.stop_token_ids, list) or not all(_is_int(i) for i in self.stop_token_ids):
             raise InputError("stop_token_ids must be a list of integers")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise InputError("include_stop_str_in_output must be true or false, got "
+                             f"{self.include_stop_str_in_output!r}")
 
     @property
     def greedy(self) -> bool:
@@ -86,6 +91,28 @@ class SamplingParams:
     def needs_logits(self) -> bool:
         """Whether choosing and reporting a token takes more than the batch's greedy tokens."""
         return not self.greedy or self.logprobs is not None
+
+    def stops_on(self, token: int, eos_token_id: Optional[int]) -> bool:
+        """Whether generating `token` ends the request: one of stop_token_ids, or the end-of-sequence token."""
+        return token in self.stop_token_ids or (token == eos_token_id and not self.ignore_eos)
+
+    def text_token_ids(self, completion: list[int], finish_reason: Optional[str], eos_token_id: Optional[int]) \
+            -> list[int]:
+        """The completion tokens whose text the request reports: all of them but the token that stopped it, as vLLM
+        reports them (unless include_stop_str_in_output). A special token such as EOS has no text anyway."""
+        if finish_reason == "stop" and completion and not self.include_stop_str_in_output and \
+                self.stops_on(completion[-1], eos_token_id):
+            return completion[:-1]
+        return completion
+
+    def stop_string_cut(self, text: str) -> Optional[int]:
+        """Where `text` ends for the first stop string in it (the earliest to begin): where that string begins, or
+        with include_stop_str_in_output where it ends; None when it holds none."""
+        hits = [(i, i + len(s)) for s in self.stop for i in [text.find(s)] if i >= 0]
+        if not hits:
+            return None
+        start, end = min(hits)
+        return end if self.include_stop_str_in_output else start
 
     @property
     def stop_hold(self) -> int:

@@ -64,8 +64,11 @@ class _Request(BaseModel):
     stop: Optional[Union[StrictStr, list[StrictStr]]] = None
     stream: StrictBool = False
     n: StrictInt = 1
-    ignore_eos: StrictBool = False  # an extension (as in vLLM): keep generating past the end-of-sequence token
-    top_k: StrictInt = 0            # an extension (as in vLLM, and the gRPC field): 0 (or -1, vLLM's) = no cut
+    # extensions, as in vLLM (and gRPC's fields of the same names)
+    ignore_eos: StrictBool = False  # keep generating past the end-of-sequence token
+    top_k: StrictInt = 0            # 0 (or -1, vLLM's) = no cut
+    stop_token_ids: Optional[list[StrictInt]] = None  # tokens that end the request; their text is not in the text
+    include_stop_str_in_output: StrictBool = False    # the text keeps the stop string or the stop token's text
 
     @model_validator(mode="before")
     @classmethod
@@ -89,7 +92,9 @@ class _Request(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return defaults.sampling_params(max_tokens=self.max_tokens, default_max_tokens=default_max_tokens,
                                         temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,
-                                        top_k=self.top_k, logprobs=logprobs, ignore_eos=self.ignore_eos)
+                                        top_k=self.top_k, logprobs=logprobs, ignore_eos=self.ignore_eos,
+                                        stop_token_ids=list(self.stop_token_ids or []),
+                                        include_stop_str_in_output=self.include_stop_str_in_output)
 
 
 class CompletionRequest(_Request):

@@ -22,6 +22,7 @@ from moeserve.actors import cluster as cluster_module  # noqa: E402
 from moeserve.actors.cluster import Cluster, node_resource  # noqa: E402
 from moeserve.actors.controller import Controller  # noqa: E402
 from moeserve.cluster import LLM, ClusterConfig, SamplingParams  # noqa: E402
+from moeserve.cluster.engine import RequestOutput  # noqa: E402
 from moeserve.kernels.errors import InputError  # noqa: E402
 from moeserve.topology.spec import TopologySpec  # noqa: E402
 
@@ -505,34 +506,16 @@ def test_an_fp8_checkpoint_resident_in_the_cluster_equals_the_fp8_engine(ray_clu
         assert all(g["weight_dtypes"] == ["float32", "float8_e4m3fn"] for g in groups)
 
 
-@pytest.mark.parametrize("increments", [True, False])
-def test_a_stop_string_across_the_point_of_resumption_ends_the_request_there(increments):
-    """A request whose shard dies after its first k tokens resumes from its prompt and those tokens, so its new
-    shard sees only the text after them and misses a stop string that began before: the client finds it and ends
-    the request where the engine would have (tokens, text, finish reason), and stops the resumed attempt there.
-    The attempts are played by the engine itself, the first cut short by a lost shard."""
-    llm = LLM()
-    prompt = llm.encode("def fibonacci(")
-    free = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
-    decode = llm.tokenizer.decode
-    for k in range(3, 30):  # a stop string of the last two characters before token k and the first two after
-        head, text = decode(free.token_ids[:k]), free.text
-        stop = text[len(head) - 2:len(head) + 2]
-        if text.startswith(head) and len(stop) == 4 and text.find(stop) == len(head) - 2:
-            break
-    else:
-        raise AssertionError(f"no stop string spans a token boundary of {text!r} the first time it occurs")
-    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop])
-    expected = llm.generate([prompt], params)[0]
-    assert expected.finish_reason == "stop" and len(expected.token_ids) < 40
-    closed = []
-
+def resuming_client(llm: LLM, prompt: list[int], free: RequestOutput, k: int, closed: list) -> ClusterClient:
+    """A client whose attempts are played by the engine: the first sends the first k of `free`'s tokens and loses
+    its shard; the resumed one generates from the prompt and those tokens. `closed` gets each resumed attempt's
+    (tokens sent, tokens generated) when it is closed."""
     async def attempt(tokens, attempt_params, rid, trace, wants_increments):
         if "resumed" not in rid:  # k tokens, then the shard is lost
             for i in range(1, k + 1):
                 yield Delta(rid, free.token_ids[i - 1:i], free.token_ids[:i], num_prompt_tokens=len(prompt))
             raise ShardLost("killed")
-        out = llm.generate([tokens], attempt_params)[0]  # blind to the stop string's first part
+        out = llm.generate([tokens], attempt_params)[0]  # blind to the text before the point of resumption
         sent = 0
         try:
             for i in range(1, len(out.token_ids)):
@@ -546,16 +529,68 @@ def test_a_stop_string_across_the_point_of_resumption_ends_the_request_there(inc
 
     client = ClusterClient(llm.model.args, llm.tokenizer, [], [], 4096, 16, recover_timeout_s=10)
     client._attempt = attempt
+    return client
 
+
+def resumed_deltas(client: ClusterClient, prompt: list[int], params: SamplingParams, increments: bool) -> list:
     async def run():
         return [delta async for delta in client.stream(prompt, params, increments=increments)]
-    deltas = asyncio.run(run())
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("increments", [True, False])
+@pytest.mark.parametrize("include", [False, True])
+def test_a_stop_string_across_the_point_of_resumption_ends_the_request_there(increments, include):
+    """A request whose shard dies after its first k tokens resumes from its prompt and those tokens, so its new
+    shard sees only the text after them and misses a stop string that began before: the client finds it and ends
+    the request where the engine would have (tokens, text, finish reason; the text with the stop string when
+    include_stop_str_in_output), and stops the resumed attempt there. The attempts are played by the engine
+    itself, the first cut short by a lost shard."""
+    llm = LLM()
+    prompt = llm.encode("def fibonacci(")
+    free = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
+    decode = llm.tokenizer.decode
+    for k in range(3, 30):  # a stop string of the last two characters before token k and the first two after
+        head, text = decode(free.token_ids[:k]), free.text
+        stop = text[len(head) - 2:len(head) + 2]
+        if text.startswith(head) and len(stop) == 4 and text.find(stop) == len(head) - 2:
+            break
+    else:
+        raise AssertionError(f"no stop string spans a token boundary of {text!r} the first time it occurs")
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop],
+                            include_stop_str_in_output=include)
+    expected = llm.generate([prompt], params)[0]
+    assert expected.finish_reason == "stop" and len(expected.token_ids) < 40
+    assert expected.text.endswith(stop) == include
+    closed = []
+    client = resuming_client(llm, prompt, free, k, closed)
+    deltas = resumed_deltas(client, prompt, params, increments)
     final = deltas[-1].final
     assert (final.token_ids, final.text, final.finish_reason) == (expected.token_ids, expected.text, "stop")
     assert deltas[-1].token_ids == expected.token_ids and client.resumed == 1
     assert [t for d in deltas for t in d.new_token_ids] == expected.token_ids  # no token twice or missing
     sent, generated = closed[0]
     assert sent == len(expected.token_ids) - k < generated  # the resumed attempt was closed where the request ended
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_a_resumed_request_ended_by_a_stop_token_reports_the_engines_text(include):
+    """The client joins a resumed request's text from all of its tokens: the stop token that ended it is left out
+    of the text (kept with include_stop_str_in_output), as the engine reports it."""
+    llm = LLM()
+    prompt = llm.encode("def fibonacci(")
+    free = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
+    k = 4
+    stop = next(t for i, t in enumerate(free.token_ids) if i > k and free.token_ids.index(t) == i and
+                llm.tokenizer.decode([t]).strip())
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop_token_ids=[stop],
+                            include_stop_str_in_output=include)
+    expected = llm.generate([prompt], params)[0]
+    assert expected.token_ids[-1] == stop and expected.finish_reason == "stop"
+    client = resuming_client(llm, prompt, free, k, [])
+    final = resumed_deltas(client, prompt, params, increments=False)[-1].final
+    assert (final.token_ids, final.text, final.finish_reason) == (expected.token_ids, expected.text, "stop")
+    assert client.resumed == 1
 
 
 def killing_controller(victim: str, before_loading: bool) -> type:

@@ -131,6 +131,8 @@ def test_grpc_unary_and_stream_equal_the_engine(server, engine):
     (b'{"model": "moeserve-demo", "prompt": "x", "presence_penalty": 0.5}', 400, "presence_penalty is not supported"),
     (b'{"model": "moeserve-demo", "prompt": "x", "best_of": 3}', 400, "best_of is not supported"),
     (b'{"model": "moeserve-demo", "prompt": "x", "logit_bias": {"7": 100}}', 400, "logit_bias is not supported"),
+    (b'{"model": "moeserve-demo", "prompt": "x", "stop_token_ids": [99999]}', 400, "stop token id 99999 is outside"),
+    (b'{"model": "moeserve-demo", "prompt": "x", "stop_token_ids": ["7"]}', 400, "stop_token_ids"),
 ])
 def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, body, status, message):
     code, payload = post("/v1/completions", body)
@@ -164,6 +166,33 @@ def test_top_k_extension_cuts_the_draw(client, engine):
     assert texts == {greedy(engine, "import", 12).text}
     code, payload = post("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "top_k": -2}).encode())
     assert code == 400 and "top_k" in payload["error"]["message"]
+
+
+def test_stop_token_ids_and_include_stop_str_in_output_give_the_engines_text(server, client, engine):
+    """vLLM's extensions, over HTTP (streamed and not) and gRPC: the text the engine reports with the same settings,
+    which leaves the stop token's text out unless asked to keep it."""
+    prompt = "def fibonacci("
+    free = greedy(engine, prompt, 16).token_ids
+    stop = next(t for i, t in enumerate(free) if i >= 2 and free.index(t) == i and engine.tokenizer.decode([t]).strip())
+    stub = GenerationStub(grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}"))
+    texts = set()
+    for include in (False, True):
+        expected = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[stop],
+                                                            include_stop_str_in_output=include))[0]
+        assert expected.token_ids[-1] == stop and expected.finish_reason == "stop"
+        extra = {"stop_token_ids": [stop], "include_stop_str_in_output": include}
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, extra_body=extra)
+        assert (out.choices[0].text, out.choices[0].finish_reason) == (expected.text, "stop")
+        assert out.usage.completion_tokens == len(expected.token_ids)
+        chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True,
+                                           extra_body=extra)
+        assert "".join(c.choices[0].text for c in chunks) == expected.text
+        request = pb2.GenerateRequest(prompt=prompt, max_tokens=16, temperature=0, **extra)
+        response = stub.Generate(request)
+        assert response.text == expected.text and list(response.token_ids) == expected.token_ids
+        assert "".join(c.text for c in stub.GenerateStream(request)) == expected.text
+        texts.add(expected.text)
+    assert len(texts) == 2
 
 
 def test_n_choices_draw_as_requests_of_their_own(client, engine):

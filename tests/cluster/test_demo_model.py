@@ -44,3 +44,25 @@ def test_a_streamed_stop_string_never_shows_and_the_increments_add_up_to_the_tex
     final = chunks[-1]
     assert final.finish_reason == "stop" and final.text == "name"
     assert "".join(c.new_text for c in chunks) == final.text
+
+
+def test_a_stop_token_ends_the_request_and_only_its_text_is_left_out_unless_asked_for():
+    """As vLLM reports them: the stop token is in token_ids, and the text is that of the tokens before it; with
+    include_stop_str_in_output, of all of them. A stop string is then kept in the text too. The reference is the
+    tokenizer's decode of the greedy tokens of the same prompt run without a stop."""
+    llm = LLM()
+    tok = llm.tokenizer
+    prompt = "def fibonacci("
+    free = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0].token_ids
+    # the first token, after the second, whose first occurrence it is and that has text of its own
+    k = next(i for i, t in enumerate(free) if i >= 2 and free.index(t) == i and tok.decode([t]).strip())
+    for include in (False, True):
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop_token_ids=[free[k]],
+                                include_stop_str_in_output=include)
+        out = llm.generate([prompt], params)[0]
+        assert out.token_ids == free[:k + 1] and out.finish_reason == "stop"
+        assert out.text == tok.decode(free[:k + include])
+        assert "".join(c.new_text for c in llm.stream(prompt, params)) == out.text
+    params = SamplingParams(max_tokens=24, temperature=0, stop=["):\n"], include_stop_str_in_output=True)
+    chunks = list(llm.stream(prompt, params))
+    assert chunks[-1].text == "name):\n" and "".join(c.new_text for c in chunks) == chunks[-1].text

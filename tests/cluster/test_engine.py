@@ -317,6 +317,8 @@ def test_logprobs_of_chosen_tokens_and_prompt_match_a_full_forward(model, refere
     ([5], SamplingParams(top_p=1.5), "top_p must be in \\(0, 1\\]"),
     ([5], SamplingParams(top_p=0), "top_p must be in \\(0, 1\\]"),
     ([999], SamplingParams(), "outside the vocabulary"),
+    ([5], SamplingParams(stop_token_ids=[999]), "stop token id 999 is outside the vocabulary"),
+    ([5], SamplingParams(include_stop_str_in_output=1), "include_stop_str_in_output must be true or false"),
 ])
 def test_a_bad_request_is_refused_while_the_others_keep_running(model, reference, prompt, params, message):
     prompts, expected = reference
