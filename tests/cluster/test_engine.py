@@ -417,6 +417,35 @@ def test_prefill_on_one_engine_and_decode_on_another_equals_one_engine(mtp_check
     assert [outs[pre.request_id].token_ids for pre in moved] == expected
 
 
+@pytest.mark.parametrize("mtp", [False, True])
+def test_a_hand_off_that_finds_no_room_waits_and_is_recomputed_from_its_tokens(mtp_checkpoint, mtp):
+    """A decode engine whose cache is full when a prefilled sequence arrives queues it and recomputes its prompt and
+    first token once there is room: its tokens (greedy, and seeded sampled) are those of one engine alone."""
+    model = load_model(mtp_checkpoint, dtype=torch.float32)
+    config = EngineConfig(mtp=mtp, block_size=4, kv_cache_tokens=96)
+    busy, moving = random_prompts([80, 20], seed=12)
+    sampled = SamplingParams(max_tokens=14, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True)
+    expected = {}
+    for name, params in (("greedy", GREEDY), ("sampled", sampled)):
+        alone = Engine(model, config)
+        expected[name] = run_staggered(alone, [moving], params, [0])[0].token_ids
+    assert expected["greedy"] == generate(model, [moving], GREEDY.max_tokens)[0].token_ids
+    for name, params in (("greedy", GREEDY), ("sampled", sampled)):
+        prefill, decode = Engine(model, config), Engine(model, config)
+        occupant = decode.add_request(busy, GREEDY)
+        decode.step()  # its 80 prompt tokens take 20 of the 24 blocks: no room for the 21 tokens arriving
+        rid = prefill.add_request(moving, params)
+        while not prefill.prefilled():
+            prefill.step()
+        pre = prefill.take_prefilled(prefill.prefilled()[0])
+        decode.add_prefilled(pre)
+        assert [s.request_id for s in decode.scheduler.waiting] == [rid], "it waits rather than being placed"
+        outs = {}
+        while decode.has_unfinished():
+            outs.update({o.request_id: o for o in decode.step() if o.finished})
+        assert outs[rid].token_ids == expected[name] and len(outs[occupant].token_ids) == GREEDY.max_tokens
+
+
 def test_an_fp8_resident_model_serves_as_its_plain_loop():
     """The engine's paged, packed and batched paths over FP8Linear layers and FP8 experts run one at a time."""
     from moeserve.cluster.llm import DEMO_MODEL_FP8
