@@ -70,7 +70,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(a.threads)
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                            seed=a.seed, ignore_eos=a.ignore_eos, logprobs=0)
+                            seed=a.seed, ignore_eos=a.ignore_eos, logprobs=0, stop=a.stop or [],
+                            stop_token_ids=a.stop_token_ids or [],
+                            include_stop_str_in_output=a.include_stop_str_in_output)
     params.validate()  # before the model loads
     start = time.perf_counter()
     llm = LLM(a.model, dtype=a.dtype, mtp=a.mtp, device=a.device, moe_kernel=a.moe_kernel, cuda_graphs=a.cuda_graphs)
@@ -324,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "optional MTP speculation) and generate, streaming the text as it comes."
                                    "\n\nexamples:\n  moeserve generate \"def fibonacci(\" --mtp\n"
                                    "  moeserve generate --model CKPT --prompt-ids 1,2,3 --max-tokens 16 "
-                                   "--temperature 0 --json\n  moeserve generate --model CKPT --device cuda --prompt \"import os\"\n"
+                                   "--temperature 0 --json\n  moeserve generate \"def main(\" --stop $'\\n\\n'\n"
+                                   "  moeserve generate --model CKPT --device cuda --prompt \"import os\"\n"
                                    "  moeserve generate --model CKPT --device cuda --moe-kernel triton --no-cuda-graphs "
                                    "--prompt \"import os\"")
     _add_model(p, required=False)
@@ -337,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end at this text, which is left out of the output (repeat for several; a newline in bash: "
+                        "$'\\n')")
+    p.add_argument("--stop-token-ids", type=_token_ids, metavar="IDS",
+                   help="end at any of these tokens, e.g. 13,198; the token's text is left out of the output")
+    p.add_argument("--include-stop-str-in-output", action="store_true",
+                   help="keep the stop text, or the stop token's text, in the output")
     p.add_argument("--mtp", action="store_true",
                    help="speculative decoding with the checkpoint's MTP module: same output, fewer steps")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",

@@ -50,6 +50,25 @@ def test_the_prompt_as_an_argument_is_the_prompt_option(capsys):
     assert "give the prompt once" in err and "\n" not in err
 
 
+def test_generate_stops_where_the_library_does(capsys):
+    """--stop, --stop-token-ids and --include-stop-str-in-output mean what the library's SamplingParams fields do."""
+    from moeserve.cluster import DEMO_MODEL, LLM, SamplingParams
+    llm, prompt = LLM(DEMO_MODEL), "def fibonacci("
+    free = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0].token_ids
+    token = next(t for i, t in enumerate(free) if i >= 2 and free.index(t) == i and llm.tokenizer.decode([t]).strip())
+    cases = [(["--stop", "):\n"], dict(stop=["):\n"])),
+             (["--stop-token-ids", str(token)], dict(stop_token_ids=[token])),
+             (["--stop-token-ids", str(token), "--include-stop-str-in-output"],
+              dict(stop_token_ids=[token], include_stop_str_in_output=True))]
+    for flags, fields in cases:
+        assert main(["generate", prompt, "--max-tokens", "16", "--json", *flags]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        expected = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, **fields))[0]
+        assert expected.finish_reason == "stop", flags
+        assert (printed["token_ids"], printed["text"], printed["finish_reason"]) == \
+            (expected.token_ids, expected.text, "stop"), flags
+
+
 def test_cluster_generate_prints_the_engines_text_for_its_prompt_argument(tmp_path):
     """`moeserve cluster generate "text" --config YAML`: the layout of the YAML (two expert groups, the faster to
     start) on a local Ray, in a process of its own that starts and stops it, prints the prompt and the single-process
