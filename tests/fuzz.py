@@ -23,6 +23,8 @@ BAD_COMMON = {
     "presence_penalty": ['0.5', '-2', '"0"'],
     "logit_bias": ['{"5": 10}', '[]'],
     "ignore_eos": ['"true"', '2', '[]'],
+    "stop_token_ids": ['[-1]', '[4096]', '["1"]', '[1.5]', '[true]', '5', '{"a": 1}'],
+    "include_stop_str_in_output": ['"true"', '2', '[]'],
 }
 BAD_COMPLETION = {
     "prompt": ['""', '[]', '[-1]', f'[{HUGE_INT}]', '[1.5]', '{"a": 1}', 'null', 'true', '"\\ud800x"', '[[1]]',
