@@ -2,7 +2,7 @@
 against the single-process engine, same demo model and prompts, on this machine.
 
     python tools/bench_cluster.py [--transport ray collective] [--layout default one-group one-group-each]
-                                  [--dispatch-dtype auto|fp8|bf16|float32] [--json out.json]
+                                  [--dispatch-dtype auto|fp8|bf16|float32] [--mtp] [--json out.json]
 
 Layouts: `default` is `ClusterConfig()`'s, four expert groups over two simulated nodes with four redundant
 expert slots (tokens for the other node cross once to a relay group); `one-group` keeps the prefill and
@@ -95,6 +95,9 @@ def main() -> int:
                         "compute dtype, exact)")
     p.add_argument("--threads-per-actor", type=int, default=1,
                    help="torch threads in each actor (ray.threads_per_actor; default: 1)")
+    p.add_argument("--mtp", action="store_true",
+                   help="MTP speculative decoding on the cluster's decode shards (the engine beside it runs without, "
+                        "its faster setting on the CPU)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     torch.set_num_threads(2)
@@ -110,7 +113,7 @@ def main() -> int:
     for layout, transport, mb in runs:
         print(f"cluster, {layout} layout, {transport} transport, {mb} micro-batches ...", file=sys.stderr, flush=True)
         config = ClusterConfig(transport=transport, engine={"micro_batches": mb}, dispatch_dtype=a.dispatch_dtype,
-                               ray={"threads_per_actor": a.threads_per_actor}, **LAYOUTS[layout])
+                               ray={"threads_per_actor": a.threads_per_actor}, mtp=a.mtp, **LAYOUTS[layout])
         engine = LLM()  # a fresh one for each configuration: its prefix cache must not remember the prompts
         engine.generate(workloads["warm"], params)
         results["clusters"][f"{layout}/{transport}/{mb}"] = bench_cluster(config, engine, workloads, params)
