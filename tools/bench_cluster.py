@@ -108,7 +108,7 @@ def main() -> int:
                  "warm": corpus_prompts(tok, 32, random.Random(1), 16, 96)}
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     steal = StealMeter()
-    results = {"clusters": {}}
+    results = {"clusters": {}, "mtp": a.mtp}
     runs = [(layout, transport, mb) for layout in a.layout for transport in a.transport for mb in a.micro_batches]
     for layout, transport, mb in runs:
         print(f"cluster, {layout} layout, {transport} transport, {mb} micro-batches ...", file=sys.stderr, flush=True)
@@ -126,6 +126,8 @@ def main() -> int:
             each = " / ".join(f"{x:.2f}" for x in r["ratios"][n])
             print(f"| batch {n} | {layout} | {transport} | {mb} | {e:.1f} | {c:.1f} | {r[f'batch{n}_ratio']:.2f} "
                   f"({each}) | {1e3 * n / c:.1f} ms |")
+    if a.mtp:
+        print("(the cluster with MTP on its decode shards; the engine without)")
     for layout, transport, mb in runs:
         r = results["clusters"][f"{layout}/{transport}/{mb}"]
         print(f"\nwhere the decode shard's step time goes ({layout}, {transport}, {mb} micro-batches; batch 1 and 32):")
