@@ -30,8 +30,9 @@ def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
+    from moeserve.cluster import DEMO_MODEL
     from moeserve.kernels.args import ModelArgs
-    args = ModelArgs.from_file(a.model)
+    args = ModelArgs.from_file(a.model or DEMO_MODEL)
     kv = {name: args.kv_cache_bytes_per_token(_dtype(name)) for name in ("bfloat16", "float32")}
     info = {
         "model_type": args.model_type, "layers": args.n_layers, "dense_layers": args.n_dense_layers,
@@ -314,9 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Read config.json and print the architecture moeserve will build, with the "
                                    "latent KV cache's bytes per token (kv_lora_rank + qk_rope_head_dim) x layers."
-                                   "\n\nexamples:\n  moeserve info --model cluster/models/moeserve-demo\n"
+                                   "\n\nexamples:\n  moeserve info                # the shipped demo model\n"
                                    "  moeserve info --model /models/DeepSeek-V3 --json")
-    _add_model(p)
+    _add_model(p, required=False)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 

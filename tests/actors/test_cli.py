@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from moeserve.actors.cli import build_parser, main
+from moeserve.cluster import DEMO_MODEL
 from moeserve.kernels.generate import generate
 from moeserve.kernels.load import load_model
 
@@ -92,6 +93,18 @@ def test_info_reports_kv_bytes(capsys):
     assert main(["info", "--model", "tests/data/deepseek_v3_config.json", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kv_cache_bytes_per_token"]["bfloat16"] == 70_272 and info["routed_experts"] == 256
+
+
+def test_info_without_a_model_describes_the_demo_model(capsys):
+    """As `moeserve generate`, `info` defaults to the shipped demo model."""
+    config = json.loads((DEMO_MODEL / "config.json").read_text())
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["hidden_size"], info["layers"], info["routed_experts"]) == \
+        (config["hidden_size"], config["num_hidden_layers"], config["n_routed_experts"])
+    # (kv_lora_rank + qk_rope_head_dim) values per token per layer, in BF16
+    assert info["kv_cache_bytes_per_token"]["bfloat16"] == \
+        (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * config["num_hidden_layers"] * 2
 
 
 @pytest.mark.parametrize("argv, message", [
