@@ -60,34 +60,79 @@ def _prompt_text(a: argparse.Namespace) -> Optional[str]:
     return a.text if a.text is not None else a.prompt
 
 
-def cmd_generate(a: argparse.Namespace) -> int:
-    from moeserve.cluster import LLM, SamplingParams
-    from moeserve.kernels.errors import InputError
+def _add_prompt(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
+    """The prompt: as the command's argument, --prompt TEXT or --prompt-ids 1,2,3 (one of them)."""
+    fallback = f" (default: {default!r})" if default else ""
+    p.add_argument("text", nargs="?", metavar="PROMPT", help=f"prompt text, the same as --prompt{fallback}")
+    p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
+    p.add_argument("--prompt-ids", type=_token_ids, metavar="IDS", help="prompt as token ids, e.g. 1,2,3")
 
+
+def _prompt(a: argparse.Namespace, default: Optional[str] = None):
+    """The prompt as text or token ids, from exactly one of PROMPT, --prompt and --prompt-ids (else `default`)."""
+    from moeserve.kernels.errors import InputError
     text = _prompt_text(a)
-    if (text is None) == (a.prompt_ids is None):
+    if text is not None and a.prompt_ids is not None:
         raise InputError("give exactly one of PROMPT (or --prompt TEXT) or --prompt-ids 1,2,3")
-    if a.threads:
-        import torch
-        torch.set_num_threads(a.threads)
+    prompt = a.prompt_ids if a.prompt_ids is not None else text if text is not None else default
+    if prompt is None:
+        raise InputError("give exactly one of PROMPT (or --prompt TEXT) or --prompt-ids 1,2,3")
+    return prompt
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """A request's sampling and stopping flags, the same wherever moeserve generates (SamplingParams' fields)."""
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end at this text, which is left out of the output (repeat for several; a newline in bash: "
+                        "$'\\n')")
+    p.add_argument("--stop-token-ids", type=_token_ids, metavar="IDS",
+                   help="end at any of these tokens, e.g. 13,198; the token's text is left out of the output")
+    p.add_argument("--include-stop-str-in-output", action="store_true",
+                   help="keep the stop text, or the stop token's text, in the output")
+    p.add_argument("--json", action="store_true",
+                   help="print {prompt_token_ids, token_ids, text, logprobs, finish_reason} as JSON")
+
+
+def _sampling_params(a: argparse.Namespace):
+    """SamplingParams from _add_sampling's flags, checked (before any model loads or cluster starts)."""
+    from moeserve.cluster import SamplingParams
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             seed=a.seed, ignore_eos=a.ignore_eos, logprobs=0, stop=a.stop or [],
                             stop_token_ids=a.stop_token_ids or [],
                             include_stop_str_in_output=a.include_stop_str_in_output)
-    params.validate()  # before the model loads
+    params.validate()
+    return params
+
+
+def _output_json(out, **extra) -> str:
+    return json.dumps({"prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids, "text": out.text,
+                       "logprobs": out.logprobs, "finish_reason": out.finish_reason, **extra})
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from moeserve.cluster import LLM
+
+    prompt = _prompt(a)
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    params = _sampling_params(a)
     start = time.perf_counter()
     llm = LLM(a.model, dtype=a.dtype, mtp=a.mtp, device=a.device, moe_kernel=a.moe_kernel, cuda_graphs=a.cuda_graphs)
     loaded = time.perf_counter()
-    prompt = a.prompt_ids if a.prompt_ids is not None else text
     llm.engine.check(llm.encode(prompt), params)  # before the prompt is echoed
     if a.json:
         out = llm.generate([prompt], params)[0]
-        print(json.dumps({"prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids, "text": out.text,
-                          "logprobs": out.logprobs, "finish_reason": out.finish_reason,
-                          "mtp": {"drafts": out.drafts_proposed, "accepted": out.drafts_accepted} if a.mtp else None}))
+        print(_output_json(out, mtp={"drafts": out.drafts_proposed, "accepted": out.drafts_accepted} if a.mtp else None))
         return 0
-    if text is not None:
-        print(text, end="", flush=True)
+    if isinstance(prompt, str):
+        print(prompt, end="", flush=True)
     out = None
     for out in llm.stream(prompt, params):  # print text as it is generated
         print(out.new_text if out.text is not None else " ".join(map(str, out.new_token_ids)) + " ", end="", flush=True)
@@ -190,15 +235,8 @@ def _print_placement(where: dict) -> None:
 
 def cmd_cluster(a: argparse.Namespace) -> int:
     from moeserve.actors.cluster import Cluster
-    from moeserve.cluster import SamplingParams
-    from moeserve.kernels.errors import InputError
-    prompt = _prompt_text(a)
-    if a.action == "up" and prompt is not None:
-        raise InputError("`cluster up` takes no prompt; `moeserve cluster generate PROMPT` runs one")
-    prompt = DEFAULT_CLUSTER_PROMPT if prompt is None else prompt
-    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed)
-    if a.action == "generate":
-        params.validate()  # before the cluster starts
+    if a.action == "generate":  # checked before the cluster starts
+        prompt, params = _prompt(a, DEFAULT_CLUSTER_PROMPT), _sampling_params(a)
     cfg = _cluster_config(a)
     pools = "" if cfg.shared_expert_groups else " (and as many for the prefill shards alone)"
     print(f"starting {cfg.prefill_shards} prefill + {cfg.decode_shards} decode shards and {cfg.expert_groups} expert "
@@ -209,7 +247,12 @@ def cmd_cluster(a: argparse.Namespace) -> int:
         _print_placement(cluster.where)
         if a.action == "generate":
             out = cluster.generate([prompt], params)[0]
-            print(prompt + (out.text if out.text is not None else " ".join(map(str, out.token_ids))))
+            if a.json:
+                print(_output_json(out))
+            elif isinstance(prompt, str):
+                print(prompt + out.text)
+            else:
+                print(" ".join(map(str, out.token_ids)) if out.text is None else out.text)
             stats = cluster.stats()
             b = stats["bytes"]
             print(f"inter-node bytes measured {b['measured']['inter_node']:,} / planned {b['planned']['inter_node']:,};"
@@ -332,22 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "  moeserve generate --model CKPT --device cuda --moe-kernel triton --no-cuda-graphs "
                                    "--prompt \"import os\"")
     _add_model(p, required=False)
-    p.add_argument("text", nargs="?", metavar="PROMPT", help="prompt text, the same as --prompt")
-    p.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
-    p.add_argument("--prompt-ids", type=_token_ids, metavar="IDS", help="prompt as token ids, e.g. 1,2,3")
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
-    p.add_argument("--stop", action="append", metavar="TEXT",
-                   help="end at this text, which is left out of the output (repeat for several; a newline in bash: "
-                        "$'\\n')")
-    p.add_argument("--stop-token-ids", type=_token_ids, metavar="IDS",
-                   help="end at any of these tokens, e.g. 13,198; the token's text is left out of the output")
-    p.add_argument("--include-stop-str-in-output", action="store_true",
-                   help="keep the stop text, or the stop token's text, in the output")
+    _add_prompt(p)
+    _add_sampling(p, max_tokens=32)
     p.add_argument("--mtp", action="store_true",
                    help="speculative decoding with the checkpoint's MTP module: same output, fewer steps")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -363,8 +392,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay decode steps as CUDA graphs, one per batch-size bucket (default: wherever they can "
                         "run: GPUs with the Triton paged decode, BF16 or the Triton MoE kernel)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", action="store_true",
-                   help="print {prompt_token_ids, token_ids, text, logprobs, finish_reason} as JSON")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("quantize", help="write an FP8 (e4m3, block-scaled) copy of a BF16/FP32 checkpoint",
@@ -379,23 +406,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", type=int, default=128, help="block edge for weight scales (default 128)")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("cluster", help="start the disaggregated cluster on Ray (up), or run one prompt through it",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Start expert groups and prefill/decode attention shards as Ray actors, "
-                                   "placed on the topology's nodes, and report where each landed.\n\n"
-                                   "examples:\n  moeserve cluster up                       # demo model, default "
-                                   "layout, local Ray\n  moeserve cluster generate 'def f('\n"
-                                   "  moeserve cluster up --config cluster.yaml --address HOST:6379")
-    p.add_argument("action", choices=["up", "generate"], help="up: run until Ctrl-C; generate: one prompt, then stop")
-    p.add_argument("--config", metavar="YAML", help="cluster config (default: the demo model on cpu-local)")
-    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
-    p.add_argument("text", nargs="?", metavar="PROMPT",
-                   help=f"prompt for `generate`, the same as --prompt (default: {DEFAULT_CLUSTER_PROMPT!r})")
-    p.add_argument("--prompt", help="prompt for `generate`")
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.set_defaults(func=cmd_cluster)
+    cluster = sub.add_parser(
+        "cluster", help="start the disaggregated cluster on Ray (up), or run one prompt through it (generate)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Start expert groups and prefill/decode attention shards as Ray actors, placed on the topology's "
+                    "nodes, and report where each landed: `up` runs until Ctrl-C, `generate` runs one prompt through "
+                    "the cluster, then stops it.\n\n"
+                    "examples:\n  moeserve cluster up                       # demo model, default layout, local Ray\n"
+                    "  moeserve cluster generate 'def f('\n"
+                    "  moeserve cluster generate --config cluster.yaml --max-tokens 64 --stop $'\\n\\n' --json 'def main('\n"
+                    "  moeserve cluster up --config cluster.yaml --address HOST:6379")
+    actions = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, help_ in (("up", "start the cluster and keep it up until Ctrl-C"),
+                          ("generate", "start the cluster, run one prompt through it and print the text, then stop")):
+        p = actions.add_parser(action, help=help_, description=help_[0].upper() + help_[1:] + ".")
+        p.add_argument("--config", metavar="YAML", help="cluster config (default: the demo model on cpu-local)")
+        p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+        if action == "generate":
+            _add_prompt(p, default=DEFAULT_CLUSTER_PROMPT)
+            _add_sampling(p, max_tokens=48)
+        p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("serve", help="serve the model over OpenAI-compatible HTTP and gRPC (Ray Serve)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -73,20 +73,40 @@ def test_generate_stops_where_the_library_does(capsys):
 def test_cluster_generate_prints_the_engines_text_for_its_prompt_argument(tmp_path):
     """`moeserve cluster generate "text" --config YAML`: the layout of the YAML (two expert groups, the faster to
     start) on a local Ray, in a process of its own that starts and stops it, prints the prompt and the single-process
-    engine's greedy continuation; `up` refuses a prompt."""
+    engine's greedy continuation; the request's flags (a stop string; token ids, a stop token and JSON) mean what they
+    mean to `moeserve generate` and the library; `up` refuses a prompt."""
     from moeserve.cluster import DEMO_MODEL, LLM, SamplingParams
     config = tmp_path / "cluster.yaml"
     config.write_text("expert_groups: 2\nredundant_experts: 0\ntopology: {name: two-by-one, nodes: 2, "
                       "gpus_per_node: 1, nics_per_node: 1, planes: 1, intra_node_gbps: 10, nic_gbps: 1}\n")
-    prompt = "def fibonacci("
-    expected = LLM(DEMO_MODEL).generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0].text
-    out = subprocess.run([sys.executable, "-m", "moeserve.actors.cli", "cluster", "generate", prompt, "--config",
-                          str(config), "--max-tokens", "8"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "expert-group-1" in out.stdout and "expert-group-2" not in out.stdout  # the YAML's layout
-    assert out.stdout.endswith(prompt + expected + "\n"), (out.stdout[-300:], expected)
-    assert "ready in" in out.stderr and "inter-node bytes measured" in out.stderr
-    assert main(["cluster", "up", prompt]) == 2
+    llm, prompt = LLM(DEMO_MODEL), "def fibonacci("
+    free = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
+    stop_text = free.text[len(free.text) // 2:][:3]  # ends the text in its middle
+    stop_token = free.token_ids[5]
+    by_text = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, stop=[stop_text]))[0]
+    ids = llm.encode(prompt)
+    by_ids = llm.generate([ids], SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[stop_token], logprobs=0,
+                                                include_stop_str_in_output=True))[0]
+    assert by_text.finish_reason == by_ids.finish_reason == "stop"
+
+    def cluster_generate(*flags):  # the prompt comes after the options here, where a user may put it too
+        out = subprocess.run([sys.executable, "-m", "moeserve.actors.cli", "cluster", "generate", "--config",
+                              str(config), "--max-tokens", "16", *flags], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "ready in" in out.stderr and "inter-node bytes measured" in out.stderr
+        return out.stdout
+    printed = cluster_generate(prompt, "--stop", stop_text)
+    assert "expert-group-1" in printed and "expert-group-2" not in printed  # the YAML's layout
+    assert printed.endswith(prompt + by_text.text + "\n"), (printed[-300:], by_text.text)
+    printed = json.loads(cluster_generate("--prompt-ids", ",".join(map(str, ids)), "--stop-token-ids",
+                                          str(stop_token), "--include-stop-str-in-output", "--json").splitlines()[-1])
+    assert (printed["prompt_token_ids"], printed["token_ids"], printed["text"], printed["finish_reason"]) == \
+        (ids, by_ids.token_ids, by_ids.text, "stop")
+    assert printed["logprobs"] == pytest.approx(by_ids.logprobs, abs=1e-4)
+    for argv in (["cluster", "up", prompt], ["cluster", "up", "--prompt-ids", "1,2"]):
+        with pytest.raises(SystemExit) as refused:  # argparse's usage error
+            main(argv)
+        assert refused.value.code == 2
 
 
 def test_info_reports_kv_bytes(capsys):
@@ -125,6 +145,7 @@ def test_bad_requests_are_one_line_errors(checkpoints, capsys, argv, message):
     ["generate", "def f(", "--max-tokens", "0"], ["generate", "def f(", "--max-tokens", "5000"],
     ["generate", "def f(", "--top-p", "2"],
     ["cluster", "generate", "def f(", "--max-tokens", "0"],  # refused before Ray starts
+    ["cluster", "generate", "def f(", "--top-p", "0"], ["cluster", "generate", "def f(", "--prompt-ids", "1,2"],
 ])
 def test_a_refused_request_prints_nothing_but_its_error(capsys, argv):
     assert main(argv) == 2
