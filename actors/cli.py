@@ -71,13 +71,10 @@ def _add_prompt(p: argparse.ArgumentParser, default: Optional[str] = None) -> No
 def _prompt(a: argparse.Namespace, default: Optional[str] = None):
     """The prompt as text or token ids, from exactly one of PROMPT, --prompt and --prompt-ids (else `default`)."""
     from moeserve.kernels.errors import InputError
-    text = _prompt_text(a)
-    if text is not None and a.prompt_ids is not None:
+    given = [p for p in (_prompt_text(a), a.prompt_ids) if p is not None]
+    if len(given) > 1 or not (given or default):
         raise InputError("give exactly one of PROMPT (or --prompt TEXT) or --prompt-ids 1,2,3")
-    prompt = a.prompt_ids if a.prompt_ids is not None else text if text is not None else default
-    if prompt is None:
-        raise InputError("give exactly one of PROMPT (or --prompt TEXT) or --prompt-ids 1,2,3")
-    return prompt
+    return given[0] if given else default
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:

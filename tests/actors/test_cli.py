@@ -143,7 +143,7 @@ def test_bad_requests_are_one_line_errors(checkpoints, capsys, argv, message):
 
 @pytest.mark.parametrize("argv", [
     ["generate", "def f(", "--max-tokens", "0"], ["generate", "def f(", "--max-tokens", "5000"],
-    ["generate", "def f(", "--top-p", "2"],
+    ["generate", "def f(", "--top-p", "2"], ["generate"], ["generate", "def f(", "--prompt-ids", "1,2"],
     ["cluster", "generate", "def f(", "--max-tokens", "0"],  # refused before Ray starts
     ["cluster", "generate", "def f(", "--top-p", "0"], ["cluster", "generate", "def f(", "--prompt-ids", "1,2"],
 ])
