@@ -414,9 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "  moeserve cluster generate --config cluster.yaml --max-tokens 64 --stop $'\\n\\n' --json 'def main('\n"
                     "  moeserve cluster up --config cluster.yaml --address HOST:6379")
     actions = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, help_ in (("up", "start the cluster and keep it up until Ctrl-C"),
-                          ("generate", "start the cluster, run one prompt through it and print the text, then stop")):
-        p = actions.add_parser(action, help=help_, description=help_[0].upper() + help_[1:] + ".")
+    for action, help_, examples in (
+            ("up", "start the cluster and keep it up until Ctrl-C",
+             "moeserve cluster up\n  moeserve cluster up --config cluster.yaml --address HOST:6379"),
+            ("generate", "start the cluster, run one prompt through it and print the text, then stop",
+             "moeserve cluster generate 'def f('\n  moeserve cluster generate --config cluster.yaml --prompt-ids 1,2,3 "
+             "--max-tokens 16 --json\n  moeserve cluster generate 'def main(' --temperature 0.8 --seed 7 "
+             "--stop $'\\n\\n'")):
+        p = actions.add_parser(action, help=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
+                               description=f"{help_[0].upper()}{help_[1:]}.\n\nexamples:\n  {examples}")
         p.add_argument("--config", metavar="YAML", help="cluster config (default: the demo model on cpu-local)")
         p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
         if action == "generate":

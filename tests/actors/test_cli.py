@@ -15,7 +15,10 @@ def test_every_command_has_help():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
     assert {"info", "generate", "quantize"} <= set(commands)
-    for name, sub in commands.items():
+    nested = {f"{name} {action}": p for name, sub in commands.items() if sub._subparsers
+              for action, p in sub._subparsers._group_actions[0].choices.items()}
+    assert {"cluster up", "cluster generate"} <= set(nested)
+    for name, sub in {**commands, **nested}.items():
         assert sub.description and len(sub.format_help()) > 200, name
         assert "examples:\n  moeserve " in sub.format_help(), f"{name}: no examples in --help"
 
