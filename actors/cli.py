@@ -126,7 +126,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     llm.engine.check(llm.encode(prompt), params)  # before the prompt is echoed
     if a.json:
         out = llm.generate([prompt], params)[0]
-        print(_output_json(out, mtp={"drafts": out.drafts_proposed, "accepted": out.drafts_accepted} if a.mtp else None))
+        mtp = {"drafts": out.drafts_proposed, "accepted": out.drafts_accepted} if a.mtp else None
+        print(_output_json(out, mtp=mtp))
         return 0
     if isinstance(prompt, str):
         print(prompt, end="", flush=True)
@@ -411,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the cluster, then stops it.\n\n"
                     "examples:\n  moeserve cluster up                       # demo model, default layout, local Ray\n"
                     "  moeserve cluster generate 'def f('\n"
-                    "  moeserve cluster generate --config cluster.yaml --max-tokens 64 --stop $'\\n\\n' --json 'def main('\n"
+                    "  moeserve cluster generate --config cluster.yaml --max-tokens 64 --stop $'\\n\\n' --json "
+                    "'def main('\n"
                     "  moeserve cluster up --config cluster.yaml --address HOST:6379")
     actions = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, help_, examples in (
