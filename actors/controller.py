@@ -813,6 +813,7 @@ class Controller:
             "where": self.where,
             "time_s": {"decode_steps": sum(s["step_s"] for s in decode),
                        "dispatch": sum(s["links"]["dispatch_s"] for s in decode),
+                       "dispatch_send": sum(s["links"]["send_s"] for s in decode),
                        "combine_wait": sum(s["links"]["combine_s"] for s in decode),
                        "experts": sum(g["compute_s"] for g in groups)},
             "bytes": {"measured": {"inter_node": links["inter_node"], "intra_node": links["intra_node"],

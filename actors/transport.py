@@ -41,6 +41,7 @@ class LinkCounters:
     crossings: int = 0
     naive_crossings: int = 0
     dispatch_s: float = 0.0            # planning, quantising and sending the messages
+    send_s: float = 0.0                # of which encoding the messages and handing them to the transport
     combine_s: float = 0.0             # waiting for the experts' replies and summing them
 
     def as_dict(self) -> dict:
@@ -255,7 +256,9 @@ class ExpertTransport:
                                 epoch=epoch)
         try:
             handle.sent = self.router.dispatches(self.layer_id, x, indices, weights)
+            sending = time.perf_counter()
             handle.pending = self._send(handle.sent, micro_batch)
+            self.router.count_time("send_s", sending)
         except Exception as e:  # noqa: BLE001  (a lost peer: combine waits for the recovery and sends again)
             handle.error = e
         self.router.count_time("dispatch_s", start)

@@ -10,13 +10,16 @@ decode shards apart from one expert group holding every expert (one node, one sl
 prefill shard an expert group of its own (`shared_expert_groups: false`).
 
 Reports decode tokens/s and TPOT at batch 1 and with 32 concurrent requests, their ratio to the engine, and
-where the decode shard's step time goes: attention and the rest of the shard's own work, dispatch (planning,
-encoding, sending), and waiting for the experts' replies (expert compute plus transfer). Every system
+where the decode shard's step time goes: attention and the rest of the shard's own work, planning the dispatch,
+encoding and sending it, and waiting for the experts' replies (expert compute plus transfer). Every system
 first runs another 32-request workload untimed, so that none pays first-call costs in the timed runs. Each
-timed workload runs on a fresh engine and then on the cluster, three times over with new prompts each time;
-the ratio is the median of the three side-by-side ratios.
+timed workload runs on a fresh engine, then on a second fresh engine limited to one torch thread (each of the
+cluster's actors computes on one), then on the cluster, three times over with new prompts each time; the ratios
+are the medians of the three side-by-side ratios. The one-thread engine shows how much of the engine's speed its
+second core buys: the cluster's processes take turns on the same two cores.
 """
 import argparse
+import contextlib
 import random
 import statistics
 import sys
@@ -49,11 +52,22 @@ def run(generate, prompts, params) -> float:
     return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
 
 
-def bench_cluster(config: ClusterConfig, engine: LLM, workloads: dict, params) -> dict:
-    """Each workload (fresh prompts, so no prefix cache helps either side) runs on the engine and then on the
-    cluster, REPEATS times in turn: the engine's speed is measured beside the cluster's, not minutes before,
-    which on a machine whose speed drifts by a third makes the ratio mean something. Medians."""
-    ratios = {1: [], 32: []}
+@contextlib.contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def bench_cluster(config: ClusterConfig, engine: LLM, engine_one: LLM, workloads: dict, params) -> dict:
+    """Each workload (fresh prompts, so no prefix cache helps either side) runs on the engine, on the engine
+    limited to one thread (`engine_one`, another instance: the prompts must be new to it too) and then on the
+    cluster, REPEATS times in turn: the engines' speed is measured beside the cluster's, not minutes before,
+    which on a machine whose speed drifts by a third makes the ratios mean something. Medians."""
+    ratios, one_thread_ratios = {1: [], 32: []}, {1: [], 32: []}
     cluster_rates = {1: [], 32: []}
     engine_rates = {1: [], 32: []}
     with Cluster(config) as cluster:
@@ -63,23 +77,29 @@ def bench_cluster(config: ClusterConfig, engine: LLM, workloads: dict, params) -
             for n in (1, 32):
                 prompts = workloads[n][r]
                 e = run(engine.generate, prompts, params)
+                with torch_threads(1):
+                    e1 = run(engine_one.generate, prompts, params)
                 c = run(cluster.generate, prompts, params)
                 engine_rates[n].append(e)
                 cluster_rates[n].append(c)
                 ratios[n].append(c / e)
+                one_thread_ratios[n].append(e1 / e)
         after = cluster.stats()
     spent = {k: after["time_s"][k] - base[k] for k in base}  # both batch sizes' decode steps
     step = spent["decode_steps"]
     share = {
         "attention and the shard's own work": (step - spent["dispatch"] - spent["combine_wait"]) / step,
-        "dispatch (plan, encode, send)": spent["dispatch"] / step,
+        "planning the dispatch": (spent["dispatch"] - spent["dispatch_send"]) / step,
+        "encoding and sending it": spent["dispatch_send"] / step,
         "waiting for experts (compute + transfer)": spent["combine_wait"] / step,
     }
     med = statistics.median
     return {**{f"batch{n}_tokens_per_s": med(cluster_rates[n]) for n in (1, 32)},
             **{f"batch{n}_engine_tokens_per_s": med(engine_rates[n]) for n in (1, 32)},
             **{f"batch{n}_ratio": med(ratios[n]) for n in (1, 32)},
-            "ratios": ratios, "time_s": spent, "share": share, "bytes": after["bytes"]}
+            **{f"batch{n}_one_thread_engine_ratio": med(one_thread_ratios[n]) for n in (1, 32)},
+            "ratios": ratios, "one_thread_ratios": one_thread_ratios, "time_s": spent, "share": share,
+            "bytes": after["bytes"]}
 
 
 def main() -> int:
@@ -114,18 +134,22 @@ def main() -> int:
         print(f"cluster, {layout} layout, {transport} transport, {mb} micro-batches ...", file=sys.stderr, flush=True)
         config = ClusterConfig(transport=transport, engine={"micro_batches": mb}, dispatch_dtype=a.dispatch_dtype,
                                ray={"threads_per_actor": a.threads_per_actor}, mtp=a.mtp, **LAYOUTS[layout])
-        engine = LLM()  # a fresh one for each configuration: its prefix cache must not remember the prompts
+        # fresh ones for each configuration: their prefix caches must not remember the prompts
+        engine, engine_one = LLM(), LLM()
         engine.generate(workloads["warm"], params)
-        results["clusters"][f"{layout}/{transport}/{mb}"] = bench_cluster(config, engine, workloads, params)
+        with torch_threads(1):
+            engine_one.generate(workloads["warm"], params)
+        results["clusters"][f"{layout}/{transport}/{mb}"] = bench_cluster(config, engine, engine_one, workloads,
+                                                                          params)
     print("| workload | layout | transport | micro-batches | engine tokens/s | cluster tokens/s | cluster / engine "
-          "(per repeat) | cluster TPOT |\n|---|---|---|---|---|---|---|---|")
+          "(per repeat) | engine on one thread / engine | cluster TPOT |\n|---|---|---|---|---|---|---|---|---|")
     for n in (1, 32):
         for layout, transport, mb in runs:
             r = results["clusters"][f"{layout}/{transport}/{mb}"]
             c, e = r[f"batch{n}_tokens_per_s"], r[f"batch{n}_engine_tokens_per_s"]
             each = " / ".join(f"{x:.2f}" for x in r["ratios"][n])
             print(f"| batch {n} | {layout} | {transport} | {mb} | {e:.1f} | {c:.1f} | {r[f'batch{n}_ratio']:.2f} "
-                  f"({each}) | {1e3 * n / c:.1f} ms |")
+                  f"({each}) | {r[f'batch{n}_one_thread_engine_ratio']:.2f} | {1e3 * n / c:.1f} ms |")
     if a.mtp:
         print("(the cluster with MTP on its decode shards; the engine without)")
     for layout, transport, mb in runs:
