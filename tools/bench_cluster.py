@@ -89,7 +89,7 @@ def bench_cluster(config: ClusterConfig, engine: LLM, engine_one: LLM, workloads
     step = spent["decode_steps"]
     share = {
         "attention and the shard's own work": (step - spent["dispatch"] - spent["combine_wait"]) / step,
-        "planning the dispatch": (spent["dispatch"] - spent["dispatch_send"]) / step,
+        "planning the dispatch and building its messages": (spent["dispatch"] - spent["dispatch_send"]) / step,
         "encoding and sending it": spent["dispatch_send"] / step,
         "waiting for experts (compute + transfer)": spent["combine_wait"] / step,
     }
