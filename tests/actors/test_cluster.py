@@ -150,12 +150,26 @@ def test_prefill_and_decode_on_expert_groups_of_their_own(ray_cluster, mtp_check
                                              for layer, p in c.phy2log.items()}
 
 
+def wait_until_dead(actor, timeout_s: float = 30) -> None:
+    """`ray.kill` returns before the process is gone, and a call made meanwhile is still served: a step could pass
+    through the victim before it dies."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ready.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the actor still answers {timeout_s:g} s after ray.kill")
+
+
 def test_a_dead_expert_group_fails_the_requests_with_an_error_not_a_hang(ray_cluster, mtp_checkpoint, prompts):
     """Where dead actors stay dead (failures.restart: false), a step that raises (here: an expert group is gone)
     reaches every client of the shard as an error."""
     with Cluster(config(mtp_checkpoint, topology=TWO_NODES_ONE_GPU, expert_groups=2, redundant_experts=2,
                         failures={"restart": False})) as c:
         ray.kill(c.groups[1])
+        wait_until_dead(c.groups[1])
         outcome = {}
 
         def run():
