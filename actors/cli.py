@@ -93,7 +93,7 @@ def _add_sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--include-stop-str-in-output", action="store_true",
                    help="keep the stop text, or the stop token's text, in the output")
     p.add_argument("--json", action="store_true",
-                   help="print {prompt_token_ids, token_ids, text, logprobs, finish_reason} as JSON")
+                   help="print {prompt_token_ids, token_ids, text, logprobs, finish_reason, stop_reason} as JSON")
 
 
 def _sampling_params(a: argparse.Namespace):
@@ -109,7 +109,8 @@ def _sampling_params(a: argparse.Namespace):
 
 def _output_json(out, **extra) -> str:
     return json.dumps({"prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids, "text": out.text,
-                       "logprobs": out.logprobs, "finish_reason": out.finish_reason, **extra})
+                       "logprobs": out.logprobs, "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
+                       **extra})
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -137,7 +138,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     done = time.perf_counter()
     rate = len(out.token_ids) / (done - loaded)
     mtp = f", MTP acceptance {out.acceptance_rate:.0%}" if a.mtp else ""
-    print(f"\n[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}, load {loaded - start:.1f}s, "
+    stop = f", stop_reason={out.stop_reason!r}" if out.stop_reason is not None else ""
+    print(f"\n[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}{stop}, load {loaded - start:.1f}s, "
           f"{rate:.1f} tokens/s{mtp}]", file=sys.stderr)
     return 0
 

@@ -18,7 +18,7 @@ import itertools
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Union
 
 import ray
 
@@ -42,6 +42,11 @@ class Delta:
     num_prompt_tokens: int = 0
     kv_bytes: int = 0                    # latent KV handed from the prefill to the decode shard
     final: Optional[RequestOutput] = None
+
+    @property
+    def stop_reason(self) -> Union[int, str, None]:
+        """The stop token id or stop string that ended the request (vLLM's stop_reason), on its last delta."""
+        return self.final.stop_reason if self.final is not None else None
 
 
 class ShardLost(Exception):
@@ -76,15 +81,15 @@ class ResumedStops:
         self.seen = list(before)
         self.decoder.update(self.seen)
 
-    def first_stop(self, completion: list[int]) -> Optional[tuple[int, str]]:
-        """(tokens to keep, the text up to where the stop string cuts it) for the first new token of `completion`
-        (the whole completion so far) that completes a stop string, or None."""
+    def first_stop(self, completion: list[int]) -> Optional[tuple[int, str, str]]:
+        """(tokens to keep, the text up to where the stop string cuts it, the stop string) for the first new token
+        of `completion` (the whole completion so far) that completes a stop string, or None."""
         for token in completion[len(self.seen):]:
             self.seen.append(token)
             text = self.decoder.update(self.seen)
-            cut = self.params.stop_string_cut(text)
-            if cut is not None:
-                return len(self.seen), text[:cut]
+            match = self.params.stop_string_match(text)
+            if match is not None:
+                return len(self.seen), text[:match[0]], match[1]
         return None
 
 
@@ -263,15 +268,16 @@ class ClusterClient:
                 await asyncio.sleep(min(0.5, 0.05 * 2 ** attempt))  # a restarted shard takes a moment to come back
 
     @staticmethod
-    def _stopped(prompt: list[int], params: SamplingParams, joined: Delta, keep: int, text: str) -> Delta:
-        """`joined` cut after its first `keep` completion tokens and finished by a stop string, as the engine reports
-        one (the text cut where the stop string starts, or ends with include_stop_str_in_output). Cut before the
-        attempt's final output, it has no prompt log-probabilities: those come with the final output only."""
+    def _stopped(prompt: list[int], params: SamplingParams, joined: Delta, keep: int, text: str, stop: str) -> Delta:
+        """`joined` cut after its first `keep` completion tokens and finished by the stop string `stop`, as the
+        engine reports one (the text cut where the stop string starts, or ends with include_stop_str_in_output). Cut
+        before the attempt's final output, it has no prompt log-probabilities: those come with the final output
+        only."""
         final = joined.final
         token_ids, logprobs, top = joined.token_ids[:keep], joined.logprobs[:keep], joined.top_logprobs[:keep]
         output = RequestOutput(
             request_id=joined.request_id, prompt_token_ids=list(prompt), token_ids=token_ids, text=text,
-            finish_reason="stop", logprobs=logprobs if params.logprobs is not None else None,
+            finish_reason="stop", stop_reason=stop, logprobs=logprobs if params.logprobs is not None else None,
             top_logprobs=top if params.logprobs else None,
             prompt_logprobs=final.prompt_logprobs[:len(prompt)] if final and final.prompt_logprobs else None)
         new = joined.new_token_ids[:max(0, keep - (len(joined.token_ids) - len(joined.new_token_ids)))]
@@ -283,14 +289,16 @@ class ClusterClient:
         final = delta.final
         if final is not None:
             token_ids = done.token_ids + final.token_ids
-            text = None
+            text, stop_reason = None, final.stop_reason
             if self.tokenizer is not None:
                 text = self.tokenizer.decode(params.text_token_ids(token_ids, final.finish_reason,
                                                                    self.args.eos_token_id))
-                cut = params.stop_string_cut(text)
-                text = text if cut is None else text[:cut]
+                match = params.stop_string_match(text)  # the whole text's: the shard saw only the attempt's
+                if match is not None:
+                    text, stop_reason = text[:match[0]], match[1]
             final = dataclasses.replace(
                 final, request_id=rid, prompt_token_ids=list(prompt), token_ids=token_ids, text=text,
+                stop_reason=stop_reason,
                 logprobs=done.logprobs + final.logprobs if final.logprobs is not None else None,
                 top_logprobs=done.top_logprobs + final.top_logprobs if final.top_logprobs is not None else None,
                 prompt_logprobs=final.prompt_logprobs[:len(prompt)] if final.prompt_logprobs is not None else None)

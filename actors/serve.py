@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Union
 
 import grpc
 from fastapi import FastAPI, Request
@@ -158,6 +158,13 @@ class Admission:
 
     def __del__(self):
         self.release()
+
+
+def grpc_stop_reason(stop_reason: Union[int, str, None]) -> dict:
+    """The proto's `stop_reason` oneof: the stop token id or the stop string, or neither."""
+    if stop_reason is None:
+        return {}
+    return {"stop_token_id": stop_reason} if isinstance(stop_reason, int) else {"stop_string": stop_reason}
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", code: Optional[str] = None):
@@ -379,7 +386,7 @@ class Ingress:
         return oa.response(
             rid, self.model_name, chat,
             [make(i, text, final.finish_reason, self._logprobs(chat, params, final.token_ids, final.logprobs,
-                                                                final.top_logprobs))
+                                                                final.top_logprobs), final.stop_reason)
              for i, (text, final) in enumerate(zip(texts, finals))],
             oa.usage(len(tokens), sum(len(final.token_ids) for final in finals)))
 
@@ -403,10 +410,11 @@ class Ingress:
                 lp = self._logprobs(chat, params, delta.new_token_ids, delta.logprobs, delta.top_logprobs)
                 if chat:
                     yield oa.sse_event(oa.chat_chunk(rid, self.model_name, {"content": added} if added else {},
-                                                     delta.finish_reason, use, lp, index=i))
+                                                     delta.finish_reason, use, lp, index=i,
+                                                     stop_reason=delta.stop_reason))
                 else:
                     yield oa.sse_event(oa.completion_chunk(rid, self.model_name, added, delta.finish_reason, use, lp,
-                                                           index=i))
+                                                           index=i, stop_reason=delta.stop_reason))
             yield "data: [DONE]\n\n"
         finally:
             for admission in admissions:  # a stream whose client left before it began never ran `_deltas`
@@ -488,7 +496,7 @@ class Ingress:
             text, final = text + added, delta
         n = len(final.token_ids)
         return stubs.pb2.GenerateResponse(text=text, token_ids=final.token_ids, finish_reason=final.finish_reason,
-                                          request_id=final.request_id,
+                                          request_id=final.request_id, **grpc_stop_reason(final.stop_reason),
                                           usage=stubs.pb2.Usage(prompt_tokens=len(tokens), completion_tokens=n,
                                                                 total_tokens=len(tokens) + n))
 
@@ -503,7 +511,7 @@ class Ingress:
                 if delta.finish_reason else None
             yield stubs.pb2.GenerateChunk(text=added, token_ids=delta.new_token_ids,
                                           finish_reason=delta.finish_reason or "", usage=usage,
-                                          request_id=delta.request_id)
+                                          request_id=delta.request_id, **grpc_stop_reason(delta.stop_reason))
 
 
 # ---- running it -------------------------------------------------------------------------------------------------

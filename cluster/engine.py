@@ -11,7 +11,7 @@ with the noise the draft was drawn with, see kernels.sampling.draw), so the outp
 MTP would produce, and an accepted draft yields two tokens in one step.
 """
 from dataclasses import dataclass, field
-from typing import Optional, Sequence as Seq
+from typing import Optional, Sequence as Seq, Union
 
 import torch
 
@@ -108,6 +108,7 @@ class RequestOutput:
     token_ids: list[int]
     text: Optional[str]
     finish_reason: Optional[str]            # "stop", "length", "error" (see `error`), or None while running
+    stop_reason: Union[int, str, None] = None  # as vLLM's: the stop token id or stop string that ended it, else None
     logprobs: Optional[list[float]] = None  # of each chosen token
     top_logprobs: Optional[list[dict[int, float]]] = None
     prompt_logprobs: Optional[list[Optional[float]]] = None
@@ -416,7 +417,7 @@ class Engine:
                 top = logprobs.topk(p.logprobs)
                 seq.top_logprobs.append(dict(zip(top.indices.tolist(), top.values.tolist())))
         if p.stops_on(token, self.args.eos_token_id):
-            seq.finish_reason = "stop"
+            seq.finish_reason, seq.stop_reason = "stop", p.stop_reason(token, self.args.eos_token_id)
         elif p.stop and self._match_stop_string(seq):
             seq.finish_reason = "stop"
         elif seq.num_completion_tokens >= p.max_tokens:
@@ -430,8 +431,10 @@ class Engine:
         return seq.text_decoder.update(ids, final=seq.finish_reason is not None)
 
     def _match_stop_string(self, seq: Sequence) -> bool:
-        seq.stop_text_len = seq.params.stop_string_cut(self._text(seq))
-        return seq.stop_text_len is not None
+        match = seq.params.stop_string_match(self._text(seq))
+        if match is not None:
+            seq.stop_text_len, seq.stop_reason = match
+        return match is not None
 
     def _output(self, seq: Sequence, with_text: bool = True) -> RequestOutput:
         tokens_sent, text_sent = self._emitted.get(seq.request_id, (0, 0))
@@ -450,7 +453,7 @@ class Engine:
         p = seq.params
         return RequestOutput(
             request_id=seq.request_id, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens], token_ids=completion,
-            text=text, finish_reason=seq.finish_reason,
+            text=text, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             logprobs=list(seq.logprobs) if p.logprobs is not None else None,
             top_logprobs=list(seq.top_logprobs) if p.logprobs else None,
             prompt_logprobs=list(seq.prompt_logprobs) if p.prompt_logprobs is not None else None,

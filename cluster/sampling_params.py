@@ -105,14 +105,19 @@ class SamplingParams:
             return completion[:-1]
         return completion
 
-    def stop_string_cut(self, text: str) -> Optional[int]:
-        """Where `text` ends for the first stop string in it (the earliest to begin): where that string begins, or
-        with include_stop_str_in_output where it ends; None when it holds none."""
-        hits = [(i, i + len(s)) for s in self.stop for i in [text.find(s)] if i >= 0]
+    def stop_reason(self, token: int, eos_token_id: Optional[int]) -> Optional[int]:
+        """What a request that `token` ended (`stops_on`) reports as its stop_reason, as vLLM does: the token when it
+        is one of stop_token_ids; None for the end-of-sequence token, which vLLM checks first."""
+        return None if token == eos_token_id and not self.ignore_eos else token
+
+    def stop_string_match(self, text: str) -> Optional[tuple[int, str]]:
+        """The first stop string in `text` (the earliest to begin) and where the text ends for it: where that string
+        begins, or with include_stop_str_in_output where it ends, as (end, stop string); None when it holds none."""
+        hits = [(i, i + len(s), s) for s in self.stop for i in [text.find(s)] if i >= 0]
         if not hits:
             return None
-        start, end = min(hits)
-        return end if self.include_stop_str_in_output else start
+        start, end, stop = min(hits)
+        return (end if self.include_stop_str_in_output else start), stop
 
     @property
     def stop_hold(self) -> int:

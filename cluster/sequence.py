@@ -2,7 +2,7 @@
 import itertools
 from dataclasses import dataclass
 from enum import Enum, auto
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -61,6 +61,7 @@ class Sequence:
         self.finish_reason: Optional[str] = None
         self.error: Optional[str] = None           # why the request failed (finish_reason "error"), this one alone
         self.stop_text_len: Optional[int] = None  # text is cut here when a stop string matched
+        self.stop_reason: Union[int, str, None] = None  # the stop token or string that ended it (vLLM's)
         self.text_decoder = None                   # the engine's IncrementalDecoder of the completion
         self.drafts_proposed = 0
         self.drafts_accepted = 0

@@ -191,13 +191,17 @@ def chat_logprobs(token_text: Callable[[int], str], token_ids: list[int], logpro
                         for i, (t, lp) in enumerate(zip(token_ids, logprobs))]}
 
 
-def completion_choice(index: int, text: str, finish_reason: Optional[str], logprobs: Optional[dict] = None) -> dict:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+def completion_choice(index: int, text: str, finish_reason: Optional[str], logprobs: Optional[dict] = None,
+                      stop_reason: Union[int, str, None] = None) -> dict:
+    """`stop_reason` is vLLM's extension: the stop token id or stop string that ended the choice, else null."""
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+            "stop_reason": stop_reason}
 
 
-def chat_choice(index: int, text: str, finish_reason: Optional[str], logprobs: Optional[dict] = None) -> dict:
+def chat_choice(index: int, text: str, finish_reason: Optional[str], logprobs: Optional[dict] = None,
+                stop_reason: Union[int, str, None] = None) -> dict:
     return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish_reason}
+            "finish_reason": finish_reason, "stop_reason": stop_reason}
 
 
 def response(rid: str, model: str, chat: bool, choices: list[dict], usage_: dict) -> dict:
@@ -207,18 +211,21 @@ def response(rid: str, model: str, chat: bool, choices: list[dict], usage_: dict
 
 
 def completion_chunk(rid: str, model: str, text: str, finish_reason: Optional[str] = None,
-                     usage_: Optional[dict] = None, logprobs: Optional[dict] = None, index: int = 0) -> dict:
+                     usage_: Optional[dict] = None, logprobs: Optional[dict] = None, index: int = 0,
+                     stop_reason: Union[int, str, None] = None) -> dict:
     chunk = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-             "choices": [completion_choice(index, text, finish_reason, logprobs)]}
+             "choices": [completion_choice(index, text, finish_reason, logprobs, stop_reason)]}
     if usage_ is not None:
         chunk["usage"] = usage_
     return chunk
 
 
 def chat_chunk(rid: str, model: str, delta: dict, finish_reason: Optional[str] = None,
-               usage_: Optional[dict] = None, logprobs: Optional[dict] = None, index: int = 0) -> dict:
+               usage_: Optional[dict] = None, logprobs: Optional[dict] = None, index: int = 0,
+               stop_reason: Union[int, str, None] = None) -> dict:
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
+                          "stop_reason": stop_reason}]}
     if usage_ is not None:
         chunk["usage"] = usage_
     return chunk

@@ -60,17 +60,17 @@ def test_generate_stops_where_the_library_does(capsys):
     llm, prompt = LLM(DEMO_MODEL), "def fibonacci("
     free = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0].token_ids
     token = next(t for i, t in enumerate(free) if i >= 2 and free.index(t) == i and llm.tokenizer.decode([t]).strip())
-    cases = [(["--stop", "):\n"], dict(stop=["):\n"])),
-             (["--stop-token-ids", str(token)], dict(stop_token_ids=[token])),
+    cases = [(["--stop", "):\n"], dict(stop=["):\n"]), "):\n"),
+             (["--stop-token-ids", str(token)], dict(stop_token_ids=[token]), token),
              (["--stop-token-ids", str(token), "--include-stop-str-in-output"],
-              dict(stop_token_ids=[token], include_stop_str_in_output=True))]
-    for flags, fields in cases:
+              dict(stop_token_ids=[token], include_stop_str_in_output=True), token)]
+    for flags, fields, stop_reason in cases:
         assert main(["generate", prompt, "--max-tokens", "16", "--json", *flags]) == 0
         printed = json.loads(capsys.readouterr().out)
         expected = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, **fields))[0]
         assert expected.finish_reason == "stop", flags
-        assert (printed["token_ids"], printed["text"], printed["finish_reason"]) == \
-            (expected.token_ids, expected.text, "stop"), flags
+        assert (printed["token_ids"], printed["text"], printed["finish_reason"], printed["stop_reason"]) == \
+            (expected.token_ids, expected.text, "stop", stop_reason), flags
 
 
 def test_cluster_generate_prints_the_engines_text_for_its_prompt_argument(tmp_path):

@@ -581,6 +581,7 @@ def test_a_stop_string_across_the_point_of_resumption_ends_the_request_there(inc
     deltas = resumed_deltas(client, prompt, params, increments)
     final = deltas[-1].final
     assert (final.token_ids, final.text, final.finish_reason) == (expected.token_ids, expected.text, "stop")
+    assert final.stop_reason == stop == expected.stop_reason  # the string its shard did not see whole
     assert deltas[-1].token_ids == expected.token_ids and client.resumed == 1
     assert [t for d in deltas for t in d.new_token_ids] == expected.token_ids  # no token twice or missing
     sent, generated = closed[0]
@@ -604,7 +605,7 @@ def test_a_resumed_request_ended_by_a_stop_token_reports_the_engines_text(includ
     client = resuming_client(llm, prompt, free, k, [])
     final = resumed_deltas(client, prompt, params, increments=False)[-1].final
     assert (final.token_ids, final.text, final.finish_reason) == (expected.token_ids, expected.text, "stop")
-    assert client.resumed == 1
+    assert final.stop_reason == stop and client.resumed == 1
 
 
 def killing_controller(victim: str, before_loading: bool) -> type:

@@ -183,16 +183,45 @@ def test_stop_token_ids_and_include_stop_str_in_output_give_the_engines_text(ser
         extra = {"stop_token_ids": [stop], "include_stop_str_in_output": include}
         out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, extra_body=extra)
         assert (out.choices[0].text, out.choices[0].finish_reason) == (expected.text, "stop")
+        assert out.choices[0].stop_reason == stop  # vLLM's field: the stop token that ended it
         assert out.usage.completion_tokens == len(expected.token_ids)
-        chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True,
-                                           extra_body=extra)
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                                stream=True, extra_body=extra))
         assert "".join(c.choices[0].text for c in chunks) == expected.text
+        assert [c.choices[0].stop_reason for c in chunks] == [None] * (len(chunks) - 1) + [stop]
         request = pb2.GenerateRequest(prompt=prompt, max_tokens=16, temperature=0, **extra)
         response = stub.Generate(request)
         assert response.text == expected.text and list(response.token_ids) == expected.token_ids
-        assert "".join(c.text for c in stub.GenerateStream(request)) == expected.text
+        assert response.WhichOneof("stop_reason") == "stop_token_id" and response.stop_token_id == stop
+        streamed = list(stub.GenerateStream(request))
+        assert "".join(c.text for c in streamed) == expected.text
+        assert [c.WhichOneof("stop_reason") for c in streamed] == [None] * (len(streamed) - 1) + ["stop_token_id"]
         texts.add(expected.text)
     assert len(texts) == 2
+
+
+def test_stop_reason_names_the_stop_string_and_is_null_at_the_length(server, client, engine):
+    """vLLM's stop_reason over HTTP (completions and chat, streamed and not) and gRPC: the stop string that ended
+    the request, and null (no field over gRPC) for one that ran to max_tokens."""
+    prompt, stop = "def fibonacci(", "):\n"
+    assert stop in greedy(engine, prompt, 16).text
+    messages = [{"role": "user", "content": prompt}]
+    chat_text = greedy(engine, engine.tokenizer.apply_chat_template(messages), 16).text
+    stub = GenerationStub(grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}"))
+    for stops, reason in (([stop], stop), ([], None)):
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop=stops)
+        assert (out.choices[0].finish_reason, out.choices[0].stop_reason) == ("length" if reason is None else
+                                                                              "stop", reason)
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                                stop=stops, stream=True))
+        assert chunks[-1].choices[0].stop_reason == reason
+        chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                              stop=stops)
+        assert chat.choices[0].stop_reason == (stop if stops and stop in chat_text else None)
+        request = pb2.GenerateRequest(prompt=prompt, max_tokens=16, temperature=0, stop=stops)
+        response = stub.Generate(request)
+        assert (response.stop_string if reason else response.WhichOneof("stop_reason")) == reason
+        assert list(stub.GenerateStream(request))[-1].WhichOneof("stop_reason") == (reason and "stop_string")
 
 
 def test_n_choices_draw_as_requests_of_their_own(client, engine):

@@ -66,3 +66,25 @@ def test_a_stop_token_ends_the_request_and_only_its_text_is_left_out_unless_aske
     params = SamplingParams(max_tokens=24, temperature=0, stop=["):\n"], include_stop_str_in_output=True)
     chunks = list(llm.stream(prompt, params))
     assert chunks[-1].text == "name):\n" and "".join(c.new_text for c in chunks) == chunks[-1].text
+
+
+def test_stop_reason_names_the_stop_token_or_string_that_ended_the_request():
+    """vLLM's stop_reason: the stop token id or the stop string that ended a request; None when it ran to its
+    length, or ended at the end-of-sequence token (which vLLM checks first, even when it is also a stop token)."""
+    llm = LLM()
+    prompt = "def fibonacci("
+    free = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0].token_ids
+    k = next(i for i, t in enumerate(free) if i >= 2 and free.index(t) == i)
+    cases = [(dict(stop_token_ids=[free[k]], max_tokens=24), free[k]),
+             (dict(stop=["zzz", "):\n"], max_tokens=24), "):\n"),
+             (dict(stop_token_ids=[free[k]], max_tokens=k), None)]  # it runs to its length first
+    for extra, expected in cases:
+        params = SamplingParams(temperature=0, ignore_eos=True, **extra)
+        out = llm.generate([prompt], params)[0]
+        streamed = list(llm.stream(prompt, params))
+        assert out.stop_reason == expected and type(out.stop_reason) is type(expected)
+        assert out.finish_reason == ("length" if expected is None else "stop")
+        assert streamed[-1].stop_reason == expected and all(o.stop_reason is None for o in streamed[:-1])
+    eos = llm.engine.args.eos_token_id
+    assert SamplingParams(stop_token_ids=[eos]).stop_reason(eos, eos) is None
+    assert SamplingParams(stop_token_ids=[eos], ignore_eos=True).stop_reason(eos, eos) == eos
