@@ -1,6 +1,6 @@
 """Benchmark: what handing each MoE layer over to another process costs the hander's own work, without Ray.
 
-    python tools/bench_handover.py                          # pipe, sleep and spin waits, 0.5 ms of work across
+    python tools/bench_handover.py                          # a hand-over (0.5 ms of another's work), sleep, spin
     python tools/bench_handover.py --wait pipe --helper-rows 0 5 40   # how the cost grows with the other's work
 
 A decode shard of the cluster waits three times a token (once per MoE layer) while an expert group computes its
