@@ -2,6 +2,7 @@
 raylet per topology node), against the single-process engine, token for token."""
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,7 +166,9 @@ def wait_until_dead(actor, timeout_s: float = 30) -> None:
 
 def test_a_dead_expert_group_fails_the_requests_with_an_error_not_a_hang(ray_cluster, mtp_checkpoint, prompts):
     """Where dead actors stay dead (failures.restart: false), a step that raises (here: an expert group is gone)
-    reaches every client of the shard as an error."""
+    reaches every client of the shard as an error. Which shard's step raises first depends on the routing: a
+    prompt whose tokens all chose experts of the live group prefills and is handed off, and its decode step is the
+    first to reach the dead group."""
     with Cluster(config(mtp_checkpoint, topology=TWO_NODES_ONE_GPU, expert_groups=2, redundant_experts=2,
                         failures={"restart": False})) as c:
         ray.kill(c.groups[1])
@@ -181,7 +184,8 @@ def test_a_dead_expert_group_fails_the_requests_with_an_error_not_a_hang(ray_clu
         thread.start()
         thread.join(120)
         assert not thread.is_alive(), "the requests hang"
-        assert isinstance(outcome.get("error"), RuntimeError) and "prefill shard 0" in str(outcome["error"])
+        assert isinstance(outcome.get("error"), RuntimeError)
+        assert re.match(r"(prefill|decode) shard 0: ", str(outcome["error"])), outcome["error"]
 
 
 @pytest.mark.parametrize("victim, transport", [("expert-group-1", "collective"), ("expert-group-2", "ray"),
