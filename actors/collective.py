@@ -21,7 +21,9 @@ Why point-to-point and not `all_to_all_single`: only the groups a layer's tokens
 2-core machine a 5-rank gloo all_to_all of 40 bytes took 2.9 ms against 1.0 ms for a star of sends and
 receives reaching the same four peers (measured with torch 2.13).
 """
+import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -57,6 +59,9 @@ class Outbox:
         self.timeout = timeout  # a send the receiver has not taken in this long fails
 
     def send(self, body: bytes, dst: int, group) -> None:
+        if isinstance(group, SocketGroup):  # written at once: nothing stays pending
+            group.send(body, dst, self.timeout)
+            return
         view = memoryview(body)
         parts = [view[:FIRST_BYTES]] + ([view[FIRST_BYTES:]] if len(body) > FIRST_BYTES else [])
         for part in parts:
@@ -72,6 +77,8 @@ class Outbox:
 def receive(group, src: int, timeout: timedelta) -> bytes:
     """The next message from global rank `src` on `group`, waiting up to `timeout`; WireError if what arrives is
     not one."""
+    if isinstance(group, SocketGroup):
+        return group.receive(src, timeout)
     first = torch.empty(FIRST_BYTES, dtype=torch.uint8)
     _recv(first, group, src, timeout)
     raw = memoryview(first.numpy())
@@ -90,6 +97,119 @@ def _recv(t: torch.Tensor, group, src: int, timeout: timedelta) -> None:
     group.recv([t], dist.get_group_rank(group, src), 0).wait(timeout)
 
 
+# ---- the same on one machine, without gloo: a Unix socket per pair of members ------------------------------------
+
+FRAME = struct.Struct("<Q")       # each message's length, before it
+HELLO = struct.Struct("<qq")      # a new connection's first bytes: the subgroup's index, the connecting member's rank
+
+
+class SocketGroup:
+    """One subgroup's members on one machine, reached over a Unix socket each: a message is its length and its
+    bytes, and a receive waits in the kernel. gloo makes each message a rendezvous that an I/O thread of its own
+    carries in each process; on a few shared cores that costs a decode step more than the experts' work
+    (tools/bench_split_bound.py)."""
+
+    def __init__(self, conns: dict[int, socket.socket]):
+        self.conns = conns  # global rank -> the connection to it
+
+    def send(self, body: bytes, dst: int, timeout: timedelta) -> None:
+        conn = self.conns[dst]
+        try:
+            conn.settimeout(timeout.total_seconds())
+            conn.sendall(FRAME.pack(len(body)) + body if len(body) <= FIRST_BYTES else FRAME.pack(len(body)))
+            if len(body) > FIRST_BYTES:
+                conn.sendall(body)
+        except TimeoutError as e:
+            raise RuntimeError(f"sending to rank {dst}: timed out after {timeout}") from e
+        except OSError as e:  # gloo's words for a lost peer, which the transport's recovery looks for
+            raise RuntimeError(f"sending to rank {dst}: connection reset by peer ({e})") from e
+
+    def receive(self, src: int, timeout: timedelta) -> bytearray:
+        conn = self.conns[src]
+        try:
+            conn.settimeout(timeout.total_seconds())
+            body = _read(conn, FRAME.unpack(_read(conn, FRAME.size))[0])
+        except TimeoutError as e:
+            raise RuntimeError(f"receiving from rank {src}: timed out after {timeout}") from e
+        except OSError as e:
+            raise RuntimeError(f"receiving from rank {src}: connection reset by peer ({e})") from e
+        if wire.message_bytes(body) != len(body):
+            raise wire.WireError(f"{len(body)} bytes, but the header counts {wire.message_bytes(body)}")
+        return body
+
+    def close(self) -> None:
+        """Close the connections; a thread waiting on one of them wakes to its end."""
+        for conn in self.conns.values():
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+
+def _read(conn: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = conn.recv_into(view[got:])
+        if k == 0:
+            raise RuntimeError("connection closed by peer")
+        got += k
+    return buf
+
+
+_open_sockets: list[SocketGroup] = []   # this process's subgroups of the last join over sockets
+
+
+def join_sockets(base: str, rank: int, subgroups: list[list[int]], rendezvous_s: float) -> list[SocketGroup]:
+    """This member's connections in each subgroup (its members' global ranks): it listens at `base`-rank, connects
+    to each lower-ranked member of its subgroups and takes the higher-ranked ones' connections, each named by its
+    first bytes. The sockets live in `base`'s directory, which only this user can reach."""
+    path = f"{base}-{rank}"
+    if len(path.encode()) > 100:
+        raise ValueError(f"{path}: too long for a Unix socket's path (100 bytes); use a shorter temp directory")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1024)
+    conns: list[dict[int, socket.socket]] = [{} for _ in subgroups]
+    deadline = time.monotonic() + rendezvous_s
+    try:
+        for i, members in enumerate(subgroups):
+            for peer in (m for m in members if rank in members and m < rank):
+                conns[i][peer] = _connect(f"{base}-{peer}", deadline)
+                conns[i][peer].sendall(HELLO.pack(i, rank))
+        expected = sum(m > rank for members in subgroups if rank in members for m in members)
+        for _ in range(expected):
+            listener.settimeout(max(deadline - time.monotonic(), 0.001))
+            conn, _ = listener.accept()
+            conn.settimeout(max(deadline - time.monotonic(), 0.001))
+            i, peer = HELLO.unpack(_read(conn, HELLO.size))
+            conns[i][peer] = conn
+    except OSError as e:
+        for c in conns:
+            SocketGroup(c).close()
+        raise RuntimeError(f"member {rank}: the others did not all meet within {rendezvous_s:g} s ({e}); "
+                           "collective_backend sockets needs every actor on one machine") from e
+    finally:
+        listener.close()
+        os.unlink(path)
+    return [SocketGroup(c) for c in conns]
+
+
+def _connect(path: str, deadline: float) -> socket.socket:
+    """A connection to the member listening at `path`, trying until `deadline` (it may not listen yet)."""
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(path)
+            return conn
+        except (FileNotFoundError, ConnectionRefusedError):
+            conn.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 # ---- the process group ------------------------------------------------------------------------------------------
 
 def join(init_method: str, rank: int, world_size: int, pools: dict[int, tuple[int, int]], n_groups: int,
@@ -101,16 +221,24 @@ def join(init_method: str, rank: int, world_size: int, pools: dict[int, tuple[in
     died meanwhile never comes: the join fails, to be tried again with its replacement), also as they connect in
     each subgroup. gloo takes a group's timeout for that and for its messages alike, so the messages' own timeout
     is given to each send's and receive's wait instead (Outbox, receive)."""
+    for group in _open_sockets:
+        group.close()
+    _open_sockets.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
     else:
         # torch names each group by a count that a failed join advanced too, and a replacement member starts from
         # 0: with names that differ, the next join's members would wait for each other under different keys
         distributed_c10d._world.group_count = 0
+    members = {(shard, m): [shard] + list(range(first, first + n_groups))
+               for shard, (first, _) in sorted(pools.items()) for m in range(micro_batches)}
+    if init_method.startswith("unix://"):
+        groups = join_sockets(init_method[len("unix://"):], rank, list(members.values()), rendezvous_s)
+        _open_sockets.extend(groups)
+        return {key: group for key, group in zip(members, groups) if rank in members[key]}
     rendezvous = timedelta(seconds=rendezvous_s)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=rendezvous)
-    return {(shard, m): dist.new_group([shard] + list(range(first, first + n_groups)), timeout=rendezvous)
-            for shard, (first, _) in sorted(pools.items()) for m in range(micro_batches)}
+    return {key: dist.new_group(ranks, timeout=rendezvous) for key, ranks in members.items()}
 
 
 def free_address(host: str) -> str:

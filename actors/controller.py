@@ -19,7 +19,9 @@ groups offer, so that Ray's autoscaler (KubeRay's) brings the nodes they need.
 """
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -295,7 +297,11 @@ class Controller:
         prefill_first = 0 if self.prefill_groups is self.groups else len(self.groups)
         pools = {len(groups) + i: (prefill_first if i < len(self.prefill_shards) else 0, self.shard_slots[i])
                  for i in range(len(shards))}
-        if self.private_dir is not None:  # one machine: meet through a file only this user can reach, new each time
+        socket_dir = None
+        if self.config.collective_backend == "sockets":  # each member's socket in a directory only this user reaches
+            socket_dir = tempfile.mkdtemp(prefix="moeserve-", dir=self.private_dir)
+            init_method = "unix://" + os.path.join(socket_dir, "c")
+        elif self.private_dir is not None:  # one machine: meet through a file only this user can reach, new each time
             init_method = "file://" + os.path.join(self.private_dir, f"gloo-rendezvous-{uuid.uuid4().hex}")
         else:
             try:
@@ -309,6 +315,8 @@ class Controller:
         # a member that dies as the group forms leaves the others waiting for it (failures.rendezvous_timeout_s), and
         # a process still waiting in one group cannot enter the next: every call ends before the group is tried again
         ray.wait(refs, num_returns=len(refs))
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)  # the members' sockets are connected: nobody listens there
         if not self._alive_as(pids):
             return False
         ray.get(refs)  # any other failure is raised

@@ -1,7 +1,7 @@
 """Benchmark: the disaggregated cluster (Ray actors: a prefill shard, a decode shard and the expert groups)
 against the single-process engine, same demo model and prompts, on this machine.
 
-    python tools/bench_cluster.py [--transport ray collective] [--layout default one-group one-group-each]
+    python tools/bench_cluster.py [--transport ray collective sockets] [--layout default one-group one-group-each]
                                   [--dispatch-dtype auto|fp8|bf16|float32] [--mtp] [--json out.json]
 
 Layouts: `default` is `ClusterConfig()`'s, four expert groups over two simulated nodes with four redundant
@@ -41,6 +41,8 @@ LAYOUTS = {"default": {}, "one-group": {"topology": ONE_SLOT, "expert_groups": 1
            "one-group-each": {"topology": ONE_SLOT, "expert_groups": 1, "redundant_experts": 0,
                               "shared_expert_groups": False}}
 
+TRANSPORTS = {"ray": {"transport": "ray"}, "collective": {"transport": "collective"},
+              "sockets": {"transport": "collective", "collective_backend": "sockets"}}
 
 REPEATS = 3
 
@@ -104,8 +106,10 @@ def bench_cluster(config: ClusterConfig, engine: LLM, engine_one: LLM, workloads
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--transport", choices=["ray", "collective"], nargs="+", default=["ray", "collective"],
-                   help="the cluster transports to measure (default: both)")
+    p.add_argument("--transport", choices=list(TRANSPORTS), nargs="+", default=["ray", "collective"],
+                   help="the cluster transports to measure: ray, collective (over gloo), sockets (the collective "
+                        "transport over a Unix socket between each pair of actors; collective_backend) (default: ray "
+                        "and collective)")
     p.add_argument("--layout", choices=list(LAYOUTS), nargs="+", default=list(LAYOUTS),
                    help="the cluster layouts to measure (default: all)")
     p.add_argument("--micro-batches", type=int, nargs="+", default=[1],
@@ -132,7 +136,7 @@ def main() -> int:
     runs = [(layout, transport, mb) for layout in a.layout for transport in a.transport for mb in a.micro_batches]
     for layout, transport, mb in runs:
         print(f"cluster, {layout} layout, {transport} transport, {mb} micro-batches ...", file=sys.stderr, flush=True)
-        config = ClusterConfig(transport=transport, engine={"micro_batches": mb}, dispatch_dtype=a.dispatch_dtype,
+        config = ClusterConfig(**TRANSPORTS[transport], engine={"micro_batches": mb}, dispatch_dtype=a.dispatch_dtype,
                                ray={"threads_per_actor": a.threads_per_actor}, mtp=a.mtp, **LAYOUTS[layout])
         # fresh ones for each configuration: their prefix caches must not remember the prompts
         engine, engine_one = LLM(), LLM()

@@ -96,12 +96,12 @@ def test_one_prefill_one_decode_two_expert_groups(ray_cluster, mtp_checkpoint, p
             os.kill(pid, 0)
 
 
-@pytest.mark.parametrize("transport, micro_batches", [("ray", 1), ("collective", 2)])
+@pytest.mark.parametrize("transport, backend, micro_batches", [("ray", "gloo", 1), ("collective", "gloo", 2),
+                                                                ("collective", "sockets", 2)])
 def test_two_decode_shards_four_groups_redundant_replicas_and_mtp(ray_cluster, mtp_checkpoint, prompts, expected,
-                                                                  transport, micro_batches):
+                                                                  transport, backend, micro_batches):
     cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", decode_shards=2, expert_groups=4,
-                        redundant_experts=4, mtp=True,
-                        transport=transport,
+                        redundant_experts=4, mtp=True, transport=transport, collective_backend=backend,
                         engine={"kv_cache_tokens": 1024, "block_size": 4, "micro_batches": micro_batches})
     with Cluster(cfg) as c:
         outs = c.generate(prompts, GREEDY)
@@ -189,7 +189,8 @@ def test_a_dead_expert_group_fails_the_requests_with_an_error_not_a_hang(ray_clu
 
 
 @pytest.mark.parametrize("victim, transport", [("expert-group-1", "collective"), ("expert-group-2", "ray"),
-                                               ("decode-0", "collective"), ("prefill-0", "collective")])
+                                               ("decode-0", "collective"), ("prefill-0", "collective"),
+                                               ("expert-group-3", "sockets"), ("decode-0", "sockets")])
 def test_an_actor_killed_under_running_requests_is_restarted_and_no_request_fails_or_changes(
         ray_cluster, mtp_checkpoint, victim, transport):
     """SIGKILL one actor while requests of mixed lengths prefill and decode: Ray restarts its process, the cluster
@@ -200,7 +201,9 @@ def test_an_actor_killed_under_running_requests_is_restarted_and_no_request_fail
     hold up the recovery that the step it waits for waits for."""
     prompts, params = mixed_requests(seed=1)
     expected = [o.token_ids for o in LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts, params)]
-    cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", transport=transport,
+    backend = {"transport": "collective", "collective_backend": "sockets"} if transport == "sockets" else \
+        {"transport": transport}  # the collective transport over Unix sockets
+    cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", **backend,
                         rebalance={"auto": True, "interval_s": 0.05, "min_tokens": 10**9},
                         engine={"kv_cache_tokens": 1024, "block_size": 4, "prefill_max_num_batched_tokens": 2})
     with Cluster(cfg) as c:

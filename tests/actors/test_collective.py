@@ -233,17 +233,79 @@ def _echo_messages(rank: int, init_method: str, bodies: list[bytes], echoed) -> 
         dist.destroy_process_group()
 
 
-def test_messages_of_one_part_and_of_two_arrive_whole_and_in_order(tmp_path):
-    """The collective transport sends a message as a first part of FIRST_BYTES and, for a longer one, a second part
-    with the rest: messages just under, at and over that size, and several times it, arrive byte for byte between
-    two processes of a gloo group, one after another."""
+def messages_around_the_first_part() -> list[bytes]:
+    """Messages just under, at and over FIRST_BYTES, several times it, and a dispatch."""
     from moeserve.actors.collective import FIRST_BYTES
     sizes = (200, FIRST_BYTES - 1, FIRST_BYTES, FIRST_BYTES + 1, 3 * FIRST_BYTES + 5)
     empty = len(wire.encode(wire.Error("")))
     bodies = [wire.encode(wire.Error("abcdefghij"[n % 10] * (n - empty))) for n in sizes]  # of exactly these sizes
     bodies.insert(2, wire.encode(dispatch_message(torch.float32, n=40)))
     assert [len(b) for b in bodies[:2] + bodies[3:]] == list(sizes)
+    return bodies
+
+
+def test_messages_of_one_part_and_of_two_arrive_whole_and_in_order(tmp_path):
+    """The collective transport sends a message as a first part of FIRST_BYTES and, for a longer one, a second part
+    with the rest: messages of sizes around that arrive byte for byte between two processes of a gloo group, one
+    after another."""
+    bodies = messages_around_the_first_part()
     assert two_ranks(_echo_messages, f"file://{tmp_path / 'rendezvous'}", bodies) == (bodies, [0, 0])
+
+
+def _over_sockets(rank: int, base: str, sent: list, got) -> None:
+    """Both ranks join over Unix sockets (rank 1 a shard, rank 0 its one expert group). Rank 1 sends each of `sent`
+    (bytes, or None to die there without a word, as a killed process); rank 0 receives as many and puts in `got`
+    each message, or the error its receive raised, with the seconds it took."""
+    from datetime import timedelta
+
+    from moeserve.actors.collective import Outbox, join, receive
+    group = join(f"unix://{base}", rank, 2, {1: (0, 0)}, 1, 1, 20.0)[1, 0]
+    if rank == 1:
+        outbox = Outbox(timedelta(seconds=30))
+        for body in sent:
+            if body is None:
+                os._exit(0)
+            outbox.send(body, 0, group)
+        outbox.flush()
+        time.sleep(1)  # what it sent is read before its connections close
+        return
+    results = []
+    for _ in sent:
+        start = time.monotonic()
+        try:
+            results.append((bytes(receive(group, 1, timedelta(seconds=30))), time.monotonic() - start))
+        except (RuntimeError, wire.WireError) as e:
+            results.append((e, time.monotonic() - start))
+    got.put(results)
+
+
+def test_messages_arrive_whole_and_in_order_over_sockets(tmp_path):
+    """The collective transport over Unix sockets (`collective_backend: sockets`): messages of every size, one after
+    another, byte for byte."""
+    bodies = messages_around_the_first_part()
+    results, exit_codes = two_ranks(_over_sockets, str(tmp_path / "c"), bodies)
+    assert [body for body, _ in results] == bodies and exit_codes == [0, 0]
+
+
+def test_over_sockets_junk_is_refused_and_the_next_message_still_arrives(tmp_path):
+    """A message that is not the wire format is refused (WireError) without losing the stream: each message is
+    framed by its length, so the next one arrives whole."""
+    from moeserve.actors.collective import FIRST_BYTES
+    junk = [pickle.dumps({"op": "compute"}), b"", b"\0" * (2 * FIRST_BYTES)]
+    ping = wire.encode(wire.Ping())
+    results, exit_codes = two_ranks(_over_sockets, str(tmp_path / "c"), junk + [ping])
+    assert all(isinstance(error, wire.WireError) for error, _ in results[:-1]), results
+    assert results[-1][0] == ping and exit_codes == [0, 0]
+
+
+def test_over_sockets_a_dead_peer_is_an_error_at_once_not_a_timeout(tmp_path):
+    """A member that dies (here before it sends) closes its connections: the receive waiting on it fails at once,
+    in the words the transport's recovery takes for a lost peer, instead of waiting out its timeout (30 s)."""
+    from moeserve.actors.transport import peer_died
+    results, _ = two_ranks(_over_sockets, str(tmp_path / "c"), [None])
+    (error, waited), = results
+    assert isinstance(error, RuntimeError) and peer_died(error), error
+    assert waited < 5
 
 
 def _join_after_a_failed_join(rank: int, rendezvous: list[str], got) -> None:
