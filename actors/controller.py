@@ -297,8 +297,10 @@ class Controller:
         prefill_first = 0 if self.prefill_groups is self.groups else len(self.groups)
         pools = {len(groups) + i: (prefill_first if i < len(self.prefill_shards) else 0, self.shard_slots[i])
                  for i in range(len(shards))}
-        socket_dir = None
-        if self.config.collective_backend == "sockets":  # each member's socket in a directory only this user reaches
+        socket_dir, backend = None, self.config.collective_backend
+        if backend == "auto":  # a cluster moeserve started is on this machine; one it joined may span several
+            backend = "sockets" if self.private_dir is not None else "gloo"
+        if backend == "sockets":  # each member's socket in a directory only this user reaches
             socket_dir = tempfile.mkdtemp(prefix="moeserve-", dir=self.private_dir)
             init_method = "unix://" + os.path.join(socket_dir, "c")
         elif self.private_dir is not None:  # one machine: meet through a file only this user can reach, new each time

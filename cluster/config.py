@@ -125,10 +125,11 @@ class ClusterConfig(BaseModel):
     transport: Literal["collective", "ray"] = Field(
         "collective", description="dispatch/combine as torch.distributed (gloo) messages between the shards and the "
         "expert groups (fast), or as Ray actor calls; both carry the same wire format")
-    collective_backend: Literal["gloo", "sockets"] = Field(
-        "gloo", description="what carries the collective transport's messages: gloo (torch.distributed), or a Unix "
+    collective_backend: Literal["auto", "gloo", "sockets"] = Field(
+        "auto", description="what carries the collective transport's messages: gloo (torch.distributed), or a Unix "
         "socket between each pair of actors, for a cluster whose actors all run on one machine (no gloo rendezvous "
-        "or I/O thread per message: faster where the actors share a few CPU cores)")
+        "or I/O thread per message: faster where the actors share a few CPU cores); auto: sockets on a cluster that "
+        "moeserve starts on this machine, gloo on one it joins (ray.address)")
     kv_transfer: Literal["object_store", "nccl"] = Field(
         "object_store", description="how a prompt's latent KV reaches its decode shard: Ray's object store, or "
         "NCCL between GPU shards (needs cupy)")

@@ -41,7 +41,7 @@ LAYOUTS = {"default": {}, "one-group": {"topology": ONE_SLOT, "expert_groups": 1
            "one-group-each": {"topology": ONE_SLOT, "expert_groups": 1, "redundant_experts": 0,
                               "shared_expert_groups": False}}
 
-TRANSPORTS = {"ray": {"transport": "ray"}, "collective": {"transport": "collective"},
+TRANSPORTS = {"ray": {"transport": "ray"}, "collective": {"transport": "collective", "collective_backend": "gloo"},
               "sockets": {"transport": "collective", "collective_backend": "sockets"}}
 
 REPEATS = 3
@@ -108,8 +108,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--transport", choices=list(TRANSPORTS), nargs="+", default=["ray", "collective"],
                    help="the cluster transports to measure: ray, collective (over gloo), sockets (the collective "
-                        "transport over a Unix socket between each pair of actors; collective_backend) (default: ray "
-                        "and collective)")
+                        "transport over a Unix socket between each pair of actors, the default on a cluster moeserve "
+                        "starts: collective_backend) (default: ray and collective)")
     p.add_argument("--layout", choices=list(LAYOUTS), nargs="+", default=list(LAYOUTS),
                    help="the cluster layouts to measure (default: all)")
     p.add_argument("--micro-batches", type=int, nargs="+", default=[1],
