@@ -21,6 +21,7 @@ Why point-to-point and not `all_to_all_single`: only the groups a layer's tokens
 2-core machine a 5-rank gloo all_to_all of 40 bytes took 2.9 ms against 1.0 ms for a star of sends and
 receives reaching the same four peers (measured with torch 2.13).
 """
+import contextlib
 import os
 import socket
 import struct
@@ -106,8 +107,8 @@ HELLO = struct.Struct("<qq")      # a new connection's first bytes: the subgroup
 class SocketGroup:
     """One subgroup's members on one machine, reached over a Unix socket each: a message is its length and its
     bytes, and a receive waits in the kernel. gloo makes each message a rendezvous that an I/O thread of its own
-    carries in each process; on a few shared cores that costs a decode step more than the experts' work
-    (tools/bench_split_bound.py)."""
+    carries in each process, which a decode step pays for at every layer where a few cores are shared
+    (tools/bench_split_bound.py measures it)."""
 
     def __init__(self, conns: dict[int, socket.socket]):
         self.conns = conns  # global rank -> the connection to it
@@ -185,14 +186,15 @@ def join_sockets(base: str, rank: int, subgroups: list[list[int]], rendezvous_s:
             conn.settimeout(max(deadline - time.monotonic(), 0.001))
             i, peer = HELLO.unpack(_read(conn, HELLO.size))
             conns[i][peer] = conn
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # RuntimeError: a peer that closed its connection before its first bytes
         for c in conns:
             SocketGroup(c).close()
         raise RuntimeError(f"member {rank}: the others did not all meet within {rendezvous_s:g} s ({e}); "
                            "collective_backend sockets needs every actor on one machine") from e
     finally:
         listener.close()
-        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
     return [SocketGroup(c) for c in conns]
 
 
