@@ -106,10 +106,10 @@ def bench_cluster(config: ClusterConfig, engine: LLM, engine_one: LLM, workloads
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--transport", choices=list(TRANSPORTS), nargs="+", default=["ray", "collective"],
+    p.add_argument("--transport", choices=list(TRANSPORTS), nargs="+", default=list(TRANSPORTS),
                    help="the cluster transports to measure: ray, collective (over gloo), sockets (the collective "
                         "transport over a Unix socket between each pair of actors, the default on a cluster moeserve "
-                        "starts: collective_backend) (default: ray and collective)")
+                        "starts: collective_backend) (default: all three)")
     p.add_argument("--layout", choices=list(LAYOUTS), nargs="+", default=list(LAYOUTS),
                    help="the cluster layouts to measure (default: all)")
     p.add_argument("--micro-batches", type=int, nargs="+", default=[1],
