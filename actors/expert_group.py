@@ -13,9 +13,8 @@ import ray
 import torch
 
 from moeserve.kernels.checkpoint import Checkpoint, routed_expert_of
-from moeserve.kernels.experts import (MLP, FP8Experts, dense_is_cheaper, gathered_is_cheaper, moe_kernel, pack_experts,
-                                      pack_fp8_experts, resolve_moe_kernel, run_assignments, run_assignments_dense,
-                                      run_assignments_gathered, takes_fp8_stacks)
+from moeserve.kernels.experts import (MLP, FP8Experts, assignments_runner, moe_kernel, pack_experts, pack_fp8_experts,
+                                      resolve_moe_kernel, run_assignments, takes_fp8_stacks)
 from moeserve.kernels.fp8 import FP8Linear, act_dequant
 from moeserve.kernels.load import DTYPES, resolve_device
 from moeserve.topology.spec import TopologySpec
@@ -197,8 +196,6 @@ class ExpertGroupWorker:
         elif isinstance(packed, FP8Experts):
             y = self.routed(packed, x, rows, stacked, weights)
         else:
-            run = run_assignments_gathered if gathered_is_cheaper(packed, len(rows)) else \
-                run_assignments_dense if dense_is_cheaper(packed, len(x), len(rows)) else self.routed
-            y = run(packed, x, rows, stacked, weights)
+            y = assignments_runner(packed, len(x), len(rows), self.routed)(packed, x, rows, stacked, weights)
         self.compute_s += time.perf_counter() - start
         return y.float().cpu()  # messages travel from host memory

@@ -198,6 +198,15 @@ def gathered_is_cheaper(packed, assignments: int) -> bool:
     return assignments < E and assignments * 3 * dim * inter <= GATHERED_MAX_WEIGHTS
 
 
+def assignments_runner(packed, rows: int, assignments: int, routed: Callable) -> Callable:
+    """The cheapest way to run `assignments` (row, expert, weight) pairs over `rows` rows with stacked experts: each
+    pair's expert weights taken out of the stacks (a few pairs), every expert on every row (a few rows), or else
+    `routed` (run_assignments_grouped's contract)."""
+    if gathered_is_cheaper(packed, assignments):
+        return run_assignments_gathered
+    return run_assignments_dense if dense_is_cheaper(packed, rows, assignments) else routed
+
+
 def run_experts_gathered(packed, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """`run_experts` with each token's chosen experts' weights taken out of the stacks, one product per (token,
     expert): for a few tokens this reads k of the E experts' weights where every expert on every token reads them

@@ -51,11 +51,8 @@ def moe_layers(llm: LLM) -> list:
 
 
 def group_product(packed, x, rows, expert_ids, weights):
-    """An expert group's product for a message's assignments (the same choice among its three ways)."""
-    n = len(expert_ids)
-    run = kernels_experts.run_assignments_gathered if kernels_experts.gathered_is_cheaper(packed, n) else \
-        kernels_experts.run_assignments_dense if kernels_experts.dense_is_cheaper(packed, len(x), n) else \
-        kernels_experts.run_assignments_grouped
+    """An expert group's product for a message's assignments, chosen as the group chooses it."""
+    run = kernels_experts.assignments_runner(packed, len(x), len(expert_ids), kernels_experts.run_assignments_grouped)
     return run(packed, x, rows, expert_ids, weights)
 
 
