@@ -14,8 +14,9 @@ expert group does and sends back the weighted sums; the shared expert runs meanw
 else of the cluster is there: no planner, no wire-format checks, no redundant slots or relay, no Ray, no
 controller, prompts and decodes in one process as in the engine. The workloads are `tools/bench_cluster.py`'s
 (one 32-token prompt; 32 prompts of 16-96 tokens at once; 64 new tokens each, tokens/s over the whole call). Each
-round runs new prompts on the engine as that benchmark runs it (every torch thread, experts in place), then split
-(one torch thread in each process, as in each actor of the cluster); the ratio is the split run's tokens/s over
+round runs new prompts on the engine as that benchmark runs it (every torch thread, experts in place), then on a
+second instance of the model split (one torch thread in each process, as in each actor of the cluster; an instance
+of its own, so that no prefix cache holds the prompts); the ratio is the split run's tokens/s over
 the engine's in the same round, medians over `--rounds`.
 """
 import argparse
@@ -181,7 +182,8 @@ class SplitExperts:
     holding their experts, and the weighted sums come back."""
 
     def __init__(self, llm: LLM):
-        self.link, self.split = None, False
+        """`llm`: an instance of the model of its own, so that the engine's prefix cache never holds its prompts."""
+        self.llm, self.link, self.split = llm, None, False
         self.layer_of = {id(experts): i for i, experts in enumerate(moe_layers(llm))}
         self.n_experts, self.block = llm.model.args.n_routed_experts, 0
         local_dispatch, local_combine = kernels_experts.LocalExperts.dispatch, kernels_experts.LocalExperts.combine
@@ -232,11 +234,11 @@ class SplitExperts:
         return y
 
 
-def check_same_tokens(llm: LLM, split: SplitExperts, prompts: list) -> None:
+def check_same_tokens(engine: LLM, split: SplitExperts, prompts: list) -> None:
     """The split model computes what the engine does (partial sums per process, so the last bits may differ)."""
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     tokens = []
-    for split.split in (False, True):
+    for split.split, llm in ((False, engine), (True, split.llm)):
         tokens.append([out.token_ids for out in llm.generate(prompts, params)])
     split.split = False
     if tokens[0] != tokens[1]:
@@ -263,7 +265,7 @@ def start_processes(model: str, n: int, n_experts: int, transport: str, spin: bo
     return GlooLink(n), processes
 
 
-def tokens_per_s(llm: LLM, split: SplitExperts, prompts: list, is_split: bool, engine_threads: int) -> float:
+def tokens_per_s(engine: LLM, split: SplitExperts, prompts: list, is_split: bool, engine_threads: int) -> float:
     """Generated tokens/s of the prompts run together to 64 new tokens each, as `tools/bench_cluster.py` measures
     the cluster: on the engine (every torch thread) or split (one thread in each process, as in each actor)."""
     split.split = is_split
@@ -271,6 +273,7 @@ def tokens_per_s(llm: LLM, split: SplitExperts, prompts: list, is_split: bool, e
     split.link.set_spin(is_split)
     try:
         start = time.perf_counter()
+        llm = split.llm if is_split else engine
         outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
         return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
     finally:
@@ -278,12 +281,13 @@ def tokens_per_s(llm: LLM, split: SplitExperts, prompts: list, is_split: bool, e
         split.link.set_spin(False)
 
 
-def measure(llm: LLM, split: SplitExperts, rounds: int, workload, engine_threads: int) -> list[tuple[float, float]]:
+def measure(engine: LLM, split: SplitExperts, rounds: int, workload, engine_threads: int) -> list[tuple[float, float]]:
     """Per round, new prompts from `workload()`: (engine tokens/s, split tokens/s)."""
     results = []
     for _ in range(rounds):
         prompts = workload()
-        results.append(tuple(tokens_per_s(llm, split, prompts, is_split, engine_threads) for is_split in (False, True)))
+        results.append(tuple(tokens_per_s(engine, split, prompts, is_split, engine_threads)
+                             for is_split in (False, True)))
     return results
 
 
@@ -305,14 +309,15 @@ def main() -> None:
         ap.error("--spin needs --transport pipe: a gloo receive cannot be polled")
     engine_threads = torch.get_num_threads()
     tokenizer, rng = Tokenizer(args.model), random.Random(0)
-    llm = LLM(args.model)
-    n_experts = llm.model.args.n_routed_experts
+    engine = LLM(args.model)
+    n_experts = engine.model.args.n_routed_experts
     for n in args.helpers:
         if n < 1 or n_experts % n:
             ap.error(f"--helpers {n}: must divide the model's {n_experts} routed experts")
-    split = SplitExperts(llm)
+    split = SplitExperts(LLM(args.model))
     steal = StealMeter()
-    llm.generate(corpus_prompts(tokenizer, 1, rng, 32, 32), SamplingParams(max_tokens=8, temperature=0))
+    for llm in (engine, split.llm):  # first calls' costs, before anything is timed
+        llm.generate(corpus_prompts(tokenizer, 1, rng, 32, 32), SamplingParams(max_tokens=8, temperature=0))
     print(f"| workload | expert processes | transport, wait | engine tokens/s ({engine_threads} threads) "
           "| split tokens/s | split / engine |")
     print("|---|---|---|---|---|---|")
@@ -322,13 +327,13 @@ def main() -> None:
                 link, processes = start_processes(args.model, n, n_experts, transport, args.spin, scratch)
                 try:
                     split.use(link, n)
-                    check_same_tokens(llm, split, corpus_prompts(tokenizer, 4, rng, 16, 96))
+                    check_same_tokens(engine, split, corpus_prompts(tokenizer, 4, rng, 16, 96))
                     for batch in args.batch:
                         print(f"{transport}, {n} expert processes, batch {batch}...", end="\r", file=sys.stderr,
                               flush=True)
                         workload = (lambda: corpus_prompts(tokenizer, 1, rng, 32, 32)) if batch == 1 else \
                             (lambda: corpus_prompts(tokenizer, 32, rng, 16, 96))
-                        runs = measure(llm, split, args.rounds, workload, engine_threads)
+                        runs = measure(engine, split, args.rounds, workload, engine_threads)
                         ratios = [s / e for e, s in runs]
                         wait = "spin" if args.spin else "block"
                         print(f"| {'batch 1' if batch == 1 else '32 concurrent'} | {n} | {transport}, {wait} | "
