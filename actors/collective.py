@@ -108,7 +108,7 @@ class SocketGroup:
     """One subgroup's members on one machine, reached over a Unix socket each: a message is its length and its
     bytes, and a receive waits in the kernel. gloo makes each message a rendezvous that an I/O thread of its own
     carries in each process, which a decode step pays for at every layer where a few cores are shared
-    (tools/bench_split_bound.py measures it)."""
+    (tools/bench_split.py measures it)."""
 
     def __init__(self, conns: dict[int, socket.socket]):
         self.conns = conns  # global rank -> the connection to it

@@ -1,18 +1,18 @@
-"""Benchmark: the fastest the engine can run with its routed experts in other processes on this machine, without Ray.
+"""Benchmark: the engine with its routed experts in other processes and nothing else of the cluster, without Ray.
 
-    python tools/bench_split_bound.py                        # one expert process and four; batch 1 and 32
-    python tools/bench_split_bound.py --transport pipe pipe-wire gloo   # what the wire format and gloo add
-    python tools/bench_split_bound.py --helpers 1 --spin      # both sides poll instead of sleeping in the kernel
+    python tools/bench_split.py                        # one expert process and four; batch 1 and 32
+    python tools/bench_split.py --transport pipe pipe-wire gloo   # what the wire format and gloo add
+    python tools/bench_split.py --helpers 1 --spin      # both sides poll instead of sleeping in the kernel
 
-The cluster's ratio to the engine is bounded by what any design that keeps the routed experts in processes other
-than the attention's can do on the same cores. This measures the least such a design must do: the engine (the demo
-model) with its routed experts computed by `--helpers` processes that each hold a contiguous block of them (four
-blocks of four stand for the default layout's four expert groups, aligned with the model's routing groups, so a
-token reaches two of them; one block for the one-group layout). Per MoE layer and process, one message of the rows
-it needs and their (row, expert, gate weight) assignments goes over a Unix pipe; the process runs them the way an
-expert group does and sends back the weighted sums; the shared expert runs meanwhile, as in the cluster. Nothing
-else of the cluster is there: no planner, no wire-format checks, no redundant slots or relay, no Ray, no
-controller, prompts and decodes in one process as in the engine. The workloads are `tools/bench_cluster.py`'s
+What a split of the engine at its MoE layers costs on this machine, and what the cluster's transport adds to it: the
+engine (the demo model) with its routed experts computed by `--helpers` processes that each hold a contiguous block
+of them (four blocks of four stand for the default layout's four expert groups, aligned with the model's routing
+groups, so a token reaches two of them; one block for the one-group layout). Per MoE layer and process, one message
+of the rows it needs and their (row, expert, gate weight) assignments goes over a Unix pipe; the process runs them
+the way an expert group does and sends back the weighted sums; the shared expert runs meanwhile, as in the cluster.
+Nothing else of the cluster is there: no planner, no wire-format checks, no redundant slots or relay, no Ray, no
+controller, prompts and decodes in one process as in the engine (so not an upper bound for the cluster, whose prefill
+shard can work beside its decode shard). The workloads are `tools/bench_cluster.py`'s
 (one 32-token prompt; 32 prompts of 16-96 tokens at once; 64 new tokens each, tokens/s over the whole call). Each
 round runs new prompts on the engine as that benchmark runs it (every torch thread, experts in place), then on a
 second instance of the model split (one torch thread in each process, as in each actor of the cluster; an instance
