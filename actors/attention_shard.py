@@ -205,12 +205,12 @@ class AttentionShardWorker:
         """Send a parked latent to the decode shard pulling it (prefill role, NCCL transfer)."""
         self.kv_sender.send(request_id, group_name)
 
-    def join_collective(self, init_method: str, world_size: int, rank: int, pools: dict) -> None:
+    def join_collective(self, init_method: str, world_size: int, rank: int, pools: dict, spin_s: float = 0.0) -> None:
         """Enter the process group of the collective transport (with every other member at once; again after a
-        recovery); `pools`: shard rank -> (rank of its pool's first expert group, its GPU slot) (see
-        collective.join)."""
+        recovery); `pools`: shard rank -> (rank of its pool's first expert group, its GPU slot); `spin_s`: how long
+        a receive over sockets polls (see collective.join)."""
         subgroups = collective.join(init_method, rank, world_size, pools, self.links[0].n_groups, len(self.links),
-                                    self.rendezvous_timeout_s)
+                                    self.rendezvous_timeout_s, spin_s)
         for m, link in enumerate(self.links):
             link.group, link.first_rank = subgroups[rank, m], pools[rank][0]
             link.outbox.pending.clear()

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -106,12 +106,13 @@ HELLO = struct.Struct("<qq")      # a new connection's first bytes: the subgroup
 
 class SocketGroup:
     """One subgroup's members on one machine, reached over a Unix socket each: a message is its length and its
-    bytes, and a receive waits in the kernel. gloo makes each message a rendezvous that an I/O thread of its own
-    carries in each process, which a decode step pays for at every layer where a few cores are shared
-    (tools/bench_split.py measures it)."""
+    bytes, and a receive waits in the kernel, after polling for up to `spin_s`. gloo makes each message a
+    rendezvous that an I/O thread of its own carries in each process, which a decode step pays for at every layer
+    where a few cores are shared (tools/bench_split.py measures it)."""
 
-    def __init__(self, conns: dict[int, socket.socket]):
+    def __init__(self, conns: dict[int, socket.socket], spin_s: float = 0.0):
         self.conns = conns  # global rank -> the connection to it
+        self.spin_s = spin_s
 
     def send(self, body: bytes, dst: int, timeout: timedelta) -> None:
         conn = self.conns[dst]
@@ -128,6 +129,8 @@ class SocketGroup:
     def receive(self, src: int, timeout: timedelta) -> bytearray:
         conn = self.conns[src]
         try:
+            if self.spin_s:
+                _poll(conn, self.spin_s)
             conn.settimeout(timeout.total_seconds())
             body = _read(conn, FRAME.unpack(_read(conn, FRAME.size))[0])
         except TimeoutError as e:
@@ -148,6 +151,21 @@ class SocketGroup:
             conn.close()
 
 
+def _poll(conn: socket.socket, spin_s: float) -> None:
+    """Return once `conn` has bytes (or its peer's end) to read, or after `spin_s`, having asked it in a loop
+    meanwhile instead of sleeping: on a CPU a process that sleeps between a decode step's layers runs its next
+    work slower (tools/bench_handover.py)."""
+    conn.settimeout(0.0)  # non-blocking: with a timeout, each call would first wait in poll(2) for bytes to come
+    probe = bytearray(1)
+    deadline = time.perf_counter() + spin_s
+    while time.perf_counter() < deadline:
+        try:
+            conn.recv_into(probe, 1, socket.MSG_PEEK)
+            return
+        except BlockingIOError:
+            continue
+
+
 def _read(conn: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
     view, got = memoryview(buf), 0
@@ -159,13 +177,31 @@ def _read(conn: socket.socket, n: int) -> bytearray:
     return buf
 
 
+# A receive over sockets polls this long before it sleeps, where it polls at all (spin_seconds): longer than a
+# decode shard's own work between two MoE layers on a CPU (0.3-1 ms on the demo model), so that an expert group
+# polls from one dispatch to the next, and the shard through most replies.
+AUTO_SPIN_US = 2000
+
+
+def spin_seconds(spin_us: Optional[int], takers: int, cores: int) -> float:
+    """How long a receive over sockets polls before it sleeps: `spin_us` (collective_spin_us), or for None,
+    AUTO_SPIN_US where the machine has a core for each of the `takers` (the processes that take turns in a decode
+    step: the decode shards and their expert groups), else 0: a process that polls takes the core that the one it
+    waits for needs (on 2 cores, the default layout's six polling processes ran at half speed)."""
+    if spin_us is not None:
+        return spin_us * 1e-6
+    return AUTO_SPIN_US * 1e-6 if takers <= cores else 0.0
+
+
 _open_sockets: list[SocketGroup] = []   # this process's subgroups of the last join over sockets
 
 
-def join_sockets(base: str, rank: int, subgroups: list[list[int]], rendezvous_s: float) -> list[SocketGroup]:
+def join_sockets(base: str, rank: int, subgroups: list[list[int]], rendezvous_s: float,
+                 spin_s: float = 0.0) -> list[SocketGroup]:
     """This member's connections in each subgroup (its members' global ranks): it listens at `base`-rank, connects
     to each lower-ranked member of its subgroups and takes the higher-ranked ones' connections, each named by its
-    first bytes. The sockets live in `base`'s directory, which only this user can reach."""
+    first bytes. The sockets live in `base`'s directory, which only this user can reach. Its receives poll for up
+    to `spin_s` before they sleep."""
     path = f"{base}-{rank}"
     if len(path.encode()) > 100:
         raise ValueError(f"{path}: too long for a Unix socket's path (100 bytes); use a shorter temp directory")
@@ -195,7 +231,7 @@ def join_sockets(base: str, rank: int, subgroups: list[list[int]], rendezvous_s:
         listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    return [SocketGroup(c) for c in conns]
+    return [SocketGroup(c, spin_s) for c in conns]
 
 
 def _connect(path: str, deadline: float) -> socket.socket:
@@ -215,14 +251,15 @@ def _connect(path: str, deadline: float) -> socket.socket:
 # ---- the process group ------------------------------------------------------------------------------------------
 
 def join(init_method: str, rank: int, world_size: int, pools: dict[int, tuple[int, int]], n_groups: int,
-         micro_batches: int, rendezvous_s: float) -> dict[tuple[int, int], Any]:
+         micro_batches: int, rendezvous_s: float, spin_s: float = 0.0) -> dict[tuple[int, int], Any]:
     """Enter the cluster's process group (every member calls this at once; again after a member was replaced,
     leaving the old group). `pools` maps each shard's rank to (the rank of the first of the `n_groups` expert
     groups it uses, its GPU slot). Returns the subgroups by (shard rank, micro-batch). Every member creates all of
     them, in the same order, as torch.distributed requires. The members wait `rendezvous_s` for each other (one that
     died meanwhile never comes: the join fails, to be tried again with its replacement), also as they connect in
     each subgroup. gloo takes a group's timeout for that and for its messages alike, so the messages' own timeout
-    is given to each send's and receive's wait instead (Outbox, receive)."""
+    is given to each send's and receive's wait instead (Outbox, receive). Over sockets (init_method unix://), the
+    receives poll for up to `spin_s` before they sleep (see `spin_seconds`)."""
     for group in _open_sockets:
         group.close()
     _open_sockets.clear()
@@ -235,7 +272,7 @@ def join(init_method: str, rank: int, world_size: int, pools: dict[int, tuple[in
     members = {(shard, m): [shard] + list(range(first, first + n_groups))
                for shard, (first, _) in sorted(pools.items()) for m in range(micro_batches)}
     if init_method.startswith("unix://"):
-        groups = join_sockets(init_method[len("unix://"):], rank, list(members.values()), rendezvous_s)
+        groups = join_sockets(init_method[len("unix://"):], rank, list(members.values()), rendezvous_s, spin_s)
         _open_sockets.extend(groups)
         return {key: group for key, group in zip(members, groups) if rank in members[key]}
     rendezvous = timedelta(seconds=rendezvous_s)
@@ -327,11 +364,11 @@ class CollectiveGroupServer:
         self.n_groups, self.first_rank = n_groups, first_rank
 
     def join(self, init_method: str, world_size: int, micro_batches: int,
-             pools: dict[int, tuple[int, int]], timeout_s: float, rendezvous_s: float) -> None:
-        """Enter the process group (with every other member at once), then serve (`pools`, `rendezvous_s`: see
-        `join`); a message not answered in `timeout_s` is taken for a lost peer."""
+             pools: dict[int, tuple[int, int]], timeout_s: float, rendezvous_s: float, spin_s: float = 0.0) -> None:
+        """Enter the process group (with every other member at once), then serve (`pools`, `rendezvous_s`,
+        `spin_s`: see `join`); a message not answered in `timeout_s` is taken for a lost peer."""
         subgroups = join(init_method, self.first_rank + self.group_id, world_size, pools, self.n_groups,
-                         micro_batches, rendezvous_s)
+                         micro_batches, rendezvous_s, spin_s)
         for (shard, m), group in subgroups.items():
             first, src_gpu = pools[shard]
             if first != self.first_rank:

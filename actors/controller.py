@@ -36,7 +36,7 @@ from moeserve.kernels.errors import InputError
 from moeserve.topology.eplb import gpu_imbalance, rebalance_experts, rebalance_with_migration
 from moeserve.topology.spec import TopologySpec
 
-from . import kv_transfer
+from . import collective, kv_transfer
 from .attention_shard import AttentionShardWorker
 from .expert_group import ExpertGroupWorker
 
@@ -297,12 +297,14 @@ class Controller:
         prefill_first = 0 if self.prefill_groups is self.groups else len(self.groups)
         pools = {len(groups) + i: (prefill_first if i < len(self.prefill_shards) else 0, self.shard_slots[i])
                  for i in range(len(shards))}
-        socket_dir, backend = None, self.config.collective_backend
+        socket_dir, backend, spin_s = None, self.config.collective_backend, 0.0
         if backend == "auto":  # a cluster moeserve started is on this machine; one it joined may span several
             backend = "sockets" if self.private_dir is not None else "gloo"
         if backend == "sockets":  # each member's socket in a directory only this user reaches
             socket_dir = tempfile.mkdtemp(prefix="moeserve-", dir=self.private_dir)
             init_method = "unix://" + os.path.join(socket_dir, "c")
+            spin_s = collective.spin_seconds(self.config.collective_spin_us,
+                                             len(self.decode_shards) + len(self.groups), len(os.sched_getaffinity(0)))
         elif self.private_dir is not None:  # one machine: meet through a file only this user can reach, new each time
             init_method = "file://" + os.path.join(self.private_dir, f"gloo-rendezvous-{uuid.uuid4().hex}")
         else:
@@ -312,8 +314,8 @@ class Controller:
                 return False
         micro_batches, failures = self.config.engine.micro_batches, self.config.failures
         timeouts = failures.collective_timeout_s, failures.rendezvous_timeout_s
-        refs = [g.join_collective.remote(init_method, world, micro_batches, pools, *timeouts) for g in groups] + \
-            [s.join_collective.remote(init_method, world, len(groups) + i, pools) for i, s in enumerate(shards)]
+        refs = [g.join_collective.remote(init_method, world, micro_batches, pools, *timeouts, spin_s) for g in groups] \
+            + [s.join_collective.remote(init_method, world, len(groups) + i, pools, spin_s) for i, s in enumerate(shards)]
         # a member that dies as the group forms leaves the others waiting for it (failures.rendezvous_timeout_s), and
         # a process still waiting in one group cannot enter the next: every call ends before the group is tried again
         ray.wait(refs, num_returns=len(refs))

@@ -159,8 +159,8 @@ class ExpertGroupWorker:
         return collective.free_address(ray.util.get_node_ip_address())
 
     def join_collective(self, init_method: str, world_size: int, micro_batches: int, pools: dict,
-                        timeout_s: float, rendezvous_s: float) -> None:
-        self.server.join(init_method, world_size, micro_batches, pools, timeout_s, rendezvous_s)
+                        timeout_s: float, rendezvous_s: float, spin_s: float = 0.0) -> None:
+        self.server.join(init_method, world_size, micro_batches, pools, timeout_s, rendezvous_s, spin_s)
 
     # ---- the experts ---------------------------------------------------------------------------------------
 

@@ -130,6 +130,11 @@ class ClusterConfig(BaseModel):
         "socket between each pair of actors, for a cluster whose actors all run on one machine (no gloo rendezvous "
         "or I/O thread per message: faster where the actors share a few CPU cores); auto: sockets on a cluster that "
         "moeserve starts on this machine, gloo on one it joins (ray.address)")
+    collective_spin_us: Optional[int] = Field(
+        None, ge=0, le=1_000_000, description="over sockets: how long a receive polls its socket before it sleeps in "
+        "the kernel, in microseconds (on a CPU a process that sleeps between a decode step's layers runs its next "
+        "work slower; polling takes a core); null (auto): 2000 where the machine has a core for each decode shard "
+        "and expert group, 0 where they outnumber its cores; 0: never poll")
     kv_transfer: Literal["object_store", "nccl"] = Field(
         "object_store", description="how a prompt's latent KV reaches its decode shard: Ray's object store, or "
         "NCCL between GPU shards (needs cupy)")

@@ -3,6 +3,8 @@ against the single-process engine, same demo model and prompts, on this machine.
 
     python tools/bench_cluster.py [--transport ray collective sockets] [--layout default one-group one-group-each]
                                   [--dispatch-dtype auto|fp8|bf16|float32] [--mtp] [--json out.json]
+    python tools/bench_cluster.py --transport sockets --layout one-group --collective-spin-us 0 auto
+                                  # receives that sleep at once against the default (polling first where it may)
 
 Layouts: `default` is `ClusterConfig()`'s, four expert groups over two simulated nodes with four redundant
 expert slots (tokens for the other node cross once to a relay group); `one-group` keeps the prefill and
@@ -104,6 +106,14 @@ def bench_cluster(config: ClusterConfig, engine: LLM, engine_one: LLM, workloads
             "bytes": after["bytes"]}
 
 
+def spin_us(value: str):
+    if value == "auto":
+        return value
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: auto or microseconds (an integer, 0 or more)")
+    return int(value)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--transport", choices=list(TRANSPORTS), nargs="+", default=list(TRANSPORTS),
@@ -114,6 +124,10 @@ def main() -> int:
                    help="the cluster layouts to measure (default: all)")
     p.add_argument("--micro-batches", type=int, nargs="+", default=[1],
                    help="micro-batches per decode step on the shards (engine.micro_batches; default: 1)")
+    p.add_argument("--collective-spin-us", nargs="+", default=["auto"], type=spin_us,
+                   help="sockets: how long a receive polls before it sleeps, each value measured (collective_spin_us; "
+                        "default auto, the cluster's default: 2000 us where each decode shard and expert group has a "
+                        "core, else 0)")
     p.add_argument("--dispatch-dtype", choices=["auto", "fp8", "bf16", "float32"], default="auto",
                    help="token rows sent to the experts (dispatch_dtype; default auto, the cluster's default: the "
                         "compute dtype, exact)")
@@ -133,32 +147,38 @@ def main() -> int:
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     steal = StealMeter()
     results = {"clusters": {}, "mtp": a.mtp}
-    runs = [(layout, transport, mb) for layout in a.layout for transport in a.transport for mb in a.micro_batches]
-    for layout, transport, mb in runs:
-        print(f"cluster, {layout} layout, {transport} transport, {mb} micro-batches ...", file=sys.stderr, flush=True)
+    runs = [(layout, transport, mb, spin) for layout in a.layout for transport in a.transport
+            for mb in a.micro_batches for spin in (a.collective_spin_us if transport == "sockets" else ["auto"])]
+    for layout, transport, mb, spin in runs:
+        print(f"cluster, {layout} layout, {transport} transport, {mb} micro-batches, polling {spin} ...",
+              file=sys.stderr, flush=True)
         config = ClusterConfig(**TRANSPORTS[transport], engine={"micro_batches": mb}, dispatch_dtype=a.dispatch_dtype,
-                               ray={"threads_per_actor": a.threads_per_actor}, mtp=a.mtp, **LAYOUTS[layout])
+                               ray={"threads_per_actor": a.threads_per_actor}, mtp=a.mtp, **LAYOUTS[layout],
+                               collective_spin_us=None if spin == "auto" else spin)
         # fresh ones for each configuration: their prefix caches must not remember the prompts
         engine, engine_one = LLM(), LLM()
         engine.generate(workloads["warm"], params)
         with torch_threads(1):
             engine_one.generate(workloads["warm"], params)
-        results["clusters"][f"{layout}/{transport}/{mb}"] = bench_cluster(config, engine, engine_one, workloads,
+        results["clusters"][f"{layout}/{transport}/{mb}/{spin}"] = bench_cluster(config, engine, engine_one, workloads,
                                                                           params)
-    print("| workload | layout | transport | micro-batches | engine tokens/s | cluster tokens/s | cluster / engine "
-          "(per repeat) | engine on one thread / engine | cluster TPOT |\n|---|---|---|---|---|---|---|---|---|")
+    print("| workload | layout | transport | micro-batches | polling (us) | engine tokens/s | cluster tokens/s | "
+          "cluster / engine (per repeat) | engine on one thread / engine | cluster TPOT |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for n in (1, 32):
-        for layout, transport, mb in runs:
-            r = results["clusters"][f"{layout}/{transport}/{mb}"]
+        for layout, transport, mb, spin in runs:
+            r = results["clusters"][f"{layout}/{transport}/{mb}/{spin}"]
             c, e = r[f"batch{n}_tokens_per_s"], r[f"batch{n}_engine_tokens_per_s"]
             each = " / ".join(f"{x:.2f}" for x in r["ratios"][n])
-            print(f"| batch {n} | {layout} | {transport} | {mb} | {e:.1f} | {c:.1f} | {r[f'batch{n}_ratio']:.2f} "
+            print(f"| batch {n} | {layout} | {transport} | {mb} | {spin if transport == 'sockets' else '-'} | "
+                  f"{e:.1f} | {c:.1f} | {r[f'batch{n}_ratio']:.2f} "
                   f"({each}) | {r[f'batch{n}_one_thread_engine_ratio']:.2f} | {1e3 * n / c:.1f} ms |")
     if a.mtp:
         print("(the cluster with MTP on its decode shards; the engine without)")
-    for layout, transport, mb in runs:
-        r = results["clusters"][f"{layout}/{transport}/{mb}"]
-        print(f"\nwhere the decode shard's step time goes ({layout}, {transport}, {mb} micro-batches; batch 1 and 32):")
+    for layout, transport, mb, spin in runs:
+        r = results["clusters"][f"{layout}/{transport}/{mb}/{spin}"]
+        print(f"\nwhere the decode shard's step time goes ({layout}, {transport}, {mb} micro-batches, polling {spin}; "
+              "batch 1 and 32):")
         for name, value in r["share"].items():
             print(f"- {name}: {value:.0%}")
         print(f"- (expert groups' own compute, summed over groups and both shards: "

@@ -201,8 +201,10 @@ def test_an_actor_killed_under_running_requests_is_restarted_and_no_request_fail
     hold up the recovery that the step it waits for waits for."""
     prompts, params = mixed_requests(seed=1)
     expected = [o.token_ids for o in LLM(mtp_checkpoint, kv_cache_tokens=1024).generate(prompts, params)]
-    backend = {"transport": "collective", "collective_backend": "sockets"} if transport == "sockets" else \
-        {"transport": transport}  # the collective transport over Unix sockets
+    # the collective transport over Unix sockets, its receives polling first (four groups outnumber the cores
+    # here, where collective_spin_us null would not poll)
+    backend = {"transport": "collective", "collective_backend": "sockets", "collective_spin_us": 2000} \
+        if transport == "sockets" else {"transport": transport}
     cfg = ClusterConfig(model=str(mtp_checkpoint), topology="cpu-local", **backend,
                         rebalance={"auto": True, "interval_s": 0.05, "min_tokens": 10**9},
                         engine={"kv_cache_tokens": 1024, "block_size": 4, "prefill_max_num_batched_tokens": 2})

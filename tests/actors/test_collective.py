@@ -252,25 +252,29 @@ def test_messages_of_one_part_and_of_two_arrive_whole_and_in_order(tmp_path):
     assert two_ranks(_echo_messages, f"file://{tmp_path / 'rendezvous'}", bodies) == (bodies, [0, 0])
 
 
-def _over_sockets(rank: int, base: str, sent: list, got) -> None:
-    """Both ranks join over Unix sockets (rank 1 a shard, rank 0 its one expert group). Rank 1 sends each of `sent`
-    (bytes, or None to die there without a word, as a killed process); rank 0 receives as many and puts in `got`
-    each message, or the error its receive raised, with the seconds it took."""
+def _over_sockets(rank: int, base: str, spin_s: float, sent: list, got) -> None:
+    """Both ranks join over Unix sockets (rank 1 a shard, rank 0 its one expert group), their receives polling for
+    up to `spin_s` before they sleep. Rank 1 sends each of `sent` (bytes; a float: sleep that many seconds first;
+    None: die there without a word, as a killed process); rank 0 receives a message for each of `sent` that is not
+    a float and puts in `got` each message, or the error its receive raised, with the seconds it took."""
     from datetime import timedelta
 
     from moeserve.actors.collective import Outbox, join, receive
-    group = join(f"unix://{base}", rank, 2, {1: (0, 0)}, 1, 1, 20.0)[1, 0]
+    group = join(f"unix://{base}", rank, 2, {1: (0, 0)}, 1, 1, 20.0, spin_s)[1, 0]
     if rank == 1:
         outbox = Outbox(timedelta(seconds=30))
         for body in sent:
             if body is None:
                 os._exit(0)
+            if isinstance(body, float):
+                time.sleep(body)
+                continue
             outbox.send(body, 0, group)
         outbox.flush()
         time.sleep(1)  # what it sent is read before its connections close
         return
     results = []
-    for _ in sent:
+    for _ in [body for body in sent if not isinstance(body, float)]:
         start = time.monotonic()
         try:
             results.append((bytes(receive(group, 1, timedelta(seconds=30))), time.monotonic() - start))
@@ -279,33 +283,60 @@ def _over_sockets(rank: int, base: str, sent: list, got) -> None:
     got.put(results)
 
 
-def test_messages_arrive_whole_and_in_order_over_sockets(tmp_path):
+# receives that sleep at once, and receives that poll first (collective_spin_us) for long enough to see every
+# message of a test arrive, or the peer's end
+SPIN_S = [0.0, 0.5]
+
+
+@pytest.mark.parametrize("spin_s", SPIN_S)
+def test_messages_arrive_whole_and_in_order_over_sockets(tmp_path, spin_s):
     """The collective transport over Unix sockets (`collective_backend: sockets`): messages of every size, one after
     another, byte for byte."""
     bodies = messages_around_the_first_part()
-    results, exit_codes = two_ranks(_over_sockets, str(tmp_path / "c"), bodies)
+    results, exit_codes = two_ranks(_over_sockets, str(tmp_path / "c"), spin_s, bodies)
     assert [body for body, _ in results] == bodies and exit_codes == [0, 0]
 
 
-def test_over_sockets_junk_is_refused_and_the_next_message_still_arrives(tmp_path):
+@pytest.mark.parametrize("spin_s", SPIN_S)
+def test_over_sockets_junk_is_refused_and_the_next_message_still_arrives(tmp_path, spin_s):
     """A message that is not the wire format is refused (WireError) without losing the stream: each message is
     framed by its length, so the next one arrives whole."""
     from moeserve.actors.collective import FIRST_BYTES
     junk = [pickle.dumps({"op": "compute"}), b"", b"\0" * (2 * FIRST_BYTES)]
     ping = wire.encode(wire.Ping())
-    results, exit_codes = two_ranks(_over_sockets, str(tmp_path / "c"), junk + [ping])
+    results, exit_codes = two_ranks(_over_sockets, str(tmp_path / "c"), spin_s, junk + [ping])
     assert all(isinstance(error, wire.WireError) for error, _ in results[:-1]), results
     assert results[-1][0] == ping and exit_codes == [0, 0]
 
 
-def test_over_sockets_a_dead_peer_is_an_error_at_once_not_a_timeout(tmp_path):
+@pytest.mark.parametrize("spin_s", SPIN_S)
+def test_over_sockets_a_dead_peer_is_an_error_at_once_not_a_timeout(tmp_path, spin_s):
     """A member that dies (here before it sends) closes its connections: the receive waiting on it fails at once,
     in the words the transport's recovery takes for a lost peer, instead of waiting out its timeout (30 s)."""
     from moeserve.actors.transport import peer_died
-    results, _ = two_ranks(_over_sockets, str(tmp_path / "c"), [None])
+    results, _ = two_ranks(_over_sockets, str(tmp_path / "c"), spin_s, [None])
     (error, waited), = results
     assert isinstance(error, RuntimeError) and peer_died(error), error
     assert waited < 5
+
+
+def test_over_sockets_a_receive_that_polled_in_vain_sleeps_until_the_message_comes(tmp_path):
+    """A receive polls for up to its spin time, then waits in the kernel for the rest of its timeout: a message
+    sent long after the polling ended still arrives whole."""
+    ping = wire.encode(wire.Ping())
+    results, exit_codes = two_ranks(_over_sockets, str(tmp_path / "c"), 0.05, [1.0, ping])
+    (body, waited), = results
+    assert body == ping and waited >= 0.9 and exit_codes == [0, 0]
+
+
+def test_receives_poll_only_where_each_process_of_a_decode_step_has_a_core():
+    """collective_spin_us: a value is taken as it is; null polls where the machine has a core for each decode shard
+    and expert group, and never where they outnumber the cores (polling would take the core of the process waited
+    for)."""
+    from moeserve.actors.collective import AUTO_SPIN_US, spin_seconds
+    assert spin_seconds(0, takers=2, cores=16) == 0.0 and spin_seconds(300, takers=6, cores=2) == 300e-6
+    assert spin_seconds(None, takers=2, cores=2) == AUTO_SPIN_US * 1e-6 > 0
+    assert spin_seconds(None, takers=5, cores=2) == 0.0
 
 
 def _join_after_a_failed_join(rank: int, rendezvous: list[str], got) -> None:
