@@ -16,8 +16,8 @@ where the decode shard's step time goes: attention and the rest of the shard's o
 encoding and sending it, and waiting for the experts' replies (expert compute plus transfer). Every system
 first runs another 32-request workload untimed, so that none pays first-call costs in the timed runs. Each
 timed workload runs on a fresh engine, then on a second fresh engine limited to one torch thread (each of the
-cluster's actors computes on one), then on the cluster, three times over with new prompts each time; the ratios
-are the medians of the three side-by-side ratios. The one-thread engine shows how much of the engine's speed its
+cluster's actors computes on one), then on the cluster, three times over (--repeats) with new prompts each time; the ratios
+are the medians of the side-by-side ratios. The one-thread engine shows how much of the engine's speed its
 second core buys: the cluster's processes take turns on the same two cores.
 """
 import argparse
@@ -46,7 +46,6 @@ LAYOUTS = {"default": {}, "one-group": {"topology": ONE_SLOT, "expert_groups": 1
 TRANSPORTS = {"ray": {"transport": "ray"}, "collective": {"transport": "collective", "collective_backend": "gloo"},
               "sockets": {"transport": "collective", "collective_backend": "sockets"}}
 
-REPEATS = 3
 
 
 def run(generate, prompts, params) -> float:
@@ -69,7 +68,7 @@ def torch_threads(n: int):
 def bench_cluster(config: ClusterConfig, engine: LLM, engine_one: LLM, workloads: dict, params) -> dict:
     """Each workload (fresh prompts, so no prefix cache helps either side) runs on the engine, on the engine
     limited to one thread (`engine_one`, another instance: the prompts must be new to it too) and then on the
-    cluster, REPEATS times in turn: the engines' speed is measured beside the cluster's, not minutes before,
+    cluster, `repeats` times in turn: the engines' speed is measured beside the cluster's, not minutes before,
     which on a machine whose speed drifts by a third makes the ratios mean something. Medians."""
     ratios, one_thread_ratios = {1: [], 32: []}, {1: [], 32: []}
     cluster_rates = {1: [], 32: []}
@@ -77,7 +76,7 @@ def bench_cluster(config: ClusterConfig, engine: LLM, engine_one: LLM, workloads
     with Cluster(config) as cluster:
         cluster.generate(workloads["warm"], params)
         base = cluster.stats()["time_s"]
-        for r in range(REPEATS):
+        for r in range(len(workloads[1])):
             for n in (1, 32):
                 prompts = workloads[n][r]
                 e = run(engine.generate, prompts, params)
@@ -136,19 +135,22 @@ def main() -> int:
     p.add_argument("--mtp", action="store_true",
                    help="MTP speculative decoding on the cluster's decode shards (the engine beside it runs without, "
                         "its faster setting on the CPU)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="times each workload runs on each side, new prompts each time (default: 3)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     torch.set_num_threads(2)
     rng = random.Random(0)
     tok = Tokenizer(DEMO_MODEL)
-    workloads = {1: [corpus_prompts(tok, 1, rng, 32, 32) for _ in range(REPEATS)],
-                 32: [corpus_prompts(tok, 32, rng, 16, 96) for _ in range(REPEATS)],
+    workloads = {1: [corpus_prompts(tok, 1, rng, 32, 32) for _ in range(a.repeats)],
+                 32: [corpus_prompts(tok, 32, rng, 16, 96) for _ in range(a.repeats)],
                  "warm": corpus_prompts(tok, 32, random.Random(1), 16, 96)}
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     steal = StealMeter()
     results = {"clusters": {}, "mtp": a.mtp}
-    runs = [(layout, transport, mb, spin) for layout in a.layout for transport in a.transport
-            for mb in a.micro_batches for spin in (a.collective_spin_us if transport == "sockets" else ["auto"])]
+    runs = [(layout, transport, mb, spin) for layout in dict.fromkeys(a.layout) for transport in dict.fromkeys(a.transport)
+            for mb in dict.fromkeys(a.micro_batches)
+            for spin in (dict.fromkeys(a.collective_spin_us) if transport == "sockets" else ["auto"])]
     for layout, transport, mb, spin in runs:
         print(f"cluster, {layout} layout, {transport} transport, {mb} micro-batches, polling {spin} ...",
               file=sys.stderr, flush=True)
