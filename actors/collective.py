@@ -187,7 +187,7 @@ def spin_seconds(spin_us: Optional[int], takers: int, cores: int) -> float:
     """How long a receive over sockets polls before it sleeps: `spin_us` (collective_spin_us), or for None,
     AUTO_SPIN_US where the machine has a core for each of the `takers` (the processes that take turns in a decode
     step: the decode shards and their expert groups), else 0: a process that polls takes the core that the one it
-    waits for needs (on 2 cores, the default layout's six polling processes ran at half speed)."""
+    waits for needs (on 2 cores, the default layout's six processes polling ran at less than half speed)."""
     if spin_us is not None:
         return spin_us * 1e-6
     return AUTO_SPIN_US * 1e-6 if takers <= cores else 0.0

@@ -314,8 +314,9 @@ class Controller:
                 return False
         micro_batches, failures = self.config.engine.micro_batches, self.config.failures
         timeouts = failures.collective_timeout_s, failures.rendezvous_timeout_s
-        refs = [g.join_collective.remote(init_method, world, micro_batches, pools, *timeouts, spin_s) for g in groups] \
-            + [s.join_collective.remote(init_method, world, len(groups) + i, pools, spin_s) for i, s in enumerate(shards)]
+        refs = [g.join_collective.remote(init_method, world, micro_batches, pools, *timeouts, spin_s)
+                for g in groups] + [s.join_collective.remote(init_method, world, len(groups) + i, pools, spin_s)
+                                    for i, s in enumerate(shards)]
         # a member that dies as the group forms leaves the others waiting for it (failures.rendezvous_timeout_s), and
         # a process still waiting in one group cannot enter the next: every call ends before the group is tried again
         ray.wait(refs, num_returns=len(refs))

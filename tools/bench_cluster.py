@@ -16,8 +16,8 @@ where the decode shard's step time goes: attention and the rest of the shard's o
 encoding and sending it, and waiting for the experts' replies (expert compute plus transfer). Every system
 first runs another 32-request workload untimed, so that none pays first-call costs in the timed runs. Each
 timed workload runs on a fresh engine, then on a second fresh engine limited to one torch thread (each of the
-cluster's actors computes on one), then on the cluster, three times over (--repeats) with new prompts each time; the ratios
-are the medians of the side-by-side ratios. The one-thread engine shows how much of the engine's speed its
+cluster's actors computes on one), then on the cluster, three times over (--repeats) with new prompts each time;
+the ratios are the medians of the side-by-side ratios. The one-thread engine shows how much of the engine's speed its
 second core buys: the cluster's processes take turns on the same two cores.
 """
 import argparse
@@ -148,8 +148,8 @@ def main() -> int:
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     steal = StealMeter()
     results = {"clusters": {}, "mtp": a.mtp}
-    runs = [(layout, transport, mb, spin) for layout in dict.fromkeys(a.layout) for transport in dict.fromkeys(a.transport)
-            for mb in dict.fromkeys(a.micro_batches)
+    runs = [(layout, transport, mb, spin) for layout in dict.fromkeys(a.layout)
+            for transport in dict.fromkeys(a.transport) for mb in dict.fromkeys(a.micro_batches)
             for spin in (dict.fromkeys(a.collective_spin_us) if transport == "sockets" else ["auto"])]
     for layout, transport, mb, spin in runs:
         print(f"cluster, {layout} layout, {transport} transport, {mb} micro-batches, polling {spin} ...",
