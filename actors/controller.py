@@ -304,7 +304,7 @@ class Controller:
             socket_dir = tempfile.mkdtemp(prefix="moeserve-", dir=self.private_dir)
             init_method = "unix://" + os.path.join(socket_dir, "c")
             spin_s = collective.spin_seconds(self.config.collective_spin_us,
-                                             len(self.decode_shards) + len(self.groups), len(os.sched_getaffinity(0)))
+                                             len(self.decode_shards) + len(self.groups), os.cpu_count() or 1)
         elif self.private_dir is not None:  # one machine: meet through a file only this user can reach, new each time
             init_method = "file://" + os.path.join(self.private_dir, f"gloo-rendezvous-{uuid.uuid4().hex}")
         else:
