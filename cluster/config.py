@@ -123,8 +123,9 @@ class ClusterConfig(BaseModel):
                                        "false gives the prefill shards a pool of their own (one group per slot)")
     mtp: bool = Field(False, description="MTP speculative decoding on the decode shards")
     transport: Literal["collective", "ray"] = Field(
-        "collective", description="dispatch/combine as torch.distributed (gloo) messages between the shards and the "
-        "expert groups (fast), or as Ray actor calls; both carry the same wire format")
+        "collective", description="dispatch/combine as point-to-point messages between the shards and the expert "
+        "groups (fast; over gloo or Unix sockets: collective_backend), or as Ray actor calls; both carry the same wire "
+        "format")
     collective_backend: Literal["auto", "gloo", "sockets"] = Field(
         "auto", description="what carries the collective transport's messages: gloo (torch.distributed), or a Unix "
         "socket between each pair of actors, for a cluster whose actors all run on one machine (no gloo rendezvous "

@@ -47,7 +47,6 @@ TRANSPORTS = {"ray": {"transport": "ray"}, "collective": {"transport": "collecti
               "sockets": {"transport": "collective", "collective_backend": "sockets"}}
 
 
-
 def run(generate, prompts, params) -> float:
     """Generated tokens per second of one call."""
     start = time.perf_counter()
@@ -139,6 +138,8 @@ def main() -> int:
                    help="times each workload runs on each side, new prompts each time (default: 3)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
     torch.set_num_threads(2)
     rng = random.Random(0)
     tok = Tokenizer(DEMO_MODEL)
