@@ -2,7 +2,7 @@
 against the single-process engine, same demo model and prompts, on this machine.
 
     python tools/bench_cluster.py [--transport ray collective sockets] [--layout default one-group one-group-each]
-                                  [--dispatch-dtype auto|fp8|bf16|float32] [--mtp] [--json out.json]
+                                  [--dispatch-dtype auto|fp8|bf16|float32] [--mtp] [--phases] [--json out.json]
     python tools/bench_cluster.py --transport sockets --layout one-group --collective-spin-us 0 auto
                                   # receives that sleep at once against the default (polling first where it may)
 
@@ -19,6 +19,11 @@ timed workload runs on a fresh engine, then on a second fresh engine limited to 
 cluster's actors computes on one), then on the cluster, three times over (--repeats) with new prompts each time;
 the ratios are the medians of the side-by-side ratios. The one-thread engine shows how much of the engine's speed its
 second core buys: the cluster's processes take turns on the same two cores.
+
+`--phases` also times, on both sides and with new prompts of the same kind, each workload with only two new tokens
+(the prompt, the hand-off to the decode shard and one decode step; the engine's prompt and one step) and splits each
+call into those first two tokens and the decode steps after them (the 64-token call's time less the two-token
+call's, per step), so that the prompts' share of a ratio shows apart from the decode loop's.
 """
 import argparse
 import contextlib
@@ -54,6 +59,13 @@ def run(generate, prompts, params) -> float:
     return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
 
 
+def elapsed(generate, prompts, params) -> float:
+    """Seconds of one call."""
+    start = time.perf_counter()
+    generate(prompts, params)
+    return time.perf_counter() - start
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     before = torch.get_num_threads()
@@ -72,6 +84,8 @@ def bench_cluster(config: ClusterConfig, engine: LLM, engine_one: LLM, workloads
     ratios, one_thread_ratios = {1: [], 32: []}, {1: [], 32: []}
     cluster_rates = {1: [], 32: []}
     engine_rates = {1: [], 32: []}
+    first_two = {side: {1: [], 32: []} for side in ("engine", "cluster")}  # --phases: seconds of two-token calls
+    two = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     with Cluster(config) as cluster:
         cluster.generate(workloads["warm"], params)
         base = cluster.stats()["time_s"]
@@ -82,6 +96,9 @@ def bench_cluster(config: ClusterConfig, engine: LLM, engine_one: LLM, workloads
                 with torch_threads(1):
                     e1 = run(engine_one.generate, prompts, params)
                 c = run(cluster.generate, prompts, params)
+                if "two_tokens" in workloads:  # other new prompts: neither side's prefix cache holds them
+                    first_two["engine"][n].append(elapsed(engine.generate, workloads["two_tokens"][n][r], two))
+                    first_two["cluster"][n].append(elapsed(cluster.generate, workloads["two_tokens"][n][r], two))
                 engine_rates[n].append(e)
                 cluster_rates[n].append(c)
                 ratios[n].append(c / e)
@@ -101,7 +118,26 @@ def bench_cluster(config: ClusterConfig, engine: LLM, engine_one: LLM, workloads
             **{f"batch{n}_ratio": med(ratios[n]) for n in (1, 32)},
             **{f"batch{n}_one_thread_engine_ratio": med(one_thread_ratios[n]) for n in (1, 32)},
             "ratios": ratios, "one_thread_ratios": one_thread_ratios, "time_s": spent, "share": share,
-            "bytes": after["bytes"]}
+            "bytes": after["bytes"], "phases": phases(first_two, engine_rates, cluster_rates, params.max_tokens)}
+
+
+def phases(first_two: dict, engine_rates: dict, cluster_rates: dict, new_tokens: int) -> dict:
+    """Each side's first two tokens (median seconds of the two-token calls) and the decode steps after them: the
+    median whole call (its tokens over its median rate) less the first two tokens, per remaining step."""
+    med = statistics.median
+    out = {}
+    for n in (1, 32):
+        if not first_two["engine"][n]:
+            continue
+        rates = {"engine": engine_rates[n], "cluster": cluster_rates[n]}
+        side = {}
+        for name in ("engine", "cluster"):
+            first = med(first_two[name][n])
+            whole = n * new_tokens / med(rates[name])
+            side[name] = {"first_two_s": first, "step_s": (whole - first) / (new_tokens - 2)}
+        side["step_ratio"] = side["engine"]["step_s"] / side["cluster"]["step_s"]
+        out[n] = side
+    return out
 
 
 def spin_us(value: str):
@@ -134,6 +170,9 @@ def main() -> int:
     p.add_argument("--mtp", action="store_true",
                    help="MTP speculative decoding on the cluster's decode shards (the engine beside it runs without, "
                         "its faster setting on the CPU)")
+    p.add_argument("--phases", action="store_true",
+                   help="also time two-token calls on both sides and split each workload into its first two tokens "
+                        "and the decode steps after them")
     p.add_argument("--repeats", type=int, default=3,
                    help="times each workload runs on each side, new prompts each time (default: 3)")
     p.add_argument("--json", type=Path)
@@ -146,6 +185,9 @@ def main() -> int:
     workloads = {1: [corpus_prompts(tok, 1, rng, 32, 32) for _ in range(a.repeats)],
                  32: [corpus_prompts(tok, 32, rng, 16, 96) for _ in range(a.repeats)],
                  "warm": corpus_prompts(tok, 32, random.Random(1), 16, 96)}
+    if a.phases:
+        workloads["two_tokens"] = {1: [corpus_prompts(tok, 1, rng, 32, 32) for _ in range(a.repeats)],
+                                   32: [corpus_prompts(tok, 32, rng, 16, 96) for _ in range(a.repeats)]}
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     steal = StealMeter()
     results = {"clusters": {}, "mtp": a.mtp}
@@ -178,6 +220,16 @@ def main() -> int:
                   f"({each}) | {r[f'batch{n}_one_thread_engine_ratio']:.2f} | {1e3 * n / c:.1f} ms |")
     if a.mtp:
         print("(the cluster with MTP on its decode shards; the engine without)")
+    if a.phases:
+        print("\n| workload | layout | transport | micro-batches | polling (us) | first two tokens: engine | cluster | "
+              "decode step after them: engine | cluster | engine / cluster |\n|---|---|---|---|---|---|---|---|---|---|")
+        for n in (1, 32):
+            for layout, transport, mb, spin in runs:
+                ph = results["clusters"][f"{layout}/{transport}/{mb}/{spin}"]["phases"][n]
+                e, c = ph["engine"], ph["cluster"]
+                print(f"| batch {n} | {layout} | {transport} | {mb} | {spin if transport == 'sockets' else '-'} | "
+                      f"{1e3 * e['first_two_s']:.1f} ms | {1e3 * c['first_two_s']:.1f} ms | {1e3 * e['step_s']:.2f} ms | "
+                      f"{1e3 * c['step_s']:.2f} ms | {ph['step_ratio']:.2f} |")
     for layout, transport, mb, spin in runs:
         r = results["clusters"][f"{layout}/{transport}/{mb}/{spin}"]
         print(f"\nwhere the decode shard's step time goes ({layout}, {transport}, {mb} micro-batches, polling {spin}; "
