@@ -23,7 +23,7 @@ import ray
 import torch
 
 from moeserve.kernels.fp8 import act_quant
-from moeserve.topology.planner import Placement, Route, plan_dispatch, relay_choice, routes_of
+from moeserve.topology.planner import Placement, Route, plan_routes, relay_choice
 from moeserve.topology.spec import TopologySpec
 
 from . import wire
@@ -180,9 +180,8 @@ class ExpertRouter:
         x, indices, weights = x.cpu(), indices.cpu(), weights.cpu()
         d_bytes, c_bytes = self.row_bytes
         version, placements = self.version, self.placements  # one version for the whole layer
-        plan = plan_dispatch(indices, self.src_gpu, placements[layer_id], self.spec, self.hidden,
-                             self.max_nodes, d_bytes, c_bytes, link_loads=False)
-        routes = routes_of(plan, indices.numpy(), weights.float().numpy(), self.src_gpu, self.spec)
+        routes, planned = plan_routes(indices.numpy(), weights.float().numpy(), self.src_gpu, placements[layer_id],
+                                      self.spec, self.max_nodes, d_bytes, c_bytes)
         payload = to_payload(x, self.dispatch_dtype)
         sent = []
         for route in routes:
@@ -192,17 +191,14 @@ class ExpertRouter:
             sent.append(Sent(route, wire.Dispatch(layer_id, part, work, self.combine_dtype, route.relay, version)))
         with self.lock:
             c = self.counters
-            c.naive_crossings += plan.naive_sends
-            c.planned_inter_node += plan.bytes["inter_node"]
-            c.planned_intra_node += plan.bytes["intra_node"]
-            for p, b in enumerate(plan.bytes_per_plane.tolist()):
-                c.planned_per_plane[p] += int(b)
+            c.naive_crossings += planned.naive_sends
+            c.planned_inter_node += planned.inter_node
+            c.planned_intra_node += planned.intra_node
+            for p, b in enumerate(planned.bytes_per_plane):
+                c.planned_per_plane[p] += b
             if self.relay_local != self.src_gpu % self.spec.gpus_per_node:
                 # our plane is down: each remote-bound token first moves over NVLink to a GPU on a live plane
-                G = self.spec.gpus_per_node
-                remote = np.unique(np.arange(len(indices)).repeat(indices.shape[1])[
-                    plan.expert_gpu.numpy().ravel() // G != self.src_gpu // G])
-                c.intra_node += len(remote) * (d_bytes + c_bytes)
+                c.intra_node += planned.remote_tokens * (d_bytes + c_bytes)
         return sent
 
     def switch(self, version: int, placements: dict[int, Placement]) -> None:

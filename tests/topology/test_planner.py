@@ -1,10 +1,13 @@
 """The vectorised dispatch planner against a per-token loop written from the routing rules."""
+import numpy as np
 import pytest
 import torch
 
 from moeserve.kernels.model import select_experts
 from moeserve.topology.eplb import rebalance_experts
-from moeserve.topology.planner import Placement, bf16_combine_bytes, fp8_dispatch_bytes, plan_dispatch, routes_of
+from moeserve.topology import planner
+from moeserve.topology.planner import Placement, bf16_combine_bytes, fp8_dispatch_bytes, plan_dispatch, plan_routes, \
+    routes_of
 from moeserve.topology.spec import PRESETS
 
 HIDDEN = 7168
@@ -159,3 +162,72 @@ def test_routes_carry_each_choice_once_the_way_the_rules_say(setup, src_gpu, pla
         assert named == set(route.rows.tolist())
     assert len({r.target for r in routes}) == len(routes)
     assert sorted(got) == sorted(expected)
+
+
+def small_placements():
+    """(spec, placement, experts, top-k, groups, top groups, M): V3's 256 experts with 32 redundant slots on 4 nodes,
+    64 experts without replicas, and the demo model's 16 experts over `ClusterConfig()`'s two nodes of two GPUs with
+    four redundant slots."""
+    h800 = PRESETS["h800-mpft"]
+    demo = PRESETS["h800-mpft"].model_copy(update={"nodes": 2, "gpus_per_node": 2, "nics_per_node": 2, "planes": 2})
+    cases = []
+    for spec, E, k, groups, top, redundant in ((h800, 256, 8, 8, 4, 32), (h800, 64, 6, 8, 3, 0),
+                                                (demo, 16, 4, 4, 2, 4)):
+        load = torch.bincount(select_experts(torch.rand(4096, E, generator=torch.Generator().manual_seed(E)), k, groups,
+                                             top).flatten(), minlength=E).float()[None] + 1
+        phy2log, _, _ = rebalance_experts(load, E + redundant, groups, spec.nodes, spec.num_gpus)
+        placement = Placement(phy2log[0], (E + redundant) // spec.num_gpus, spec.gpus_per_node, n_groups=groups)
+        cases.append((spec, placement, E, k, groups, top))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(3))
+@pytest.mark.parametrize("planes_down", [[], [1]])
+def test_routes_planned_one_by_one_equal_the_array_code(case, planes_down):
+    """A shard's few decode tokens are planned pair by pair in plain Python: the routes (targets, rows, each GPU's
+    assignments and their dtypes) and the predicted bytes equal those of `routes_of(plan_dispatch(...))`, with and
+    without replicas, a plane down, every node limit, an unrestricted gate, and tokens sharing experts (the
+    round-robin turns)."""
+    spec, placement, E, k, groups, top = small_placements()[case]
+    spec = spec.model_copy(update={"planes_down": planes_down})
+    rng = np.random.default_rng(case)
+    d, c = 1000, 300
+    for T in range(1, planner.SMALL_ASSIGNMENTS // k + 1):
+        for trial in range(6):
+            topk = select_experts(torch.from_numpy(rng.random((T, E), dtype=np.float32)), k, groups, top).numpy()
+            if trial == 1:  # an unrestricted gate
+                topk = np.stack([rng.choice(E, k, replace=False) for _ in range(T)])
+            if trial == 2:  # every token the same experts
+                topk[:] = topk[0]
+            weights = rng.random((T, k), dtype=np.float32)
+            src = int(rng.integers(spec.num_gpus))
+            for max_nodes in (None, 1, 2, 4):
+                plan = plan_dispatch(torch.from_numpy(topk), src, placement, spec, 0, max_nodes, d, c, link_loads=False)
+                expected = routes_of(plan, topk, weights, src, spec)
+                routes, planned = plan_routes(topk, weights, src, placement, spec, max_nodes, d, c)
+                assert [(r.target, r.relay, r.rows.tolist(), list(r.work)) for r in routes] == \
+                    [(r.target, r.relay, r.rows.tolist(), list(r.work)) for r in expected]
+                for route, want in zip(routes, expected):
+                    for g in want.work:
+                        for got_array, want_array in zip(route.work[g], want.work[g]):
+                            assert got_array.dtype == want_array.dtype and np.array_equal(got_array, want_array)
+                assert (planned.inter_node, planned.intra_node, planned.naive_sends) == \
+                    (plan.bytes["inter_node"], plan.bytes["intra_node"], plan.naive_sends)
+                assert planned.bytes_per_plane == plan.bytes_per_plane.long().tolist()
+                remote = plan.expert_gpu // spec.gpus_per_node != src // spec.gpus_per_node
+                assert planned.remote_tokens == int(remote.any(1).sum())
+
+
+def test_routes_of_many_tokens_come_from_the_array_code(setup):
+    """Past SMALL_ASSIGNMENTS pairs plan_routes is routes_of(plan_dispatch(...)) itself, its bytes the plan's."""
+    spec, placement = setup
+    spec = spec.model_copy(update={"planes_down": [2]})
+    topk = node_limited_tokens(planner.SMALL_ASSIGNMENTS // 8 + 5, seed=9)
+    weights = torch.rand(topk.shape, generator=torch.Generator().manual_seed(10)).numpy()
+    plan = plan_dispatch(topk, 10, placement, spec, HIDDEN, 4, 500, 200, link_loads=False)
+    routes, planned = plan_routes(topk.numpy(), weights, 10, placement, spec, 4, 500, 200)
+    expected = routes_of(plan, topk.numpy(), weights, 10, spec)
+    assert [(r.target, r.rows.tolist()) for r in routes] == [(r.target, r.rows.tolist()) for r in expected]
+    assert (planned.inter_node, planned.intra_node) == (plan.bytes["inter_node"], plan.bytes["intra_node"])
+    remote_tokens = {t for t in range(len(topk)) for g in plan.expert_gpu[t].tolist() if g // 8 != 10 // 8}
+    assert planned.remote_tokens == len(remote_tokens) > 0
