@@ -81,9 +81,10 @@ def test_one_prefill_one_decode_two_expert_groups(ray_cluster, mtp_checkpoint, p
         assert [o.token_ids for o in asyncio.run(both())] == expected * 2
         # a shard takes requests between its steps, but refuses a bad one at once, in the caller
         shard = c.prefill_shards[0]
-        ray.get(shard.add.remote("twice", prompts[0], GREEDY, None, "nobody"))
+        long_prompt = prompts[1] * 8  # 31 prefill steps of 8 tokens: still running when the second add comes
+        ray.get(shard.add.remote("twice", long_prompt, GREEDY, None, "nobody"))
         with pytest.raises(InputError, match="already in use"):
-            ray.get(shard.add.remote("twice", prompts[0], GREEDY, None, "nobody"))
+            ray.get(shard.add.remote("twice", long_prompt, GREEDY, None, "nobody"))
         with pytest.raises(InputError, match="empty"):
             ray.get(shard.add.remote("empty", [], GREEDY, None, "nobody"))
         # several at once (a client's burst): a bad one is refused alone, the others are taken
