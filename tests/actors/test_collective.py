@@ -109,6 +109,25 @@ def test_anything_that_is_not_the_wire_format_is_refused():
         wire.encode({"op": "compute"})
 
 
+@pytest.mark.parametrize("assignments", [3, 300])  # a decode step's few, and a prompt's many
+def test_the_first_and_the_last_assignment_are_checked_against_the_payload_and_the_experts(assignments):
+    rows = torch.arange(assignments, dtype=torch.int32) % 5
+    experts = torch.arange(assignments, dtype=torch.int32) % 16
+    message = wire.Dispatch(1, wire.Payload(torch.randn(5, 8)),
+                            {0: wire.Assignments(rows, experts, torch.rand(assignments))}, torch.float32)
+    assert same(wire.decode(wire.encode(message)).work[0].rows, rows)
+    at = wire.HEADER_BYTES + 5 * 8 * 4 + 8  # the rows, after the payload and the one-group work table
+    for index in (0, assignments - 1):
+        for offset, value, match in [(0, 5, "outside the payload"), (0, -1, "outside the payload"),
+                                     (4 * assignments, -3, "names expert -3"),
+                                     (4 * assignments, wire.MAX_EXPERTS, f"names expert {wire.MAX_EXPERTS}")]:
+            bad = bytearray(wire.encode(message))
+            where = at + offset + 4 * index
+            bad[where:where + 4] = value.to_bytes(4, "little", signed=True)
+            with pytest.raises(wire.WireError, match=match):
+                wire.decode(bytes(bad))
+
+
 def test_an_expert_groups_error_is_raised_at_the_shard_and_junk_is_answered_with_one():
     def compute(layer, payload, work, version):
         raise KeyError(5)
