@@ -199,10 +199,14 @@ class _Reader:
             raise WireError(f"{len(self.body) - self.at} bytes past the counted body")
 
 
+# Up to this many numbers, their least and greatest come faster through a Python list than from two NumPy
+# reductions (one thread: 0.4 us for 4, 1.5 for 64, 2.9 for 128, against 1.6 us at any of those lengths).
+FEW = 64
+
+
 def _bounds(a: np.ndarray) -> tuple[int, int]:
-    """The least and the greatest of a non-empty array: a decode step's few numbers through a Python list, which
-    takes a fraction of two NumPy reductions' time."""
-    if len(a) <= 256:
+    """The least and the greatest of a non-empty array (a decode step's few numbers through a Python list)."""
+    if len(a) <= FEW:
         values = a.tolist()
         return min(values), max(values)
     return int(a.min()), int(a.max())

@@ -109,7 +109,7 @@ def test_anything_that_is_not_the_wire_format_is_refused():
         wire.encode({"op": "compute"})
 
 
-@pytest.mark.parametrize("assignments", [3, 300])  # a decode step's few, and a prompt's many
+@pytest.mark.parametrize("assignments", [3, 300])  # a decode step's few (up to wire.FEW), and a prompt's many
 def test_the_first_and_the_last_assignment_are_checked_against_the_payload_and_the_experts(assignments):
     rows = torch.arange(assignments, dtype=torch.int32) % 5
     experts = torch.arange(assignments, dtype=torch.int32) % 16
