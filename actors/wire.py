@@ -111,9 +111,11 @@ def _raw(t: torch.Tensor) -> bytes:
 
 def _column(parts: list[torch.Tensor], dtype: np.dtype) -> bytes:
     """One field of every work group's assignments, in table order, as `dtype`'s bytes."""
-    if len(parts) == 1:  # a decode step's usual message: nothing to concatenate
-        return parts[0].numpy().astype(dtype, copy=False).tobytes()
-    return np.concatenate([t.numpy() for t in parts]).astype(dtype, copy=False).tobytes() if parts else b""
+    if not parts:
+        return b""
+    # one group's (a decode step's usual message): nothing to concatenate
+    column = parts[0].numpy() if len(parts) == 1 else np.concatenate([t.numpy() for t in parts])
+    return column.astype(dtype, copy=False).tobytes()
 
 
 _HEADER = struct.Struct(f"<{HEADER_WORDS}q")
