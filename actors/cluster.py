@@ -4,6 +4,7 @@ on the shards directly. `Cluster` is what Python users, `moeserve serve` and the
 """
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -106,19 +107,51 @@ class Cluster:
         prefix = self.name or f"moeserve-{uuid.uuid4().hex[:8]}"
         self.controller = self._running(prefix)
         if self.controller is None:
+            self._start_controller(prefix)
+        self.prefill_shards, self.decode_shards = ray.get(self.controller.shards.remote())
+        self.client = ClusterClient(self.args, self.tokenizer, self.prefill_shards, self.decode_shards,
+                                    cfg.engine.kv_cache_tokens, cfg.engine.block_size, self.recover_timeout_s)
+        return self
+
+    def _start_controller(self, prefix: str) -> None:
+        """A new controller, once it has started every actor of the layout. A controller whose process dies before
+        that (a crash of Ray's worker, not an error of the config) leaves a layout half started that the controller
+        Ray restarts cannot rebuild: that layout is discarded and the start made once more."""
+        cfg = self.config
+        for attempt in range(2):
             self.controller = ray.remote(Controller).options(
                 num_cpus=0, max_concurrency=64, max_restarts=-1 if cfg.failures.restart else 0,
                 name=f"{prefix}-controller", namespace=NAMESPACE, lifetime="detached",
             ).remote(cfg.model_dump(), self.private_dir, prefix)
             try:
                 ray.get(self.controller.start.remote())
+                return
             except ray.exceptions.RayTaskError as e:
                 self.shutdown()
                 raise (e.cause if isinstance(e.cause, InputError) else e) from None
-        self.prefill_shards, self.decode_shards = ray.get(self.controller.shards.remote())
-        self.client = ClusterClient(self.args, self.tokenizer, self.prefill_shards, self.decode_shards,
-                                    cfg.engine.kv_cache_tokens, cfg.engine.block_size, self.recover_timeout_s)
-        return self
+            except ray.exceptions.RayActorError as e:
+                self._discard(prefix)
+                if attempt:
+                    self.shutdown()
+                    raise RuntimeError(f"the cluster's controller died twice while it started the cluster: {e}") \
+                        from None
+                logging.getLogger("moeserve").warning("the cluster's controller died while it started the cluster "
+                                                      "(%s); starting it again", str(e).splitlines()[0])
+
+    def _discard(self, prefix: str) -> None:
+        """Kill the controller and every actor named after this cluster, and wait until their names are free."""
+        ray.kill(self.controller)
+        self.controller = None
+        ours = re.compile(rf"{re.escape(prefix)}-(controller|(prefill-)?expert-group-\d+|prefill-\d+|decode-\d+)")
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == NAMESPACE and ours.fullmatch(a["name"])]
+        for name in names:
+            try:
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+            except ValueError:  # gone meanwhile
+                pass
+        for name in names + [f"{prefix}-controller"]:
+            Controller._await_gone(name)
 
     def _running(self, prefix: str):
         """The controller of a cluster of this name that runs with this config, if there is one; one with another

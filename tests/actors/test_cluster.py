@@ -311,10 +311,43 @@ def test_a_named_cluster_outlives_its_process_and_another_process_attaches_to_it
     assert not named_actors()
 
 
-def named_actors() -> list[dict]:
-    """The live actors named after the cluster "named", in moeserve's namespace."""
+def named_actors(cluster: str = "named") -> list[dict]:
+    """The live actors named after the cluster `cluster`, in moeserve's namespace."""
     return [a for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == "moeserve" and a["name"].startswith("named-")]
+            if a["namespace"] == "moeserve" and a["name"].startswith(f"{cluster}-")]
+
+
+def dying_at_start(marker: str) -> type:
+    """A controller whose process dies (SIGKILL) while it starts the cluster: its expert groups started, no shard
+    yet. Once: the file `marker` says it has died."""
+    class DyingController(Controller):
+        def _start_expert_groups(self, *args, **kw):
+            groups = super()._start_expert_groups(*args, **kw)
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return groups
+    return DyingController
+
+
+def test_a_controller_that_dies_while_it_starts_the_cluster_is_replaced_and_the_start_made_again(
+        ray_cluster, mtp_checkpoint, prompts, expected, monkeypatch, tmp_path):
+    """Ray restarts a dead controller, but one that died inside `start` has no layout to rebuild, and the expert
+    groups it had started hold the names the next start needs: the half-started cluster is discarded and started
+    once more. It serves the engine's tokens; stopping it leaves no actor of it."""
+    marker = tmp_path / "died"
+    monkeypatch.setattr(cluster_module, "Controller", dying_at_start(str(marker)))
+    cfg = config(mtp_checkpoint, ray={"address": ray_cluster.address}, **TWO_GROUPS)
+    with Cluster(cfg, name="restarted") as c:
+        assert marker.exists()
+        assert sorted(a["name"] for a in named_actors("restarted")) == [
+            "restarted-controller", "restarted-decode-0", "restarted-expert-group-0", "restarted-expert-group-1",
+            "restarted-prefill-0"]
+        assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and named_actors("restarted"):
+        time.sleep(0.1)
+    assert not named_actors("restarted")
 
 
 def test_each_actor_sends_through_the_nic_of_its_gpu_slot(ray_cluster, mtp_checkpoint, prompts, expected):
