@@ -131,6 +131,9 @@ class Cluster:
                 raise (e.cause if isinstance(e.cause, InputError) else e) from None
             except ray.exceptions.RayActorError as e:
                 self._discard(prefix)
+                if e.actor_init_failed:  # its __init__ raised: as it would again
+                    self.shutdown()
+                    raise
                 if attempt:
                     self.shutdown()
                     raise RuntimeError(f"the cluster's controller died twice while it started the cluster: {e}") \

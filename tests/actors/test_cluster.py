@@ -350,6 +350,21 @@ def test_a_controller_that_dies_while_it_starts_the_cluster_is_replaced_and_the_
     assert not named_actors("restarted")
 
 
+class RefusingController(Controller):
+    """A controller whose construction fails, as it would every time."""
+    def __init__(self, config: dict, private_dir, prefix: str):
+        raise RuntimeError(f"no controller for {prefix}")
+
+
+def test_a_controller_that_cannot_be_constructed_fails_the_start_once(ray_cluster, mtp_checkpoint, monkeypatch):
+    monkeypatch.setattr(cluster_module, "Controller", RefusingController)
+    cfg = config(mtp_checkpoint, ray={"address": ray_cluster.address}, **TWO_GROUPS)
+    with pytest.raises(ray.exceptions.RayActorError, match="no controller for refused") as raised:
+        Cluster(cfg, name="refused").start()
+    assert raised.value.actor_init_failed and "twice" not in str(raised.value)
+    assert not named_actors("refused")
+
+
 def test_each_actor_sends_through_the_nic_of_its_gpu_slot(ray_cluster, mtp_checkpoint, prompts, expected):
     """A topology that names its NICs: every expert group and shard gets NCCL_IB_HCA naming the NIC of its GPU
     slot's local index (NIC i serves GPU i, on plane i), exactly; the cluster serves as before."""
