@@ -16,7 +16,7 @@ where the decode shard's step time goes: attention and the rest of the shard's o
 encoding and sending it, and waiting for the experts' replies (expert compute plus transfer). Every system
 first runs another 32-request workload untimed, so that none pays first-call costs in the timed runs. Each
 timed workload runs on a fresh engine, then on a second fresh engine limited to one torch thread (each of the
-cluster's actors computes on one), then on the cluster, three times over (--repeats) with new prompts each time;
+cluster's actors computes on one), then on the cluster, nine times over (--repeats) with new prompts each time;
 the ratios are the medians of the side-by-side ratios. The one-thread engine shows how much of the engine's speed its
 second core buys: the cluster's processes take turns on the same two cores.
 
@@ -177,8 +177,9 @@ def main() -> int:
     p.add_argument("--phases", action="store_true",
                    help="also time two-token calls on both sides and split each workload into its first two tokens "
                         "and the decode steps after them")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="times each workload runs on each side, new prompts each time (default: 3)")
+    p.add_argument("--repeats", type=int, default=9,
+                   help="times each workload runs on each side, new prompts each time (default: 9: on a machine whose "
+                        "speed swings, a median of three lands anywhere in a range of 0.2)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if a.repeats < 1:
