@@ -27,8 +27,8 @@ BAD_COMMON = {
     "include_stop_str_in_output": ['"true"', '2', '[]'],
 }
 BAD_COMPLETION = {
-    "prompt": ['""', '[]', '[-1]', f'[{HUGE_INT}]', '[1.5]', '{"a": 1}', 'null', 'true', '"\\ud800x"', '[[1]]',
-               '["a", "b"]', '3', '[""]', '[4096]'],
+    "prompt": ['[]', '[-1]', f'[{HUGE_INT}]', '[1.5]', '{"a": 1}', 'null', 'true', '"\\ud800x"', '[[1]]',
+               '["a", "b"]', '3', '[4096]'],
     "logprobs": ['-1', '21', '1.5', '"3"', 'true', 'NaN'],
     "echo": ['true', '"no"'],
 }

@@ -111,9 +111,7 @@ class CompletionRequest(_Request):
             if len(prompt) != 1:
                 raise InputError("batched prompts are not supported; send one prompt per request")
             prompt = prompt[0]
-        if not prompt:
-            raise InputError("prompt is empty; give at least one character or token id")
-        return prompt
+        return prompt  # text, even empty, is tokenized as the engine does (BOS first); no token ids are refused there
 
 
 class TextPart(BaseModel):

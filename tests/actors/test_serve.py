@@ -67,6 +67,15 @@ def test_completions_stream_and_not_equal_the_engine(client, engine):
     assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
 
 
+def test_an_empty_text_prompt_is_the_engines_bos_alone(client, engine):
+    """As the engine (and vLLM) take it: the tokenizer's BOS token is the whole prompt."""
+    expected = greedy(engine, "", 12)
+    assert expected.prompt_token_ids == [engine.tokenizer.bos_token_id]
+    for prompt in ("", [""]):
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+        assert out.choices[0].text == expected.text and out.usage.prompt_tokens == 1
+
+
 def test_token_id_prompts(client, engine):
     ids = engine.tokenizer.encode("import os\n")
     out = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0)
@@ -123,7 +132,7 @@ def test_grpc_unary_and_stream_equal_the_engine(server, engine):
     (b'{"model": "gpt-5", "prompt": "x"}', 404, "does not exist"),
     (b'{"model": "moeserve-demo", "prompt": "\xff\xfe"}', 400, "not valid UTF-8"),
     (b'{"model": "moeserve-demo", "prompt": "' + b"a" * (1 << 20) + b'"}', 413, "exceeds"),
-    (b'{"model": "moeserve-demo", "prompt": ""}', 400, "prompt is empty"),
+    (b'{"model": "moeserve-demo", "prompt": []}', 400, "prompt is empty"),
     (b'{"model": "moeserve-demo", "prompt": "x", "temperature": NaN}', 400, "NaN is not a JSON number"),
     (b'{"model": "moeserve-demo", "prompt": "x", "temperature": 1e-310}', 400, "use 0 for greedy"),
     (b'{"model": "moeserve-demo", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b'}', 400, "nested too deeply"),
