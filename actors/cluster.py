@@ -26,7 +26,7 @@ from moeserve.kernels.errors import InputError
 from moeserve.kernels.load import DTYPES, check_cpu_dtype
 
 from .client import ClusterClient
-from .controller import NAMESPACE, Controller, node_resource
+from .controller import NAMESPACE, Controller, StartInterrupted, node_resource
 
 LOCAL_ONLY_ENV = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR  # "0": Ray keeps to 127.0.0.1
 
@@ -114,9 +114,10 @@ class Cluster:
         return self
 
     def _start_controller(self, prefix: str) -> None:
-        """A new controller, once it has started every actor of the layout. A controller whose process dies before
-        that (a crash of Ray's worker, not an error of the config) leaves a layout half started that the controller
-        Ray restarts cannot rebuild: that layout is discarded and the start made once more."""
+        """A new controller, once it has started every actor of the layout. Where an actor, or the controller itself,
+        died on the way (a crash or a lost node, not an error of the config), what was started is discarded and the
+        start made once more: a controller Ray restarts could not rebuild a layout that never served, and the actors
+        started hold the names the next start needs."""
         cfg = self.config
         for attempt in range(2):
             self.controller = ray.remote(Controller).options(
@@ -127,19 +128,18 @@ class Cluster:
                 ray.get(self.controller.start.remote())
                 return
             except ray.exceptions.RayTaskError as e:
-                self.shutdown()
-                raise (e.cause if isinstance(e.cause, InputError) else e) from None
+                if attempt or not isinstance(e.cause, StartInterrupted):
+                    self.shutdown()
+                    raise (e.cause if isinstance(e.cause, InputError) else e) from None
+                reason = str(e.cause)
             except ray.exceptions.RayActorError as e:
-                self._discard(prefix)
-                if e.actor_init_failed:  # its __init__ raised: as it would again
+                if attempt or e.actor_init_failed:  # its __init__ raised: as it would again
+                    self._discard(prefix)
                     self.shutdown()
                     raise
-                if attempt:
-                    self.shutdown()
-                    raise RuntimeError(f"the cluster's controller died twice while it started the cluster: {e}") \
-                        from None
-                logging.getLogger("moeserve").warning("the cluster's controller died while it started the cluster "
-                                                      "(%s); starting it again", str(e).splitlines()[0])
+                reason = f"the controller died ({str(e).splitlines()[0]})"
+            self._discard(prefix)
+            logging.getLogger("moeserve").warning("%s while the cluster started; starting it again", reason)
 
     def _discard(self, prefix: str) -> None:
         """Kill the controller and every actor named after this cluster, and wait until their names are free."""

@@ -87,6 +87,11 @@ def moe_layer_ids(args: ModelArgs, mtp: bool) -> list[int]:
     return layers + ([args.n_layers] if mtp and args.n_mtp_layers else [])
 
 
+class StartInterrupted(RuntimeError):
+    """An actor of the layout died while the cluster started: not an error of the config, so starting again may
+    work (Cluster.start does, once)."""
+
+
 class Controller:
     """Owns the live layout of one cluster (see the module's docstring); `start` once, then the Cluster facade in
     the driver calls it."""
@@ -140,11 +145,16 @@ class Controller:
                 pool.append(actor)
                 self.shard_slots.append(slot)
         actors = self._actors()
-        reports = ray.get([a.ready.remote() for a in actors.values()])
+        try:
+            reports = ray.get([a.ready.remote() for a in actors.values()])
+        except ray.exceptions.RayActorError as e:
+            if e.actor_init_failed:  # as it would again
+                raise
+            raise StartInterrupted(f"an actor died as it started: {str(e).splitlines()[0]}") from None
         ray.get([p.set_decode_shards.remote(self.decode_shards) for p in self.prefill_shards])
         if cfg.transport == "collective" and not self._join_collective({name: r["pid"] for name, r in zip(actors,
                                                                                                          reports)}):
-            raise RuntimeError("an actor died while the cluster's process group formed; start the cluster again")
+            raise StartInterrupted("an actor died while the cluster's process group formed")
         if cfg.kv_transfer == "nccl":
             self._pair_kv_groups()
         for name, report in zip(actors, reports):

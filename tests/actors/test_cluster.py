@@ -350,19 +350,55 @@ def test_a_controller_that_dies_while_it_starts_the_cluster_is_replaced_and_the_
     assert not named_actors("restarted")
 
 
-class RefusingController(Controller):
-    """A controller whose construction fails, as it would every time."""
-    def __init__(self, config: dict, private_dir, prefix: str):
-        raise RuntimeError(f"no controller for {prefix}")
+def refusing(marker: str) -> type:
+    """A controller whose construction fails, as it would every time; each try leaves a line in `marker`."""
+    class RefusingController(Controller):
+        def __init__(self, config: dict, private_dir, prefix: str):
+            with open(marker, "a") as f:
+                f.write("constructed\n")
+            raise RuntimeError(f"no controller for {prefix}")
+    return RefusingController
 
 
-def test_a_controller_that_cannot_be_constructed_fails_the_start_once(ray_cluster, mtp_checkpoint, monkeypatch):
-    monkeypatch.setattr(cluster_module, "Controller", RefusingController)
+def test_a_controller_that_cannot_be_constructed_fails_the_start_once(ray_cluster, mtp_checkpoint, monkeypatch,
+                                                                     tmp_path):
+    marker = tmp_path / "tries"
+    monkeypatch.setattr(cluster_module, "Controller", refusing(str(marker)))
     cfg = config(mtp_checkpoint, ray={"address": ray_cluster.address}, **TWO_GROUPS)
     with pytest.raises(ray.exceptions.RayActorError, match="no controller for refused") as raised:
         Cluster(cfg, name="refused").start()
-    assert raised.value.actor_init_failed and "twice" not in str(raised.value)
+    assert raised.value.actor_init_failed and marker.read_text() == "constructed\n"
     assert not named_actors("refused")
+
+
+def killing_at_start(victim: str, marker: str) -> type:
+    """A controller that SIGKILLs the actor `victim` as the cluster's process group is about to form at its start.
+    Once: the file `marker` says it has."""
+    class KillingController(Controller):
+        def _join_collective(self, pids):
+            if not self.where and not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(pids[victim], signal.SIGKILL)
+            return super()._join_collective(pids)
+    return KillingController
+
+
+def test_an_actor_that_dies_while_the_cluster_starts_has_the_start_made_again(ray_cluster, mtp_checkpoint, prompts,
+                                                                              expected, monkeypatch, tmp_path):
+    """An expert group killed as the process group forms at the start: the members that came wait out the
+    rendezvous, the start is discarded and made again, and the cluster serves the engine's tokens."""
+    marker = tmp_path / "killed"
+    monkeypatch.setattr(cluster_module, "Controller", killing_at_start("expert-group-1", str(marker)))
+    cfg = config(mtp_checkpoint, ray={"address": ray_cluster.address}, failures={"rendezvous_timeout_s": 5},
+                 **TWO_GROUPS)
+    with Cluster(cfg, name="again") as c:
+        assert marker.exists() and not c.recoveries
+        assert len(named_actors("again")) == 5
+        assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and named_actors("again"):
+        time.sleep(0.1)
+    assert not named_actors("again")
 
 
 def test_each_actor_sends_through_the_nic_of_its_gpu_slot(ray_cluster, mtp_checkpoint, prompts, expected):
