@@ -179,7 +179,7 @@ def main() -> int:
                         "and the decode steps after them")
     p.add_argument("--repeats", type=int, default=9,
                    help="times each workload runs on each side, new prompts each time (default: 9: on a machine whose "
-                        "speed swings, a median of three lands anywhere in a range of 0.2)")
+                        "speed swings, a median of three lands anywhere in a range of 0.3)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if a.repeats < 1:
