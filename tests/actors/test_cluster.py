@@ -305,16 +305,22 @@ def test_a_named_cluster_outlives_its_process_and_another_process_attaches_to_it
     with Cluster(cfg, name="named") as c:
         assert ray.get(c.controller.view.remote())["pid"] == int(pid)
         assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
-    deadline = time.monotonic() + 30  # stopping it stopped the cluster the other process started
-    while time.monotonic() < deadline and "named-controller" in {a["name"] for a in named_actors()}:
-        time.sleep(0.1)
-    assert not named_actors()
+    assert all_gone("named")  # stopping it stopped the cluster the other process started
 
 
-def named_actors(cluster: str = "named") -> list[dict]:
+def named_actors(cluster: str) -> list[dict]:
     """The live actors named after the cluster `cluster`, in moeserve's namespace."""
     return [a for a in ray.util.list_named_actors(all_namespaces=True)
             if a["namespace"] == "moeserve" and a["name"].startswith(f"{cluster}-")]
+
+
+def all_gone(cluster: str, timeout_s: float = 30.0) -> bool:
+    """Whether every actor named after `cluster` is gone within `timeout_s` (Ray frees a name a moment after the
+    actor's process has exited)."""
+    deadline = time.monotonic() + timeout_s
+    while named_actors(cluster) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not named_actors(cluster)
 
 
 def dying_at_start(marker: str) -> type:
@@ -344,10 +350,7 @@ def test_a_controller_that_dies_while_it_starts_the_cluster_is_replaced_and_the_
             "restarted-controller", "restarted-decode-0", "restarted-expert-group-0", "restarted-expert-group-1",
             "restarted-prefill-0"]
         assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and named_actors("restarted"):
-        time.sleep(0.1)
-    assert not named_actors("restarted")
+    assert all_gone("restarted")
 
 
 def refusing(marker: str) -> type:
@@ -395,10 +398,7 @@ def test_an_actor_that_dies_while_the_cluster_starts_has_the_start_made_again(ra
         assert marker.exists() and not c.recoveries
         assert len(named_actors("again")) == 5
         assert [o.token_ids for o in c.generate(prompts, GREEDY)] == expected
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and named_actors("again"):
-        time.sleep(0.1)
-    assert not named_actors("again")
+    assert all_gone("again")
 
 
 def test_each_actor_sends_through_the_nic_of_its_gpu_slot(ray_cluster, mtp_checkpoint, prompts, expected):
