@@ -460,11 +460,12 @@ class Ingress:
         try:
             if isinstance(request, stubs.UnreadableRequest):
                 raise InputError(request.reason)
-            if request.prompt and request.prompt_token_ids:
+            has_text = request.HasField("prompt")
+            if has_text and request.prompt_token_ids:
                 raise InputError("give prompt or prompt_token_ids, not both")
-            if not request.prompt and not request.prompt_token_ids:
-                raise InputError("both prompt and prompt_token_ids are empty")
-            tokens = encode_prompt(self.tokenizer, request.prompt or list(request.prompt_token_ids))
+            if not has_text and not request.prompt_token_ids:
+                raise InputError("neither prompt nor prompt_token_ids is given")
+            tokens = encode_prompt(self.tokenizer, request.prompt if has_text else list(request.prompt_token_ids))
 
             def given(name):
                 return getattr(request, name) if request.HasField(name) else None

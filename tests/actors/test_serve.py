@@ -68,12 +68,16 @@ def test_completions_stream_and_not_equal_the_engine(client, engine):
 
 
 def test_an_empty_text_prompt_is_the_engines_bos_alone(client, engine):
-    """As the engine (and vLLM) take it: the tokenizer's BOS token is the whole prompt."""
+    """As the engine (and vLLM) take it: the tokenizer's BOS token is the whole prompt, over HTTP and gRPC (where
+    the prompt set to "" is told from one left unset)."""
     expected = greedy(engine, "", 12)
     assert expected.prompt_token_ids == [engine.tokenizer.bos_token_id]
     for prompt in ("", [""]):
         out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
         assert out.choices[0].text == expected.text and out.usage.prompt_tokens == 1
+    stub = GenerationStub(grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}"))
+    response = stub.Generate(pb2.GenerateRequest(prompt="", max_tokens=12, temperature=0))
+    assert response.text == expected.text and response.usage.prompt_tokens == 1
 
 
 def test_token_id_prompts(client, engine):
@@ -120,7 +124,7 @@ def test_grpc_unary_and_stream_equal_the_engine(server, engine):
     assert sum((list(c.token_ids) for c in chunks), []) == expected.token_ids
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(pb2.GenerateRequest())
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "neither prompt nor" in err.value.details()
 
 
 @pytest.mark.parametrize("body, status, message", [
