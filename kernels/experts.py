@@ -87,6 +87,12 @@ DENSE_WASTE_MACS = 5_000_000
 # no such cost and every expert on every token costs twice as much: the grouped product was the faster from 16
 # tokens on (406 against 467 us; 489 against 805 us at 32), the dense one at 8 (295 against 334 us)
 CPU_GROUPED_MACS_PER_EXPERT = 1_500_000
+# That allowance holds where the stacks stay in cache. Larger stacks are read from memory, where every expert on a few
+# tokens pays for reading all the experts' weights and the grouped product only for the experts the tokens chose:
+# 64 experts of 1024 x 512 (400 MB in float32) on two threads, one token's eight experts took 13.9 ms every expert
+# on every token against 2.7 ms grouped; 32 experts of 512 x 256 (50 MB), 2.4 / 3.2 ms against 1.4 / 2.2 ms at 2 / 4
+# tokens
+CPU_CACHED_STACK_BYTES = 16 << 20
 # Expert weights copied out of the stacks for a few tokens (see run_experts_gathered): the demo model's 4-12 copies
 # of 46k weights each were the faster; DeepSeek-V2-Lite's (8.7M each) would copy more than the grouped product reads
 GATHERED_MAX_WEIGHTS = 5_000_000
@@ -185,7 +191,8 @@ def run_experts_grouped(packed, x: torch.Tensor, indices: torch.Tensor, weights:
 def dense_is_cheaper(packed, rows: int, assignments: int) -> bool:
     """Whether running every stacked expert on every row wastes less work than routing rows costs."""
     E, dim, inter = packed[1].shape[0], packed[1].shape[2], packed[1].shape[1]
-    parallel_cpu = packed[0].device.type == "cpu" and torch.get_num_threads() > 1
+    cached = sum(w.numel() * w.element_size() for w in packed) <= CPU_CACHED_STACK_BYTES
+    parallel_cpu = packed[0].device.type == "cpu" and torch.get_num_threads() > 1 and cached
     allowance = DENSE_WASTE_MACS + (E * CPU_GROUPED_MACS_PER_EXPERT if parallel_cpu else 0)
     return (E * rows - assignments) * 3 * dim * inter <= allowance
 
