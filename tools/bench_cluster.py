@@ -1,10 +1,12 @@
 """Benchmark: the disaggregated cluster (Ray actors: a prefill shard, a decode shard and the expert groups)
-against the single-process engine, same demo model and prompts, on this machine.
+against the single-process engine, same model (the demo model unless --model) and prompts, on this machine.
 
     python tools/bench_cluster.py [--transport ray collective sockets] [--layout default one-group one-group-each]
                                   [--dispatch-dtype auto|fp8|bf16|float32] [--mtp] [--phases] [--json out.json]
     python tools/bench_cluster.py --transport sockets --layout one-group --collective-spin-us 0 auto
                                   # receives that sleep at once against the default (polling first where it may)
+    python tools/random_model.py --out /tmp/moeserve-47m    # an untrained model with more compute per layer
+    python tools/bench_cluster.py --model /tmp/moeserve-47m --transport sockets --layout one-group default
 
 Layouts: `default` is `ClusterConfig()`'s, four expert groups over two simulated nodes with four redundant
 expert slots (tokens for the other node cross once to a relay group); `one-group` keeps the prefill and
@@ -154,6 +156,8 @@ def spin_us(value: str):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=DEMO_MODEL,
+                   help="checkpoint directory, the same on both sides (default: the demo model)")
     p.add_argument("--transport", choices=list(TRANSPORTS), nargs="+", default=list(TRANSPORTS),
                    help="the cluster transports to measure: ray, collective (over gloo), sockets (the collective "
                         "transport over a Unix socket between each pair of actors, the default on a cluster moeserve "
@@ -186,7 +190,7 @@ def main() -> int:
         p.error("--repeats must be at least 1")
     torch.set_num_threads(2)
     rng = random.Random(0)
-    tok = Tokenizer(DEMO_MODEL)
+    tok = Tokenizer(a.model)
     workloads = {1: [corpus_prompts(tok, 1, rng, 32, 32) for _ in range(a.repeats)],
                  32: [corpus_prompts(tok, 32, rng, 16, 96) for _ in range(a.repeats)],
                  "warm": corpus_prompts(tok, 32, random.Random(1), 16, 96)}
@@ -202,11 +206,12 @@ def main() -> int:
     for layout, transport, mb, spin in runs:
         print(f"cluster, {layout} layout, {transport} transport, {mb} micro-batches, polling {spin} ...",
               file=sys.stderr, flush=True)
-        config = ClusterConfig(**TRANSPORTS[transport], engine={"micro_batches": mb}, dispatch_dtype=a.dispatch_dtype,
+        config = ClusterConfig(model=str(a.model), **TRANSPORTS[transport], engine={"micro_batches": mb},
+                               dispatch_dtype=a.dispatch_dtype,
                                ray={"threads_per_actor": a.threads_per_actor}, mtp=a.mtp, **LAYOUTS[layout],
                                collective_spin_us=None if spin == "auto" else spin)
         # fresh ones for each configuration: their prefix caches must not remember the prompts
-        engine, engine_one = LLM(), LLM()
+        engine, engine_one = LLM(a.model), LLM(a.model)
         engine.generate(workloads["warm"], params)
         with torch_threads(1):
             engine_one.generate(workloads["warm"], params)
