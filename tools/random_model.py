@@ -25,8 +25,8 @@ from moeserve.kernels.model import Transformer
 
 def scaled_args(dim: int, inter_dim: int, moe_inter_dim: int, experts: int, activated: int, groups: int,
                 limited_groups: int) -> ModelArgs:
-    """The demo model's args with these widths and experts; heads and low-rank widths grow with dim as in
-    DeepSeek-V3 (128 per head, q_lora_rank dim / 2, kv_lora_rank dim / 4, at least the demo's)."""
+    """The demo model's args with these widths and experts; the heads and low-rank widths grow with dim (a head per
+    128 of it, q_lora_rank dim / 2, kv_lora_rank dim / 4, none below the demo's)."""
     demo = demo_args(vocab_size=4096)
     return dataclasses.replace(
         demo, dim=dim, inter_dim=inter_dim, moe_inter_dim=moe_inter_dim, n_routed_experts=experts,
@@ -35,21 +35,27 @@ def scaled_args(dim: int, inter_dim: int, moe_inter_dim: int, experts: int, acti
         kv_lora_rank=max(demo.kv_lora_rank, dim // 4), n_mtp_layers=0)
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number, 1 or more")
+    return int(text)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="directory to write (created; files in it replaced)")
-    p.add_argument("--dim", type=int, default=512, help="hidden size (demo: 192)")
-    p.add_argument("--inter-dim", type=int, default=1408, help="the dense layer's width (demo: 512)")
-    p.add_argument("--moe-inter-dim", type=int, default=256, help="each expert's width (demo: 80)")
-    p.add_argument("--experts", type=int, default=32, help="routed experts per MoE layer (demo: 16)")
-    p.add_argument("--activated", type=int, default=8, help="routed experts per token (demo: 4)")
-    p.add_argument("--groups", type=int, default=8, help="expert groups of the group-limited routing (demo: 4)")
-    p.add_argument("--limited-groups", type=int, default=4, help="groups a token may route to (demo: 2)")
+    p.add_argument("--dim", type=positive, default=512, help="hidden size (demo: 192)")
+    p.add_argument("--inter-dim", type=positive, default=1408, help="the dense layer's width (demo: 512)")
+    p.add_argument("--moe-inter-dim", type=positive, default=256, help="each expert's width (demo: 80)")
+    p.add_argument("--experts", type=positive, default=32, help="routed experts per MoE layer (demo: 16)")
+    p.add_argument("--activated", type=positive, default=8, help="routed experts per token (demo: 4)")
+    p.add_argument("--groups", type=positive, default=8, help="expert groups of the group-limited routing (demo: 4)")
+    p.add_argument("--limited-groups", type=positive, default=4, help="groups a token may route to (demo: 2)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    if a.experts % a.groups or not 0 < a.limited_groups <= a.groups:
+    if a.experts % a.groups or a.limited_groups > a.groups:
         p.error(f"--experts ({a.experts}) must split evenly into --groups ({a.groups}), and --limited-groups "
-                f"({a.limited_groups}) must be 1 to --groups")
+                f"({a.limited_groups}) must be at most --groups")
     if a.activated > a.experts // a.groups * a.limited_groups:
         p.error(f"--activated ({a.activated}) must be at most the experts of --limited-groups groups "
                 f"({a.experts // a.groups * a.limited_groups})")

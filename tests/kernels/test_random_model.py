@@ -40,4 +40,6 @@ def test_routing_a_model_cannot_do_is_refused_before_anything_is_written(tmp_pat
     assert uneven.returncode == 2 and "must split evenly into --groups" in uneven.stderr
     too_many = random_model("--out", str(out), "--activated", "20")
     assert too_many.returncode == 2 and "--activated (20) must be at most" in too_many.stderr
+    no_experts = random_model("--out", str(out), "--activated", "0")
+    assert no_experts.returncode == 2 and "'0': a whole number, 1 or more" in no_experts.stderr
     assert not out.exists()
