@@ -449,7 +449,8 @@ class AttentionShardWorker:
             with self.mail:
                 for request_id, item, last in outputs:
                     self._send(request_id, item, last)
-                self.mail.notify_all()
+                if outputs:  # only clients' polls wait on mail: a step with nothing for them wakes none
+                    self.mail.notify_all()
 
     def _apply(self, inbox: list[tuple[str, Callable[[], None]]]) -> list[tuple[str, object, bool]]:
         """Make the engine changes handed over since the last step; one that fails ends its request with the error."""
